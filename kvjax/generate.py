@@ -1,0 +1,269 @@
+"""Prefill, decode and sampling: jitted, batched, ragged prompts.
+
+`generate` = one jitted prefill over right-padded prompts, then a
+`lax.while_loop` of single-token decode steps over a static-capacity
+cache, so a call compiles once per (shapes, sampling settings) and a second
+call with new prompt values compiles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import model as model_lib
+from kvjax.cache import KVCache, init_cache
+from kvjax.config import ModelConfig
+
+Array = jax.Array
+
+
+class GenerateOutput(NamedTuple):
+  """What `generate` returns.
+
+  Attributes:
+    tokens: [B, max_new_tokens] int32 generated tokens; after a row's stop
+      token the rest of the row is `pad_token`.
+    num_generated: [B] int32 tokens generated per row, stop token included.
+    cache: the cache after the last decode step.
+    prompt_logits: [B, V] float32 logits at each row's last prompt token.
+  """
+
+  tokens: Array
+  num_generated: Array
+  cache: KVCache
+  prompt_logits: Array
+
+
+def sample_logits(logits: Array, rng: Array, temperature: float = 0.0,
+                  top_k: int | None = None) -> Array:
+  """Samples a token per row from logits [B, V].
+
+  Args:
+    logits: [B, V] float.
+    rng: a PRNG key (unused when greedy).
+    temperature: 0 for greedy argmax, else softmax temperature.
+    top_k: keep only the k largest logits before sampling (None: all).
+
+  Returns:
+    [B] int32 tokens.
+  """
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(temperature, top_k, config):
+  if not isinstance(temperature, (int, float)) or temperature < 0:
+    raise ValueError(f"temperature must be a float >= 0, got {temperature!r}.")
+  if top_k is not None and (not isinstance(top_k, int) or
+                            not 1 <= top_k <= config.vocab_size):
+    raise ValueError(f"top_k must be None or an int in [1, "
+                     f"{config.vocab_size}], got {top_k!r}.")
+
+
+def _prompt_mask(tokens: Array, prompt_lengths: Array | None) -> Array:
+  B, T = tokens.shape
+  if prompt_lengths is None:
+    return jnp.ones((B, T), bool)
+  return jnp.arange(T)[None, :] < prompt_lengths[:, None]
+
+
+def _check_prompt(prompt_tokens, prompt_lengths):
+  if not hasattr(prompt_tokens, "dtype") or not jnp.issubdtype(
+      prompt_tokens.dtype, jnp.integer):
+    raise TypeError("prompt_tokens must be an integer array [B, T].")
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
+    raise ValueError(f"prompt_tokens must have shape [B, T] with T >= 1, got "
+                     f"{tuple(prompt_tokens.shape)}.")
+  if prompt_lengths is not None:
+    B, T = prompt_tokens.shape
+    if tuple(prompt_lengths.shape) != (B,):
+      raise ValueError(f"prompt_lengths must have shape ({B},), got "
+                       f"{tuple(prompt_lengths.shape)}.")
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+      lo, hi = int(jnp.min(prompt_lengths)), int(jnp.max(prompt_lengths))
+      if lo < 1 or hi > T:
+        raise ValueError(f"prompt_lengths must be in [1, {T}] (the padded "
+                         f"prompt width), got range [{lo}, {hi}].")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity",
+                                             "cache_dtype", "backend"))
+def _prefill(params, tokens, prompt_lengths, *, config, capacity, cache_dtype,
+             backend):
+  B, _ = tokens.shape
+  cache = init_cache(config, B, capacity, dtype=cache_dtype)
+  mask = _prompt_mask(tokens, prompt_lengths)
+  logits, cache, _ = model_lib.forward(params, tokens, cache, config=config,
+                                       token_mask=mask, backend=backend)
+  return logits, cache
+
+
+def prefill(
+    params,
+    tokens: Array,
+    *,
+    config: ModelConfig,
+    capacity: int | None = None,
+    prompt_lengths: Array | None = None,
+    cache_dtype: Any = None,
+    backend: str = "xla",
+) -> tuple[Array, KVCache]:
+  """Runs the prompt through an empty cache (jitted).
+
+  Args:
+    params: model parameters.
+    tokens: [B, T] right-padded prompt tokens.
+    config: the model config.
+    capacity: cache slots; defaults to T.
+    prompt_lengths: [B] true prompt lengths (None: all T).
+    cache_dtype: key/value dtype (default: the model dtype).
+    backend: attention backend.
+
+  Returns:
+    logits [B, T, V] float32 and the filled cache.
+  """
+  _check_prompt(tokens, prompt_lengths)
+  capacity = tokens.shape[1] if capacity is None else capacity
+  if capacity < tokens.shape[1]:
+    raise ValueError(f"capacity={capacity} is smaller than the prompt width "
+                     f"{tokens.shape[1]}.")
+  if prompt_lengths is not None:
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  return _prefill(params, tokens, prompt_lengths, config=config,
+                  capacity=capacity, cache_dtype=cache_dtype, backend=backend)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
+                                             "backend"))
+def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
+                config: ModelConfig, temperature: float = 0.0,
+                top_k: int | None = None, backend: str = "xla"):
+  """One decode step: feeds token [B], returns (next [B], logits [B, V], cache).
+
+  Under `jit`, a step past the cache's capacity is dropped, not raised; use
+  `generate` (which checks capacity up front) or check
+  `kvjax.cache.cache_overflowed`.
+  """
+  logits, cache, _ = model_lib.forward(params, token[:, None], cache,
+                                       config=config, backend=backend)
+  logits = logits[:, 0]
+  return sample_logits(logits, rng, temperature, top_k), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_new_tokens", "capacity", "temperature", "top_k",
+    "stop_token", "pad_token", "cache_dtype", "backend"))
+def _generate(params, prompt_tokens, prompt_lengths, rng, *, config,
+              max_new_tokens, capacity, temperature, top_k, stop_token,
+              pad_token, cache_dtype, backend):
+  B, T = prompt_tokens.shape
+  cache = init_cache(config, B, capacity, dtype=cache_dtype)
+  mask = _prompt_mask(prompt_tokens, prompt_lengths)
+  logits, cache, _ = model_lib.forward(params, prompt_tokens, cache,
+                                       config=config, token_mask=mask,
+                                       backend=backend)
+  last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
+  prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  rng, key = jax.random.split(rng)
+  first = sample_logits(prompt_logits, key, temperature, top_k)  # [B]
+  out = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
+  stop = -1 if stop_token is None else stop_token
+  done = first == stop
+  num = jnp.ones((B,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, out, cache, done, num, rng = carry
+    token = out[:, step - 1]
+    logits, cache, _ = model_lib.forward(
+        params, token[:, None], cache, config=config,
+        token_mask=~done[:, None], backend=backend)
+    rng, key = jax.random.split(rng)
+    nxt = sample_logits(logits[:, 0], key, temperature, top_k)
+    nxt = jnp.where(done, pad_token, nxt)
+    out = out.at[:, step].set(nxt)
+    num = num + (~done).astype(jnp.int32)
+    done = done | (nxt == stop)
+    return step + 1, out, cache, done, num, rng
+
+  carry = (jnp.int32(1), out, cache, done, num, rng)
+  _, out, cache, _, num, _ = jax.lax.while_loop(cond, body, carry)
+  return GenerateOutput(out, num, cache, prompt_logits)
+
+
+def generate(
+    params,
+    prompt_tokens: Array,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    prompt_lengths: Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: Array | None = None,
+    stop_token: int | None = None,
+    pad_token: int = 0,
+    capacity: int | None = None,
+    cache_dtype: Any = None,
+    backend: str = "xla",
+) -> GenerateOutput:
+  """Generates up to `max_new_tokens` per row after ragged prompts.
+
+  Args:
+    params: model parameters.
+    prompt_tokens: [B, T] int prompts, right-padded to a common width T.
+    config: the model config.
+    max_new_tokens: tokens to generate per row (>= 1).
+    prompt_lengths: [B] true prompt lengths (None: every row has T).
+    temperature: 0 for greedy, else sampling temperature.
+    top_k: restrict sampling to the k most likely tokens.
+    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    stop_token: a row stops after emitting this token.
+    pad_token: fills a row after it stops.
+    capacity: cache slots; defaults to T + max_new_tokens - 1, the least
+      that fits (the last sampled token is never fed back).
+    cache_dtype: key/value dtype (default: the model dtype).
+    backend: attention backend.
+
+  Returns:
+    A `GenerateOutput`.
+
+  Raises:
+    ValueError / TypeError: malformed prompts, bad sampling settings, or a
+      capacity too small for prompt + generation.
+  """
+  _check_prompt(prompt_tokens, prompt_lengths)
+  _check_sampling(temperature, top_k, config)
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got "
+                     f"{max_new_tokens!r}.")
+  B, T = prompt_tokens.shape
+  need = T + max_new_tokens - 1
+  capacity = need if capacity is None else capacity
+  if capacity < need:
+    raise ValueError(
+        f"cache capacity exceeded: capacity={capacity} cannot hold a "
+        f"{T}-token prompt plus {max_new_tokens} generated tokens (needs "
+        f"{need}).")
+  if prompt_lengths is not None:
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
+                   prompt_lengths, rng, config=config,
+                   max_new_tokens=max_new_tokens, capacity=capacity,
+                   temperature=float(temperature), top_k=top_k,
+                   stop_token=stop_token, pad_token=pad_token,
+                   cache_dtype=cache_dtype, backend=backend)

@@ -1,0 +1,296 @@
+"""Import Hugging Face Llama-family checkpoints without torch.
+
+`load_pretrained(path)` reads `config.json` and `*.safetensors` (one file, or
+shards listed in `model.safetensors.index.json`) and returns a
+`(ModelConfig, params)` pair in kvjax's layout. Supported: Llama 2/3/3.1/3.2
+(rope scaling "llama3" and "linear"), Mistral (sliding window), Qwen2/2.5
+(q/k/v biases), Qwen3 (q/k RMSNorm); tied or untied embeddings; config.json
+in the legacy (`rope_theta` + `rope_scaling`) or the current
+(`rope_parameters`) form. Anything else raises a ValueError naming it.
+
+Tensors are memory-mapped. The safetensors format (8-byte little-endian
+header length, a JSON header, then raw little-endian data) is read directly
+because the `safetensors` package's numpy loader cannot represent bfloat16,
+the dtype most checkpoints ship in; `ml_dtypes` (a jax dependency) gives
+numpy a bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from kvjax.config import ModelConfig, RopeScaling
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+# ----------------------------------------------------------------------------
+# safetensors reading.
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+  """Returns (header dict, byte offset of the data section) of one file."""
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise ValueError(f"{path}: not a safetensors file (shorter than 8 "
+                       "bytes).")
+    (n,) = struct.unpack("<Q", raw)
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: malformed safetensors header ({e}).") from e
+  header.pop("__metadata__", None)
+  return header, 8 + n
+
+
+class SafetensorsReader:
+  """Memory-mapped access to the tensors of one or more safetensors files."""
+
+  def __init__(self, files: list[str]):
+    self._where: dict[str, tuple[np.memmap, dict[str, Any]]] = {}
+    for path in files:
+      header, start = read_safetensors_header(path)
+      data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
+      for name, info in header.items():
+        if name in self._where:
+          raise ValueError(f"tensor {name!r} appears in more than one shard.")
+        self._where[name] = (data, info)
+
+  def keys(self) -> list[str]:
+    return sorted(self._where)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._where[name][1]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor `name` as a (memory-mapped, read-only) numpy array."""
+    data, info = self._where[name]
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"tensor {name!r} has unsupported dtype "
+                       f"{info['dtype']}; supported: {sorted(_ST_DTYPES)}.")
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+    lo, hi = info["data_offsets"]
+    return data[lo:hi].view(dtype).reshape(info["shape"])
+
+
+def _checkpoint_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return sorted({os.path.join(path, v) for v in weight_map.values()})
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                 if f.endswith(".safetensors"))
+  if not found:
+    raise ValueError(f"no *.safetensors files in {path!r}.")
+  return found
+
+
+# ----------------------------------------------------------------------------
+# config.json -> ModelConfig.
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  params = hf.get("rope_parameters")
+  if params is None:  # Legacy layout.
+    params = dict(hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  params = dict(params)
+  if "default" in params and isinstance(params["default"], dict):
+    raise ValueError("per-layer-type rope_parameters are not supported.")
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if rope_type == "default":
+    return theta, None
+  if rope_type == "linear":
+    return theta, RopeScaling("linear", float(params["factor"]))
+  if rope_type == "llama3":
+    return theta, RopeScaling(
+        "llama3", float(params["factor"]), float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]),
+        int(params["original_max_position_embeddings"]))
+  raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
+                   "'default', 'linear', 'llama3'.")
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+  """Builds a ModelConfig from a Hugging Face config.json dict.
+
+  Raises:
+    ValueError: unknown model_type, activation, MLP bias, per-layer sliding
+      windows or rope type.
+  """
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"unsupported model_type {model_type!r}; supported: "
+                     f"{SUPPORTED_MODEL_TYPES}.")
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"unsupported hidden_act {act!r}; only 'silu'.")
+  if hf.get("mlp_bias"):
+    raise ValueError("mlp_bias=True is not supported.")
+  sliding_window = None
+  if model_type == "mistral":
+    sliding_window = hf.get("sliding_window")
+  elif hf.get("use_sliding_window"):
+    raise ValueError(f"{model_type} with use_sliding_window=True (per-layer "
+                     "windows) is not supported.")
+  heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  theta, scaling = _rope_from_hf(hf)
+  attention_bias = bool(hf.get("attention_bias", False))
+  if dtype is None:
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  return ModelConfig(
+      vocab_size=hf["vocab_size"],
+      d_model=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=head_dim,
+      mlp_dim=hf["intermediate_size"],
+      rope_theta=theta,
+      rope_scaling=scaling,
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      qkv_bias=model_type == "qwen2" or attention_bias,
+      o_bias=attention_bias,
+      qk_norm=model_type == "qwen3",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      sliding_window=sliding_window,
+      max_position_embeddings=hf.get("max_position_embeddings", 4096),
+      dtype=dtype,
+      name=hf.get("_name_or_path") or model_type,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Tensors -> params.
+
+
+def _layer_tensor_map(c: ModelConfig) -> dict[str, tuple[str, Any]]:
+  """kvjax layer leaf -> (HF tensor name pattern, converter of [out, in])."""
+  D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+  a = "model.layers.{i}.self_attn."
+  m = "model.layers.{i}.mlp."
+  out = {
+      "attn_norm": ("model.layers.{i}.input_layernorm.weight", None),
+      "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", None),
+      # Linear weights are [out, in]; kvjax stores [in, heads, H] etc.
+      "wq": (a + "q_proj.weight", lambda w: w.T.reshape(D, N, H)),
+      "wk": (a + "k_proj.weight", lambda w: w.T.reshape(D, K, H)),
+      "wv": (a + "v_proj.weight", lambda w: w.T.reshape(D, K, H)),
+      "wo": (a + "o_proj.weight", lambda w: w.T.reshape(N, H, D)),
+      "w_gate": (m + "gate_proj.weight", lambda w: w.T),
+      "w_up": (m + "up_proj.weight", lambda w: w.T),
+      "w_down": (m + "down_proj.weight", lambda w: w.T),
+  }
+  if c.qkv_bias:
+    out["bq"] = (a + "q_proj.bias", lambda b: b.reshape(N, H))
+    out["bk"] = (a + "k_proj.bias", lambda b: b.reshape(K, H))
+    out["bv"] = (a + "v_proj.bias", lambda b: b.reshape(K, H))
+  if c.o_bias:
+    out["bo"] = (a + "o_proj.bias", None)
+  if c.qk_norm:
+    out["q_norm"] = (a + "q_norm.weight", None)
+    out["k_norm"] = (a + "k_norm.weight", None)
+  return out
+
+
+def _hf_shape(c: ModelConfig, leaf: str, kvjax_shape: tuple[int, ...]):
+  """The [out, in] shape HF stores for a kvjax layer leaf."""
+  if leaf in ("wq", "wk", "wv"):
+    return (int(np.prod(kvjax_shape[1:])), kvjax_shape[0])
+  if leaf == "wo":
+    return (c.d_model, c.num_heads * c.head_dim)
+  if leaf in ("w_gate", "w_up", "w_down"):
+    return kvjax_shape[::-1]
+  if leaf in ("bq", "bk", "bv"):
+    return (int(np.prod(kvjax_shape)),)
+  return kvjax_shape
+
+
+def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
+                        dtype: Any = None) -> dict[str, Any]:
+  """Assembles kvjax params from HF tensors, checking names and shapes.
+
+  Raises:
+    ValueError: a missing tensor or one of the wrong shape (named).
+  """
+  from kvjax.model import param_shapes  # pylint: disable=g-import-not-at-top
+  dtype = jnp.dtype(dtype or config.dtype)
+  shapes = param_shapes(config)
+
+  def fetch(name: str, expected: tuple[int, ...]) -> np.ndarray:
+    if name not in reader:
+      raise ValueError(f"checkpoint is missing tensor {name!r}.")
+    got = reader.shape(name)
+    if got != tuple(expected):
+      raise ValueError(f"tensor {name!r} has shape {got}, expected "
+                       f"{tuple(expected)} for this config.")
+    return reader.get(name)
+
+  layers = {}
+  for leaf, (pattern, convert) in _layer_tensor_map(config).items():
+    per_layer_shape = shapes["layers"][leaf].shape[1:]
+    expected = _hf_shape(config, leaf, per_layer_shape)
+    stacked = np.empty((config.num_layers,) + per_layer_shape, dtype)
+    for i in range(config.num_layers):
+      w = fetch(pattern.format(i=i), expected)
+      stacked[i] = (convert(w) if convert else w).astype(dtype)
+    layers[leaf] = jnp.asarray(stacked)
+  V, D = config.vocab_size, config.d_model
+  params = {
+      "embed": jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype),
+      "layers": layers,
+      "final_norm": jnp.asarray(fetch("model.norm.weight", (D,)), dtype),
+  }
+  if not config.tie_embeddings:
+    params["lm_head"] = jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype)
+  return params
+
+
+def load_pretrained(path: str, dtype: str | None = None
+                    ) -> tuple[ModelConfig, dict[str, Any]]:
+  """Loads a Hugging Face checkpoint directory into kvjax.
+
+  Args:
+    path: a directory with `config.json` and safetensors weights.
+    dtype: parameter dtype ("float32", "bfloat16", "float16"); default: the
+      checkpoint's `dtype`/`torch_dtype`.
+
+  Returns:
+    (config, params).
+
+  Raises:
+    ValueError: unsupported architecture or rope type, a missing file,
+      a missing tensor, a tensor of the wrong shape.
+  """
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise ValueError(f"no config.json in {path!r}.")
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  config = config_from_hf(hf, dtype=dtype)
+  reader = SafetensorsReader(_checkpoint_files(path))
+  return config, params_from_tensors(reader, config)

@@ -1,0 +1,346 @@
+"""A Llama-family decoder as pure functions over a plain parameter pytree.
+
+One file, top to bottom: parameters, RMSNorm, rotary embeddings, one decoder
+layer, and `forward`, which runs prefill (T > 1) and decode (T = 1) alike.
+Layers are stacked on a leading L axis and the decoder is a `lax.scan` over
+them, with the KV cache scanned alongside.
+
+Einsum letters: B batch, T query length, S cache slots, L layers, N query
+heads, K kv heads, G = N/K, H head dim, D model dim, F MLP dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import attention as attention_lib
+from kvjax.cache import KVCache
+from kvjax.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+# Params layout (every per-layer leaf has a leading L axis):
+#   embed      [V, D]
+#   layers:
+#     attn_norm [L, D]          mlp_norm [L, D]
+#     wq [L, D, N, H]  wk [L, D, K, H]  wv [L, D, K, H]  wo [L, N, H, D]
+#     bq [L, N, H]  bk [L, K, H]  bv [L, K, H]       (config.qkv_bias)
+#     bo [L, D]                                       (config.o_bias)
+#     q_norm [L, H]  k_norm [L, H]                    (config.qk_norm)
+#     w_gate [L, D, F]  w_up [L, D, F]  w_down [L, F, D]
+#   final_norm [D]
+#   lm_head    [D, V]                                 (unless tied)
+
+CAPTURE_NAMES = (
+    "resid",  # [L, B, T, D] residual stream entering each layer
+    "attn_out",  # [L, B, T, D] attention write into the residual
+    "mlp_out",  # [L, B, T, D] MLP write into the residual
+    "attn_probs",  # [L, B, N, T, S] attention probabilities over cache slots
+    "q",  # [L, B, T, N, H] queries after RoPE
+    "k",  # [L, B, T, K, H] new keys after RoPE
+    "v",  # [L, B, T, K, H] new values
+    "q_pre_rope",  # [L, B, T, N, H] queries before RoPE
+    "final_hidden",  # [B, T, D] residual after the last layer
+    "final_norm",  # [B, T, D] final normed hidden state (LM head input)
+)
+
+
+# ----------------------------------------------------------------------------
+# Parameters.
+
+
+def param_shapes(config: ModelConfig) -> Params:
+  """The parameter pytree as `jax.ShapeDtypeStruct`s."""
+  c = config
+  L, D, N, K, H, F, V = (c.num_layers, c.d_model, c.num_heads,
+                         c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size)
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, c.jnp_dtype)
+  layers = {
+      "attn_norm": s(L, D), "mlp_norm": s(L, D),
+      "wq": s(L, D, N, H), "wk": s(L, D, K, H), "wv": s(L, D, K, H),
+      "wo": s(L, N, H, D),
+      "w_gate": s(L, D, F), "w_up": s(L, D, F), "w_down": s(L, F, D),
+  }
+  if c.qkv_bias:
+    layers.update(bq=s(L, N, H), bk=s(L, K, H), bv=s(L, K, H))
+  if c.o_bias:
+    layers.update(bo=s(L, D))
+  if c.qk_norm:
+    layers.update(q_norm=s(L, H), k_norm=s(L, H))
+  params = {"embed": s(V, D), "layers": layers, "final_norm": s(D)}
+  if not c.tie_embeddings:
+    params["lm_head"] = s(D, V)
+  return params
+
+
+def init_params(config: ModelConfig, rng: Array, std: float = 0.02) -> Params:
+  """Random parameters: N(0, std) matrices and biases, unit norm weights."""
+  shapes = param_shapes(config)
+  leaves, treedef = jax.tree.flatten_with_path(shapes)
+  keys = jax.random.split(rng, len(leaves))
+  out = []
+  for (path, sds), key in zip(leaves, keys):
+    name = jax.tree_util.keystr(path[-1:])
+    if "norm" in name:
+      out.append(jnp.ones(sds.shape, sds.dtype))
+    else:
+      out.append((std * jax.random.normal(key, sds.shape)).astype(sds.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+  """RMSNorm over the last axis, computed in float32, weight applied after."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """[H/2] float32 inverse frequencies, with rope scaling applied."""
+  H = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (
+      np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+  inv_freq = inv_freq.astype(np.float32)
+  rs = config.rope_scaling
+  if rs is None:
+    return inv_freq
+  if rs.rope_type == "linear":
+    return (inv_freq / rs.factor).astype(np.float32)
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, and the
+  # band in between interpolates smoothly.
+  old_len = rs.original_max_position_embeddings
+  low_wavelen = old_len / rs.low_freq_factor
+  high_wavelen = old_len / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = (old_len / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotates x [B, T, heads, H] by positions [B, T] (rotate-half layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)  # [B, T, 1, H/2]
+  sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)  # [B, T, heads, H/2] each
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def write_slots(
+    layer_cache: tuple[Array, Array, Array, Array],  # k, v [B,K,S,H]; pos, valid [B,K,S]
+    k: Array,  # [B, T, K, H]
+    v: Array,  # [B, T, K, H]
+    positions: Array,  # [B, T]
+    slots: Array,  # [B, T] target slot per token; S (out of range) = skip
+) -> tuple[Array, Array, Array, Array]:
+  """Scatters new entries into one layer's cache; out-of-range slots drop."""
+  ck, cv, cpos, cvalid = layer_cache
+  B, T, K, _ = k.shape
+  rows = jnp.arange(B)[:, None]  # [B, 1]
+  # Advanced indices (rows, slots) around a slice put [B, T] first: the
+  # updates are [B, T, K, H] and [B, T, K].
+  ck = ck.at[rows, :, slots].set(k.astype(ck.dtype), mode="drop")
+  cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
+  pos_btk = jnp.broadcast_to(positions[:, :, None], (B, T, K))
+  cpos = cpos.at[rows, :, slots].set(pos_btk.astype(jnp.int32), mode="drop")
+  cvalid = cvalid.at[rows, :, slots].set(True, mode="drop")
+  return ck, cv, cpos, cvalid
+
+
+def decoder_layer(
+    x: Array,  # [B, T, D]
+    p: Params,  # one layer's params (no L axis)
+    layer_cache: tuple[Array, Array, Array, Array],
+    *,
+    positions: Array,  # [B, T]
+    slots: Array,  # [B, T]
+    config: ModelConfig,
+    inv_freq: np.ndarray,
+    backend: str,
+    capture: tuple[str, ...],
+) -> tuple[Array, tuple[Array, Array, Array, Array], dict[str, Array]]:
+  """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+  c = config
+  captured = {}
+  if "resid" in capture:
+    captured["resid"] = x
+
+  # Attention.
+  h = rms_norm(x, p["attn_norm"], c.norm_eps)  # [B, T, D]
+  q = jnp.einsum("btd,dnh->btnh", h, p["wq"])  # [B, T, N, H]
+  k = jnp.einsum("btd,dkh->btkh", h, p["wk"])  # [B, T, K, H]
+  v = jnp.einsum("btd,dkh->btkh", h, p["wv"])  # [B, T, K, H]
+  if c.qkv_bias:
+    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+  if c.qk_norm:
+    q = rms_norm(q, p["q_norm"], c.norm_eps)
+    k = rms_norm(k, p["k_norm"], c.norm_eps)
+  if "q_pre_rope" in capture:
+    captured["q_pre_rope"] = q
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  layer_cache = write_slots(layer_cache, k, v, positions, slots)
+  ck, cv, cpos, cvalid = layer_cache
+  out, probs = attention_lib.attention(
+      q, ck, cv, q_pos=positions, k_pos=cpos, k_valid=cvalid,
+      sliding_window=c.sliding_window, backend=backend)  # out [B, T, N, H]
+  attn_out = jnp.einsum("btnh,nhd->btd", out, p["wo"])  # [B, T, D]
+  if c.o_bias:
+    attn_out = attn_out + p["bo"]
+  x = x + attn_out
+
+  # MLP (SwiGLU).
+  h = rms_norm(x, p["mlp_norm"], c.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, F]
+  up = jnp.einsum("btd,df->btf", h, p["w_up"])  # [B, T, F]
+  mlp_out = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+  x = x + mlp_out
+
+  for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out),
+                      ("attn_probs", probs), ("q", q), ("k", k), ("v", v)):
+    if name in capture:
+      captured[name] = value
+  return x, layer_cache, captured
+
+
+# ----------------------------------------------------------------------------
+# Forward.
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _check_forward_args(tokens, cache, config, positions, token_mask, capture):
+  if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype,
+                                                        jnp.integer):
+    raise TypeError("tokens must be an integer array [B, T], got "
+                    f"{getattr(tokens, 'dtype', type(tokens).__name__)}.")
+  if tokens.ndim != 2 or tokens.shape[1] == 0:
+    raise ValueError(f"tokens must have shape [B, T] with T >= 1, got "
+                     f"{tuple(tokens.shape)}.")
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  B, T = tokens.shape
+  if cache.batch_size != B:
+    raise ValueError(f"tokens batch {B} != cache batch {cache.batch_size}.")
+  if cache.num_layers != config.num_layers:
+    raise ValueError(f"cache has {cache.num_layers} layers, config has "
+                     f"{config.num_layers}.")
+  for name, arr in (("positions", positions), ("token_mask", token_mask)):
+    if arr is not None and tuple(arr.shape) != (B, T):
+      raise ValueError(f"{name} must have shape {(B, T)}, got "
+                       f"{tuple(arr.shape)}.")
+  bad = [n for n in capture if n not in CAPTURE_NAMES]
+  if bad or not isinstance(capture, tuple):
+    raise ValueError(f"capture must be a tuple of names from {CAPTURE_NAMES},"
+                     f" got {capture!r}.")
+  if _is_concrete(tokens):
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= config.vocab_size:
+      raise ValueError(f"token ids must be in [0, {config.vocab_size}), got "
+                       f"range [{lo}, {hi}].")
+
+
+def forward(
+    params: Params,
+    tokens: Array,
+    cache: KVCache,
+    *,
+    config: ModelConfig,
+    positions: Array | None = None,
+    token_mask: Array | None = None,
+    capture: tuple[str, ...] = (),
+    backend: str = "xla",
+) -> tuple[Array, KVCache, dict[str, Array]]:
+  """Runs the decoder on new tokens, reading and extending the cache.
+
+  The same function does prefill (T > 1, usually on an empty cache) and
+  decode (T = 1). New keys/values are written to slots `cache.end[b]`
+  onwards, then the queries attend over the whole cache.
+
+  Args:
+    params: the parameter pytree (see the layout at the top of this file).
+    tokens: [B, T] int token ids.
+    cache: the `KVCache` to read and extend.
+    config: the model config (static).
+    positions: optional [B, T] int positions; defaults to
+      `cache.length[b]` onwards, counting only unmasked tokens.
+    token_mask: optional [B, T] bool; False marks padding. Padding tokens
+      are not written to the cache, advance no counter, and their logits
+      are meaningless (finite). Any layout (left or right padding) works.
+    capture: static tuple of names from `CAPTURE_NAMES`; each lands in
+      `aux` stacked over layers.
+    backend: attention backend (see `kvjax.attention.BACKENDS`).
+
+  Returns:
+    logits: [B, T, V] float32.
+    cache: the updated cache (same treedef and shapes).
+    aux: dict of the captured arrays.
+
+  Raises:
+    TypeError / ValueError: for malformed tokens, cache, positions, mask or
+      capture names, and (when called eagerly) for a write past the cache's
+      capacity. Under `jit` a write past capacity is dropped instead and
+      `kvjax.cache.cache_overflowed` reports it.
+  """
+  _check_forward_args(tokens, cache, config, positions, token_mask, capture)
+  B, T = tokens.shape
+  S = cache.capacity
+  if token_mask is None:
+    token_mask = jnp.ones((B, T), bool)
+  token_mask = token_mask.astype(bool)
+  count = jnp.cumsum(token_mask.astype(jnp.int32), axis=1)  # [B, T]
+  n_new = count[:, -1]  # [B]
+  if _is_concrete(cache.end) and _is_concrete(n_new):
+    need = int(jnp.max(cache.end + n_new))
+    if need > S:
+      raise ValueError(
+          f"cache capacity exceeded: writing {int(jnp.max(n_new))} tokens "
+          f"needs {need} slots, capacity is {S}. Build the cache with a larger "
+          "`capacity` (prompt length + new tokens) or compress it first.")
+  if positions is None:
+    positions = cache.length[:, None] + count - 1
+  positions = positions.astype(jnp.int32)
+  slots = jnp.where(token_mask, cache.end[:, None] + count - 1, S)  # [B, T]
+
+  x = params["embed"][tokens].astype(config.jnp_dtype)  # [B, T, D]
+  inv_freq = rope_inv_freq(config)
+
+  def body(x, xs):
+    p, layer_cache = xs
+    x, layer_cache, captured = decoder_layer(
+        x, p, layer_cache, positions=positions, slots=slots, config=config,
+        inv_freq=inv_freq, backend=backend, capture=capture)
+    return x, (layer_cache, captured)
+
+  layer_caches = (cache.k, cache.v, cache.pos, cache.valid)
+  x, (layer_caches, aux) = jax.lax.scan(body, x,
+                                        (params["layers"], layer_caches))
+  if "final_hidden" in capture:
+    aux["final_hidden"] = x
+  x = rms_norm(x, params["final_norm"], config.norm_eps)
+  if "final_norm" in capture:
+    aux["final_norm"] = x
+  if config.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", x, params["embed"],
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"],
+                        preferred_element_type=jnp.float32)
+  k, v, pos, valid = layer_caches
+  cache = cache._replace(k=k, v=v, pos=pos, valid=valid,
+                         end=cache.end + n_new, length=cache.length + n_new)
+  return logits, cache, aux

@@ -1,0 +1,1 @@
+"""Pallas kernels for kvjax: one folder per op with kernel, reference, ops."""
