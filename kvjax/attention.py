@@ -17,6 +17,18 @@ Array = jax.Array
 BACKENDS = ("xla",)
 
 
+def einsum_f32(subscripts: str, a: Array, b: Array) -> Array:
+  """einsum accumulated in float32.
+
+  On GPU/TPU this asks for float32 accumulation of low-precision inputs;
+  XLA's CPU backend cannot run bf16 x bf16 -> f32 dots, so there the inputs
+  are upcast first (same result, more memory).
+  """
+  if jax.default_backend() == "cpu":
+    return jnp.einsum(subscripts, a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
 def attention_mask(
     q_pos: Array,  # [B, T] int32
     k_pos: Array,  # [B, K, S] int32
@@ -70,8 +82,7 @@ def reference_attention(
   G = N // K
   scale = H**-0.5 if scale is None else scale
   qg = q.reshape(B, T, K, G, H)
-  logits = jnp.einsum("btkgh,bksh->bkgts", qg, k,
-                      preferred_element_type=jnp.float32) * scale
+  logits = einsum_f32("btkgh,bksh->bkgts", qg, k) * scale
   mask = attention_mask(q_pos, k_pos, k_valid, sliding_window)  # [B,K,1,T,S]
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -79,8 +90,7 @@ def reference_attention(
   weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom > 0, denom, 1.0)  # [B, K, G, T, S]
-  out = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = einsum_f32("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
   out = out.reshape(B, T, N, H).astype(q.dtype)
   return out, probs.reshape(B, N, T, -1)
 

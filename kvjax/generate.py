@@ -70,27 +70,32 @@ def _check_sampling(temperature, top_k, config):
                      f"{config.vocab_size}], got {top_k!r}.")
 
 
-def _prompt_mask(tokens: Array, prompt_lengths: Array | None) -> Array:
-  B, T = tokens.shape
-  if prompt_lengths is None:
-    return jnp.ones((B, T), bool)
+def _prompt_mask(tokens: Array, prompt_lengths: Array) -> Array:
+  T = tokens.shape[1]
   return jnp.arange(T)[None, :] < prompt_lengths[:, None]
 
 
-def _check_prompt(prompt_tokens, prompt_lengths):
+def _check_prompt(prompt_tokens, prompt_lengths, config):
   if not hasattr(prompt_tokens, "dtype") or not jnp.issubdtype(
       prompt_tokens.dtype, jnp.integer):
     raise TypeError("prompt_tokens must be an integer array [B, T].")
   if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
     raise ValueError(f"prompt_tokens must have shape [B, T] with T >= 1, got "
                      f"{tuple(prompt_tokens.shape)}.")
+  if not isinstance(prompt_tokens, jax.core.Tracer):
+    host = np.asarray(prompt_tokens)
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= config.vocab_size:
+      raise ValueError(f"token ids must be in [0, {config.vocab_size}), got "
+                       f"range [{lo}, {hi}].")
   if prompt_lengths is not None:
     B, T = prompt_tokens.shape
     if tuple(prompt_lengths.shape) != (B,):
       raise ValueError(f"prompt_lengths must have shape ({B},), got "
                        f"{tuple(prompt_lengths.shape)}.")
     if not isinstance(prompt_lengths, jax.core.Tracer):
-      lo, hi = int(jnp.min(prompt_lengths)), int(jnp.max(prompt_lengths))
+      host = np.asarray(prompt_lengths)
+      lo, hi = int(host.min()), int(host.max())
       if lo < 1 or hi > T:
         raise ValueError(f"prompt_lengths must be in [1, {T}] (the padded "
                          f"prompt width), got range [{lo}, {hi}].")
@@ -132,13 +137,14 @@ def prefill(
   Returns:
     logits [B, T, V] float32 and the filled cache.
   """
-  _check_prompt(tokens, prompt_lengths)
+  _check_prompt(tokens, prompt_lengths, config)
   capacity = tokens.shape[1] if capacity is None else capacity
   if capacity < tokens.shape[1]:
     raise ValueError(f"capacity={capacity} is smaller than the prompt width "
                      f"{tokens.shape[1]}.")
-  if prompt_lengths is not None:
-    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  B, T = tokens.shape
+  prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
+      else jnp.asarray(prompt_lengths, jnp.int32)
   return _prefill(params, tokens, prompt_lengths, config=config,
                   capacity=capacity, cache_dtype=cache_dtype, backend=backend)
 
@@ -245,7 +251,7 @@ def generate(
     ValueError / TypeError: malformed prompts, bad sampling settings, or a
       capacity too small for prompt + generation.
   """
-  _check_prompt(prompt_tokens, prompt_lengths)
+  _check_prompt(prompt_tokens, prompt_lengths, config)
   _check_sampling(temperature, top_k, config)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got "
@@ -258,8 +264,9 @@ def generate(
         f"cache capacity exceeded: capacity={capacity} cannot hold a "
         f"{T}-token prompt plus {max_new_tokens} generated tokens (needs "
         f"{need}).")
-  if prompt_lengths is not None:
-    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  # Always an array, so calls with and without lengths share one compile.
+  prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
+      else jnp.asarray(prompt_lengths, jnp.int32)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
                    prompt_lengths, rng, config=config,

@@ -294,3 +294,121 @@ def load_pretrained(path: str, dtype: str | None = None
   config = config_from_hf(hf, dtype=dtype)
   reader = SafetensorsReader(_checkpoint_files(path))
   return config, params_from_tensors(reader, config)
+
+
+# ----------------------------------------------------------------------------
+# Export: kvjax -> Hugging Face layout (so that HF-based tools, e.g. peers in
+# comparisons, can run a model trained or edited in kvjax).
+
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+  """Writes numpy arrays (bfloat16 included) as one safetensors file."""
+  header, offset, blobs = {}, 0, []
+  for name in sorted(tensors):
+    arr = np.ascontiguousarray(tensors[name])
+    if arr.dtype not in _NP_TO_ST:
+      raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored.")
+    data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    header[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + len(data)]}
+    offset += len(data)
+    blobs.append(data)
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for data in blobs:
+      f.write(data)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+  """The Hugging Face config.json dict for a kvjax config.
+
+  Raises:
+    ValueError: a combination no supported HF family expresses.
+  """
+  c = config
+  if c.qk_norm:
+    model_type = "qwen3"
+  elif c.qkv_bias and not c.o_bias:
+    model_type = "qwen2"
+  elif c.sliding_window is not None:
+    model_type = "mistral"
+  else:
+    model_type = "llama"
+  if c.sliding_window is not None and model_type != "mistral":
+    raise ValueError(f"a sliding window with {model_type} features "
+                     "(qk_norm / qkv-only bias) has no HF equivalent.")
+  if model_type in ("qwen3", "mistral", "llama") and c.qkv_bias != c.o_bias:
+    raise ValueError(f"{model_type} has biases on q/k/v and o together or "
+                     f"not at all; got qkv_bias={c.qkv_bias}, "
+                     f"o_bias={c.o_bias}.")
+  if model_type == "qwen2" and c.o_bias:
+    raise ValueError("qwen2 has no output-projection bias.")
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  if c.rope_scaling is not None:
+    rs = c.rope_scaling
+    rope.update(rope_type=rs.rope_type, factor=rs.factor)
+    if rs.rope_type == "llama3":
+      rope.update(low_freq_factor=rs.low_freq_factor,
+                  high_freq_factor=rs.high_freq_factor,
+                  original_max_position_embeddings=(
+                      rs.original_max_position_embeddings))
+  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+  out = {
+      "architectures": [arch[model_type]], "model_type": model_type,
+      "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+      "intermediate_size": c.mlp_dim, "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+      "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
+      "max_position_embeddings": c.max_position_embeddings,
+      "tie_word_embeddings": c.tie_embeddings, "rope_theta": c.rope_theta,
+      "rope_parameters": rope, "dtype": c.dtype,
+      "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+  }
+  if model_type != "qwen2":
+    out["attention_bias"] = c.o_bias
+  out["sliding_window"] = c.sliding_window
+  return out
+
+
+def to_hf_tensors(params: dict[str, Any], config: ModelConfig
+                  ) -> dict[str, np.ndarray]:
+  """kvjax params -> {HF tensor name: numpy array} (inverse of loading)."""
+  D, N, K, H = config.d_model, config.num_heads, config.num_kv_heads, \
+      config.head_dim
+  out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
+         "model.norm.weight": np.asarray(params["final_norm"])}
+  if not config.tie_embeddings:
+    out["lm_head.weight"] = np.asarray(params["lm_head"]).T
+  invert = {
+      "wq": lambda w: w.reshape(D, N * H).T,
+      "wk": lambda w: w.reshape(D, K * H).T,
+      "wv": lambda w: w.reshape(D, K * H).T,
+      "wo": lambda w: w.reshape(N * H, D).T,
+      "w_gate": lambda w: w.T, "w_up": lambda w: w.T, "w_down": lambda w: w.T,
+      "bq": lambda b: b.reshape(-1), "bk": lambda b: b.reshape(-1),
+      "bv": lambda b: b.reshape(-1),
+  }
+  for leaf, (pattern, _) in _layer_tensor_map(config).items():
+    stacked = np.asarray(params["layers"][leaf])
+    for i in range(config.num_layers):
+      w = stacked[i]
+      out[pattern.format(i=i)] = np.ascontiguousarray(
+          invert[leaf](w) if leaf in invert else w)
+  return out
+
+
+def save_pretrained(path: str, params: dict[str, Any],
+                    config: ModelConfig) -> None:
+  """Writes config.json + model.safetensors that transformers can load."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(config), f, indent=2)
+  write_safetensors(os.path.join(path, "model.safetensors"),
+                    to_hf_tensors(params, config))

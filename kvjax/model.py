@@ -248,7 +248,8 @@ def _check_forward_args(tokens, cache, config, positions, token_mask, capture):
     raise ValueError(f"capture must be a tuple of names from {CAPTURE_NAMES},"
                      f" got {capture!r}.")
   if _is_concrete(tokens):
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    host = np.asarray(tokens)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= config.vocab_size:
       raise ValueError(f"token ids must be in [0, {config.vocab_size}), got "
                        f"range [{lo}, {hi}].")
@@ -304,11 +305,12 @@ def forward(
   token_mask = token_mask.astype(bool)
   count = jnp.cumsum(token_mask.astype(jnp.int32), axis=1)  # [B, T]
   n_new = count[:, -1]  # [B]
-  if _is_concrete(cache.end) and _is_concrete(n_new):
-    need = int(jnp.max(cache.end + n_new))
+  if _is_concrete(cache.end) and _is_concrete(token_mask):
+    n_host = np.asarray(token_mask).sum(axis=1)
+    need = int((np.asarray(cache.end) + n_host).max())
     if need > S:
       raise ValueError(
-          f"cache capacity exceeded: writing {int(jnp.max(n_new))} tokens "
+          f"cache capacity exceeded: writing {int(n_host.max())} tokens "
           f"needs {need} slots, capacity is {S}. Build the cache with a larger "
           "`capacity` (prompt length + new tokens) or compress it first.")
   if positions is None:
@@ -335,11 +337,9 @@ def forward(
   if "final_norm" in capture:
     aux["final_norm"] = x
   if config.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, params["embed"],
-                        preferred_element_type=jnp.float32)
+    logits = attention_lib.einsum_f32("btd,vd->btv", x, params["embed"])
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"],
-                        preferred_element_type=jnp.float32)
+    logits = attention_lib.einsum_f32("btd,dv->btv", x, params["lm_head"])
   k, v, pos, valid = layer_caches
   cache = cache._replace(k=k, v=v, pos=pos, valid=valid,
                          end=cache.end + n_new, length=cache.length + n_new)

@@ -1,0 +1,142 @@
+"""generate / prefill / decode_step: correctness, sampling, compile counts."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+
+CONFIG = kvjax.get_config("tiny")
+PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
+
+
+def _tokens(B=2, T=12, seed=1):
+  return jax.random.randint(jax.random.key(seed), (B, T), 1, CONFIG.vocab_size)
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA backend compilations inside the block."""
+  counter = {"n": 0}
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      counter["n"] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def _greedy_by_hand(tokens, n):
+  """Greedy decoding by full recompute, no cache reuse."""
+  seq = np.asarray(tokens)
+  for _ in range(n):
+    logits, _, _ = kvjax.forward(PARAMS, jnp.asarray(seq),
+                                 kvjax.init_cache(CONFIG, seq.shape[0],
+                                                  seq.shape[1]),
+                                 config=CONFIG)
+    seq = np.concatenate([seq, np.asarray(logits[:, -1].argmax(-1))[:, None]],
+                         axis=1)
+  return seq[:, tokens.shape[1]:]
+
+
+def test_greedy_equals_full_recompute():
+  tokens = _tokens()
+  out = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=10)
+  np.testing.assert_array_equal(out.tokens, _greedy_by_hand(tokens, 10))
+  assert out.num_generated.tolist() == [10, 10]
+  assert out.cache.end.tolist() == [12 + 9] * 2
+
+
+def test_generate_compiles_once_and_decode_step_compiles_once():
+  tokens, other, lengths = _tokens(), _tokens(seed=7), jnp.array([12, 5])
+  kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=6)
+  with count_compiles() as c:
+    kvjax.generate(PARAMS, other, config=CONFIG, max_new_tokens=6,
+                   prompt_lengths=lengths)
+  assert c["n"] == 0, "second generate call with new values recompiled"
+  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG, capacity=20)
+  token, keys = tokens[:, -1], [jax.random.key(s) for s in range(5)]
+  with count_compiles() as c:
+    for key in keys:
+      token, _, cache = kvjax.decode_step(PARAMS, token, cache, key,
+                                          config=CONFIG)
+  assert c["n"] == 1, f"decode steps compiled {c['n']} times"
+
+
+def test_prefill_and_decode_step_match_generate():
+  tokens = _tokens()
+  out = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=5)
+  logits, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG, capacity=17)
+  token = logits[:, -1].argmax(-1).astype(jnp.int32)
+  got = [token]
+  for _ in range(4):
+    token, _, cache = kvjax.decode_step(PARAMS, token, cache,
+                                        jax.random.key(0), config=CONFIG)
+    got.append(token)
+  np.testing.assert_array_equal(np.stack(got, 1), out.tokens)
+
+
+def test_stop_token_and_padding():
+  tokens = _tokens()
+  free = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=8)
+  stop = int(free.tokens[0, 3])  # row 0 emits this at step 3
+  out = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=8,
+                       stop_token=stop, pad_token=0)
+  row = np.asarray(out.tokens[0])
+  first = int(np.argmax(np.asarray(free.tokens[0]) == stop))
+  assert int(out.num_generated[0]) == first + 1
+  np.testing.assert_array_equal(row[:first + 1], free.tokens[0, :first + 1])
+  assert (row[first + 1:] == 0).all()
+  # A stopped row's cache stops growing.
+  assert int(out.cache.end[0]) == 12 + first
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+  tokens = _tokens()
+  kw = dict(config=CONFIG, max_new_tokens=8, temperature=1.0, top_k=3)
+  a = kvjax.generate(PARAMS, tokens, rng=jax.random.key(1), **kw)
+  b = kvjax.generate(PARAMS, tokens, rng=jax.random.key(1), **kw)
+  c = kvjax.generate(PARAMS, tokens, rng=jax.random.key(2), **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+  logits = np.asarray(a.prompt_logits)
+  top3 = np.argsort(-logits, axis=-1)[:, :3]
+  for row in range(2):
+    assert int(a.tokens[row, 0]) in top3[row]
+  # top_k=1 is greedy whatever the temperature.
+  g = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=8)
+  k1 = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=8,
+                      temperature=2.0, top_k=1)
+  np.testing.assert_array_equal(g.tokens, k1.tokens)
+
+
+def test_generate_bad_input():
+  tokens = _tokens()
+  with pytest.raises(ValueError, match="cache capacity exceeded"):
+    kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=8,
+                   capacity=15)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=0)
+  with pytest.raises(ValueError, match="temperature"):
+    kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=2,
+                   temperature=-1.0)
+  with pytest.raises(ValueError, match="top_k"):
+    kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=2,
+                   temperature=1.0, top_k=0)
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=2,
+                   prompt_lengths=jnp.array([12, 13]))
+  with pytest.raises(ValueError, match="token ids must be in"):
+    kvjax.generate(PARAMS, tokens.at[0, 0].set(-3), config=CONFIG,
+                   max_new_tokens=2)
+  with pytest.raises(TypeError, match="integer"):
+    kvjax.generate(PARAMS, tokens.astype(jnp.float32), config=CONFIG,
+                   max_new_tokens=2)
