@@ -17,6 +17,7 @@ import numpy as np
 
 from kvjax import model as model_lib
 from kvjax.cache import KVCache, init_cache
+from kvjax.compress import base as compress_base
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -101,16 +102,43 @@ def _check_prompt(prompt_tokens, prompt_lengths, config):
                          f"prompt width), got range [{lo}, {hi}].")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity",
-                                             "cache_dtype", "backend"))
-def _prefill(params, tokens, prompt_lengths, *, config, capacity, cache_dtype,
-             backend):
-  B, _ = tokens.shape
+_PREFILL_CAPTURES = ("q", "q_pre_rope", "attn_mass")
+
+
+def _context(phase, step, positions, mask, aux, reserve, config):
+  return compress_base.CompressContext(
+      phase=phase, step=step, q_pos=positions, q_mask=mask, q=aux.get("q"),
+      q_pre_rope=aux.get("q_pre_rope"), attn_mass=aux.get("attn_mass"),
+      attn_probs=aux.get("attn_probs"), reserve=reserve, config=config)
+
+
+def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
+                          config, capacity, cache_dtype, backend):
+  """Prefill on an empty cache, then apply `transform` (if any)."""
+  B, T = tokens.shape
   cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(tokens, prompt_lengths)
-  logits, cache, _ = model_lib.forward(params, tokens, cache, config=config,
-                                       token_mask=mask, backend=backend)
+  capture = () if transform is None else tuple(
+      n for n in transform.needs if n in _PREFILL_CAPTURES)
+  logits, cache, aux = model_lib.forward(params, tokens, cache, config=config,
+                                         token_mask=mask, capture=capture,
+                                         backend=backend)
+  if transform is not None:
+    positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+    ctx = _context("prefill", jnp.int32(0), positions, mask, aux,
+                   capacity - T, config)
+    cache, state = transform.apply(cache, transform.init(cache), ctx, **extra)
+    cache = cache._replace(state=state)
   return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("transform", "config", "capacity",
+                                             "cache_dtype", "backend"))
+def _prefill(params, tokens, prompt_lengths, transform, extra, *, config,
+             capacity, cache_dtype, backend):
+  return _prefill_and_compress(params, tokens, prompt_lengths, transform,
+                               extra, config=config, capacity=capacity,
+                               cache_dtype=cache_dtype, backend=backend)
 
 
 def prefill(
@@ -118,24 +146,33 @@ def prefill(
     tokens: Array,
     *,
     config: ModelConfig,
+    transform: compress_base.KVTransform | None = None,
     capacity: int | None = None,
     prompt_lengths: Array | None = None,
     cache_dtype: Any = None,
     backend: str = "xla",
+    **extra,
 ) -> tuple[Array, KVCache]:
-  """Runs the prompt through an empty cache (jitted).
+  """Runs the prompt through an empty cache, then compresses it (jitted).
+
+  Question-agnostic compression: pass the context alone, then feed the
+  question with `forward`. Question-aware: pass context + question.
 
   Args:
     params: model parameters.
     tokens: [B, T] right-padded prompt tokens.
     config: the model config.
-    capacity: cache slots; defaults to T.
+    transform: a `kvjax.compress` transform applied after the prompt (reuse
+      one transform object across calls: it is a static argument).
+    capacity: cache slots during prefill; defaults to T. The `capacity - T`
+      free slots survive compression (room for decoding).
     prompt_lengths: [B] true prompt lengths (None: all T).
     cache_dtype: key/value dtype (default: the model dtype).
     backend: attention backend.
+    **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
-    logits [B, T, V] float32 and the filled cache.
+    logits [B, T, V] float32 and the (compressed) cache.
   """
   _check_prompt(tokens, prompt_lengths, config)
   capacity = tokens.shape[1] if capacity is None else capacity
@@ -145,8 +182,9 @@ def prefill(
   B, T = tokens.shape
   prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
       else jnp.asarray(prompt_lengths, jnp.int32)
-  return _prefill(params, tokens, prompt_lengths, config=config,
-                  capacity=capacity, cache_dtype=cache_dtype, backend=backend)
+  return _prefill(params, tokens, prompt_lengths, transform, extra,
+                  config=config, capacity=capacity, cache_dtype=cache_dtype,
+                  backend=backend)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
@@ -167,17 +205,18 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_tokens", "capacity", "temperature", "top_k",
-    "stop_token", "pad_token", "cache_dtype", "backend"))
-def _generate(params, prompt_tokens, prompt_lengths, rng, *, config,
-              max_new_tokens, capacity, temperature, top_k, stop_token,
-              pad_token, cache_dtype, backend):
+    "transform", "config", "max_new_tokens", "capacity", "temperature",
+    "top_k", "stop_token", "pad_token", "cache_dtype", "backend"))
+def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
+              config, max_new_tokens, capacity, temperature, top_k,
+              stop_token, pad_token, cache_dtype, backend):
   B, T = prompt_tokens.shape
-  cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(prompt_tokens, prompt_lengths)
-  logits, cache, _ = model_lib.forward(params, prompt_tokens, cache,
-                                       config=config, token_mask=mask,
-                                       backend=backend)
+  logits, cache = _prefill_and_compress(
+      params, prompt_tokens, prompt_lengths, transform, extra, config=config,
+      capacity=capacity, cache_dtype=cache_dtype, backend=backend)
+  decode_transform = transform is not None and transform.every > 0
+  capture = tuple(transform.needs) if decode_transform else ()
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
   prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)
@@ -194,9 +233,20 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config,
   def body(carry):
     step, out, cache, done, num, rng = carry
     token = out[:, step - 1]
-    logits, cache, _ = model_lib.forward(
-        params, token[:, None], cache, config=config,
-        token_mask=~done[:, None], backend=backend)
+    live = ~done[:, None]
+    positions = cache.length[:, None]
+    logits, cache, aux = model_lib.forward(
+        params, token[:, None], cache, config=config, token_mask=live,
+        capture=capture, backend=backend)
+    if decode_transform:
+      ctx = _context("decode", step, positions, live, aux, 0, config)
+
+      def compress(cache):
+        new, state = transform.apply(cache, cache.state, ctx, **extra)
+        return new._replace(state=state)
+
+      cache = jax.lax.cond(step % transform.every == 0, compress,
+                           lambda c: c, cache)
     rng, key = jax.random.split(rng)
     nxt = sample_logits(logits[:, 0], key, temperature, top_k)
     nxt = jnp.where(done, pad_token, nxt)
@@ -225,6 +275,8 @@ def generate(
     capacity: int | None = None,
     cache_dtype: Any = None,
     backend: str = "xla",
+    transform: compress_base.KVTransform | None = None,
+    **extra,
 ) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row after ragged prompts.
 
@@ -243,6 +295,10 @@ def generate(
       that fits (the last sampled token is never fed back).
     cache_dtype: key/value dtype (default: the model dtype).
     backend: attention backend.
+    transform: a `kvjax.compress` transform applied after the prompt and,
+      for decode-time methods (`transform.every > 0`), every `every` decode
+      steps.
+    **extra: passed to the transform.
 
   Returns:
     A `GenerateOutput`.
@@ -269,7 +325,7 @@ def generate(
       else jnp.asarray(prompt_lengths, jnp.int32)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
-                   prompt_lengths, rng, config=config,
+                   prompt_lengths, rng, transform, extra, config=config,
                    max_new_tokens=max_new_tokens, capacity=capacity,
                    temperature=float(temperature), top_k=top_k,
                    stop_token=stop_token, pad_token=pad_token,

@@ -41,6 +41,7 @@ CAPTURE_NAMES = (
     "attn_out",  # [L, B, T, D] attention write into the residual
     "mlp_out",  # [L, B, T, D] MLP write into the residual
     "attn_probs",  # [L, B, N, T, S] attention probabilities over cache slots
+    "attn_mass",  # [L, B, N, S] attention summed over the (unmasked) queries
     "q",  # [L, B, T, N, H] queries after RoPE
     "k",  # [L, B, T, K, H] new keys after RoPE
     "v",  # [L, B, T, K, H] new values
@@ -212,6 +213,9 @@ def decoder_layer(
                       ("attn_probs", probs), ("q", q), ("k", k), ("v", v)):
     if name in capture:
       captured[name] = value
+  if "attn_mass" in capture:
+    q_live = (slots < ck.shape[2]).astype(probs.dtype)  # [B, T]: not padding
+    captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
   return x, layer_cache, captured
 
 

@@ -1,0 +1,18 @@
+"""KV-cache compression transforms: eviction policies and codecs.
+
+Every factory returns a `KVTransform` (optax-style NamedTuple of pure
+functions); `chain` composes them, e.g. `chain(snapkv(ratio=0.75),
+kivi(bits=2))` evicts then quantizes.
+"""
+
+from kvjax.compress.base import (CompressContext, KVTransform, chain, compact,
+                                 identity, keep_top)
+from kvjax.compress.policies import (SCORERS, Scorer, adakv,
+                                     attention_mass_scorer, expected_attention,
+                                     expected_attention_scorer, h2o, knorm,
+                                     knorm_scorer, oracle, oracle_future_mass,
+                                     oracle_scorer, pyramid_budgets, pyramidkv,
+                                     random, random_scorer, scored_policy,
+                                     snapkv, snapkv_scorer, streaming_llm,
+                                     streaming_llm_scorer, tova, tova_scorer,
+                                     window_attention)

@@ -1,0 +1,255 @@
+"""The compression-transform interface, `chain`, and physical compaction.
+
+A transform follows optax: a NamedTuple of pure functions built by a
+factory. `init(cache) -> state`; `apply(cache, state, ctx, **extra) ->
+(cache, state)`. Besides the functions it carries static facts the caller
+needs before tracing: which captures of the forward pass it reads (`needs`),
+whether it also acts during decode (`every`, in decode steps; 0 = prefill
+only), and `slots`, the static number of entries per (layer, row, head) it
+may keep given how many were live before (so the compacted cache has a
+static shape and a jitted decode compiles once).
+
+Eviction (a *policy*) scores every slot, keeps the top entries per (layer,
+row, kv head) under a budget, and `compact`s them into a physically smaller
+cache: kept entries first, in position order, then `reserve` free slots for
+decoding. Memory is saved for real: the returned arrays are smaller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache import KVCache
+
+Array = jax.Array
+
+# Names a transform may list in `needs`; prefill/decode then fill the
+# matching field of `CompressContext` (others stay None).
+CONTEXT_FIELDS = ("q", "q_pre_rope", "attn_mass", "attn_probs")
+
+
+class CompressContext(NamedTuple):
+  """What a transform may read when it is applied.
+
+  Attributes:
+    phase: "prefill" or "decode" (a Python string: static).
+    step: int32 scalar, decode steps taken so far (0 at prefill).
+    q_pos: [B, T] positions of the tokens of this forward pass.
+    q_mask: [B, T] bool, False for padding tokens.
+    q: [L, B, T, N, H] queries after RoPE (if needed).
+    q_pre_rope: [L, B, T, N, H] queries before RoPE (if needed).
+    attn_mass: [L, B, N, S] attention of this pass's queries summed over
+      queries, per slot (if needed).
+    attn_probs: [L, B, N, T, S] attention probabilities (if needed).
+    rng: a PRNG key.
+    reserve: free slots to leave after compaction (a Python int: static).
+    config: the model's `ModelConfig` (static; rope, head counts).
+  """
+
+  phase: str
+  step: Array
+  q_pos: Array
+  q_mask: Array
+  q: Array | None = None
+  q_pre_rope: Array | None = None
+  attn_mass: Array | None = None
+  attn_probs: Array | None = None
+  rng: Array | None = None
+  reserve: int = 0
+  config: Any = None
+
+
+class KVTransform(NamedTuple):
+  """A KV-cache compression transform.
+
+  Attributes:
+    init: (cache) -> state.
+    apply: (cache, state, ctx, **extra) -> (cache, state).
+    slots: (live) -> static upper bound on live entries per (layer, row,
+      head) after `apply`, given `live` before (a Python int).
+    needs: names from `CONTEXT_FIELDS` the transform reads.
+    every: act at decode every `every` steps (0: prefill only).
+    bits: (head_dim) -> stored bits per key/value element (float), or None
+      for policies (they do not change how an entry is stored).
+    name: a label for logs and tables.
+  """
+
+  init: Callable[[KVCache], Any]
+  apply: Callable[..., tuple[KVCache, Any]]
+  slots: Callable[[int], int]
+  needs: tuple[str, ...] = ()
+  every: int = 0
+  bits: Callable[[int], float] | None = None
+  name: str = "transform"
+
+
+def identity() -> KVTransform:
+  """A transform that changes nothing (the uncompressed baseline)."""
+  return KVTransform(init=lambda cache: (),
+                     apply=lambda cache, state, ctx, **extra: (cache, state),
+                     slots=lambda live: live, name="identity")
+
+
+def chain(*transforms: KVTransform) -> KVTransform:
+  """Applies transforms in order (e.g. evict, then quantize).
+
+  The state is the tuple of the members' states; `extra` keyword arguments
+  reach every member, which ignores those it does not know.
+  """
+  for t in transforms:
+    if not isinstance(t, KVTransform):
+      raise TypeError(f"chain takes KVTransforms, got {type(t).__name__}.")
+  if not transforms:
+    return identity()
+
+  def init(cache):
+    return tuple(t.init(cache) for t in transforms)
+
+  def apply(cache, state, ctx, **extra):
+    new_state = []
+    for t, s in zip(transforms, state):
+      cache, s = t.apply(cache, s, ctx, **extra)
+      new_state.append(s)
+    return cache, tuple(new_state)
+
+  def slots(live):
+    for t in transforms:
+      live = t.slots(live)
+    return live
+
+  def bits(head_dim):
+    out = None
+    for t in transforms:
+      if t.bits is not None:
+        out = t.bits(head_dim)  # the last codec decides how entries are stored
+    return out
+
+  has_bits = any(t.bits is not None for t in transforms)
+  needs = tuple(sorted({n for t in transforms for n in t.needs}))
+  everies = [t.every for t in transforms if t.every]
+  every = math.gcd(*everies) if everies else 0
+  return KVTransform(init=init, apply=apply, slots=slots, needs=needs,
+                     every=every, bits=bits if has_bits else None,
+                     name="+".join(t.name for t in transforms))
+
+
+# ----------------------------------------------------------------------------
+# Budgets.
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> float:
+  if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+    raise ValueError(f"{name} must be a float in [0, 1) (the fraction of "
+                     f"entries removed), got {ratio!r}.")
+  return float(ratio)
+
+
+def check_budget(ratio, budget) -> None:
+  """Exactly one of ratio / budget (an absolute entries-per-head size)."""
+  if (ratio is None) == (budget is None):
+    raise ValueError("give exactly one of ratio (fraction removed, in [0, 1)) "
+                     f"or budget (entries kept per head); got ratio={ratio!r}, "
+                     f"budget={budget!r}.")
+  if ratio is not None:
+    check_ratio(ratio)
+  elif not isinstance(budget, int) or budget < 1:
+    raise ValueError(f"budget must be an int >= 1 (entries kept per head), "
+                     f"got {budget!r}.")
+
+
+def n_keep(live: Array, ratio: float | None, budget: int | None) -> Array:
+  """Entries to keep given `live` entries: max(1, floor(live * (1 - ratio)))
+  (the convention of kvpress' `compute_n_kept`), or min(budget, live)."""
+  if ratio is not None:
+    # float32 would round e.g. 1024 * 0.75 differently from Python's float64.
+    kept = jnp.floor(live.astype(jnp.float32) * jnp.float32(1.0 - ratio)
+                     + 1e-4).astype(jnp.int32)
+    return jnp.where(live > 0, jnp.maximum(kept, 1), 0)
+  return jnp.minimum(live, budget).astype(jnp.int32)
+
+
+def static_keep(live: int, ratio: float | None, budget: int | None) -> int:
+  """`n_keep` on a Python int, for static capacities."""
+  if ratio is not None:
+    return max(1, int(live * (1.0 - ratio) + 1e-4)) if live > 0 else 0
+  return min(live, budget)
+
+
+# ----------------------------------------------------------------------------
+# Selection and compaction.
+
+
+def keep_top(scores: Array, n: Array, valid: Array) -> Array:
+  """[L, B, K, S] bool: the n highest-scoring valid slots per (l, b, k).
+
+  Args:
+    scores: [L, B, K, S] float, higher is kept first.
+    n: int array broadcastable to [L, B, K]: how many to keep.
+    valid: [L, B, K, S] bool; invalid slots are never kept.
+  """
+  s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+  order = jnp.argsort(-s, axis=-1, stable=True)  # best first
+  rank = jnp.argsort(order, axis=-1, stable=True)  # rank of each slot
+  return (rank < jnp.asarray(n)[..., None]) & valid
+
+
+def _gather_slots(x, idx):
+  """x [L, B, K, S, ...] gathered along S with idx [L, B, K, S']."""
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 4))
+  return jnp.take_along_axis(x, idx, axis=3)
+
+
+def compact(cache: KVCache, keep: Array, capacity: int
+            ) -> tuple[KVCache, Array]:
+  """Gathers kept entries into a cache with `capacity` slots.
+
+  Kept entries come first in each (layer, row, head), in position order; the
+  rest are empty. `end` becomes, per row, the largest kept count over layers
+  and heads (heads that keep fewer leave invalid padding before it).
+
+  Args:
+    cache: the cache (payload leaves must have leading [L, B, K, S]).
+    keep: [L, B, K, S] bool.
+    capacity: static slot count of the result; must hold every kept entry
+      (checked eagerly when possible).
+
+  Returns:
+    (the compacted cache, idx [L, B, K, capacity] source slot of each new
+    slot, for transforms that keep per-slot state).
+  """
+  S = cache.capacity
+  key = jnp.where(keep, cache.pos, jnp.iinfo(jnp.int32).max)
+  order = jnp.argsort(key, axis=-1, stable=True)  # kept first, by position
+  counts = jnp.sum(keep, axis=-1)  # [L, B, K]
+  if not isinstance(counts, jax.core.Tracer):
+    most = int(jnp.max(counts)) if counts.size else 0
+    if most > capacity:
+      raise ValueError(f"compact: {most} kept entries do not fit in "
+                       f"capacity={capacity}.")
+  if capacity <= S:
+    idx = order[..., :capacity]
+  else:  # more room than before: pad with (empty) copies of slot 0
+    pad = jnp.zeros(order.shape[:-1] + (capacity - S,), order.dtype)
+    idx = jnp.concatenate([order, pad], axis=-1)
+  live = jnp.arange(capacity) < counts[..., None]  # [L, B, K, capacity]
+  gather = lambda leaf: _gather_slots(leaf, idx)
+  k = jax.tree.map(gather, cache.k)
+  v = jax.tree.map(gather, cache.v)
+  pos = jnp.where(live, gather(cache.pos), -1)
+  end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
+  return cache._replace(k=k, v=v, pos=pos, valid=live, end=end), idx
+
+
+def evict(cache: KVCache, scores: Array, n: Array, capacity: int
+          ) -> tuple[KVCache, Array]:
+  """Keeps the top-n valid slots per (layer, row, head) and compacts."""
+  return compact(cache, keep_top(scores, n, cache.valid), capacity)
+
+
+def live_counts(cache: KVCache) -> Array:
+  """[L, B, K] number of valid slots."""
+  return jnp.sum(cache.valid, axis=-1).astype(jnp.int32)
