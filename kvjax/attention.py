@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache import CodedKV, is_coded
+
 Array = jax.Array
 
 BACKENDS = ("xla",)
@@ -27,6 +29,11 @@ def einsum_f32(subscripts: str, a: Array, b: Array) -> Array:
   if jax.default_backend() == "cpu":
     return jnp.einsum(subscripts, a.astype(jnp.float32), b.astype(jnp.float32))
   return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
+def _entries(x):
+  """Plain [B, K, S, H] entries of a plain or coded layer payload."""
+  return x.decode() if is_coded(x) else x
 
 
 def attention_mask(
@@ -62,8 +69,10 @@ def reference_attention(
 
   Args:
     q: [B, T, N, H] queries (RoPE applied).
-    k: [B, K, S, H] keys (RoPE applied); N must be a multiple of K.
-    v: [B, K, S, H] values.
+    k: [B, K, S, H] keys (RoPE applied), or a `CodedKV` layer payload (its
+      codec's `scores` are used when it has them, else it is decoded);
+      N must be a multiple of K.
+    v: [B, K, S, H] values, or a `CodedKV` layer payload (decoded).
     q_pos: [B, T] positions of the queries.
     k_pos: [B, K, S] positions of the keys held in each slot.
     k_valid: [B, K, S] whether each slot holds a live entry.
@@ -76,13 +85,20 @@ def reference_attention(
     probs: [B, N, T, S] float32 attention probabilities.
   """
   B, T, N, H = q.shape
-  K = k.shape[1]
+  K = k_valid.shape[1]
   if N % K:
     raise ValueError(f"query heads N={N} must be a multiple of kv heads K={K}.")
   G = N // K
   scale = H**-0.5 if scale is None else scale
   qg = q.reshape(B, T, K, G, H)
-  logits = einsum_f32("btkgh,bksh->bkgts", qg, k) * scale
+  if isinstance(k, CodedKV) and k.codec.scores is not None:
+    # q.k from the codes: the codec transforms the query once instead of
+    # decoding every key.
+    q_bk = jnp.moveaxis(qg, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
+    logits = k.codec.scores(q_bk.reshape(B, K, G * T, H), k.slots,
+                            k.shared).reshape(B, K, G, T, -1) * scale
+  else:
+    logits = einsum_f32("btkgh,bksh->bkgts", qg, _entries(k)) * scale
   mask = attention_mask(q_pos, k_pos, k_valid, sliding_window)  # [B,K,1,T,S]
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -90,6 +106,7 @@ def reference_attention(
   weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom > 0, denom, 1.0)  # [B, K, G, T, S]
+  v = _entries(v)
   out = einsum_f32("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
   out = out.reshape(B, T, N, H).astype(q.dtype)
   return out, probs.reshape(B, N, T, -1)

@@ -26,6 +26,133 @@ from kvjax.config import ModelConfig
 Array = jax.Array
 
 
+class Codec(NamedTuple):
+  """How a codec stores one key or value vector (static, hashable).
+
+  A codec encodes each entry on its own (per token), so coded entries can
+  be written one decode step at a time and gathered by compaction.
+
+  Attributes:
+    name: a label, e.g. "int4/g32".
+    encode: (x [..., H], shared) -> dict of per-entry leaves [..., X_i].
+    decode: (enc, shared) -> x_hat [..., H] (float32).
+    scores: optional (q [..., G, H], enc [..., S, X], shared) -> q.k
+      [..., G, S] float32, computed from the codes without decoding the
+      keys; None if the codec has none.
+    bits: (H) -> stored bits per element, overhead (scales, norms) included.
+    params: hashable parameters (for equality and display).
+  """
+
+  name: str
+  encode: Any
+  decode: Any
+  scores: Any = None
+  bits: Any = None
+  params: tuple = ()
+
+
+@jax.tree_util.register_pytree_node_class
+class CodedKV:
+  """Keys or values stored by a `Codec`.
+
+  Attributes:
+    slots: dict of per-slot leaves [L, B, K, S, X_i] (codes, scales, norms).
+    shared: dict of leaves shared by the slots of a layer, each with a
+      leading L (e.g. a random rotation [L, H, H]).
+    codec: the static `Codec`.
+  """
+
+  def __init__(self, slots: dict[str, Array], shared: dict[str, Array],
+               codec: Codec):
+    self.slots, self.shared, self.codec = slots, shared, codec
+
+  def tree_flatten(self):
+    return (self.slots, self.shared), self.codec
+
+  @classmethod
+  def tree_unflatten(cls, codec, children):
+    return cls(*children, codec)
+
+  def __repr__(self):
+    shapes = {k: tuple(v.shape) for k, v in self.slots.items()}
+    return f"CodedKV({self.codec.name}, slots={shapes})"
+
+  def decode(self) -> Array:
+    """[..., S, H] float32 entries (all slots)."""
+    return self.codec.decode(self.slots, self.shared)
+
+  def write(self, x: Array, rows: Array, slots: Array) -> "CodedKV":
+    """Encodes x [B, T, K, H] (one layer) into slots [B, T] of rows [B, 1]."""
+    enc = self.codec.encode(x.astype(jnp.float32), self.shared)
+    new = {name: self.slots[name].at[rows, :, slots].set(
+        enc[name].astype(self.slots[name].dtype), mode="drop")
+           for name in self.slots}
+    return CodedKV(new, self.shared, self.codec)
+
+  def gather(self, idx: Array) -> "CodedKV":
+    """Gathers slots along S with idx [L, B, K, S'] (compaction)."""
+    new = {name: jnp.take_along_axis(
+        leaf, idx.reshape(idx.shape + (1,) * (leaf.ndim - 4)), axis=3)
+           for name, leaf in self.slots.items()}
+    return CodedKV(new, self.shared, self.codec)
+
+
+@jax.tree_util.register_pytree_node_class
+class TailedKV:
+  """A coded region of slots followed by a full-precision tail.
+
+  Slots [0, Sc) live in `code` (a CodedKV); slots [Sc, Sc + R) in `tail`
+  [L, B, K, R, H]. This is KIVI's residual window: the newest entries stay
+  exact until a whole block of R can be quantized together.
+  """
+
+  def __init__(self, code: CodedKV, tail: Array):
+    self.code, self.tail = code, tail
+
+  def tree_flatten(self):
+    return (self.code, self.tail), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(*children)
+
+  def __repr__(self):
+    return f"TailedKV({self.code!r}, tail={tuple(self.tail.shape)})"
+
+  @property
+  def code_slots(self) -> int:
+    return self.code_capacity(self.code)
+
+  @staticmethod
+  def code_capacity(code: CodedKV) -> int:
+    return code.slots["codes"].shape[-2]
+
+  def decode(self) -> Array:
+    return jnp.concatenate([self.code.decode(),
+                            self.tail.astype(jnp.float32)], axis=-2)
+
+  def write(self, x: Array, rows: Array, slots: Array) -> "TailedKV":
+    sc, r = self.code_slots, self.tail.shape[-2]
+    in_tail = (slots >= sc) & (slots < sc + r)
+    tail = self.tail.at[rows, :, jnp.where(in_tail, slots - sc, r)].set(
+        x.astype(self.tail.dtype), mode="drop")
+    code = self.code
+    if code.codec.encode is not None:
+      code = code.write(x, rows, jnp.where(in_tail, sc, slots))
+    return TailedKV(code, tail)
+
+  def gather(self, idx: Array):
+    raise ValueError("a cache with a quantized region and a residual window "
+                     "cannot be compacted: evict before quantizing (chain "
+                     "the policy first).")
+
+
+def is_coded(x) -> bool:
+  """True for a coded payload (anything but a plain [.., S, H] array)."""
+  return isinstance(x, (CodedKV, TailedKV))
+
+
 class KVCache(NamedTuple):
   """Key/value cache of a whole model.
 
@@ -109,26 +236,38 @@ def kv_bytes(cache: KVCache) -> int:
 
   This is what the cache occupies in device memory, padding included.
   """
+  return _tree_bytes(cache)
+
+
+def _tree_bytes(tree) -> int:
   return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
-                 for x in jax.tree.leaves(cache)))
+                 for x in jax.tree.leaves(tree)))
 
 
 def payload_bytes(cache: KVCache) -> int:
   """Physical bytes of the key and value payloads only (no bookkeeping)."""
-  return kv_bytes(KVCache(cache.k, cache.v, jnp.zeros((0,)), jnp.zeros((0,)),
-                          jnp.zeros((0,)), jnp.zeros((0,))))
+  return _tree_bytes((cache.k, cache.v))
+
+
+def _per_slot_bytes(x) -> Any:
+  """The leaves of a payload that scale with the slot count."""
+  return x.slots if is_coded(x) else x
 
 
 def logical_bytes(cache: KVCache) -> int:
   """Bytes a ragged layout would need: payload bytes of valid slots only.
 
-  Per-slot payload bytes are the payload bytes divided by the number of
-  slots; bookkeeping (`pos`, `valid`, counters) is not counted. The gap
+  Per-slot payload bytes are the per-slot payload leaves divided by the
+  number of slots; leaves shared by all slots of a layer (e.g. a codec's
+  rotation) count once; bookkeeping (`pos`, `valid`, counters) is not. The gap
   between `kv_bytes` and this figure is the padding a static layout pays.
   """
   slots = int(np.prod(cache.pos.shape))
-  per_slot = payload_bytes(cache) / max(slots, 1)
-  return int(round(per_slot * int(jnp.sum(cache.valid))))
+  per_slot = _tree_bytes((_per_slot_bytes(cache.k),
+                          _per_slot_bytes(cache.v))) / max(slots, 1)
+  shared = payload_bytes(cache) - _tree_bytes(
+      (_per_slot_bytes(cache.k), _per_slot_bytes(cache.v)))
+  return int(round(per_slot * int(jnp.sum(cache.valid)))) + shared
 
 
 def cache_overflowed(cache: KVCache) -> bool:

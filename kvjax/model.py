@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import attention as attention_lib
-from kvjax.cache import KVCache
+from kvjax.cache import KVCache, is_coded
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -151,9 +151,12 @@ def write_slots(
   B, T, K, _ = k.shape
   rows = jnp.arange(B)[:, None]  # [B, 1]
   # Advanced indices (rows, slots) around a slice put [B, T] first: the
-  # updates are [B, T, K, H] and [B, T, K].
-  ck = ck.at[rows, :, slots].set(k.astype(ck.dtype), mode="drop")
-  cv = cv.at[rows, :, slots].set(v.astype(cv.dtype), mode="drop")
+  # updates are [B, T, K, H] and [B, T, K]. Coded payloads encode first.
+  def put(c, x):
+    if is_coded(c):
+      return c.write(x, rows, slots)
+    return c.at[rows, :, slots].set(x.astype(c.dtype), mode="drop")
+  ck, cv = put(ck, k), put(cv, v)
   pos_btk = jnp.broadcast_to(positions[:, :, None], (B, T, K))
   cpos = cpos.at[rows, :, slots].set(pos_btk.astype(jnp.int32), mode="drop")
   cvalid = cvalid.at[rows, :, slots].set(True, mode="drop")

@@ -1,7 +1,5 @@
 """generate / prefill / decode_step: correctness, sampling, compile counts."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,23 +13,6 @@ PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
 
 def _tokens(B=2, T=12, seed=1):
   return jax.random.randint(jax.random.key(seed), (B, T), 1, CONFIG.vocab_size)
-
-
-@contextlib.contextmanager
-def count_compiles():
-  """Counts XLA backend compilations inside the block."""
-  counter = {"n": 0}
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      counter["n"] += 1
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield counter
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _greedy_by_hand(tokens, n):
@@ -55,7 +36,7 @@ def test_greedy_equals_full_recompute():
   assert out.cache.end.tolist() == [12 + 9] * 2
 
 
-def test_generate_compiles_once_and_decode_step_compiles_once():
+def test_generate_compiles_once_and_decode_step_compiles_once(count_compiles):
   tokens, other, lengths = _tokens(), _tokens(seed=7), jnp.array([12, 5])
   kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=6)
   with count_compiles() as c:

@@ -16,3 +16,5 @@ from kvjax.compress.policies import (SCORERS, Scorer, adakv,
                                      snapkv, snapkv_scorer, streaming_llm,
                                      streaming_llm_scorer, tova, tova_scorer,
                                      window_attention)
+from kvjax.compress.codecs import (fp8, fp8_codec, int_codec, kivi, quantize,
+                                   uniform)

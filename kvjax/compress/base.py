@@ -22,8 +22,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from kvjax.cache import KVCache
+from kvjax.cache import KVCache, is_coded
 
 Array = jax.Array
 
@@ -161,21 +162,25 @@ def check_budget(ratio, budget) -> None:
                      f"got {budget!r}.")
 
 
-def n_keep(live: Array, ratio: float | None, budget: int | None) -> Array:
-  """Entries to keep given `live` entries: max(1, floor(live * (1 - ratio)))
-  (the convention of kvpress' `compute_n_kept`), or min(budget, live)."""
+def n_keep(live: Array, ratio: float | None, budget: int | None,
+           max_live: int) -> Array:
+  """Entries to keep given `live` entries (an int array, each <= max_live).
+
+  With a ratio: max(1, int(live * (1 - ratio))) in float64, exactly as
+  kvpress' `compute_n_kept` (a table over 0..max_live, so no float32
+  rounding under jit); with a budget: min(budget, live).
+  """
   if ratio is not None:
-    # float32 would round e.g. 1024 * 0.75 differently from Python's float64.
-    kept = jnp.floor(live.astype(jnp.float32) * jnp.float32(1.0 - ratio)
-                     + 1e-4).astype(jnp.int32)
-    return jnp.where(live > 0, jnp.maximum(kept, 1), 0)
+    table = np.array([static_keep(n, ratio, None) for n in
+                      range(max_live + 1)], np.int32)
+    return jnp.asarray(table)[jnp.clip(live, 0, max_live)]
   return jnp.minimum(live, budget).astype(jnp.int32)
 
 
 def static_keep(live: int, ratio: float | None, budget: int | None) -> int:
   """`n_keep` on a Python int, for static capacities."""
   if ratio is not None:
-    return max(1, int(live * (1.0 - ratio) + 1e-4)) if live > 0 else 0
+    return max(1, int(live * (1.0 - ratio))) if live > 0 else 0
   return min(live, budget)
 
 
@@ -237,8 +242,8 @@ def compact(cache: KVCache, keep: Array, capacity: int
     idx = jnp.concatenate([order, pad], axis=-1)
   live = jnp.arange(capacity) < counts[..., None]  # [L, B, K, capacity]
   gather = lambda leaf: _gather_slots(leaf, idx)
-  k = jax.tree.map(gather, cache.k)
-  v = jax.tree.map(gather, cache.v)
+  k, v = (x.gather(idx) if is_coded(x) else gather(x)
+          for x in (cache.k, cache.v))
   pos = jnp.where(live, gather(cache.pos), -1)
   end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
   return cache._replace(k=k, v=v, pos=pos, valid=live, end=end), idx

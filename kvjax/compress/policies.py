@@ -302,7 +302,7 @@ def scored_policy(scorer: Scorer, ratio: float | None = None,
   def apply(cache, state, ctx, **extra):
     if ctx.phase != "prefill":
       return cache, state
-    n = base.n_keep(base.live_counts(cache), ratio, budget)
+    n = base.n_keep(base.live_counts(cache), ratio, budget, cache.capacity)
     capacity = base.static_keep(_static_live(cache, ctx), ratio, budget)
     scores = _score(scorer, cache, ctx, extra)
     cache, _ = base.evict(cache, scores, n, capacity + ctx.reserve)
@@ -363,7 +363,7 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
       scores = jnp.where(cache.pos > newest - protect_recent, _BIG, scores)
     if ctx.phase == "prefill":
       live = base.live_counts(cache)
-      n = base.n_keep(live, ratio, budget)
+      n = base.n_keep(live, ratio, budget, cache.capacity)
       cap = base.static_keep(_static_live(cache, ctx), ratio, budget) + every
       cache, _ = base.evict(cache, scores, n, cap)
       return cache, jnp.max(n, axis=(0, 2))
@@ -436,7 +436,7 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
     mass = _group_mean(ctx.attn_mass, K)  # [L, B, K, S]
     if ctx.phase == "prefill":
       live = base.live_counts(cache)
-      n = base.n_keep(live, ratio, budget)
+      n = base.n_keep(live, ratio, budget, cache.capacity)
       cap = base.static_keep(_static_live(cache, ctx), ratio, budget) + every
       cache, acc = select(cache, mass, n, cap)
       return cache, (jnp.max(n, axis=(0, 2)), acc)
@@ -558,7 +558,7 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
       return cache, state
     L, B, K, S = cache.pos.shape
     live = base.live_counts(cache)  # [L, B, K]
-    n = base.n_keep(live, ratio, None)
+    n = base.n_keep(live, ratio, None, cache.capacity)
     scores = jnp.where(cache.valid, _score(scorer, cache, ctx, extra),
                        -jnp.inf)
     safe = base.keep_top(scores, safe_count(n), cache.valid)

@@ -1,0 +1,430 @@
+"""Codecs: how each kept key/value entry is stored.
+
+A codec is a static `kvjax.cache.Codec` (encode / decode / optional scores /
+bits). The `quantize` transform re-encodes a cache's float entries with a
+key codec and a value codec at the end of prefill; afterwards every new
+entry is encoded as it is written, so the cache stays coded through decode.
+
+Optionally the newest `residual` entries stay in full precision (KIVI's
+residual window): the cache then has a code region of slots and a
+full-precision tail of `residual` slots; when the tail fills during decode
+it is flushed into the code region in one block. Per-channel key
+quantization (KIVI) needs whole blocks of tokens to share statistics, so it
+is only possible with a residual window: keys are quantized a block of
+`residual` tokens at a time, in groups of `group_size` tokens.
+
+Bits are exact: `bits(H)` counts codes plus the stated overhead (scales,
+zero points, norms: float16 unless a codec says otherwise), and the packed
+payload's physical bytes match it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from kvjax.cache import Codec, CodedKV, KVCache, TailedKV, is_coded
+from kvjax.compress import base
+
+Array = jax.Array
+INT_BITS = (2, 4, 8)
+_SCALE_DTYPE = jnp.float16  # scales / zero points / norms
+
+
+def _check_group(head_dim: int, group_size: int | None) -> int:
+  g = head_dim if group_size is None else group_size
+  if not isinstance(g, int) or g < 1 or head_dim % g:
+    raise ValueError(f"group_size must divide head_dim={head_dim}, got "
+                     f"{group_size!r}.")
+  return g
+
+
+def _check_bits(bits, allowed=INT_BITS, name="bits"):
+  if bits not in allowed:
+    raise ValueError(f"{name}={bits!r} is not supported; allowed: {allowed}.")
+
+
+# ----------------------------------------------------------------------------
+# Bit packing (arithmetic unpacking after the load: no bitcasts).
+
+
+def pack_bits(codes: Array, bits: int) -> Array:
+  """Packs unsigned codes [..., n] (< 2**bits) into uint8 [..., n*bits/8],
+  little-end first: code i of a byte sits at bits [i*bits, (i+1)*bits)."""
+  if bits == 8:
+    return codes.astype(jnp.uint8)
+  per = 8 // bits
+  n = codes.shape[-1]
+  if n % per:
+    raise ValueError(f"last axis {n} must be a multiple of {per} to pack "
+                     f"{bits}-bit codes.")
+  c = codes.astype(jnp.uint8).reshape(codes.shape[:-1] + (n // per, per))
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)
+  return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint8)
+
+
+def unpack_bits(packed: Array, bits: int, n: int) -> Array:
+  """Inverse of `pack_bits`: uint8 [..., n*bits/8] -> uint8 codes [..., n]."""
+  if bits == 8:
+    return packed
+  per = 8 // bits
+  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)
+  mask = jnp.uint8(2**bits - 1)
+  out = (packed[..., None] >> shifts) & mask  # [..., n/per, per]
+  return out.reshape(packed.shape[:-1] + (n,))
+
+
+# ----------------------------------------------------------------------------
+# Codecs.
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_codec() -> Codec:
+  """float8 e4m3 with a float16 absmax scale per entry (8 + 16/H bits).
+
+  The scale maps each vector's absmax to 448 (e4m3's largest finite value),
+  so no entry overflows.
+  """
+  e4m3 = jnp.float8_e4m3fn
+  fmax = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+  def encode(x, shared):
+    del shared
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / fmax
+    scale = jnp.where(scale > 0, scale, 1.0).astype(_SCALE_DTYPE)
+    return {"codes": (x / scale.astype(jnp.float32)).astype(e4m3),
+            "scale": scale}
+
+  def decode(enc, shared):
+    del shared
+    return enc["codes"].astype(jnp.float32) * enc["scale"].astype(jnp.float32)
+
+  return Codec("fp8_e4m3", encode, decode, None, lambda h: 8 + 16 / h,
+               ("fp8",))
+
+
+@functools.lru_cache(maxsize=None)
+def int_codec(bits: int, group_size: int | None = 32, head_dim: int = 128
+              ) -> Codec:
+  """Asymmetric uniform min-max integer codec, per token.
+
+  Each entry's channels are split in groups of `group_size`; each group
+  stores float16 min and scale and `bits`-bit codes round((x - min) /
+  scale), packed along the channel axis. Bits per element: bits + 32 /
+  group_size.
+
+  Args:
+    bits: 2, 4 or 8.
+    group_size: channels per group (None: the whole head).
+    head_dim: H.
+  """
+  _check_bits(bits)
+  g = _check_group(head_dim, group_size)
+  levels = 2**bits - 1
+
+  def encode(x, shared):
+    del shared
+    xs = x.reshape(x.shape[:-1] + (head_dim // g, g))  # [..., H/g, g]
+    lo = jnp.min(xs, axis=-1, keepdims=True)
+    scale = (jnp.max(xs, axis=-1, keepdims=True) - lo) / levels
+    lo16, scale16 = lo.astype(_SCALE_DTYPE), scale.astype(_SCALE_DTYPE)
+    s = jnp.where(scale16 > 0, scale16, 1).astype(jnp.float32)
+    codes = jnp.clip(jnp.round((xs - lo16.astype(jnp.float32)) / s), 0,
+                     levels).astype(jnp.uint8).reshape(x.shape)
+    return {"codes": pack_bits(codes, bits),
+            "zero": lo16[..., 0], "scale": scale16[..., 0]}
+
+  def decode(enc, shared):
+    del shared
+    codes = unpack_bits(enc["codes"], bits, head_dim)
+    codes = codes.reshape(codes.shape[:-1] + (head_dim // g, g))
+    out = (codes.astype(jnp.float32) * enc["scale"][..., None].astype(
+        jnp.float32) + enc["zero"][..., None].astype(jnp.float32))
+    return out.reshape(out.shape[:-2] + (head_dim,))
+
+  return Codec(f"int{bits}/g{g}", encode, decode, None,
+               lambda h: bits + 32 / g, ("int", bits, g, head_dim))
+
+
+def quantize_channels(x: Array, bits: int, group_size: int) -> dict:
+  """Per-channel min-max quantization of a block of tokens (KIVI keys).
+
+  Args:
+    x: [..., R, H] a block of R tokens, R a multiple of group_size.
+
+  Returns:
+    {"codes": [..., R, ceil(H*bits/8)] uint8 packed over channels,
+     "zero"/"scale": [..., R/group_size, H] float16 per (token group,
+     channel)}.
+  """
+  *lead, R, H = x.shape
+  levels = 2**bits - 1
+  xs = x.reshape(*lead, R // group_size, group_size, H)
+  lo = jnp.min(xs, axis=-2, keepdims=True).astype(_SCALE_DTYPE)
+  scale = ((jnp.max(xs, axis=-2, keepdims=True) - lo.astype(jnp.float32))
+           / levels).astype(_SCALE_DTYPE)
+  s = jnp.where(scale > 0, scale, 1).astype(jnp.float32)
+  codes = jnp.clip(jnp.round((xs - lo.astype(jnp.float32)) / s), 0, levels)
+  codes = codes.astype(jnp.uint8).reshape(*lead, R, H)
+  return {"codes": pack_bits(codes, bits), "zero": lo[..., 0, :],
+          "scale": scale[..., 0, :]}
+
+
+def dequantize_channels(enc: dict, bits: int, group_size: int,
+                        head_dim: int) -> Array:
+  """Inverse of `quantize_channels`: [..., R, H] float32."""
+  codes = unpack_bits(enc["codes"], bits, head_dim)
+  *lead, R, H = codes.shape
+  codes = codes.reshape(*lead, R // group_size, group_size, H)
+  out = (codes.astype(jnp.float32) * enc["scale"][..., None, :].astype(
+      jnp.float32) + enc["zero"][..., None, :].astype(jnp.float32))
+  return out.reshape(*lead, R, H)
+
+
+# ----------------------------------------------------------------------------
+# The transform.
+
+
+def _to_coded(x, codec: Codec, shared: dict) -> CodedKV:
+  if is_coded(x):
+    raise ValueError(f"entries are already coded ({x.codec.name}); apply one "
+                     "codec per tensor.")
+  if not isinstance(x, jax.Array) or x.ndim != 5:
+    raise ValueError("a codec applies to float entries [L, B, K, S, H], got "
+                     f"{getattr(x, 'shape', type(x).__name__)}.")
+  if codec.encode is None:
+    raise ValueError(f"codec {codec.name} cannot encode entries one at a "
+                     "time; use it through kivi(...) (residual window).")
+  return CodedKV(codec.encode(x.astype(jnp.float32), shared), shared, codec)
+
+
+def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
+             shared_init: Any = None) -> base.KVTransform:
+  """Stores keys and values with entry-wise codecs from prefill on.
+
+  At prefill the float entries are encoded (the float arrays are dropped:
+  the cache is physically smaller); every entry written afterwards is
+  encoded as it is written.
+
+  Args:
+    key_codec: (head_dim) -> Codec for keys (None: keep keys in full
+      precision). A function of H so that one transform fits any model.
+    value_codec: (head_dim) -> Codec for values (None: full precision).
+    name: label.
+    shared_init: optional (cache, which) -> dict of shared leaves (leading
+      L) for codecs that need them (rotations, projections); `which` is
+      "k" or "v".
+  """
+  if key_codec is None and value_codec is None:
+    raise ValueError("quantize needs a key_codec or a value_codec.")
+
+  def apply(cache, state, ctx, **extra):
+    del extra
+    if ctx.phase != "prefill":  # new entries are encoded as they are written
+      return cache, state
+    k, v = cache.k, cache.v
+    head_dim = k.shape[-1]
+    if key_codec is not None:
+      shared = shared_init(cache, "k") if shared_init else {}
+      k = _to_coded(k, key_codec(head_dim), shared)
+    if value_codec is not None:
+      shared = shared_init(cache, "v") if shared_init else {}
+      v = _to_coded(v, value_codec(head_dim), shared)
+    return cache._replace(k=k, v=v), state
+
+  def bits(head_dim):
+    """(key bits, value bits) per element; None = full precision."""
+    return tuple(c(head_dim).bits(head_dim) if c else None
+                 for c in (key_codec, value_codec))
+
+  label = name or "quantize"
+  return base.KVTransform(init=lambda cache: (), apply=apply,
+                          slots=lambda live: live, bits=bits, name=label)
+
+
+def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
+            values: bool = True) -> base.KVTransform:
+  """Per-token asymmetric integer quantization of keys and/or values.
+
+  Args:
+    bits: 2, 4 or 8.
+    group_size: channels per (min, scale) group; must divide head_dim.
+    keys / values: which tensors to quantize.
+  """
+  _check_bits(bits)
+  make = lambda h: int_codec(bits, group_size, h)
+  return quantize(make if keys else None, make if values else None,
+                  name=f"int{bits}" + (f"/g{group_size}" if group_size
+                                       else ""))
+
+
+def fp8(keys: bool = True, values: bool = True) -> base.KVTransform:
+  """float8 e4m3 keys and/or values with a per-entry float16 scale."""
+  make = lambda h: fp8_codec()
+  return quantize(make if keys else None, make if values else None,
+                  name="fp8")
+
+
+# ----------------------------------------------------------------------------
+# KIVI: per-channel keys, per-token values, full-precision residual window.
+
+
+@functools.lru_cache(maxsize=None)
+def channel_codec(bits: int, group_size: int, head_dim: int) -> Codec:
+  """Per-channel codec (KIVI keys): statistics shared by `group_size`
+  consecutive slots, so entries cannot be encoded one at a time (`encode`
+  is None); `kivi` writes them a block at a time. Bits per element:
+  bits + 32 / group_size."""
+  _check_bits(bits)
+
+  def decode(enc, shared):
+    del shared
+    return dequantize_channels(enc, bits, group_size, head_dim)
+
+  return Codec(f"int{bits}/channel/g{group_size}", None, decode, None,
+               lambda h: bits + 32 / group_size,
+               ("channel", bits, group_size, head_dim))
+
+
+def _rows_window(x: Array, start: Array, width: int) -> Array:
+  """x [L, B, K, S, ...] -> [L, B, K, width, ...] from slot start[b] on
+  (indices past S are clamped; callers mask them)."""
+  S = x.shape[3]
+  idx = jnp.minimum(start[:, None] + jnp.arange(width), S - 1)  # [B, width]
+  idx = jnp.broadcast_to(idx[None, :, None, :], x.shape[:3] + (width,))
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 4)),
+                             axis=3)
+
+
+def _scatter_rows(leaf: Array, start: Array, block: Array, active: Array,
+                  per: int = 1) -> Array:
+  """Writes block [L, B, K, W, ...] into leaf [L, B, K, S, ...] at slots
+  start[b] // per + arange(W) for rows where active[b]; others untouched."""
+  L, B, K, W = block.shape[:4]
+  S = leaf.shape[3]
+  idx = jnp.where(active[:, None], start[:, None] // per + jnp.arange(W), S)
+  rows = jnp.arange(B)[:, None]
+  upd = jnp.moveaxis(jnp.moveaxis(block, 1, 0), 3, 1)  # [B, W, L, K, ...]
+  return leaf.at[:, rows, :, idx].set(upd.astype(leaf.dtype), mode="drop")
+
+
+def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
+         ) -> base.KVTransform:
+  """KIVI (arXiv 2402.02750): asymmetric min-max quantization of keys per
+  channel (statistics over groups of `group_size` tokens) and values per
+  token (groups of `group_size` channels, or the whole head if smaller),
+  with the newest entries in a full-precision residual window.
+
+  Layout: [code region | `residual`-slot full-precision tail]. At prefill,
+  each row's first floor(n / residual) * residual entries are quantized and
+  the rest go to the tail; during decode new entries go to the tail, and a
+  full tail is quantized as one block into the code region (as in KIVI,
+  keys a block of `residual` tokens at a time). Apply after any eviction
+  (entries are assumed contiguous from slot 0, as compaction leaves them).
+
+  Args:
+    bits: 2, 4 or 8.
+    group_size: G, tokens per key statistic and channels per value
+      statistic (KIVI: 32).
+    residual: R, a multiple of G (KIVI: 128).
+
+  Raises:
+    ValueError: unsupported bits, or R not a positive multiple of G.
+  """
+  _check_bits(bits)
+  if not isinstance(group_size, int) or group_size < 1:
+    raise ValueError(f"group_size must be an int >= 1, got {group_size!r}.")
+  if not isinstance(residual, int) or residual < group_size or (
+      residual % group_size):
+    raise ValueError(f"residual must be a positive multiple of group_size="
+                     f"{group_size}, got {residual!r}.")
+  R, G = residual, group_size
+
+  def codecs(head_dim):
+    return (channel_codec(bits, G, head_dim),
+            int_codec(bits, min(G, head_dim), head_dim))
+
+  def prefill(cache, ctx):
+    k, v = cache.k, cache.v
+    if is_coded(k) or is_coded(v) or k.ndim != 5:
+      raise ValueError("kivi applies to float entries [L, B, K, S, H]; it "
+                       "cannot follow another codec.")
+    H = k.shape[-1]
+    kc, vc = codecs(H)
+    live = cache.capacity - ctx.reserve
+    sc = ((live + ctx.reserve) // R) * R  # code slots, room for flushes
+    end = cache.end  # [B] entries per row, contiguous from slot 0
+    q = (end // R) * R  # [B] quantized per row
+    pad = max(0, sc - cache.capacity)
+    grow = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, pad)] +
+                             [(0, 0)] * (x.ndim - 4))
+    kq, vq = grow(k)[:, :, :, :sc], grow(v)[:, :, :, :sc]
+    code_valid = grow(cache.valid)[:, :, :, :sc] & (
+        jnp.arange(sc) < q[None, :, None, None])
+    code_pos = jnp.where(code_valid, grow(cache.pos)[:, :, :, :sc], -1)
+    tail_live = (jnp.arange(R) < (end - q)[:, None])[None, :, None, :]
+    tail_valid = _rows_window(cache.valid, q, R) & tail_live
+    tail_pos = jnp.where(tail_valid, _rows_window(cache.pos, q, R), -1)
+    dtype = k.dtype
+    new_k = TailedKV(CodedKV(quantize_channels(kq.astype(jnp.float32), bits,
+                                               G), {}, kc),
+                     _rows_window(k, q, R).astype(dtype))
+    new_v = TailedKV(CodedKV(vc.encode(vq.astype(jnp.float32), {}), {}, vc),
+                     _rows_window(v, q, R).astype(dtype))
+    cache = cache._replace(
+        k=new_k, v=new_v, pos=jnp.concatenate([code_pos, tail_pos], -1),
+        valid=jnp.concatenate([code_valid, tail_valid], -1),
+        end=(sc + end - q).astype(jnp.int32))
+    return cache, q.astype(jnp.int32)
+
+  def flush(cache, qend):
+    """Quantizes full tails into the code region (rows whose tail is full)."""
+    k, v = cache.k, cache.v
+    sc = k.code_slots
+    full = cache.end >= sc + R  # [B]
+    H = k.tail.shape[-1]
+    kc, vc = codecs(H)
+    kenc = quantize_channels(k.tail.astype(jnp.float32), bits, G)
+    venc = vc.encode(v.tail.astype(jnp.float32), {})
+    kslots = {
+        "codes": _scatter_rows(k.code.slots["codes"], qend, kenc["codes"],
+                               full),
+        "zero": _scatter_rows(k.code.slots["zero"], qend, kenc["zero"], full,
+                              per=G),
+        "scale": _scatter_rows(k.code.slots["scale"], qend, kenc["scale"],
+                               full, per=G)}
+    vslots = {n: _scatter_rows(v.code.slots[n], qend, venc[n], full)
+              for n in v.code.slots}
+    tail_pos, tail_valid = cache.pos[..., sc:], cache.valid[..., sc:]
+    pos = _scatter_rows(cache.pos[..., :sc], qend, tail_pos, full)
+    valid = _scatter_rows(cache.valid[..., :sc], qend, tail_valid, full)
+    clear = full[None, :, None, None]
+    tail_pos = jnp.where(clear, -1, tail_pos)
+    tail_valid = jnp.where(clear, False, tail_valid)
+    cache = cache._replace(
+        k=TailedKV(CodedKV(kslots, {}, kc), k.tail),
+        v=TailedKV(CodedKV(vslots, {}, vc), v.tail),
+        pos=jnp.concatenate([pos, tail_pos], -1),
+        valid=jnp.concatenate([valid, tail_valid], -1),
+        end=jnp.where(full, sc, cache.end).astype(jnp.int32))
+    return cache, jnp.where(full, qend + R, qend).astype(jnp.int32)
+
+  def apply(cache, state, ctx, **extra):
+    del extra
+    if ctx.phase == "prefill":
+      return prefill(cache, ctx)
+    return flush(cache, state)
+
+  def slots(live):
+    return live  # the code region plus tail is about live + R; see apply
+
+  return base.KVTransform(
+      init=lambda cache: jnp.zeros(cache.pos.shape[1:2], jnp.int32),
+      apply=apply, slots=slots, every=1,
+      bits=lambda h: tuple(c.bits(h) for c in codecs(h)),
+      name=f"kivi{bits}")

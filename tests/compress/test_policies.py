@@ -1,0 +1,205 @@
+"""Eviction policies: budgets, physical compaction, decode-time eviction,
+jit with ragged batches, compile counts, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import compress
+from kvjax.compress import base
+
+CONFIG = kvjax.get_config("tiny")
+PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
+T = 160
+LENGTHS = jnp.array([160, 97])
+TOKENS = jax.random.randint(jax.random.key(1), (2, T), 1, CONFIG.vocab_size)
+
+PREFILL_POLICIES = {
+    "random": lambda r: compress.random(r),
+    "knorm": lambda r: compress.knorm(r),
+    "snapkv": lambda r: compress.snapkv(r, window_size=16),
+    "expected_attention": lambda r: compress.expected_attention(r),
+    "oracle": lambda r: compress.oracle(r),
+}
+DECODE_POLICIES = {
+    "streaming_llm": lambda r: compress.streaming_llm(r),
+    "tova": lambda r: compress.tova(r),
+    "h2o": lambda r: compress.h2o(r),
+}
+
+
+def _prefill(transform, **kw):
+  return kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
+                       prompt_lengths=LENGTHS, **kw)
+
+
+def _future_mass():
+  return compress.oracle_future_mass(PARAMS, TOKENS, config=CONFIG,
+                                     context_end=T)
+
+
+@pytest.mark.parametrize("name", sorted({**PREFILL_POLICIES,
+                                         **DECODE_POLICIES}))
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_budget_per_row_and_physical_size(name, ratio):
+  transform = {**PREFILL_POLICIES, **DECODE_POLICIES}[name](ratio)
+  extra = {}
+  if name == "oracle":
+    # Future queries = the whole prompt here (a shape check, not a meaning).
+    extra = dict(future_mass=jnp.ones((CONFIG.num_layers, 2,
+                                       CONFIG.num_heads, T)))
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                          prompt_lengths=LENGTHS)
+  _, cache = _prefill(transform, **extra)
+  kept = np.asarray(cache.valid.sum(-1))  # [L, B, K]
+  for b, n in enumerate(np.asarray(LENGTHS)):
+    assert (kept[:, b] == max(1, int(n * (1 - ratio)))).all(), (name, kept)
+  every = transform.every
+  assert cache.capacity == int(T * (1 - ratio)) + every
+  assert kvjax.kv_bytes(cache) < kvjax.kv_bytes(full) * (1 - ratio + 0.05)
+  # Kept entries are real entries of the full cache, at their positions.
+  pos = np.asarray(cache.pos)
+  full_k = np.asarray(full.k)
+  for l, b, h, s in zip(*np.nonzero(np.asarray(cache.valid))):
+    np.testing.assert_array_equal(cache.k[l, b, h, s],
+                                  full_k[l, b, h, pos[l, b, h, s]])
+    if b == 1:
+      assert pos[l, b, h, s] < 97  # padding never survives
+
+
+def test_snapkv_keeps_its_window_and_streaming_keeps_sinks_and_recent():
+  _, cache = _prefill(compress.snapkv(0.75, window_size=16))
+  pos = np.asarray(cache.pos)
+  for b, n in enumerate([160, 97]):
+    kept = set(pos[0, b, 0][np.asarray(cache.valid[0, b, 0])].tolist())
+    assert set(range(n - 16, n)) <= kept
+  _, cache = _prefill(compress.streaming_llm(0.5))
+  kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
+      cache.valid[0, 1, 0])].tolist())
+  n = int(97 * 0.5)
+  assert kept == [0, 1, 2, 3] + list(range(97 - (n - 4), 97))
+
+
+def test_oracle_keeps_what_the_future_attends_to():
+  context = 120
+  mass = _future_mass()[..., :context]
+  tokens = TOKENS[:, :context]
+  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
+                           transform=compress.oracle(0.75), future_mass=mass)
+  per_kv = np.asarray(mass).reshape(CONFIG.num_layers, 2, CONFIG.num_kv_heads,
+                                    -1, context).mean(3)
+  for l in range(CONFIG.num_layers):
+    top = set(np.argsort(-per_kv[l, 0, 0])[:30].tolist())
+    kept = set(np.asarray(cache.pos[l, 0, 0])[np.asarray(
+        cache.valid[l, 0, 0])].tolist())
+    assert kept == top
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_POLICIES))
+def test_decode_time_policies_hold_their_budget(name):
+  transform = DECODE_POLICIES[name](0.5)
+  out = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=12,
+                       prompt_lengths=LENGTHS, transform=transform)
+  cache = out.cache
+  assert cache.capacity == 80 + 1
+  kept = np.asarray(cache.valid.sum(-1))
+  assert (kept[:, 0] == 80).all() and (kept[:, 1] == 48).all()
+  # The newest token (position length - 2: the last one fed) is kept.
+  for b, n in enumerate([160, 97]):
+    newest = n + 12 - 2
+    assert (np.asarray(cache.pos[:, b]) == newest).any(-1).all()
+  if name == "streaming_llm":
+    kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
+        cache.valid[0, 1, 0])].tolist())
+    assert kept[:4] == [0, 1, 2, 3] and kept[-1] == 97 + 10
+
+
+def test_h2o_accumulated_attention_moves_with_entries():
+  transform = compress.h2o(0.5)
+  _, cache = _prefill(transform)
+  _, acc = cache.state
+  # Every live entry carries its own accumulated mass; empty slots none.
+  assert (np.asarray(acc)[~np.asarray(cache.valid)] == 0).all()
+  assert (np.asarray(acc)[np.asarray(cache.valid)] >= 0).all()
+
+
+def test_adakv_head_budgets_vary_and_sum_to_the_layer_budget():
+  transform = compress.adakv("snapkv", 0.75, window_size=16)
+  _, cache = _prefill(transform)
+  kept = np.asarray(cache.valid.sum(-1))  # [L, B, K]
+  for b, n in enumerate([160, 97]):
+    per_head = max(1, int(n * 0.25))
+    assert (kept[:, b].sum(-1) == CONFIG.num_kv_heads * per_head).all()
+    assert (kept[:, b] >= max(1, int(per_head * 0.2))).all()
+  assert kvjax.logical_bytes(cache) <= kvjax.cache.payload_bytes(cache)
+
+
+def test_pyramid_budgets_formula():
+  b = np.asarray(compress.pyramid_budgets(jnp.array([4096]), 0.5, 4, 64, 20))
+  # max_capacity = 64 + 2048; min = 2048/20 = 102.4; max = 4096 - 102.4.
+  np.testing.assert_array_equal(b[:, 0], np.round(
+      3993.6 - np.arange(4) * (3993.6 - 102.4) / 3).astype(int))
+  assert (compress.pyramid_budgets(jnp.array([100]), 0.5, 4)[:, 0] == 50
+          ).all()
+
+
+def test_compressed_decode_compiles_once(count_compiles):
+  transform = compress.snapkv(0.5, window_size=16)
+  kw = dict(config=CONFIG, max_new_tokens=5, prompt_lengths=LENGTHS,
+            transform=transform)
+  kvjax.generate(PARAMS, TOKENS, **kw)
+  other = (TOKENS + 1) % CONFIG.vocab_size
+  with count_compiles() as c:
+    kvjax.generate(PARAMS, other, **kw)
+  assert c["n"] == 0
+  _, cache = _prefill(transform, capacity=T + 4)
+  token, keys = TOKENS[:, 0], [jax.random.key(i) for i in range(4)]
+  with count_compiles() as c:
+    for key in keys:
+      token, _, cache = kvjax.decode_step(PARAMS, token, cache, key,
+                                          config=CONFIG)
+  assert c["n"] == 1
+
+
+def test_chain_composes_and_identity_is_a_no_op():
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                          prompt_lengths=LENGTHS)
+  _, same = _prefill(compress.chain())
+  jax.tree.map(np.testing.assert_array_equal, full, same)
+  two = compress.chain(compress.snapkv(0.5, window_size=16),
+                       compress.knorm(0.5))
+  _, cache = _prefill(two)
+  assert cache.capacity == 40 and two.slots(160) == 40
+  assert two.name == "snapkv+knorm"
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: compress.snapkv(1.0), "ratio must be a float in"),
+    (lambda: compress.knorm(-0.1), "ratio must be a float in"),
+    (lambda: compress.knorm(ratio=0.5, budget=10), "exactly one of"),
+    (lambda: compress.knorm(budget=0), "budget must be an int >= 1"),
+    (lambda: compress.streaming_llm(budget=4, n_sink=4), "n_sink"),
+    (lambda: compress.adakv("nope", 0.5), "unknown scorer"),
+    (lambda: compress.tova(0.5, every=0), "every must be"),
+    (lambda: compress.chain(compress.knorm(0.5), "x"), "KVTransform"),
+])
+def test_bad_arguments_raise(make, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    make()
+
+
+def test_oracle_without_future_mass_raises():
+  with pytest.raises(ValueError, match="future_mass"):
+    _prefill(compress.oracle(0.5))
+
+
+def test_snapkv_on_a_1024_token_prompt_keeps_a_quarter_of_the_bytes():
+  tokens = jax.random.randint(jax.random.key(5), (2, 1024), 1, 512)
+  _, full = kvjax.prefill(PARAMS, tokens, config=CONFIG)
+  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
+                           transform=compress.snapkv(0.75))
+  ratio = kvjax.kv_bytes(cache) / kvjax.kv_bytes(full)
+  assert ratio <= 0.27, ratio
+  assert base.static_keep(1024, 0.75, None) == cache.capacity == 256

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+
+import contextlib
+
+import jax
+import pytest
+
+
+@contextlib.contextmanager
+def _count_compiles():
+  """Counts XLA backend compilations inside the block."""
+  counter = {"n": 0}
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      counter["n"] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield counter
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture
+def count_compiles():
+  """`with count_compiles() as c: ...` then `c["n"]` compilations."""
+  return _count_compiles
