@@ -228,6 +228,9 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
     if ctx.phase != "prefill":  # new entries are encoded as they are written
       return cache, state
     k, v = cache.k, cache.v
+    if is_coded(k) or is_coded(v):
+      raise ValueError("the cache is already coded; apply one codec per "
+                       "tensor (evict first, then quantize once).")
     head_dim = k.shape[-1]
     if key_codec is not None:
       shared = shared_init(cache, "k") if shared_init else {}
