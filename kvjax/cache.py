@@ -30,15 +30,18 @@ class Codec(NamedTuple):
   """How a codec stores one key or value vector (static, hashable).
 
   A codec encodes each entry on its own (per token), so coded entries can
-  be written one decode step at a time and gathered by compaction.
+  be written one decode step at a time and gathered by compaction. It is
+  called one layer at a time, on entries laid out [B, K, S, H] (the kv head
+  at axis -3), with that layer's `shared` leaves (no L axis).
 
   Attributes:
     name: a label, e.g. "int4/g32".
-    encode: (x [..., H], shared) -> dict of per-entry leaves [..., X_i].
-    decode: (enc, shared) -> x_hat [..., H] (float32).
-    scores: optional (q [..., G, H], enc [..., S, X], shared) -> q.k
-      [..., G, S] float32, computed from the codes without decoding the
-      keys; None if the codec has none.
+    encode: (x [B, K, S, H], shared) -> dict of per-entry leaves
+      [B, K, S, X_i].
+    decode: (enc, shared) -> x_hat [B, K, S, H] (float32).
+    scores: optional (q [B, K, M, H], enc, shared) -> q.k [B, K, M, S]
+      float32, computed from the codes without decoding the keys; None if
+      the codec has none.
     bits: (H) -> stored bits per element, overhead (scales, norms) included.
     params: hashable parameters (for equality and display).
   """
@@ -78,15 +81,20 @@ class CodedKV:
     return f"CodedKV({self.codec.name}, slots={shapes})"
 
   def decode(self) -> Array:
-    """[..., S, H] float32 entries (all slots)."""
+    """[B, K, S, H] float32 entries of one layer's payload."""
     return self.codec.decode(self.slots, self.shared)
+
+  def decode_layers(self) -> Array:
+    """[L, B, K, S, H] float32 entries of a whole cache's payload."""
+    return jax.vmap(self.codec.decode)(self.slots, self.shared)
 
   def write(self, x: Array, rows: Array, slots: Array) -> "CodedKV":
     """Encodes x [B, T, K, H] (one layer) into slots [B, T] of rows [B, 1]."""
-    enc = self.codec.encode(x.astype(jnp.float32), self.shared)
+    enc = self.codec.encode(jnp.swapaxes(x.astype(jnp.float32), 1, 2),
+                            self.shared)  # [B, K, T, X]
     new = {name: self.slots[name].at[rows, :, slots].set(
-        enc[name].astype(self.slots[name].dtype), mode="drop")
-           for name in self.slots}
+        jnp.swapaxes(enc[name], 1, 2).astype(self.slots[name].dtype),
+        mode="drop") for name in self.slots}
     return CodedKV(new, self.shared, self.codec)
 
   def gather(self, idx: Array) -> "CodedKV":

@@ -18,3 +18,5 @@ from kvjax.compress.policies import (SCORERS, Scorer, adakv,
                                      window_attention)
 from kvjax.compress.codecs import (fp8, fp8_codec, int_codec, kivi, quantize,
                                    uniform)
+from kvjax.compress.rotated import (lloyd_max_codebook, polarquant, qjl, qjl_codec,
+                                       turboquant, turboquant_codec)

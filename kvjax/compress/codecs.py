@@ -200,7 +200,9 @@ def _to_coded(x, codec: Codec, shared: dict) -> CodedKV:
   if codec.encode is None:
     raise ValueError(f"codec {codec.name} cannot encode entries one at a "
                      "time; use it through kivi(...) (residual window).")
-  return CodedKV(codec.encode(x.astype(jnp.float32), shared), shared, codec)
+  # One layer at a time, as in attention: x [B, K, S, H], shared without L.
+  enc = jax.vmap(codec.encode)(x.astype(jnp.float32), shared)
+  return CodedKV(enc, shared, codec)
 
 
 def quantize(key_codec: Any, value_codec: Any, name: str | None = None,

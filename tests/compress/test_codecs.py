@@ -85,7 +85,7 @@ def test_kivi_layout_after_prefill():
     # The code region is KIVI's per-channel quantization of the first q.
     want = codecs.dequantize_channels(
         codecs.quantize_channels(full.k[:, b:b + 1, :, :sc], 2, G), 2, G, 32)
-    got = cache.k.code.decode()[:, b:b + 1]
+    got = cache.k.code.decode_layers()[:, b:b + 1]
     np.testing.assert_allclose(got[:, :, :, :q], want[:, :, :, :q], atol=1e-6)
 
 
@@ -108,7 +108,7 @@ def test_kivi_flushes_the_tail_during_decode():
   # Layer-0 keys depend on tokens and positions only, so they can be
   # recomputed in float: every flushed block must be exactly KIVI's
   # per-channel quantization of those keys.
-  decoded = np.asarray(cache.k.code.decode()[0])  # [B, K, sc, H]
+  decoded = np.asarray(cache.k.code.decode_layers()[0])  # [B, K, sc, H]
   for b, n in enumerate([200, 150]):
     seq = jnp.concatenate([TOKENS[b, :n], out.tokens[b, :69]])[None]
     _, _, aux = kvjax.forward(PARAMS, seq, kvjax.init_cache(CONFIG, 1,
