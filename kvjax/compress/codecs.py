@@ -433,3 +433,67 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
       apply=apply, slots=slots, every=1,
       bits=lambda h: tuple(c.bits(h) for c in codecs(h)),
       name=f"kivi{bits}")
+
+
+# ----------------------------------------------------------------------------
+# Low-rank projection.
+
+
+@functools.lru_cache(maxsize=None)
+def lowrank_codec(rank: int, head_dim: int) -> Codec:
+  """Entries as `rank` float16 coefficients on a per-(row, kv head) basis
+  `shared["basis"]` [B, K, H, rank] (orthonormal columns). q.k is computed
+  in the subspace: the query is projected once. Bits per element:
+  16 rank / H, plus the basis (H x rank floats per row and head, stated
+  separately: it does not grow with the cache)."""
+  if not isinstance(rank, int) or not 0 < rank <= head_dim:
+    raise ValueError(f"rank must be an int in [1, {head_dim}], got {rank!r}.")
+
+  def encode(x, shared):
+    c = jnp.einsum("bksh,bkhr->bksr", x, shared["basis"])
+    return {"coeffs": c.astype(jnp.float16)}
+
+  def decode(enc, shared):
+    return jnp.einsum("bksr,bkhr->bksh", enc["coeffs"].astype(jnp.float32),
+                      shared["basis"])
+
+  def scores(q, enc, shared):
+    qp = jnp.einsum("bkmh,bkhr->bkmr", q, shared["basis"])
+    return jnp.einsum("bkmr,bksr->bkms", qp, enc["coeffs"].astype(
+        jnp.float32))
+
+  return Codec(f"lowrank{rank}", encode, decode, scores,
+               lambda h: 16 * rank / h, ("lowrank", rank, head_dim))
+
+
+def _svd_basis(rank: int):
+  """shared_init: top-`rank` right singular vectors of each (layer, row,
+  head)'s live entries at prefill."""
+
+  def init(cache, which):
+    x = (cache.k if which == "k" else cache.v).astype(jnp.float32)
+    x = jnp.where(cache.valid[..., None], x, 0.0)  # [L, B, K, S, H]
+    _, _, vt = jnp.linalg.svd(x, full_matrices=False)  # [L, B, K, H, H]
+    return {"basis": jnp.swapaxes(vt[..., :rank, :], -1, -2)}
+
+  return init
+
+
+def lowrank(rank: int, keys: bool = True, values: bool = True
+            ) -> base.KVTransform:
+  """Projects keys and/or values onto their top-`rank` principal
+  directions at prefill (per layer, row and kv head; SVD of the live
+  entries, not centered). Post-RoPE keys are less low-rank than pre-RoPE
+  ones; this codec stores what the cache holds (post-RoPE)."""
+  if not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank must be an int >= 1, got {rank!r}.")
+
+  def shared_init(cache, which):
+    h = cache.k.shape[-1]
+    if rank > h:
+      raise ValueError(f"rank={rank} exceeds head_dim={h}.")
+    return _svd_basis(rank)(cache, which)
+
+  make = lambda h: lowrank_codec(rank, h)
+  return quantize(make if keys else None, make if values else None,
+                  name=f"lowrank{rank}", shared_init=shared_init)

@@ -190,3 +190,27 @@ def test_codec_misuse_raises():
                                            compress.random(0.5)))
   with pytest.raises(ValueError, match="float entries"):
     codecs._to_coded(jnp.zeros((2, 3)), codecs.fp8_codec(), {})
+
+
+def test_lowrank_is_exact_at_full_rank_and_scores_in_the_subspace():
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                          prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                           prompt_lengths=LENGTHS,
+                           transform=compress.lowrank(32))
+  valid = np.asarray(full.valid)
+  np.testing.assert_allclose(np.asarray(cache.k.decode_layers())[valid],
+                             np.asarray(full.k)[valid], atol=2e-2)
+  _, low = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                         prompt_lengths=LENGTHS,
+                         transform=compress.lowrank(8))
+  assert payload_bytes(low) < payload_bytes(cache) / 3
+  layer = jax.tree.map(lambda x: x[0], low)
+  q = jax.random.normal(jax.random.key(0), (2, 2, CONFIG.num_heads, 32))
+  kw = dict(q_pos=jnp.full((2, 2), 300), k_pos=layer.pos, k_valid=layer.valid)
+  out, _ = kvjax.reference_attention(q, layer.k, layer.v, **kw)
+  ref, _ = kvjax.reference_attention(q, layer.k.decode(), layer.v.decode(),
+                                     **kw)
+  np.testing.assert_allclose(out, ref, atol=1e-4)
+  with pytest.raises(ValueError, match="rank"):
+    compress.lowrank(0)
