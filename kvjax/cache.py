@@ -259,6 +259,8 @@ def payload_bytes(cache: KVCache) -> int:
 
 def _per_slot_bytes(x) -> Any:
   """The leaves of a payload that scale with the slot count."""
+  if isinstance(x, TailedKV):
+    return (x.code.slots, x.tail)
   return x.slots if is_coded(x) else x
 
 

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from kvjax import kv_bytes as kvjax_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,9 +16,12 @@ def test_readme_library_example_runs():
   blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
   assert blocks, "README has no python example"
   namespace = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  for block in blocks:  # later blocks continue the first one's session
+    exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["out"].tokens.shape == (2, 16)
   assert namespace["aux"]["attn_probs"].shape[:2] == (2, 2)
+  assert kvjax_bytes(namespace["small"]) < 0.15 * kvjax_bytes(
+      namespace["full"])
 
 
 def test_ci_calls_the_readme_test_command():

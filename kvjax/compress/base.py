@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import KVCache, is_coded
+from kvjax.cache import CodedKV, KVCache, is_coded
 
 Array = jax.Array
 
@@ -258,3 +258,53 @@ def evict(cache: KVCache, scores: Array, n: Array, capacity: int
 def live_counts(cache: KVCache) -> Array:
   """[L, B, K] number of valid slots."""
   return jnp.sum(cache.valid, axis=-1).astype(jnp.int32)
+
+
+def evict_one(cache: KVCache, scores: Array, over: Array
+              ) -> tuple[KVCache, Array, Array]:
+  """Drops the lowest-scoring valid entry per (layer, head) of rows `over`.
+
+  O(S) per step (no sort): the entry in slot end - 1 (the newest write) is
+  moved into the evicted slot and `end` moves back by one, so the next
+  write reuses the freed slot. Every head of a row must hold entries in
+  slots [0, end) (true for uniform decode-time budgets).
+
+  Args:
+    cache: the cache; payloads must be plain arrays or `CodedKV`.
+    scores: [L, B, K, S], higher is kept.
+    over: [B] bool, rows that exceed their budget by one entry.
+
+  Returns:
+    (cache, evicted slot [L, B, K], moved-from slot [B]); rows not `over`
+    are unchanged.
+  """
+  L, B, K, S = cache.pos.shape
+  e = jnp.argmin(jnp.where(cache.valid, scores.astype(jnp.float32),
+                           jnp.inf), axis=-1)  # [L, B, K]
+  last = jnp.maximum(cache.end - 1, 0)  # [B]
+  act = jnp.broadcast_to(over[None, :, None], (L, B, K))
+  e = jnp.where(act, e, S)  # S: out of range, the write is dropped
+  li, bi, ki = jnp.meshgrid(jnp.arange(L), jnp.arange(B), jnp.arange(K),
+                            indexing="ij")
+  src = jnp.broadcast_to(last[None, :, None], (L, B, K))
+
+  def move(leaf):
+    moved = leaf[li, bi, ki, src]  # [L, B, K, ...]
+    return leaf.at[li, bi, ki, e].set(moved, mode="drop")
+
+  def move_payload(x):
+    if isinstance(x, CodedKV):
+      return CodedKV({n: move(v) for n, v in x.slots.items()}, x.shared,
+                     x.codec)
+    if is_coded(x):
+      raise ValueError("decode-time eviction cannot move entries of a cache "
+                       "with a residual window; quantize after evicting.")
+    return move(x)
+
+  clear = jnp.where(act, src, S)
+  pos = move(cache.pos).at[li, bi, ki, clear].set(-1, mode="drop")
+  valid = move(cache.valid).at[li, bi, ki, clear].set(False, mode="drop")
+  cache = cache._replace(k=move_payload(cache.k), v=move_payload(cache.v),
+                         pos=pos, valid=valid,
+                         end=jnp.where(over, cache.end - 1, cache.end))
+  return cache, e, last

@@ -71,15 +71,21 @@ def window_attention(cache: KVCache, ctx: base.CompressContext, w: int
                      ) -> tuple[Array, Array]:
   """Attention of the last w (unmasked) queries over the cache.
 
+  Rows with fewer than w tokens use all of theirs (padding queries get zero
+  weight); a window longer than the prompt is cut to the prompt.
+
   Returns:
-    probs: [L, B, N, w, S] float32 softmax over visible slots.
+    probs: [L, B, N, w, S] float32 softmax over visible slots; zero for
+      padding queries.
     first_pos: [B] position of each row's first window query.
   """
   if ctx.q is None:
     raise ValueError("window attention needs ctx.q (list 'q' in needs).")
+  w = min(w, ctx.q_mask.shape[1])
   idx = _last_valid_index(ctx.q_mask, w)  # [B, w]
   q = jnp.take_along_axis(ctx.q, idx[None, :, :, None, None], axis=2)
   q_pos = jnp.take_along_axis(ctx.q_pos, idx, axis=1)  # [B, w]
+  q_live = jnp.take_along_axis(ctx.q_mask, idx, axis=1)  # [B, w]
   k = _keys(cache)
   L, B, K, S, H = k.shape
   N = q.shape[3]
@@ -90,8 +96,10 @@ def window_attention(cache: KVCache, ctx: base.CompressContext, w: int
       cache.pos[:, :, :, None, None, :] <= q_pos[None, :, None, None, :, None])
   logits = jnp.where(visible, logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
+  visible &= q_live[None, :, None, None, :, None]
   probs = jnp.where(visible, probs, 0.0).reshape(L, B, N, w, S)
-  return probs, q_pos[:, 0]
+  first = jnp.min(jnp.where(q_live, q_pos, jnp.iinfo(jnp.int32).max), axis=1)
+  return probs, first
 
 
 def _avg_pool(x: Array, kernel: int) -> Array:
@@ -159,11 +167,16 @@ def snapkv_scorer(window_size: int = 64, kernel_size: int = 5) -> Scorer:
     K = cache.pos.shape[2]
     G = probs.shape[2] // K
     prefix_n = jnp.repeat(prefix, G, axis=2)  # [L, B, N, S]
-    s = jnp.where(prefix_n, probs.mean(axis=3), 0.0)
+    w = probs.shape[3]
+    n_live = jnp.minimum(jnp.sum(ctx.q_mask, axis=1), w)  # [B]
+    mean = probs.sum(axis=3) / jnp.maximum(n_live, 1)[None, :, None, None]
+    s = jnp.where(prefix_n, mean, 0.0)
     s = jnp.where(prefix_n, _avg_pool(s, kernel_size), 0.0)
     s = _group_mean(s, K)
     in_window = cache.valid & ~prefix
-    return jnp.where(in_window, _BIG, s)
+    # Window entries outrank the prefix; among them (a budget smaller than
+    # the window) the newest win.
+    return jnp.where(in_window, 1e6 + cache.pos.astype(jnp.float32), s)
 
   return Scorer(score, ("q",), "snapkv")
 
@@ -368,6 +381,10 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
       cache, _ = base.evict(cache, scores, n, cap)
       return cache, jnp.max(n, axis=(0, 2))
     # Decode: keep each row's budget; the capacity does not change.
+    if every == 1:  # one in, one out: O(S) swap-remove, no sort
+      over = jnp.max(base.live_counts(cache), axis=(0, 2)) > state
+      cache, _, _ = base.evict_one(cache, scores, over)
+      return cache, state
     cache, _ = base.evict(cache, scores, state[None, :, None], cache.capacity)
     return cache, state
 
@@ -441,6 +458,20 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
       cache, acc = select(cache, mass, n, cap)
       return cache, (jnp.max(n, axis=(0, 2)), acc)
     acc = acc + mass
+    if every == 1:  # one in, one out: O(S), no sort
+      n_recent = jnp.floor(budget_row * recent_fraction).astype(jnp.int32)
+      newest = jnp.max(cache.pos, axis=-1, keepdims=True)  # [L, B, K, 1]
+      recent = cache.pos > newest - n_recent[None, :, None, None]
+      over = jnp.max(base.live_counts(cache), axis=(0, 2)) > budget_row
+      cache, e, last = base.evict_one(cache, jnp.where(recent, _BIG, acc),
+                                      over)
+      L, B, K, S = acc.shape
+      li, bi, ki = jnp.meshgrid(jnp.arange(L), jnp.arange(B), jnp.arange(K),
+                                indexing="ij")
+      src = jnp.broadcast_to(last[None, :, None], (L, B, K))
+      acc = acc.at[li, bi, ki, e].set(acc[li, bi, ki, src], mode="drop")
+      acc = jnp.where(cache.valid, acc, 0.0)
+      return cache, (budget_row, acc)
     n = jnp.broadcast_to(budget_row[None, :, None], cache.pos.shape[:3])
     cache, acc = select(cache, acc, n, cache.capacity)
     return cache, (budget_row, acc)

@@ -203,3 +203,41 @@ def test_snapkv_on_a_1024_token_prompt_keeps_a_quarter_of_the_bytes():
   ratio = kvjax.kv_bytes(cache) / kvjax.kv_bytes(full)
   assert ratio <= 0.27, ratio
   assert base.static_keep(1024, 0.75, None) == cache.capacity == 256
+
+
+def test_snapkv_window_longer_than_a_row_uses_the_rows_tokens():
+  """A row shorter than the window: its padding queries get no weight and
+  its whole prompt is the window (everything kept up to the budget)."""
+  lengths = jnp.array([160, 10])
+  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                           transform=compress.snapkv(0.5, window_size=16),
+                           prompt_lengths=lengths)
+  kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
+      cache.valid[0, 1, 0])].tolist())
+  assert kept == list(range(5, 10))  # the 5 newest: all in the window
+  _, cache = kvjax.prefill(PARAMS, TOKENS[:, :8], config=CONFIG,
+                           transform=compress.snapkv(0.5))  # w=64 > T=8
+  assert cache.capacity == 4
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_POLICIES))
+def test_fast_decode_eviction_equals_the_sorting_one(name):
+  """every=1 uses an O(S) swap-remove; every=2 the sort-and-compact path
+  at alternate steps. Evicting one per step must keep the same entries as
+  a sort over the same scores would."""
+  make = DECODE_POLICIES[name]
+  fast = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=9,
+                        prompt_lengths=LENGTHS, transform=make(0.5))
+  kept = lambda c, b: sorted(np.asarray(c.pos[:, b])[np.asarray(
+      c.valid[:, b])].tolist())
+  transform = {"streaming_llm": compress.streaming_llm(0.5, every=2),
+               "tova": compress.tova(0.5, every=2),
+               "h2o": compress.h2o(0.5, every=2)}[name]
+  slow = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=9,
+                        prompt_lengths=LENGTHS, transform=transform)
+  assert slow.cache.capacity == 82
+  if name == "streaming_llm":  # scores do not depend on attention
+    for b in range(2):
+      assert kept(fast.cache, b) == kept(slow.cache, b)
+  for b, n in enumerate([80, 48]):
+    assert (np.asarray(fast.cache.valid[:, b].sum(-1)) == n).all()

@@ -1,0 +1,230 @@
+"""Prefill+compress time, decode ms/token and KV bytes/token per method,
+kvjax side by side with kvpress on the same tiny HF Llama, in one run.
+
+  python -m benchmarks.compress_bench                    # 2k and 8k, CPU
+  python -m benchmarks.compress_bench --contexts=2048 --decode_steps=16
+
+Both run the same safetensors weights (random, float32) with batch 1.
+Timings are medians of `--repeats` runs after one warm-up (kvjax: after
+compilation). Bytes are the bytes of each cache after prefill and
+compression, divided by the prompt length: kvjax physical (`kv_bytes`:
+every leaf, positions, validity and the static decode room included) and
+logical (`logical_bytes`: live entries only); kvpress: the key/value
+tensors of its DynamicCache (AdaKV masks, so it keeps everything). kvpress has no quantizing press comparable to KIVI or
+TurboQuant, so those rows have kvjax only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax import compress
+from kvjax import hf
+
+_CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192"], "Prompt lengths.")
+_DECODE = flags.DEFINE_integer("decode_steps", 32, "Decode steps timed.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
+_RATIO = flags.DEFINE_float("ratio", 0.5, "Compression ratio of policies.")
+_OUT = flags.DEFINE_string("out", "results/bench_compress",
+                           "Output prefix (.md and .jsonl).")
+_SKIP_PEER = flags.DEFINE_bool("skip_kvpress", False, "kvjax only.")
+_THREADS = flags.DEFINE_integer(
+    "threads", 1, "CPU threads for torch and XLA (1 avoids oversubscription "
+    "on a shared machine; both frameworks get the same number).")
+
+
+def _methods(ratio):
+  """name -> (kvjax transform, kvpress press factory or None)."""
+  import kvpress  # pylint: disable=g-import-not-at-top
+  r = ratio
+  return {
+      "none": (None, None),
+      "snapkv": (compress.snapkv(r), lambda: kvpress.SnapKVPress(r)),
+      "streaming_llm": (compress.streaming_llm(r),
+                        lambda: kvpress.StreamingLLMPress(r)),
+      "knorm": (compress.knorm(r), lambda: kvpress.KnormPress(r)),
+      "tova": (compress.tova(r), lambda: kvpress.TOVAPress(r)),
+      "expected_attention": (compress.expected_attention(r),
+                             lambda: kvpress.ExpectedAttentionPress(r)),
+      "pyramidkv": (compress.pyramidkv(r), lambda: kvpress.PyramidKVPress(r)),
+      "adakv(snapkv)": (compress.adakv("snapkv", r), lambda: kvpress.AdaKVPress(
+          kvpress.SnapKVPress(r))),
+      "kivi2": (compress.kivi(2), None),
+      "turboquant3": (compress.turboquant(3), None),
+      "snapkv+kivi2": (compress.chain(compress.snapkv(r), compress.kivi(2)),
+                       None),
+  }
+
+
+def _median_time(fn, repeats):
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_kvjax(params, config, tokens, transform, steps, repeats):
+  tokens = jnp.asarray(tokens, jnp.int32)
+  T = tokens.shape[1]
+  cap = T + steps
+
+  def prefill():
+    out = kvjax.prefill(params, tokens, config=config, transform=transform,
+                        capacity=cap)
+    jax.block_until_ready(out)
+    return out
+
+  t_prefill = _median_time(prefill, repeats)
+  _, cache = prefill()
+  kv, logical = kvjax.kv_bytes(cache), kvjax.logical_bytes(cache)
+  decode_transform = transform is not None and transform.every > 0
+
+  def decode():
+    # generate's decode loop (with decode-time eviction where the method
+    # has it) minus its prefill: time generate and subtract.
+    out = kvjax.generate(params, tokens, config=config,
+                         max_new_tokens=steps + 1, transform=transform)
+    jax.block_until_ready(out)
+
+  if decode_transform:
+    t_total = _median_time(decode, repeats)
+    t_decode = max(t_total - t_prefill, 0.0) / steps
+  else:
+    token = tokens[:, -1]
+    key = jax.random.key(0)
+
+    def loop():
+      c, tok = cache, token
+      for _ in range(steps):
+        tok, _, c = kvjax.decode_step(params, tok, c, key, config=config)
+      jax.block_until_ready(tok)
+
+    t_decode = _median_time(loop, repeats) / steps
+  return t_prefill, t_decode, kv / T, logical / T
+
+
+def bench_kvpress(model, tokens, make_press, steps, repeats):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  ids = torch.from_numpy(tokens)
+  state = {}
+
+  def prefill():
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+      if make_press is None:
+        out = model(ids, past_key_values=cache)
+      else:
+        with make_press()(model):
+          out = model(ids, past_key_values=cache)
+    state["cache"], state["logits"] = cache, out.logits
+
+  t_prefill = _median_time(prefill, repeats)
+  prefill()
+  kv = sum(l.keys.nbytes + l.values.nbytes for l in state["cache"].layers)
+
+  def decode():
+    prefill()
+    cache = state["cache"]
+    tok = state["logits"][:, -1].argmax(-1, keepdim=True)
+    T = tokens.shape[1]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      for i in range(steps):
+        # Positions continue from the prompt, not from the compressed
+        # cache's length (as kvpress' own pipeline does).
+        out = model(tok, past_key_values=cache,
+                    position_ids=torch.tensor([[T + i]]),
+                    cache_position=torch.tensor([T + i]))
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    state["decode"] = time.perf_counter() - t0
+
+  times = []
+  decode()
+  for _ in range(repeats):
+    decode()
+    times.append(state["decode"])
+  return t_prefill, statistics.median(times) / steps, kv / tokens.shape[1]
+
+
+def main(argv):
+  del argv
+  if _THREADS.value == 1:  # before XLA's CPU backend starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false")
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(_THREADS.value)
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=512, hidden_size=256, intermediate_size=768,
+      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+      head_dim=32, max_position_embeddings=16384, eos_token_id=None,
+      bos_token_id=None, pad_token_id=None, attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  path = tempfile.mkdtemp()
+  model.save_pretrained(path)
+  config, params = hf.load_pretrained(path)
+  rows = []
+  methods = _methods(_RATIO.value)
+  device = jax.devices()[0].device_kind
+  for ctx in map(int, _CONTEXTS.value):
+    tokens = np.random.default_rng(0).integers(0, 512, (1, ctx))
+    for name, (transform, make_press) in methods.items():
+      row = {"context": ctx, "method": name, "ratio": _RATIO.value,
+             "device": device}
+      (row["kvjax_prefill_s"], row["kvjax_decode_ms"], row["kvjax_bytes_tok"],
+       row["kvjax_logical_bytes_tok"]) = bench_kvjax(
+           params, config, tokens, transform, _DECODE.value, _REPEATS.value)
+      row["kvjax_decode_ms"] *= 1e3
+      if not _SKIP_PEER.value and (make_press is not None or name == "none"):
+        p, d, b = bench_kvpress(model, tokens, make_press, _DECODE.value,
+                                _REPEATS.value)
+        row.update(kvpress_prefill_s=p, kvpress_decode_ms=d * 1e3,
+                   kvpress_bytes_tok=b)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value + ".jsonl", "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+  lines = ["| context | method | kvjax prefill+compress s | kvpress prefill+"
+           "compress s | kvjax decode ms/tok | kvpress decode ms/tok | kvjax "
+           "KV B/tok (physical) | kvjax KV B/tok (logical) | kvpress KV B/tok "
+           "|", "|" + "---|" * 9]
+  for r in rows:
+    lines.append(
+        f"| {r['context']} | {r['method']} | {fmt(r['kvjax_prefill_s'], 3)} | "
+        f"{fmt(r.get('kvpress_prefill_s'), 3)} | "
+        f"{fmt(r['kvjax_decode_ms'], 2)} | "
+        f"{fmt(r.get('kvpress_decode_ms'), 2)} | "
+        f"{fmt(r['kvjax_bytes_tok'], 0)} | "
+        f"{fmt(r['kvjax_logical_bytes_tok'], 0)} | "
+        f"{fmt(r.get('kvpress_bytes_tok'), 0)} |")
+  table = "\n".join(lines)
+  with open(_OUT.value + ".md", "w") as f:
+    f.write(f"Device: {device} ({_THREADS.value} thread(s) each); model: "
+            f"random Llama L=4 D=256 N=8 K=2 H=32 "
+            f"float32; batch 1; ratio {_RATIO.value}; decode "
+            f"{_DECODE.value} steps; median of {_REPEATS.value}.\n\n"
+            + table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
