@@ -16,7 +16,7 @@ from kvjax.compress.policies import (SCORERS, Scorer, adakv,
                                      snapkv, snapkv_scorer, streaming_llm,
                                      streaming_llm_scorer, tova, tova_scorer,
                                      window_attention)
-from kvjax.compress.codecs import (fp8, fp8_codec, int_codec, kivi, lowrank, quantize,
+from kvjax.compress.codecs import (fp8, fp8_codec, int_codec, kivi, lowrank, quantize, windowed_quantize,
                                    uniform)
 from kvjax.compress.rotated import (lloyd_max_codebook, polarquant, qjl, qjl_codec,
                                        turboquant, turboquant_codec)

@@ -253,15 +253,31 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
 
 
 def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
-            values: bool = True) -> base.KVTransform:
-  """Per-token asymmetric integer quantization of keys and/or values.
+            values: bool = True, axis: str = "token", residual: int = 0
+            ) -> base.KVTransform:
+  """Asymmetric min-max integer quantization of keys and/or values.
 
   Args:
     bits: 2, 4 or 8.
-    group_size: channels per (min, scale) group; must divide head_dim.
-    keys / values: which tensors to quantize.
+    group_size: per token: channels per (min, scale) group (must divide
+      head_dim); per channel: tokens per group.
+    keys / values: which tensors to quantize (per token only; the residual
+      form quantizes both).
+    axis: "token" (each entry on its own) or "channel" (statistics over
+      groups of tokens: needs a full-precision residual window, as KIVI).
+    residual: R > 0 keeps the newest R entries in full precision and
+      quantizes blocks of R (`windowed_quantize`).
   """
   _check_bits(bits)
+  if axis not in AXES:
+    raise ValueError(f"axis={axis!r}; allowed: {AXES}.")
+  if axis == "channel" or residual:
+    if not residual:
+      raise ValueError("per-channel quantization needs residual > 0 (a "
+                       "block of tokens shares each channel's statistics).")
+    if not (keys and values):
+      raise ValueError("the residual form quantizes keys and values both.")
+    return windowed_quantize(bits, group_size or 32, residual, axis, axis)
   make = lambda h: int_codec(bits, group_size, h)
   return quantize(make if keys else None, make if values else None,
                   name=f"int{bits}" + (f"/g{group_size}" if group_size
@@ -341,6 +357,26 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
   Raises:
     ValueError: unsupported bits, or R not a positive multiple of G.
   """
+  return windowed_quantize(bits, group_size, residual, "channel", "token",
+                           name=f"kivi{bits}")
+
+
+AXES = ("token", "channel")
+
+
+def windowed_quantize(bits: int, group_size: int, residual: int,
+                      key_axis: str, value_axis: str,
+                      name: str | None = None) -> base.KVTransform:
+  """Integer quantization with a full-precision residual window (the
+  machinery of `kivi`), each tensor per token or per channel.
+
+  Args:
+    bits: 2, 4 or 8.
+    group_size: G: tokens per statistic ("channel") or channels per
+      statistic ("token", capped at the head dim).
+    residual: R, a positive multiple of G.
+    key_axis / value_axis: "token" or "channel".
+  """
   _check_bits(bits)
   if not isinstance(group_size, int) or group_size < 1:
     raise ValueError(f"group_size must be an int >= 1, got {group_size!r}.")
@@ -348,74 +384,75 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
       residual % group_size):
     raise ValueError(f"residual must be a positive multiple of group_size="
                      f"{group_size}, got {residual!r}.")
+  for arg, axis in (("key_axis", key_axis), ("value_axis", value_axis)):
+    if axis not in AXES:
+      raise ValueError(f"{arg}={axis!r}; allowed: {AXES}.")
   R, G = residual, group_size
 
-  def codecs(head_dim):
-    return (channel_codec(bits, G, head_dim),
-            int_codec(bits, min(G, head_dim), head_dim))
+  def codec(axis, head_dim):
+    if axis == "channel":
+      return channel_codec(bits, G, head_dim)
+    return int_codec(bits, min(G, head_dim), head_dim)
+
+  def encode(axis, x):
+    if axis == "channel":
+      return quantize_channels(x.astype(jnp.float32), bits, G)
+    return codec(axis, x.shape[-1]).encode(x.astype(jnp.float32), {})
+
+  def per(axis, leaf):  # slots per row of a leaf: G for channel statistics
+    return G if axis == "channel" and leaf != "codes" else 1
 
   def prefill(cache, ctx):
     k, v = cache.k, cache.v
     if is_coded(k) or is_coded(v) or k.ndim != 5:
-      raise ValueError("kivi applies to float entries [L, B, K, S, H]; it "
-                       "cannot follow another codec.")
+      raise ValueError("windowed quantization (kivi) applies to float "
+                       "entries [L, B, K, S, H]; it cannot follow another "
+                       "codec.")
     H = k.shape[-1]
-    kc, vc = codecs(H)
     live = cache.capacity - ctx.reserve
     sc = ((live + ctx.reserve) // R) * R  # code slots, room for flushes
     end = cache.end  # [B] entries per row, contiguous from slot 0
     q = (end // R) * R  # [B] quantized per row
     pad = max(0, sc - cache.capacity)
     grow = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, pad)] +
-                             [(0, 0)] * (x.ndim - 4))
-    kq, vq = grow(k)[:, :, :, :sc], grow(v)[:, :, :, :sc]
-    code_valid = grow(cache.valid)[:, :, :, :sc] & (
-        jnp.arange(sc) < q[None, :, None, None])
-    code_pos = jnp.where(code_valid, grow(cache.pos)[:, :, :, :sc], -1)
+                             [(0, 0)] * (x.ndim - 4))[:, :, :, :sc]
+    code_valid = grow(cache.valid) & (jnp.arange(sc) < q[None, :, None, None])
+    code_pos = jnp.where(code_valid, grow(cache.pos), -1)
     tail_live = (jnp.arange(R) < (end - q)[:, None])[None, :, None, :]
     tail_valid = _rows_window(cache.valid, q, R) & tail_live
     tail_pos = jnp.where(tail_valid, _rows_window(cache.pos, q, R), -1)
-    dtype = k.dtype
-    new_k = TailedKV(CodedKV(quantize_channels(kq.astype(jnp.float32), bits,
-                                               G), {}, kc),
-                     _rows_window(k, q, R).astype(dtype))
-    new_v = TailedKV(CodedKV(vc.encode(vq.astype(jnp.float32), {}), {}, vc),
-                     _rows_window(v, q, R).astype(dtype))
+
+    def coded(x, axis):
+      return TailedKV(CodedKV(encode(axis, grow(x)), {}, codec(axis, H)),
+                      _rows_window(x, q, R).astype(x.dtype))
+
     cache = cache._replace(
-        k=new_k, v=new_v, pos=jnp.concatenate([code_pos, tail_pos], -1),
+        k=coded(k, key_axis), v=coded(v, value_axis),
+        pos=jnp.concatenate([code_pos, tail_pos], -1),
         valid=jnp.concatenate([code_valid, tail_valid], -1),
         end=(sc + end - q).astype(jnp.int32))
     return cache, q.astype(jnp.int32)
 
   def flush(cache, qend):
     """Quantizes full tails into the code region (rows whose tail is full)."""
-    k, v = cache.k, cache.v
-    sc = k.code_slots
+    sc = cache.k.code_slots
     full = cache.end >= sc + R  # [B]
-    H = k.tail.shape[-1]
-    kc, vc = codecs(H)
-    kenc = quantize_channels(k.tail.astype(jnp.float32), bits, G)
-    venc = vc.encode(v.tail.astype(jnp.float32), {})
-    kslots = {
-        "codes": _scatter_rows(k.code.slots["codes"], qend, kenc["codes"],
-                               full),
-        "zero": _scatter_rows(k.code.slots["zero"], qend, kenc["zero"], full,
-                              per=G),
-        "scale": _scatter_rows(k.code.slots["scale"], qend, kenc["scale"],
-                               full, per=G)}
-    vslots = {n: _scatter_rows(v.code.slots[n], qend, venc[n], full)
-              for n in v.code.slots}
+
+    def flushed(x, axis):
+      enc = encode(axis, x.tail)
+      slots = {n: _scatter_rows(x.code.slots[n], qend, enc[n], full,
+                                per=per(axis, n)) for n in x.code.slots}
+      return TailedKV(CodedKV(slots, {}, x.code.codec), x.tail)
+
     tail_pos, tail_valid = cache.pos[..., sc:], cache.valid[..., sc:]
     pos = _scatter_rows(cache.pos[..., :sc], qend, tail_pos, full)
     valid = _scatter_rows(cache.valid[..., :sc], qend, tail_valid, full)
     clear = full[None, :, None, None]
-    tail_pos = jnp.where(clear, -1, tail_pos)
-    tail_valid = jnp.where(clear, False, tail_valid)
     cache = cache._replace(
-        k=TailedKV(CodedKV(kslots, {}, kc), k.tail),
-        v=TailedKV(CodedKV(vslots, {}, vc), v.tail),
-        pos=jnp.concatenate([pos, tail_pos], -1),
-        valid=jnp.concatenate([valid, tail_valid], -1),
+        k=flushed(cache.k, key_axis), v=flushed(cache.v, value_axis),
+        pos=jnp.concatenate([pos, jnp.where(clear, -1, tail_pos)], -1),
+        valid=jnp.concatenate([valid, jnp.where(clear, False, tail_valid)],
+                              -1),
         end=jnp.where(full, sc, cache.end).astype(jnp.int32))
     return cache, jnp.where(full, qend + R, qend).astype(jnp.int32)
 
@@ -425,14 +462,12 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
       return prefill(cache, ctx)
     return flush(cache, state)
 
-  def slots(live):
-    return live  # the code region plus tail is about live + R; see apply
-
   return base.KVTransform(
       init=lambda cache: jnp.zeros(cache.pos.shape[1:2], jnp.int32),
-      apply=apply, slots=slots, every=1,
-      bits=lambda h: tuple(c.bits(h) for c in codecs(h)),
-      name=f"kivi{bits}")
+      apply=apply, slots=lambda live: live, every=1,
+      bits=lambda h: (codec(key_axis, h).bits(h),
+                      codec(value_axis, h).bits(h)),
+      name=name or f"int{bits}/{key_axis[0]}{value_axis[0]}/r{R}")
 
 
 # ----------------------------------------------------------------------------

@@ -214,3 +214,27 @@ def test_lowrank_is_exact_at_full_rank_and_scores_in_the_subspace():
   np.testing.assert_allclose(out, ref, atol=1e-4)
   with pytest.raises(ValueError, match="rank"):
     compress.lowrank(0)
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_uniform_with_a_residual_window_per_token_or_channel(axis):
+  transform = compress.uniform(4, group_size=16, axis=axis, residual=32)
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                          prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
+                           prompt_lengths=LENGTHS, transform=transform)
+  sc = cache.v.code_slots
+  got = np.asarray(cache.v.code.decode_layers())[:, 0, :, :192]
+  if axis == "channel":
+    want = codecs.dequantize_channels(codecs.quantize_channels(
+        full.v[:, :1, :, :192], 4, 16), 4, 16, 32)[:, 0]
+  else:
+    c = codecs.int_codec(4, 16, 32)
+    want = c.decode(c.encode(full.v[:, 0, :, :192], {}), {})
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert sc == 192 and transform.bits(32) == (4 + 2, 4 + 2)
+  out = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=40,
+                       prompt_lengths=LENGTHS, transform=transform)
+  assert np.isfinite(np.asarray(out.prompt_logits)).all()
+  with pytest.raises(ValueError, match="needs residual"):
+    compress.uniform(4, axis="channel")
