@@ -39,6 +39,8 @@ _RATIO = flags.DEFINE_float("ratio", 0.5, "Compression ratio of policies.")
 _OUT = flags.DEFINE_string("out", "results/bench_compress",
                            "Output prefix (.md and .jsonl).")
 _SKIP_PEER = flags.DEFINE_bool("skip_kvpress", False, "kvjax only.")
+_CHUNK = flags.DEFINE_integer(
+    "prefill_chunk", 1024, "kvjax prefill chunk (0: the whole prompt at once).")
 _THREADS = flags.DEFINE_integer(
     "threads", 1, "CPU threads for torch and XLA (1 avoids oversubscription "
     "on a shared machine; both frameworks get the same number).")
@@ -84,7 +86,7 @@ def bench_kvjax(params, config, tokens, transform, steps, repeats):
 
   def prefill():
     out = kvjax.prefill(params, tokens, config=config, transform=transform,
-                        capacity=cap)
+                        capacity=cap, prefill_chunk=_CHUNK.value or None)
     jax.block_until_ready(out)
     return out
 
@@ -97,7 +99,8 @@ def bench_kvjax(params, config, tokens, transform, steps, repeats):
     # generate's decode loop (with decode-time eviction where the method
     # has it) minus its prefill: time generate and subtract.
     out = kvjax.generate(params, tokens, config=config,
-                         max_new_tokens=steps + 1, transform=transform)
+                         max_new_tokens=steps + 1, transform=transform,
+                         prefill_chunk=_CHUNK.value or None)
     jax.block_until_ready(out)
 
   if decode_transform:
@@ -220,7 +223,8 @@ def main(argv):
   with open(_OUT.value + ".md", "w") as f:
     f.write(f"Device: {device} ({_THREADS.value} thread(s) each); model: "
             f"random Llama L=4 D=256 N=8 K=2 H=32 "
-            f"float32; batch 1; ratio {_RATIO.value}; decode "
+            f"float32; batch 1; ratio {_RATIO.value}; kvjax prefill chunk "
+            f"{_CHUNK.value}; decode "
             f"{_DECODE.value} steps; median of {_REPEATS.value}.\n\n"
             + table + "\n")
   print(table)

@@ -71,6 +71,13 @@ def _check_sampling(temperature, top_k, config):
                      f"{config.vocab_size}], got {top_k!r}.")
 
 
+def _check_chunk(prefill_chunk):
+  if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or
+                                    prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk must be None or an int >= 1, got "
+                     f"{prefill_chunk!r}.")
+
+
 def _prompt_mask(tokens: Array, prompt_lengths: Array) -> Array:
   T = tokens.shape[1]
   return jnp.arange(T)[None, :] < prompt_lengths[:, None]
@@ -112,17 +119,54 @@ def _context(phase, step, positions, mask, aux, reserve, config):
       attn_probs=aux.get("attn_probs"), reserve=reserve, config=config)
 
 
+def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
+                     backend):
+  """`forward` over the prompt in chunks of `chunk` tokens (a scan), so that
+  attention never materializes more than [chunk, S] scores per head.
+  Numerically the same computation as one call (up to float order)."""
+  B, T = tokens.shape
+  n = -(-T // chunk)
+  pad = n * chunk - T
+  split = lambda x: jnp.moveaxis(
+      jnp.pad(x, [(0, 0), (0, pad)]).reshape(B, n, chunk), 1, 0)
+
+  def body(cache, xs):
+    t, m = xs
+    logits, cache, aux = model_lib.forward(params, t, cache, config=config,
+                                           token_mask=m, capture=capture,
+                                           backend=backend)
+    return cache, (logits, aux)
+
+  cache, (logits, aux) = jax.lax.scan(body, cache, (split(tokens),
+                                                    split(mask)))
+  logits = jnp.moveaxis(logits, 0, 1).reshape(B, n * chunk, -1)[:, :T]
+  out = {}
+  for name, x in aux.items():  # x: [n, L, B, chunk, ...] or [n, L, B, N, S]
+    if name == "attn_mass":
+      out[name] = jnp.sum(x, axis=0)
+    else:
+      x = jnp.moveaxis(x, 0, 2)  # [L, B, n, chunk, ...]
+      out[name] = x.reshape(x.shape[:2] + (n * chunk,) + x.shape[4:])[:, :, :T]
+  return logits, cache, out
+
+
 def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
-                          config, capacity, cache_dtype, backend):
+                          config, capacity, cache_dtype, backend,
+                          prefill_chunk=None):
   """Prefill on an empty cache, then apply `transform` (if any)."""
   B, T = tokens.shape
   cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(tokens, prompt_lengths)
   capture = () if transform is None else tuple(
       n for n in transform.needs if n in _PREFILL_CAPTURES)
-  logits, cache, aux = model_lib.forward(params, tokens, cache, config=config,
-                                         token_mask=mask, capture=capture,
-                                         backend=backend)
+  if prefill_chunk and T > prefill_chunk:
+    logits, cache, aux = _chunked_forward(params, tokens, cache, mask,
+                                          capture, prefill_chunk, config,
+                                          backend)
+  else:
+    logits, cache, aux = model_lib.forward(params, tokens, cache,
+                                           config=config, token_mask=mask,
+                                           capture=capture, backend=backend)
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
     ctx = _context("prefill", jnp.int32(0), positions, mask, aux,
@@ -133,12 +177,14 @@ def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
 
 
 @functools.partial(jax.jit, static_argnames=("transform", "config", "capacity",
-                                             "cache_dtype", "backend"))
+                                             "cache_dtype", "backend",
+                                             "prefill_chunk"))
 def _prefill(params, tokens, prompt_lengths, transform, extra, *, config,
-             capacity, cache_dtype, backend):
+             capacity, cache_dtype, backend, prefill_chunk):
   return _prefill_and_compress(params, tokens, prompt_lengths, transform,
                                extra, config=config, capacity=capacity,
-                               cache_dtype=cache_dtype, backend=backend)
+                               cache_dtype=cache_dtype, backend=backend,
+                               prefill_chunk=prefill_chunk)
 
 
 def prefill(
@@ -151,6 +197,7 @@ def prefill(
     prompt_lengths: Array | None = None,
     cache_dtype: Any = None,
     backend: str = "xla",
+    prefill_chunk: int | None = None,
     **extra,
 ) -> tuple[Array, KVCache]:
   """Runs the prompt through an empty cache, then compresses it (jitted).
@@ -169,6 +216,9 @@ def prefill(
     prompt_lengths: [B] true prompt lengths (None: all T).
     cache_dtype: key/value dtype (default: the model dtype).
     backend: attention backend.
+    prefill_chunk: run the prompt through the model `prefill_chunk` tokens
+      at a time (long prompts: bounds attention's [T, S] scores to
+      [prefill_chunk, S]); None: in one call.
     **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
@@ -182,9 +232,10 @@ def prefill(
   B, T = tokens.shape
   prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
       else jnp.asarray(prompt_lengths, jnp.int32)
+  _check_chunk(prefill_chunk)
   return _prefill(params, tokens, prompt_lengths, transform, extra,
                   config=config, capacity=capacity, cache_dtype=cache_dtype,
-                  backend=backend)
+                  backend=backend, prefill_chunk=prefill_chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
@@ -206,15 +257,17 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "transform", "config", "max_new_tokens", "capacity", "temperature",
-    "top_k", "stop_token", "pad_token", "cache_dtype", "backend"))
+    "top_k", "stop_token", "pad_token", "cache_dtype", "backend",
+    "prefill_chunk"))
 def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
               config, max_new_tokens, capacity, temperature, top_k,
-              stop_token, pad_token, cache_dtype, backend):
+              stop_token, pad_token, cache_dtype, backend, prefill_chunk):
   B, T = prompt_tokens.shape
   mask = _prompt_mask(prompt_tokens, prompt_lengths)
   logits, cache = _prefill_and_compress(
       params, prompt_tokens, prompt_lengths, transform, extra, config=config,
-      capacity=capacity, cache_dtype=cache_dtype, backend=backend)
+      capacity=capacity, cache_dtype=cache_dtype, backend=backend,
+      prefill_chunk=prefill_chunk)
   decode_transform = transform is not None and transform.every > 0
   capture = tuple(transform.needs) if decode_transform else ()
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
@@ -276,6 +329,7 @@ def generate(
     cache_dtype: Any = None,
     backend: str = "xla",
     transform: compress_base.KVTransform | None = None,
+    prefill_chunk: int | None = None,
     **extra,
 ) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row after ragged prompts.
@@ -298,6 +352,8 @@ def generate(
     transform: a `kvjax.compress` transform applied after the prompt and,
       for decode-time methods (`transform.every > 0`), every `every` decode
       steps.
+    prefill_chunk: prefill the prompt this many tokens at a time (see
+      `prefill`).
     **extra: passed to the transform.
 
   Returns:
@@ -309,6 +365,7 @@ def generate(
   """
   _check_prompt(prompt_tokens, prompt_lengths, config)
   _check_sampling(temperature, top_k, config)
+  _check_chunk(prefill_chunk)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be an int >= 1, got "
                      f"{max_new_tokens!r}.")
@@ -329,4 +386,5 @@ def generate(
                    max_new_tokens=max_new_tokens, capacity=capacity,
                    temperature=float(temperature), top_k=top_k,
                    stop_token=stop_token, pad_token=pad_token,
-                   cache_dtype=cache_dtype, backend=backend)
+                   cache_dtype=cache_dtype, backend=backend,
+                   prefill_chunk=prefill_chunk)

@@ -121,3 +121,33 @@ def test_generate_bad_input():
   with pytest.raises(TypeError, match="integer"):
     kvjax.generate(PARAMS, tokens.astype(jnp.float32), config=CONFIG,
                    max_new_tokens=2)
+
+
+@pytest.mark.parametrize("needs", [None, "snapkv", "expected_attention",
+                                   "h2o"])
+def test_chunked_prefill_equals_one_call(needs):
+  from kvjax import compress  # pylint: disable=g-import-not-at-top
+  transform = {None: None, "snapkv": compress.snapkv(0.5, window_size=8),
+               "expected_attention": compress.expected_attention(0.5),
+               "h2o": compress.h2o(0.5)}[needs]
+  tokens = _tokens(T=50)
+  lengths = jnp.array([50, 23])
+  one_logits, one = kvjax.prefill(PARAMS, tokens, config=CONFIG,
+                                  prompt_lengths=lengths, transform=transform,
+                                  capacity=60)
+  chunked_logits, chunked = kvjax.prefill(
+      PARAMS, tokens, config=CONFIG, prompt_lengths=lengths,
+      transform=transform, capacity=60, prefill_chunk=16)
+  valid = np.arange(50)[None] < np.asarray(lengths)[:, None]
+  np.testing.assert_allclose(np.asarray(chunked_logits)[valid],
+                             np.asarray(one_logits)[valid], atol=2e-5)
+  np.testing.assert_array_equal(chunked.pos, one.pos)
+  np.testing.assert_allclose(chunked.k, one.k, atol=2e-5)
+  out = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=4,
+                       prompt_lengths=lengths, prefill_chunk=16,
+                       transform=transform)
+  ref = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=4,
+                       prompt_lengths=lengths, transform=transform)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  with pytest.raises(ValueError, match="prefill_chunk"):
+    kvjax.prefill(PARAMS, tokens, config=CONFIG, prefill_chunk=0)
