@@ -75,6 +75,20 @@ def unpack_any(packed: Array, bits: int, n: int) -> Array:
 # Lloyd-Max codebooks for a rotated coordinate.
 
 
+def _lloyd_1d(t: np.ndarray, p: np.ndarray, k: int, iters: int) -> np.ndarray:
+  """1-D k-means (Lloyd-Max) of the density p (normalized weights) on the
+  grid t, started from the density's quantiles; returns sorted centroids."""
+  c = np.interp((np.arange(k) + 0.5) / k, np.cumsum(p), t)
+  for _ in range(iters):
+    cell = np.searchsorted((c[1:] + c[:-1]) / 2, t)
+    mass = np.bincount(cell, p, k)
+    new = np.bincount(cell, p * t, k) / np.maximum(mass, 1e-300)
+    if np.max(np.abs(new - c)) < 1e-12:
+      return np.sort(new)
+    c = new
+  return np.sort(c)
+
+
 @functools.lru_cache(maxsize=None)
 def lloyd_max_codebook(dim: int, bits: int, grid: int = 200_001,
                        iters: int = 500) -> np.ndarray:
@@ -86,21 +100,7 @@ def lloyd_max_codebook(dim: int, bits: int, grid: int = 200_001,
   t = np.linspace(-1, 1, grid)
   logp = 0.5 * (dim - 3) * np.log(np.clip(1 - t * t, 1e-300, None))
   p = np.exp(logp - logp.max())
-  p /= p.sum()
-  k = 2**bits
-  # Start from Gaussian quantiles of N(0, 1/dim).
-  cdf = np.cumsum(p)
-  c = np.interp((np.arange(k) + 0.5) / k, cdf, t)
-  for _ in range(iters):
-    edges = (c[1:] + c[:-1]) / 2
-    cell = np.searchsorted(edges, t)
-    mass = np.bincount(cell, p, k)
-    new = np.bincount(cell, p * t, k) / np.maximum(mass, 1e-300)
-    if np.max(np.abs(new - c)) < 1e-12:
-      c = new
-      break
-    c = new
-  return np.sort(c)
+  return _lloyd_1d(t, p / p.sum(), 2**bits, iters)
 
 
 def _nearest(y: Array, codebook: np.ndarray) -> Array:
@@ -434,16 +434,7 @@ def polar_codebook(level: int, bits: int, grid: int = 100_001,
   t = np.linspace(0, np.pi / 2, grid)
   logp = (m - 1) * np.log(np.clip(np.sin(t) * np.cos(t), 1e-300, None))
   p = np.exp(logp - logp.max())
-  p /= p.sum()
-  c = np.interp((np.arange(k) + 0.5) / k, np.cumsum(p), t)
-  for _ in range(iters):
-    cell = np.searchsorted((c[1:] + c[:-1]) / 2, t)
-    mass = np.bincount(cell, p, k)
-    new = np.bincount(cell, p * t, k) / np.maximum(mass, 1e-300)
-    if np.max(np.abs(new - c)) < 1e-12:
-      return new
-    c = new
-  return c
+  return _lloyd_1d(t, p / p.sum(), k, iters)
 
 
 def _quantize_angle(theta, book, periodic):
