@@ -70,12 +70,14 @@ class KVTransform(NamedTuple):
   Attributes:
     init: (cache) -> state.
     apply: (cache, state, ctx, **extra) -> (cache, state).
-    slots: (live) -> static upper bound on live entries per (layer, row,
-      head) after `apply`, given `live` before (a Python int).
+    slots: (live) -> upper bound on live entries per (layer, row, head)
+      after `apply`, given `live` before (a Python int; informational: the
+      compacted capacity itself is computed inside `apply`).
     needs: names from `CONTEXT_FIELDS` the transform reads.
     every: act at decode every `every` steps (0: prefill only).
-    bits: (head_dim) -> stored bits per key/value element (float), or None
-      for policies (they do not change how an entry is stored).
+    bits: (head_dim) -> (key bits, value bits) stored per element, overhead
+      included (None for a tensor kept in full precision), or None for
+      policies (they do not change how an entry is stored).
     name: a label for logs and tables.
   """
 
