@@ -268,20 +268,33 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
       params, prompt_tokens, prompt_lengths, transform, extra, config=config,
       capacity=capacity, cache_dtype=cache_dtype, backend=backend,
       prefill_chunk=prefill_chunk)
-  decode_transform = transform is not None and transform.every > 0
-  capture = tuple(transform.needs) if decode_transform else ()
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
   prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)
   first = sample_logits(prompt_logits, key, temperature, top_k)  # [B]
-  out = jnp.full((B, max_new_tokens), pad_token, jnp.int32).at[:, 0].set(first)
+  out, num, cache = _decode_loop(
+      params, cache, first, rng, transform, extra, config=config,
+      length=max_new_tokens, temperature=temperature, top_k=top_k,
+      stop_token=stop_token, pad_token=pad_token, backend=backend)
+  return GenerateOutput(out, num, cache, prompt_logits)
+
+
+def _decode_loop(params, cache, first, rng, transform, extra, *, config,
+                 length, temperature, top_k, stop_token, pad_token, backend):
+  """The `lax.while_loop` decode: out[:, 0] = first; each step feeds the
+  previous token and samples the next, applying a decode-time transform
+  every `transform.every` steps. Returns (out [B, length], num [B], cache)."""
+  B = first.shape[0]
+  decode_transform = transform is not None and transform.every > 0
+  capture = tuple(transform.needs) if decode_transform else ()
+  out = jnp.full((B, length), pad_token, jnp.int32).at[:, 0].set(first)
   stop = -1 if stop_token is None else stop_token
   done = first == stop
   num = jnp.ones((B,), jnp.int32)
 
   def cond(carry):
     step, _, _, done, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < length) & ~jnp.all(done)
 
   def body(carry):
     step, out, cache, done, num, rng = carry
@@ -310,7 +323,60 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
 
   carry = (jnp.int32(1), out, cache, done, num, rng)
   _, out, cache, _, num, _ = jax.lax.while_loop(cond, body, carry)
-  return GenerateOutput(out, num, cache, prompt_logits)
+  return out, num, cache
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "transform", "config", "max_new_tokens", "temperature", "top_k",
+    "stop_token", "pad_token", "backend"))
+def _decode(params, cache, token, rng, transform, extra, *, config,
+            max_new_tokens, temperature, top_k, stop_token, pad_token,
+            backend):
+  out, num, cache = _decode_loop(
+      params, cache, token, rng, transform, extra, config=config,
+      length=max_new_tokens + 1, temperature=temperature, top_k=top_k,
+      stop_token=stop_token, pad_token=pad_token, backend=backend)
+  return out[:, 1:], num - 1, cache
+
+
+def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
+           max_new_tokens: int, transform: compress_base.KVTransform | None
+           = None, temperature: float = 0.0, top_k: int | None = None,
+           rng: Array | None = None, stop_token: int | None = None,
+           pad_token: int = 0, backend: str = "xla", **extra
+           ) -> tuple[Array, Array, KVCache]:
+  """Continues decoding from a cache (e.g. one returned by `prefill`).
+
+  Feeds `token` [B], then generates `max_new_tokens` per row in one jitted
+  `lax.while_loop`; a decode-time transform (the one the cache was
+  compressed with: its state lives in `cache.state`) acts every
+  `transform.every` steps.
+
+  Returns:
+    (tokens [B, max_new_tokens], num_generated [B], cache).
+
+  Raises:
+    ValueError: the cache cannot hold the new entries (checked when the
+      cache is concrete; decode-time policies evict, so only their next
+      write must fit).
+  """
+  _check_sampling(temperature, top_k, config)
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1, got "
+                     f"{max_new_tokens!r}.")
+  evicting = transform is not None and transform.every == 1
+  need = 1 if evicting else max_new_tokens
+  if not isinstance(cache.end, jax.core.Tracer):
+    most = int(np.max(np.asarray(cache.end))) + need
+    if most > cache.capacity:
+      raise ValueError(f"cache capacity exceeded: decoding {max_new_tokens} "
+                       f"tokens needs {most} slots, capacity is "
+                       f"{cache.capacity}.")
+  rng = jax.random.key(0) if rng is None else rng
+  return _decode(params, cache, jnp.asarray(token, jnp.int32), rng, transform,
+                 extra, config=config, max_new_tokens=max_new_tokens,
+                 temperature=float(temperature), top_k=top_k,
+                 stop_token=stop_token, pad_token=pad_token, backend=backend)
 
 
 def generate(

@@ -151,3 +151,21 @@ def test_chunked_prefill_equals_one_call(needs):
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   with pytest.raises(ValueError, match="prefill_chunk"):
     kvjax.prefill(PARAMS, tokens, config=CONFIG, prefill_chunk=0)
+
+
+def test_decode_continues_a_prefilled_cache_like_generate():
+  from kvjax import compress  # pylint: disable=g-import-not-at-top
+  tokens = _tokens()
+  for transform in (None, compress.tova(0.5), compress.snapkv(0.5,
+                                                             window_size=4)):
+    ref = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=6,
+                         transform=transform)
+    logits, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
+                                  transform=transform, capacity=12 + 5)
+    first = logits[:, -1].argmax(-1).astype(jnp.int32)
+    out, num, _ = kvjax.decode(PARAMS, cache, first, config=CONFIG,
+                               max_new_tokens=5, transform=transform)
+    np.testing.assert_array_equal(out, ref.tokens[:, 1:])
+    assert num.tolist() == [5, 5]
+  with pytest.raises(ValueError, match="cache capacity exceeded"):
+    kvjax.decode(PARAMS, cache, first, config=CONFIG, max_new_tokens=50)
