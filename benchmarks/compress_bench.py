@@ -70,54 +70,39 @@ def _methods(ratio):
 
 
 def _median_time(fn, repeats):
-  fn()  # warm-up / compile
+  """(median seconds of `repeats` timed calls after a warm-up, last result)."""
+  out = fn()  # warm-up / compile
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(times), out
 
 
 def bench_kvjax(params, config, tokens, transform, steps, repeats):
   tokens = jnp.asarray(tokens, jnp.int32)
   T = tokens.shape[1]
-  cap = T + steps
+  # Decode-time policies keep their budget (capacity budget + 1); the rest
+  # need room for the decoded tokens.
+  cap = T + steps + 1
 
   def prefill():
     out = kvjax.prefill(params, tokens, config=config, transform=transform,
                         capacity=cap, prefill_chunk=_CHUNK.value or None)
-    jax.block_until_ready(out)
-    return out
+    return jax.block_until_ready(out)
 
-  t_prefill = _median_time(prefill, repeats)
-  _, cache = prefill()
+  t_prefill, (logits, cache) = _median_time(prefill, repeats)
   kv, logical = kvjax.kv_bytes(cache), kvjax.logical_bytes(cache)
-  decode_transform = transform is not None and transform.every > 0
+  first = logits[:, -1].argmax(-1).astype(jnp.int32)
 
-  def decode():
-    # generate's decode loop (with decode-time eviction where the method
-    # has it) minus its prefill: time generate and subtract.
-    out = kvjax.generate(params, tokens, config=config,
-                         max_new_tokens=steps + 1, transform=transform,
-                         prefill_chunk=_CHUNK.value or None)
-    jax.block_until_ready(out)
+  def decode():  # one jitted while_loop, decode-time eviction included
+    return jax.block_until_ready(kvjax.decode(
+        params, cache, first, config=config, max_new_tokens=steps,
+        transform=transform))
 
-  if decode_transform:
-    t_total = _median_time(decode, repeats)
-    t_decode = max(t_total - t_prefill, 0.0) / steps
-  else:
-    token = tokens[:, -1]
-    key = jax.random.key(0)
-
-    def loop():
-      c, tok = cache, token
-      for _ in range(steps):
-        tok, _, c = kvjax.decode_step(params, tok, c, key, config=config)
-      jax.block_until_ready(tok)
-
-    t_decode = _median_time(loop, repeats) / steps
-  return t_prefill, t_decode, kv / T, logical / T
+  t_decode, _ = _median_time(decode, repeats)
+  return t_prefill, t_decode / steps, kv / T, logical / T
 
 
 def bench_kvpress(model, tokens, make_press, steps, repeats):
@@ -136,8 +121,7 @@ def bench_kvpress(model, tokens, make_press, steps, repeats):
           out = model(ids, past_key_values=cache)
     state["cache"], state["logits"] = cache, out.logits
 
-  t_prefill = _median_time(prefill, repeats)
-  prefill()
+  t_prefill, _ = _median_time(prefill, repeats)
   kv = sum(l.keys.nbytes + l.values.nbytes for l in state["cache"].layers)
 
   def decode():
