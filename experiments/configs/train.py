@@ -1,0 +1,142 @@
+"""Config of the training job (`experiments/train.py`).
+
+  # kvjax-tiny (the shipped checkpoint is this run stopped with
+  # --stop_after=900 --eval_at_stop; see kvjax/assets/kvjax-tiny/training.json):
+  python -m experiments.train --config=experiments/configs/train.py \
+      --workdir=/tmp/kvjax-tiny --export=kvjax/assets/kvjax-tiny
+  # AdamW vs Muon split at the same step budget (400 steps, context 32):
+  python -m experiments.train --config=experiments/configs/train.py:compare \
+      --config.optimizer=adamw --config.learning_rate=3e-3 \
+      --workdir=results/train/adamw --stop_after=400 --eval_at_stop
+  python -m experiments.train --config=experiments/configs/train.py:compare \
+      --config.optimizer=muon_split --config.learning_rate=0.02 \
+      --workdir=results/train/muon_split --stop_after=400 --eval_at_stop
+  # a smoke run (seconds):
+  python -m experiments.train --config=experiments/configs/train.py:smoke \
+      --workdir=/tmp/smoke
+
+The argument after ':' picks a preset ("tiny" default, "compare", "smoke");
+any field can then be overridden with --config.<field>=<value>.
+"""
+
+import ml_collections
+
+TASKS_ALL = {"mqar": 0.35, "needle": 0.15, "multihop": 0.2,
+             "overwrite": 0.15, "abstention": 0.15}
+
+
+def _phase(until, context_lens, mqar_pairs, **overrides):
+  p = ml_collections.ConfigDict()
+  p.until = until  # The phase covers steps below this (exclusive).
+  p.context_lens = context_lens  # Context L drawn uniformly per step.
+  p.mqar_pairs = mqar_pairs  # mqar num_pairs drawn per step in this phase.
+  for name, value in overrides.items():  # Any other data field, e.g.
+    p[name] = value  # tokens_per_step, task_fractions, multihop_hops.
+  return p
+
+
+# First phase: recall-heavy (the induction/recall circuit forms first).
+TASKS_RECALL = {"mqar": 0.5, "needle": 0.15, "multihop": 0.15,
+                "overwrite": 0.1, "abstention": 0.1}
+
+
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  """Returns the train config of `preset` ("tiny", "compare" or "smoke")."""
+  if preset not in ("tiny", "compare", "smoke"):
+    raise ValueError(f"preset={preset!r}; allowed: tiny, compare, smoke.")
+  c = ml_collections.ConfigDict()
+
+  # Model: kvjax-tiny, a Llama-architecture decoder run by kvjax.forward.
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 512  # kvjax.tasks.VOCAB.size.
+  m.d_model = 256  # D, residual width.
+  m.num_layers = 4  # L; multi-hop with k hops needs about k + 1 layers.
+  m.num_heads = 8  # N, query heads.
+  m.num_kv_heads = 4  # K, key/value heads (GQA group 2).
+  m.head_dim = 32  # H.
+  m.mlp_dim = 512  # F, SwiGLU width.
+  m.rope_theta = 10000.0  # RoPE base.
+  m.norm_eps = 1e-6  # RMSNorm epsilon.
+  m.tie_embeddings = True  # LM head = embedding (copying is then easy).
+  m.max_position_embeddings = 2048  # Informational: longest eval context.
+  m.dtype = "float32"  # Training dtype (the shipped weights are float32).
+  m.name = "kvjax-tiny"  # Label.
+
+  # Optimization.
+  # AdamW: in short pilots Muon split stalled longer on the recall plateau
+  # (see results/train/comparison.md).
+  c.optimizer = "adamw"  # "adamw" | "muon_split".
+  c.learning_rate = 3e-3  # Peak LR (Muon's for muon_split, AdamW's for adamw).
+  c.adam_learning_rate = 3e-3  # Peak LR of the AdamW half of muon_split.
+  c.weight_decay = 0.0  # Decoupled decay on hidden matrices only.
+  c.b1 = 0.9  # Adam beta1.
+  c.b2 = 0.95  # Adam beta2.
+  c.grad_clip = 1.0  # Global-norm clip (0 = none).
+  c.warmup_steps = 100  # Linear warmup.
+  c.final_lr_fraction = 0.1  # Cosine ends at this fraction of the peak.
+  c.init_std = 0.02  # Std of the normal init of matrices.
+  c.total_steps = 1400  # Updates in all.
+  c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
+  c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
+
+  # Data: the task suite; see kvjax/train/data.py.
+  d = c.data = ml_collections.ConfigDict()
+  # Curriculum: short recall-heavy contexts with small batches first
+  # (recall circuits form fast and steps are cheap), then 128, then
+  # 256/512, then 512 with some 768.
+  d.phases = [_phase(900, [64], [4, 8, 16, 24],
+                     task_fractions=dict(TASKS_RECALL),
+                     multihop_hops=[1, 2]),
+              _phase(1250, [128], [8, 16, 32]),
+              _phase(1350, [256, 512], [8, 16, 24, 32],
+                     tokens_per_step=4096),
+              _phase(1400, [512, 768], [16, 32],
+                     tokens_per_step=4096)]
+  d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
+  d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
+  d.mqar_pairs = [8, 16, 24, 32]  # Default mqar num_pairs (phases override).
+  d.mqar_placements = ["prefix", "scattered"]  # mqar placement per step.
+  d.multihop_hops = [1, 2, 3, 4]  # Hops drawn per multihop row.
+  d.multihop_distractor_chains = 2  # Chains besides the queried one.
+  d.needle_distractors = 3  # Facts besides the needle.
+  d.overwrite_writes = 2  # Assignments of the queried key.
+  d.overwrite_distractors = 3  # Other facts in overwrite.
+  d.abstention_distractors = 4  # Facts in abstention (none queried).
+
+  # Bookkeeping.
+  c.log_every = 10  # Steps between metric rows in metrics.jsonl.
+  c.checkpoint_every = 100  # Steps between orbax checkpoints.
+  c.max_checkpoints = 2  # Checkpoints kept.
+  c.eval_every = 0  # Steps between in-training evals (0 = end only).
+  c.eval_context_lens = (512,)  # Contexts of the final eval (a tuple).
+  c.eval_examples = 256  # Held-out rows per (task, context) in evals.
+  c.eval_seed = 12345  # Held-out eval seed (training uses `seed`).
+  c.eval_mqar_pairs = 32  # Key-value pairs of mqar in evals.
+
+  if preset == "compare":
+    c.total_steps = 2000  # The schedule the comparison runs were cut from.
+    # AdamW vs Muon split on the same model and data at context 32 (a
+    # short recall-heavy stream), run for --stop_after=400 steps of the
+    # 2000-step schedule of "tiny" (same warmup and cosine).
+    d.phases = [_phase(10**9, [32], [2, 4, 8, 12],
+                       task_fractions=dict(TASKS_RECALL),
+                       multihop_hops=[1, 2])]
+    d.tokens_per_step = 1024
+    c.log_every = 25
+    c.eval_context_lens = (32,)
+    c.eval_examples = 128
+    c.eval_mqar_pairs = 12
+  elif preset == "smoke":
+    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 64, 2, 4, 2
+    m.head_dim, m.mlp_dim = 16, 128
+    c.total_steps = 20
+    c.warmup_steps = 5
+    d.phases = [_phase(20, [64], [4, 8])]
+    d.mqar_pairs = [4, 8]
+    d.tokens_per_step = 1024
+    c.log_every = 5
+    c.checkpoint_every = 10
+    c.eval_context_lens = (64,)
+    c.eval_examples = 32
+    c.eval_mqar_pairs = 8
+  return c

@@ -1,0 +1,174 @@
+"""The training stream: task batches as a pure function of (seed, step).
+
+`train_batch(data_config, seed, step)` draws one step's batch from the
+synthetic task suite, so a resumed run sees exactly the batches an
+uninterrupted one would. A data config is a mapping (a dict or an
+`ml_collections.ConfigDict`) with the fields documented in
+`experiments/configs/train.py`:
+
+  phases        list of {"until": last step (exclusive), "context_lens":
+                [L choices]}; a step uses the first phase with step < until.
+                A phase may also set any other field below (e.g.
+                "mqar_pairs", "tokens_per_step", "task_fractions",
+                "multihop_hops"), overriding it during that phase.
+  tokens_per_step  rows per step = max(1, tokens_per_step // L).
+  task_fractions   task -> share of the rows (rounded, at least 1 row each).
+  mqar_pairs       choices of mqar num_pairs (those that fit L are used).
+  mqar_placements  choices of mqar placement.
+  multihop_hops    hops drawn per multihop row.
+  ...              other task params: needle_distractors, overwrite_writes,
+                   overwrite_distractors, abstention_distractors,
+                   multihop_distractor_chains.
+
+Every batch for context L is padded to T = L + 1 + 2 * max(mqar_pairs) (of
+the phase), so each (phase, context) compiles once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from kvjax.tasks import generators
+from kvjax.tasks.generators import TASK_NAMES, TaskBatch
+
+
+def _get(cfg, name, default=None):
+  return cfg[name] if name in cfg else default
+
+
+def phase_of(data_config: Mapping[str, Any], step: int) -> Mapping[str, Any]:
+  """The phase that `step` belongs to (the last phase for later steps)."""
+  phases = list(data_config["phases"])
+  if not phases:
+    raise ValueError("data_config.phases must be a non-empty list.")
+  for phase in phases:
+    if step < phase["until"]:
+      return phase
+  return phases[-1]
+
+
+def phase_value(data_config: Mapping[str, Any], phase: Mapping[str, Any],
+                name: str):
+  """`phase[name]` if the phase sets it, else `data_config[name]`."""
+  return phase[name] if name in phase else data_config[name]
+
+
+def padded_length(data_config: Mapping[str, Any], context_len: int,
+                  phase: Mapping[str, Any] | None = None) -> int:
+  """T of every batch at context `context_len` (in `phase`)."""
+  pairs = phase_value(data_config, phase or {}, "mqar_pairs")
+  return context_len + 1 + 2 * max(pairs)
+
+
+def rows_per_task(data_config: Mapping[str, Any], batch_size: int
+                  ) -> dict[str, int]:
+  """Rows of each task in a batch of `batch_size` (fixed composition)."""
+  fractions = {k: float(v) for k, v in data_config["task_fractions"].items()
+               if float(v) > 0}
+  unknown = set(fractions) - set(TASK_NAMES)
+  if unknown:
+    raise ValueError(f"task_fractions has unknown tasks {sorted(unknown)}; "
+                     f"allowed: {TASK_NAMES}.")
+  total = sum(fractions.values())
+  rows = {k: max(1, int(round(batch_size * v / total)))
+          for k, v in fractions.items()}
+  # Give the rounding remainder to (or take it from) the largest task.
+  largest = max(rows, key=rows.get)
+  rows[largest] += batch_size - sum(rows.values())
+  if rows[largest] < 1:
+    raise ValueError(f"batch_size={batch_size} is too small for "
+                     f"{len(rows)} tasks.")
+  return rows
+
+
+def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
+               context_len: int | None = None,
+               batch_size: int | None = None) -> TaskBatch:
+  """The TaskBatch of training step `step` (pure in seed, step).
+
+  Args:
+    data_config: see the module docstring.
+    seed: base seed of the stream.
+    step: the step index.
+    context_len: override the phase's drawn context (for tests/eval).
+    batch_size: override tokens_per_step // context_len.
+
+  Returns:
+    A TaskBatch, tokens padded to `padded_length(data_config, L)`.
+  """
+  rng = np.random.default_rng([int(seed), int(step), 99])
+  phase = phase_of(data_config, step)
+  # The phase's own fields override the top-level ones.
+  data_config = {**{k: data_config[k] for k in data_config},
+                 **{k: phase[k] for k in phase}}
+  lens = list(phase["context_lens"])
+  L = int(context_len or lens[rng.integers(len(lens))])
+  tokens = phase_value(data_config, phase, "tokens_per_step")
+  B = int(batch_size or max(1, tokens // L))
+  pairs = [int(p) for p in phase_value(data_config, phase, "mqar_pairs")
+           if 2 * p + 1 <= L]
+  parts = []
+  for i, (task, rows) in enumerate(sorted(rows_per_task(data_config,
+                                                        B).items())):
+    sub_seed = (int(seed), int(step), i + 1)
+    if task == "mqar":
+      if not pairs:
+        raise ValueError(f"no mqar_pairs fits context_len={L}.")
+      placements = list(_get(data_config, "mqar_placements", ["prefix"]))
+      params = dict(num_pairs=pairs[rng.integers(len(pairs))],
+                    placement=placements[rng.integers(len(placements))])
+    elif task == "needle":
+      params = dict(num_distractors=int(_get(data_config,
+                                             "needle_distractors", 3)))
+    elif task == "multihop":
+      params = dict(hops=tuple(int(h) for h in data_config["multihop_hops"]),
+                    num_distractor_chains=int(_get(
+                        data_config, "multihop_distractor_chains", 2)))
+    elif task == "overwrite":
+      params = dict(num_writes=int(_get(data_config, "overwrite_writes", 2)),
+                    num_distractors=int(_get(data_config,
+                                             "overwrite_distractors", 3)))
+    else:
+      params = dict(num_distractors=int(_get(data_config,
+                                             "abstention_distractors", 4)))
+    parts.append(generators.make_batch(task, rows, seed=sub_seed,
+                                       context_len=L, **params))
+  batch = generators.concat_batches(parts)
+  return pad_batch(batch, padded_length(data_config, L, phase))
+
+
+def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:
+  """Right-pads tokens and loss_mask of `batch` to `total_len`.
+
+  Raises:
+    ValueError: the batch is already longer.
+  """
+  T = batch.tokens.shape[1]
+  if T > total_len:
+    raise ValueError(f"batch has T={T} > total_len={total_len}.")
+  pad = total_len - T
+  return batch._replace(
+      tokens=np.pad(batch.tokens, ((0, 0), (0, pad))),
+      loss_mask=np.pad(batch.loss_mask, ((0, 0), (0, pad))))
+
+
+def model_inputs(batch: TaskBatch, loss_on: str = "answers"
+                 ) -> dict[str, np.ndarray]:
+  """The arrays a train step consumes, shifted for next-token prediction.
+
+  Returns:
+    dict with inputs [B, T-1] int32, targets [B, T-1] int32, weights
+    [B, T-1] float32, token_mask [B, T-1] bool.
+  """
+  from kvjax.train.losses import loss_weights  # pylint: disable=g-import-not-at-top
+  tokens = batch.tokens
+  T = tokens.shape[1]
+  return {
+      "inputs": tokens[:, :-1].astype(np.int32),
+      "targets": tokens[:, 1:].astype(np.int32),
+      "weights": np.asarray(loss_weights(batch.loss_mask, batch.lengths,
+                                         loss_on), np.float32),
+      "token_mask": np.arange(T - 1)[None, :] < batch.lengths[:, None],
+  }

@@ -1,0 +1,226 @@
+"""The training loop: a jitted step on `kvjax.forward`, checkpoints, resume.
+
+`make_train_step` builds a jitted `(state, arrays) -> (state, metrics)` that
+runs a teacher-forced `kvjax.forward` on a fresh cache (capacity T), takes
+the cross-entropy on the answer tokens (or all tokens) and applies an optax
+update. `train` drives it over the task stream of `kvjax.train.data`:
+
+* the batch of step s is a pure function of (seed, s), so the data position
+  is the step;
+* orbax `CheckpointManager` saves (params, opt_state, step) every
+  `checkpoint_every` steps and at the end; a rerun with the same workdir
+  restores the latest checkpoint and continues, reaching the same params as
+  an uninterrupted run;
+* metrics go to `workdir/metrics.jsonl`, one JSON object per logged step;
+  on resume rows past the restored step are dropped first, so no step is
+  logged twice;
+* a tqdm bar shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from kvjax import model as model_lib
+from kvjax.cache import init_cache
+from kvjax.config import ModelConfig
+from kvjax.train import data as data_lib
+from kvjax.train import losses
+from kvjax.train import optimizers
+
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+  """What a checkpoint holds.
+
+  Attributes:
+    step: scalar int32, the number of updates applied.
+    params: the model parameter pytree.
+    opt_state: the optimizer state.
+  """
+
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+def init_state(model_config: ModelConfig, optimizer, seed: int,
+               init_std: float = 0.02) -> TrainState:
+  """Fresh parameters (from `seed`) and optimizer state at step 0."""
+  params = model_lib.init_params(model_config, jax.random.key(seed),
+                                 std=init_std)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def loss_fn(params, arrays: Mapping[str, Array], *, config: ModelConfig):
+  """Weighted next-token cross-entropy of one batch (see `data.model_inputs`).
+
+  Returns:
+    (loss, metrics).
+  """
+  inputs = arrays["inputs"]  # [B, T]
+  B, T = inputs.shape
+  cache = init_cache(config, B, T)
+  logits, _, _ = model_lib.forward(params, inputs, cache, config=config,
+                                   token_mask=arrays["token_mask"])
+  return losses.weighted_cross_entropy(logits, arrays["targets"],
+                                       arrays["weights"])
+
+
+def make_train_step(config: ModelConfig, optimizer
+                    ) -> Callable[[TrainState, Mapping[str, Array]],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """A jitted train step `(state, arrays) -> (state, metrics)`.
+
+  `arrays` is `data.model_inputs(batch)`: inputs, targets, weights,
+  token_mask, all [B, T]. The state is donated.
+  """
+
+  def step_fn(state: TrainState, arrays):
+    grad_fn = jax.value_and_grad(
+        lambda p: loss_fn(p, arrays, config=config), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state,
+                                          state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.jit(step_fn, donate_argnums=0)
+
+
+def model_config_from(cfg: Mapping[str, Any]) -> ModelConfig:
+  """The ModelConfig described by a train config's `model` field."""
+  return ModelConfig(**{k: v for k, v in dict(cfg["model"]).items()})
+
+
+def optimizer_from(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """The optimizer described by a train config."""
+  return optimizers.make_optimizer(
+      cfg["optimizer"], learning_rate=cfg["learning_rate"],
+      adam_learning_rate=cfg.get("adam_learning_rate") or None,
+      total_steps=cfg["total_steps"], warmup_steps=cfg["warmup_steps"],
+      weight_decay=cfg["weight_decay"], b1=cfg["b1"], b2=cfg["b2"],
+      grad_clip=cfg["grad_clip"] or None,
+      final_lr_fraction=cfg["final_lr_fraction"])
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Keeps only the metric rows with step <= last_step (resume)."""
+  rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def train(cfg: Mapping[str, Any], workdir: str, *,
+          stop_after: int | None = None,
+          eval_fn: Callable[[Any, int], dict[str, Any]] | None = None,
+          progress: bool = True) -> TrainState:
+  """Trains (or resumes training) a model described by `cfg` in `workdir`.
+
+  Args:
+    cfg: a train config (see `experiments/configs/train.py`): `model`,
+      `data`, optimizer fields, `total_steps`, `seed`, `loss_on`,
+      `log_every`, `checkpoint_every`, `eval_every`, `max_checkpoints`.
+    workdir: where `checkpoints/` and `metrics.jsonl` live; an existing
+      checkpoint there is resumed.
+    stop_after: stop (after checkpointing) once this many steps are done,
+      as if killed there; None runs to `total_steps`.
+    eval_fn: optional `(params, step) -> dict` called every `eval_every`
+      steps and at the end; its result is logged with the metrics.
+    progress: show a tqdm bar.
+
+  Returns:
+    The final TrainState.
+
+  Raises:
+    ValueError: a bad config value.
+  """
+  if cfg["total_steps"] <= 0:
+    raise ValueError(f"total_steps must be > 0, got {cfg['total_steps']}.")
+  config = model_config_from(cfg)
+  optimizer = optimizer_from(cfg)
+  step_fn = make_train_step(config, optimizer)
+  data_config = cfg["data"]
+  os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+  state = init_state(config, optimizer, cfg["seed"], cfg["init_std"])
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=cfg["max_checkpoints"], create=True)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  latest = manager.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(
+        abstract._asdict()))
+    state = TrainState(**restored)
+    _truncate_metrics(metrics_path, int(state.step))
+  start = int(state.step)
+  end = cfg["total_steps"] if stop_after is None else min(
+      cfg["total_steps"], stop_after)
+
+  def save(state):
+    manager.save(int(state.step), args=ocp.args.StandardSave(
+        state._asdict()))
+
+  bar = tqdm.tqdm(total=end, initial=start, disable=not progress,
+                  dynamic_ncols=True, desc="train")
+  t_last = time.perf_counter()
+  pending = []
+  with open(metrics_path, "a") as log:
+    for step in range(start, end):
+      batch = data_lib.task_batch(data_config, cfg["seed"], step)
+      arrays = data_lib.model_inputs(batch, cfg["loss_on"])
+      state, metrics = step_fn(state, arrays)
+      done = step + 1
+      pending.append((done, int(batch.context_end[0]),
+                      batch.tokens.shape[0], metrics))
+      if done % cfg["log_every"] == 0 or done == end:
+        jax.block_until_ready(state.params)
+        now = time.perf_counter()
+        for s, context_len, batch_size, m in pending:
+          row = {"step": s, "context_len": context_len,
+                 "batch_size": batch_size}
+          row.update({k: float(v) for k, v in m.items()})
+          if s == done:
+            row["seconds_per_step"] = (now - t_last) / len(pending)
+          log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
+        pending, t_last = [], now
+      bar.update(1)
+      if eval_fn is not None and cfg["eval_every"] and (
+          done % cfg["eval_every"] == 0 or done == cfg["total_steps"]):
+        row = {"step": done, "eval": eval_fn(state.params, done)}
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        t_last = time.perf_counter()
+      if done % cfg["checkpoint_every"] == 0 or done == end:
+        save(state)
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  return state

@@ -1,0 +1,121 @@
+"""Train loop: the jitted step, exact resume after a kill, metrics JSONL."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax.train import data, loop, losses
+
+
+def _cfg(optimizer="muon_split", total_steps=6):
+  return {
+      "model": dict(vocab_size=512, d_model=32, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=16, mlp_dim=64),
+      "optimizer": optimizer, "learning_rate": 0.01,
+      "adam_learning_rate": 3e-3, "weight_decay": 0.01, "b1": 0.9,
+      "b2": 0.95, "grad_clip": 1.0, "warmup_steps": 2,
+      "final_lr_fraction": 0.1, "init_std": 0.02,
+      "total_steps": total_steps, "seed": 3, "loss_on": "answers",
+      "data": {"phases": [{"until": 3, "context_lens": [24]},
+                          {"until": 100, "context_lens": [24, 32]}],
+               "tokens_per_step": 160,
+               "task_fractions": {"mqar": 1, "needle": 1, "multihop": 1,
+                                  "overwrite": 1, "abstention": 1},
+               "mqar_pairs": [2, 4], "mqar_placements": ["prefix",
+                                                         "scattered"],
+               "multihop_hops": [1, 2], "overwrite_distractors": 1,
+               "needle_distractors": 1, "abstention_distractors": 1,
+               "multihop_distractor_chains": 1},
+      "log_every": 2, "checkpoint_every": 2, "max_checkpoints": 2,
+      "eval_every": 0,
+  }
+
+
+def test_weighted_cross_entropy_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 5))
+  weights = rng.random((2, 5)) > 0.5
+  loss, m = losses.weighted_cross_entropy(jnp.asarray(logits),
+                                          jnp.asarray(targets),
+                                          jnp.asarray(weights))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(loss), nll[weights].mean(), rtol=1e-5)
+  assert float(m["num_targets"]) == weights.sum()
+  with pytest.raises(ValueError, match="weights shape"):
+    losses.weighted_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                  jnp.ones((2, 4)))
+
+
+def test_loss_on_answers_or_all():
+  batch = data.task_batch(_cfg()["data"], 0, 0)
+  answers = data.model_inputs(batch, "answers")["weights"]
+  every = data.model_inputs(batch, "all")["weights"]
+  np.testing.assert_array_equal(answers, batch.loss_mask[:, 1:])
+  assert every.sum() == (batch.lengths - 1).sum() > answers.sum()
+  with pytest.raises(ValueError, match="loss_on"):
+    data.model_inputs(batch, "question")
+
+
+def test_data_is_a_pure_function_of_seed_and_step():
+  d = _cfg()["data"]
+  a, b, c = (data.task_batch(d, 0, 5), data.task_batch(d, 0, 5),
+             data.task_batch(d, 0, 6))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert a.tokens.shape != c.tokens.shape or not np.array_equal(
+      a.tokens, c.tokens)
+  # Fixed width per context: T = L + 1 + 2 * max(mqar_pairs).
+  assert data.task_batch(d, 0, 0).tokens.shape[1] == 24 + 1 + 8
+
+
+def test_train_step_learns_and_compiles_once():
+  cfg = _cfg()
+  config = loop.model_config_from(cfg)
+  opt = loop.optimizer_from(dict(cfg, total_steps=40))
+  state = loop.init_state(config, opt, 0)
+  step = loop.make_train_step(config, opt)
+  arrays = data.model_inputs(data.task_batch(cfg["data"], 0, 0,
+                                             context_len=24))
+  first = None
+  for _ in range(15):
+    state, metrics = step(state, arrays)
+    first = first if first is not None else float(metrics["loss"])
+  assert float(metrics["loss"]) < first  # overfits one batch
+  assert int(state.step) == 15
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+  cfg = _cfg("muon_split")  # the larger optimizer state (Muon + AdamW)
+  full = loop.train(cfg, str(tmp_path / "full"), progress=False)
+  # "Kill" after 3 steps, then delete the step-3 checkpoint: the run
+  # restarts from step 2 with a metrics row for step 3 already written,
+  # which must be dropped and redone.
+  part_dir = str(tmp_path / "part")
+  loop.train(dict(cfg, checkpoint_every=2), part_dir, stop_after=3,
+             progress=False)
+  # Simulate a kill between checkpoints: drop the step-3 checkpoint.
+  ckpts = os.path.join(part_dir, "checkpoints")
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(ckpts, "3"))
+  resumed = loop.train(cfg, part_dir, progress=False)
+  assert int(resumed.step) == int(full.step) == cfg["total_steps"]
+  for a, b in zip(jax.tree.leaves(full.params),
+                  jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full.opt_state),
+                  jax.tree.leaves(resumed.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = [json.loads(l) for l in open(os.path.join(part_dir,
+                                                   "metrics.jsonl"))]
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)) == list(range(1, 7))
+  full_rows = [json.loads(l) for l in open(
+      str(tmp_path / "full" / "metrics.jsonl"))]
+  assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
