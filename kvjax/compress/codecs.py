@@ -30,6 +30,7 @@ import numpy as np
 
 from kvjax.cache import Codec, CodedKV, KVCache, TailedKV, is_coded
 from kvjax.compress import base
+from kvjax.compress.packing import pack_bits, unpack_bits
 
 Array = jax.Array
 INT_BITS = (2, 4, 8)
@@ -47,36 +48,6 @@ def _check_group(head_dim: int, group_size: int | None) -> int:
 def _check_bits(bits, allowed=INT_BITS, name="bits"):
   if bits not in allowed:
     raise ValueError(f"{name}={bits!r} is not supported; allowed: {allowed}.")
-
-
-# ----------------------------------------------------------------------------
-# Bit packing (arithmetic unpacking after the load: no bitcasts).
-
-
-def pack_bits(codes: Array, bits: int) -> Array:
-  """Packs unsigned codes [..., n] (< 2**bits) into uint8 [..., n*bits/8],
-  little-end first: code i of a byte sits at bits [i*bits, (i+1)*bits)."""
-  if bits == 8:
-    return codes.astype(jnp.uint8)
-  per = 8 // bits
-  n = codes.shape[-1]
-  if n % per:
-    raise ValueError(f"last axis {n} must be a multiple of {per} to pack "
-                     f"{bits}-bit codes.")
-  c = codes.astype(jnp.uint8).reshape(codes.shape[:-1] + (n // per, per))
-  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)
-  return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint8)
-
-
-def unpack_bits(packed: Array, bits: int, n: int) -> Array:
-  """Inverse of `pack_bits`: uint8 [..., n*bits/8] -> uint8 codes [..., n]."""
-  if bits == 8:
-    return packed
-  per = 8 // bits
-  shifts = (jnp.arange(per, dtype=jnp.uint8) * bits)
-  mask = jnp.uint8(2**bits - 1)
-  out = (packed[..., None] >> shifts) & mask  # [..., n/per, per]
-  return out.reshape(packed.shape[:-1] + (n,))
 
 
 # ----------------------------------------------------------------------------

@@ -40,35 +40,11 @@ import numpy as np
 from kvjax.cache import Codec
 from kvjax.compress import base
 from kvjax.compress.codecs import int_codec, quantize
+from kvjax.compress.packing import pack_bits, unpack_bits
 
 Array = jax.Array
 _NORM_DTYPE = jnp.float16
 TURBO_BITS = (1, 2, 3, 4)
-
-
-# ----------------------------------------------------------------------------
-# Bit packing of any width (arithmetic, no bitcasts).
-
-
-def pack_any(codes: Array, bits: int) -> Array:
-  """Packs codes [..., n] (< 2**bits, n * bits % 8 == 0) into uint8
-  [..., n * bits / 8]: the bit stream of code 0 (LSB first), code 1, ..."""
-  n = codes.shape[-1]
-  if (n * bits) % 8:
-    raise ValueError(f"{n} codes of {bits} bits do not fill whole bytes.")
-  c = codes.astype(jnp.uint8)
-  bit_planes = (c[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1
-  stream = bit_planes.reshape(codes.shape[:-1] + (n * bits // 8, 8))
-  weights = (jnp.uint8(1) << jnp.arange(8, dtype=jnp.uint8))
-  return jnp.sum(stream * weights, axis=-1, dtype=jnp.uint8)
-
-
-def unpack_any(packed: Array, bits: int, n: int) -> Array:
-  """Inverse of `pack_any`: uint8 [..., n * bits / 8] -> uint8 [..., n]."""
-  stream = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-  planes = stream.reshape(packed.shape[:-1] + (n, bits))
-  weights = (jnp.uint8(1) << jnp.arange(bits, dtype=jnp.uint8))
-  return jnp.sum(planes * weights, axis=-1, dtype=jnp.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -132,13 +108,13 @@ def mse_encode(x: Array, rotation: Array, bits: int) -> dict[str, Array]:
   unit = x / jnp.where(norm > 0, norm, 1.0)[..., None]
   y = unit @ jnp.swapaxes(rotation, -1, -2)  # P u
   codes = _nearest(y, lloyd_max_codebook(d, bits))
-  return {"codes": pack_any(codes, bits), "norm": norm.astype(_NORM_DTYPE)}
+  return {"codes": pack_bits(codes, bits), "norm": norm.astype(_NORM_DTYPE)}
 
 
 def _centroids(enc: dict, bits: int, d: int) -> Array:
   """Rotated-domain reconstruction c[codes] [..., d] of the unit vector."""
   book = jnp.asarray(lloyd_max_codebook(d, bits), jnp.float32)
-  return book[unpack_any(enc["codes"], bits, d).astype(jnp.int32)]
+  return book[unpack_bits(enc["codes"], bits, d).astype(jnp.int32)]
 
 
 def mse_decode(enc: dict, rotation: Array, bits: int) -> Array:
@@ -160,18 +136,18 @@ def prod_encode(x: Array, rotation: Array, projection: Array, bits: int
   if bits > 1:
     y = unit @ jnp.swapaxes(rotation, -1, -2)
     codes = _nearest(y, lloyd_max_codebook(d, bits - 1))
-    enc["codes"] = pack_any(codes, bits - 1)
+    enc["codes"] = pack_bits(codes, bits - 1)
     approx = _centroids(enc, bits - 1, d) @ rotation
   else:
     approx = jnp.zeros_like(unit)
   r = unit - approx
-  enc["signs"] = pack_any((r @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1)
+  enc["signs"] = pack_bits((r @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1)
   enc["rnorm"] = jnp.linalg.norm(r, axis=-1).astype(_NORM_DTYPE)
   return enc
 
 
 def _signs(enc: dict, d: int) -> Array:
-  return unpack_any(enc["signs"], 1, d).astype(jnp.float32) * 2 - 1
+  return unpack_bits(enc["signs"], 1, d).astype(jnp.float32) * 2 - 1
 
 
 def prod_decode(enc: dict, rotation: Array, projection: Array, bits: int
@@ -212,7 +188,7 @@ def prod_scores(q: Array, enc: dict, rotation: Array, projection: Array,
 
 def qjl_encode(x: Array, projection: Array) -> dict[str, Array]:
   """QJL keys: sign(S x) packed [..., m/8] and ||x|| (float16)."""
-  return {"signs": pack_any((x @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1),
+  return {"signs": pack_bits((x @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1),
           "norm": jnp.linalg.norm(x, axis=-1).astype(_NORM_DTYPE)}
 
 
@@ -457,13 +433,13 @@ def polar_encode(x: Array, rotation: Array, level_bits: tuple[int, ...]
   pairs = y.reshape(y.shape[:-1] + (-1, 2))
   theta = jnp.mod(jnp.arctan2(pairs[..., 1], pairs[..., 0]), 2 * np.pi)
   r = jnp.linalg.norm(pairs, axis=-1)
-  enc["a1"] = pack_any(_quantize_angle(theta, polar_codebook(
+  enc["a1"] = pack_bits(_quantize_angle(theta, polar_codebook(
       1, level_bits[0]), True), level_bits[0])
   for lvl, b in enumerate(level_bits[1:], start=2):
     rp = r.reshape(r.shape[:-1] + (-1, 2))
     theta = jnp.arctan2(rp[..., 1], rp[..., 0])  # in [0, pi/2]
     r = jnp.linalg.norm(rp, axis=-1)
-    enc[f"a{lvl}"] = pack_any(_nearest(theta, polar_codebook(lvl, b)), b)
+    enc[f"a{lvl}"] = pack_bits(_nearest(theta, polar_codebook(lvl, b)), b)
   enc["radii"] = r.astype(_NORM_DTYPE)
   return enc
 
@@ -478,12 +454,12 @@ def polar_decode(enc: dict, rotation: Array, level_bits: tuple[int, ...]
     b = level_bits[lvl - 1]
     n = d >> lvl
     book = jnp.asarray(polar_codebook(lvl, b), jnp.float32)
-    theta = book[unpack_any(enc[f"a{lvl}"], b, n).astype(jnp.int32)]
+    theta = book[unpack_bits(enc[f"a{lvl}"], b, n).astype(jnp.int32)]
     r = jnp.stack([r * jnp.cos(theta), r * jnp.sin(theta)], -1)
     r = r.reshape(r.shape[:-2] + (-1,))
   b = level_bits[0]
   book = jnp.asarray(polar_codebook(1, b), jnp.float32)
-  theta = book[unpack_any(enc["a1"], b, d // 2).astype(jnp.int32)]
+  theta = book[unpack_bits(enc["a1"], b, d // 2).astype(jnp.int32)]
   y = jnp.stack([r * jnp.cos(theta), r * jnp.sin(theta)], -1)
   return y.reshape(y.shape[:-2] + (d,)) @ rotation
 

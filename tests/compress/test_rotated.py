@@ -11,6 +11,7 @@ import pytest
 import kvjax
 from kvjax import compress
 from kvjax.cache import CodedKV, payload_bytes
+from kvjax.compress import packing
 from kvjax.compress import rotated
 
 D = 128
@@ -22,11 +23,11 @@ def _unit(key, n, d=D):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_pack_any_round_trip(bits):
+def test_pack_bits_any_width_round_trip(bits):
   codes = jax.random.randint(jax.random.key(bits), (3, 64), 0, 2**bits)
-  packed = rotated.pack_any(codes, bits)
+  packed = packing.pack_bits(codes, bits)
   assert packed.shape == (3, 8 * bits)
-  np.testing.assert_array_equal(rotated.unpack_any(packed, bits, 64), codes)
+  np.testing.assert_array_equal(packing.unpack_bits(packed, bits, 64), codes)
 
 
 def test_lloyd_max_codebooks_match_the_paper():
