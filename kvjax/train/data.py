@@ -16,6 +16,8 @@ uninterrupted one would. A data config is a mapping (a dict or an
   mqar_pairs       choices of mqar num_pairs (those that fit L are used).
   mqar_placements  choices of mqar placement.
   multihop_hops    hops drawn per multihop row.
+  copy_fraction    share of extra "copy" rows (default 0): a training aid,
+                   not a task of the suite (see `copy_batch`).
   ...              other task params: needle_distractors, overwrite_writes,
                    overwrite_distractors, abstention_distractors,
                    multihop_distractor_chains.
@@ -32,6 +34,9 @@ import numpy as np
 
 from kvjax.tasks import generators
 from kvjax.tasks.generators import TASK_NAMES, TaskBatch
+from kvjax.tasks.vocab import BOS, QUERY, VOCAB
+
+COPY_TASK_ID = -1  # task_ids value of copy rows (not a task of the suite).
 
 
 def _get(cfg, name, default=None):
@@ -107,6 +112,10 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
   L = int(context_len or lens[rng.integers(len(lens))])
   tokens = phase_value(data_config, phase, "tokens_per_step")
   B = int(batch_size or max(1, tokens // L))
+  copy_rows = int(round(B * float(_get(data_config, "copy_fraction", 0.0))))
+  if copy_rows >= B:
+    raise ValueError(f"copy_fraction leaves no task rows in a batch of {B}.")
+  B -= copy_rows
   pairs = [int(p) for p in phase_value(data_config, phase, "mqar_pairs")
            if 2 * p + 1 <= L]
   parts = []
@@ -135,8 +144,50 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
                                              "abstention_distractors", 4)))
     parts.append(generators.make_batch(task, rows, seed=sub_seed,
                                        context_len=L, **params))
+  if copy_rows:
+    parts.append(copy_batch(copy_rows, L, seed=(int(seed), int(step), 0)))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
+
+
+def copy_batch(batch_size: int, context_len: int, seed) -> TaskBatch:
+  """Rows `BOS s QUERY s`: a random sequence s, then s again (loss on it).
+
+  A training aid for the recall circuit, not a task of the suite: every
+  token of the second copy is predicted by attending to the token after
+  the previous occurrence of the current one (an induction head), the
+  circuit every recall task needs, with a target at each position instead
+  of a few answers per row. s has `(context_len - 2) // 2` distinct ids
+  drawn from the key and value ranges. Rows carry task id `COPY_TASK_ID`
+  and no critical positions.
+
+  Raises:
+    ValueError: context_len < 6.
+  """
+  if context_len < 6:
+    raise ValueError(f"copy_batch needs context_len >= 6, got {context_len}.")
+  rng = np.random.default_rng(seed)
+  n = (context_len - 2) // 2
+  ids = VOCAB.key_start + np.stack([
+      rng.choice(2 * VOCAB.num_keys, n, replace=False)
+      for _ in range(batch_size)])  # [B, n]
+  T = 2 * n + 2
+  tokens = np.zeros((batch_size, T), np.int32)
+  tokens[:, 0] = BOS
+  tokens[:, 1:n + 1] = ids
+  tokens[:, n + 1] = QUERY
+  tokens[:, n + 2:] = ids
+  loss_mask = np.zeros((batch_size, T), bool)
+  loss_mask[:, n + 3:] = True  # the first copied id is not predictable
+  answer_positions = np.broadcast_to(np.arange(n + 3, T), (batch_size, n - 1))
+  full = lambda v: np.full((batch_size,), v, np.int32)
+  return TaskBatch(
+      tokens=tokens, lengths=full(T), context_end=full(n + 1),
+      answer_start=full(n + 3),
+      answer_positions=np.array(answer_positions, np.int32),
+      answers=tokens[:, n + 3:].copy(), loss_mask=loss_mask,
+      critical_positions=np.full((batch_size, 0), -1, np.int32),
+      task_ids=full(COPY_TASK_ID))
 
 
 def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:

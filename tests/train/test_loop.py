@@ -74,6 +74,23 @@ def test_data_is_a_pure_function_of_seed_and_step():
   assert data.task_batch(d, 0, 0).tokens.shape[1] == 24 + 1 + 8
 
 
+def test_copy_rows_repeat_the_sequence_and_mark_the_second_copy():
+  d = dict(_cfg()["data"], copy_fraction=0.2, tokens_per_step=360)
+  batch = data.task_batch(d, 0, 1)  # 360 // 24 = 15 rows, 3 copy rows
+  rows = np.flatnonzero(batch.task_ids == data.COPY_TASK_ID)
+  assert len(rows) == 3 and batch.tokens.shape[0] == 15
+  n = (24 - 2) // 2
+  for r in rows:
+    t = batch.tokens[r]
+    np.testing.assert_array_equal(t[1:n + 1], t[n + 2:2 * n + 2])
+    assert len(set(t[1:n + 1].tolist())) == n  # distinct ids
+    assert batch.loss_mask[r].sum() == n - 1
+    assert batch.loss_mask[r, n + 3:2 * n + 2].all()
+  assert not data.task_batch(_cfg()["data"], 0, 1).task_ids.min() < 0
+  with pytest.raises(ValueError, match="copy_fraction"):
+    data.task_batch(dict(d, copy_fraction=1.0), 0, 1)
+
+
 def test_train_step_learns_and_compiles_once():
   cfg = _cfg()
   config = loop.model_config_from(cfg)
