@@ -238,6 +238,105 @@ def prefill(
                   backend=backend, prefill_chunk=prefill_chunk)
 
 
+@functools.partial(jax.jit, static_argnames=("transform", "config", "reserve",
+                                             "backend"))
+def _compress_observing(params, cache, observe, token_mask, observe_mask,
+                        transform, extra, *, config, reserve, backend):
+  needs = tuple(transform.needs)
+  capture = tuple(n for n in needs if n in ("q", "q_pre_rope", "attn_probs"))
+  if "attn_mass" in needs and "attn_probs" not in capture:
+    capture += ("attn_probs",)
+  _, _, aux = model_lib.forward(params, observe, cache, config=config,
+                                token_mask=token_mask, capture=capture,
+                                backend=backend)
+  if "attn_mass" in needs:
+    # Mass of the observed queries only (the forward's own attn_mass sums
+    # every real token, e.g. teacher-forced answers too).
+    aux["attn_mass"] = jnp.einsum("lbnts,bt->lbns", aux["attn_probs"],
+                                  observe_mask.astype(jnp.float32))
+  positions = (cache.length[:, None]
+               + jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1)
+  ctx = _context("prefill", jnp.int32(0), positions, observe_mask, aux,
+                 reserve, config)
+  # The transform sees the cache as it was before `observe` ran: the
+  # observed tokens are not written into the returned cache.
+  new, state = transform.apply(cache, transform.init(cache), ctx, **extra)
+  return new._replace(state=state)
+
+
+def compress_observing(
+    params,
+    cache: KVCache,
+    observe: Array,
+    *,
+    config: ModelConfig,
+    transform: compress_base.KVTransform,
+    token_mask: Array | None = None,
+    observe_mask: Array | None = None,
+    reserve: int | None = None,
+    backend: str = "xla",
+    **extra,
+) -> KVCache:
+  """Question-aware compression of a prefilled cache (jitted).
+
+  Runs `observe` (e.g. the question) through the model on top of `cache`
+  to get its queries and attention, then compresses `cache` itself, with
+  the transform's observation window made of those queries. The observed
+  tokens are not written into the result: feed them (or anything else)
+  next, as with a question-agnostic cache. This is the question-aware mode
+  that also works when the question holds teacher-forced answers: mark the
+  question proper in `observe_mask` and only those queries are observed.
+
+  Args:
+    params: model parameters.
+    cache: a prefilled cache (e.g. from `prefill` without a transform).
+    observe: [B, T] tokens that follow the cache's contents.
+    config: the model config.
+    transform: the compression to apply.
+    token_mask: [B, T] bool, False at padding of `observe` (default: all).
+    observe_mask: [B, T] bool, the queries the transform observes (default:
+      `token_mask`); must be a subset of `token_mask`.
+    reserve: free slots left after a compacting transform (a Python int;
+      default T, room to feed `observe` afterwards).
+    backend: attention backend.
+    **extra: passed to the transform.
+
+  Returns:
+    The compressed cache (without the observed tokens).
+
+  Raises:
+    ValueError: when `observe` does not fit into the cache's free slots, or
+      the masks have the wrong shape.
+  """
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  if transform is None:
+    raise ValueError("compress_observing needs a transform, got None.")
+  if getattr(observe, "ndim", 0) != 2 or observe.shape[0] != cache.batch_size:
+    raise ValueError(f"observe must be [B={cache.batch_size}, T] tokens, got "
+                     f"shape {getattr(observe, 'shape', None)}.")
+  B, T = observe.shape
+  token_mask = jnp.ones((B, T), bool) if token_mask is None else jnp.asarray(
+      token_mask, bool)
+  observe_mask = token_mask if observe_mask is None else jnp.asarray(
+      observe_mask, bool)
+  for name, m in (("token_mask", token_mask), ("observe_mask", observe_mask)):
+    if m.shape != (B, T):
+      raise ValueError(f"{name} must have shape {(B, T)}, got {m.shape}.")
+  observe_mask = observe_mask & token_mask
+  need = int(np.max(np.asarray(cache.end) + np.asarray(token_mask).sum(1)))
+  if need > cache.capacity:
+    raise ValueError(f"observe needs {need} cache slots to run, the cache has "
+                     f"capacity {cache.capacity}; prefill with a larger "
+                     "`capacity`.")
+  reserve = T if reserve is None else int(reserve)
+  if reserve < 0:
+    raise ValueError(f"reserve must be >= 0, got {reserve}.")
+  return _compress_observing(params, cache, observe, token_mask, observe_mask,
+                             transform, extra, config=config, reserve=reserve,
+                             backend=backend)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
                                              "backend"))
 def decode_step(params, token: Array, cache: KVCache, rng: Array, *,

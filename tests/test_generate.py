@@ -169,3 +169,69 @@ def test_decode_continues_a_prefilled_cache_like_generate():
     assert num.tolist() == [5, 5]
   with pytest.raises(ValueError, match="cache capacity exceeded"):
     kvjax.decode(PARAMS, cache, first, config=CONFIG, max_new_tokens=50)
+
+
+def _snapkv_keep_by_hand(q, cache, observe_mask, budget, ctx_len):
+  """Top-`budget` context positions per (layer, row, kv head) by the mean
+  softmax attention of the observed queries over the context (kernel 1)."""
+  q = np.asarray(q, np.float64)  # [L, B, T, N, H]
+  k = np.asarray(cache.k, np.float64)[:, :, :, :ctx_len]  # [L, B, K, S, H]
+  L, B, T, N, H = q.shape
+  K = k.shape[2]
+  kn = np.repeat(k, N // K, axis=2)
+  logits = np.einsum("lbtnh,lbnsh->lbnts", q, kn) / np.sqrt(H)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  m = np.asarray(observe_mask, np.float64)
+  mean = np.einsum("lbnts,bt->lbns", p, m) / m.sum(1)[None, :, None, None]
+  s = mean.reshape(L, B, K, N // K, ctx_len).mean(3)
+  return [[[set(np.argsort(-s[l, b, h])[:budget].tolist()) for h in range(K)]
+           for b in range(B)] for l in range(L)]
+
+
+@pytest.mark.parametrize("observe_all", [True, False])
+def test_compress_observing_uses_the_question_queries(observe_all):
+  """Question-aware SnapKV: the kept context entries are those the observed
+  question queries attend to; the question is not written to the cache."""
+  ctx_len, q_len, budget = 16, 5, 6
+  tokens = _tokens(B=2, T=ctx_len + q_len, seed=3)
+  context, question = tokens[:, :ctx_len], tokens[:, ctx_len:]
+  _, cache = kvjax.prefill(PARAMS, context, config=CONFIG,
+                           capacity=ctx_len + q_len)
+  observe_mask = np.ones((2, q_len), bool)
+  if not observe_all:
+    observe_mask[:, 1] = observe_mask[0, 3] = False
+  transform = kvjax.compress.snapkv(budget=budget, window_size=64,
+                                    kernel_size=1)
+  out = kvjax.compress_observing(PARAMS, cache, question, config=CONFIG,
+                                 transform=transform,
+                                 observe_mask=jnp.asarray(observe_mask))
+  assert out.end.tolist() == [budget] * 2
+  assert out.length.tolist() == [ctx_len] * 2
+  assert out.capacity == budget + q_len
+  _, _, aux = kvjax.forward(PARAMS, question, cache, config=CONFIG,
+                            capture=("q",))
+  want = _snapkv_keep_by_hand(aux["q"], cache, observe_mask, budget, ctx_len)
+  pos, valid = np.asarray(out.pos), np.asarray(out.valid)
+  for l in range(CONFIG.num_layers):
+    for b in range(2):
+      for h in range(CONFIG.num_kv_heads):
+        got = set(pos[l, b, h][valid[l, b, h]].tolist())
+        assert got == want[l][b][h], (l, b, h)
+
+
+def test_compress_observing_checks_capacity_and_masks():
+  tokens = _tokens(B=2, T=12)
+  _, cache = kvjax.prefill(PARAMS, tokens[:, :8], config=CONFIG)
+  transform = kvjax.compress.snapkv(budget=4)
+  with pytest.raises(ValueError, match="capacity"):
+    kvjax.compress_observing(PARAMS, cache, tokens[:, 8:], config=CONFIG,
+                             transform=transform)
+  _, cache = kvjax.prefill(PARAMS, tokens[:, :8], config=CONFIG, capacity=12)
+  with pytest.raises(ValueError, match="observe_mask"):
+    kvjax.compress_observing(PARAMS, cache, tokens[:, 8:], config=CONFIG,
+                             transform=transform,
+                             observe_mask=jnp.ones((2, 3), bool))
+  with pytest.raises(ValueError, match="transform"):
+    kvjax.compress_observing(PARAMS, cache, tokens[:, 8:], config=CONFIG,
+                             transform=None)

@@ -222,7 +222,9 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
     H = qpr.shape[-1]
     # R = mean over the future positions t of (cos_t I + sin_t P), with
     # P x = rotate_half(x): the RoPE matrix averaged over t, per row.
-    length = jnp.sum(ctx.q_mask, axis=1)  # [B]
+    # Next position of each row (the observed queries may be a question
+    # run after a prefilled context, so count from their positions).
+    length = jnp.max(jnp.where(ctx.q_mask, ctx.q_pos, -1), axis=1) + 1  # [B]
     future = length[:, None] + jnp.arange(n_future_positions)  # [B, P]
     freqs = future[..., None].astype(jnp.float32) * rope_inv_freq(config)
     angles = jnp.concatenate([freqs, freqs], -1)  # [B, P, H]
