@@ -34,7 +34,7 @@ import numpy as np
 
 from kvjax.tasks import generators
 from kvjax.tasks.generators import TASK_NAMES, TaskBatch
-from kvjax.tasks.vocab import BOS, QUERY, VOCAB
+from kvjax.tasks.vocab import BOS, PAD, QUERY, VOCAB
 
 COPY_TASK_ID = -1  # task_ids value of copy rows (not a task of the suite).
 
@@ -145,47 +145,64 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
     parts.append(generators.make_batch(task, rows, seed=sub_seed,
                                        context_len=L, **params))
   if copy_rows:
-    parts.append(copy_batch(copy_rows, L, seed=(int(seed), int(step), 0)))
+    width = padded_length(data_config, L, phase) - L - 1
+    parts.append(copy_batch(copy_rows, L, seed=(int(seed), int(step), 0),
+                            max_copy=width))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
 
 
-def copy_batch(batch_size: int, context_len: int, seed) -> TaskBatch:
-  """Rows `BOS s QUERY s`: a random sequence s, then s again (loss on it).
+def copy_batch(batch_size: int, context_len: int, seed,
+               max_copy: int | None = None) -> TaskBatch:
+  """Rows `BOS f.. s f.. QUERY s`: a random sequence s in filler, then s again.
 
   A training aid for the recall circuit, not a task of the suite: every
   token of the second copy is predicted by attending to the token after
   the previous occurrence of the current one (an induction head), the
-  circuit every recall task needs, with a target at each position instead
-  of a few answers per row. s has `(context_len - 2) // 2` distinct ids
-  drawn from the key and value ranges. Rows carry task id `COPY_TASK_ID`
-  and no critical positions.
+  circuit every recall task needs, with a target at each copied position
+  instead of a few answers per row. The length of s (2 to
+  `min((context_len - 1) // 2, max_copy)`, distinct ids from the key and
+  value ranges)
+  and its offset in the context are drawn per row, so no fixed positional
+  offset solves it. The context is `context_len` tokens (BOS included) as
+  in the tasks; the loss covers the second s but its first token. Rows
+  carry task id `COPY_TASK_ID` and no critical positions.
 
   Raises:
-    ValueError: context_len < 6.
+    ValueError: context_len < 6 or max_copy < 2.
   """
   if context_len < 6:
     raise ValueError(f"copy_batch needs context_len >= 6, got {context_len}.")
+  if max_copy is not None and max_copy < 2:
+    raise ValueError(f"max_copy must be >= 2, got {max_copy}.")
   rng = np.random.default_rng(seed)
-  n = (context_len - 2) // 2
-  ids = VOCAB.key_start + np.stack([
-      rng.choice(2 * VOCAB.num_keys, n, replace=False)
-      for _ in range(batch_size)])  # [B, n]
-  T = 2 * n + 2
+  L = context_len
+  max_n = (L - 1) // 2 if max_copy is None else min((L - 1) // 2, max_copy)
+  T = L + 1 + max_n
   tokens = np.zeros((batch_size, T), np.int32)
-  tokens[:, 0] = BOS
-  tokens[:, 1:n + 1] = ids
-  tokens[:, n + 1] = QUERY
-  tokens[:, n + 2:] = ids
   loss_mask = np.zeros((batch_size, T), bool)
-  loss_mask[:, n + 3:] = True  # the first copied id is not predictable
-  answer_positions = np.broadcast_to(np.arange(n + 3, T), (batch_size, n - 1))
+  lengths = np.zeros((batch_size,), np.int32)
+  answer_positions = np.full((batch_size, max_n - 1), -1, np.int32)
+  for b in range(batch_size):
+    n = int(rng.integers(2, max_n + 1))
+    ids = VOCAB.key_start + rng.choice(2 * VOCAB.num_keys, n, replace=False)
+    start = int(rng.integers(1, L - n + 1))
+    tokens[b, :L] = VOCAB.filler_start + rng.integers(0, VOCAB.num_filler, L)
+    tokens[b, 0] = BOS
+    tokens[b, start:start + n] = ids
+    tokens[b, L] = QUERY
+    tokens[b, L + 1:L + 1 + n] = ids
+    loss_mask[b, L + 2:L + 1 + n] = True
+    lengths[b] = L + 1 + n
+    answer_positions[b, :n - 1] = np.arange(L + 2, L + 1 + n)
+  answers = np.where(answer_positions >= 0,
+                     np.take_along_axis(tokens, np.maximum(answer_positions,
+                                                           0), 1), PAD)
   full = lambda v: np.full((batch_size,), v, np.int32)
   return TaskBatch(
-      tokens=tokens, lengths=full(T), context_end=full(n + 1),
-      answer_start=full(n + 3),
-      answer_positions=np.array(answer_positions, np.int32),
-      answers=tokens[:, n + 3:].copy(), loss_mask=loss_mask,
+      tokens=tokens, lengths=lengths, context_end=full(L),
+      answer_start=full(L + 2), answer_positions=answer_positions,
+      answers=answers.astype(np.int32), loss_mask=loss_mask,
       critical_positions=np.full((batch_size, 0), -1, np.int32),
       task_ids=full(COPY_TASK_ID))
 

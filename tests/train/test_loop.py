@@ -79,13 +79,17 @@ def test_copy_rows_repeat_the_sequence_and_mark_the_second_copy():
   batch = data.task_batch(d, 0, 1)  # 360 // 24 = 15 rows, 3 copy rows
   rows = np.flatnonzero(batch.task_ids == data.COPY_TASK_ID)
   assert len(rows) == 3 and batch.tokens.shape[0] == 15
-  n = (24 - 2) // 2
   for r in rows:
-    t = batch.tokens[r]
-    np.testing.assert_array_equal(t[1:n + 1], t[n + 2:2 * n + 2])
-    assert len(set(t[1:n + 1].tolist())) == n  # distinct ids
+    t, L = batch.tokens[r], int(batch.context_end[r])
+    n = int(batch.lengths[r]) - L - 1
+    assert 2 <= n <= 8 and t[L] == kvjax.tasks.vocab.QUERY  # 8 = 2 * 4 pairs
+    copy = t[L + 1:L + 1 + n]
+    assert len(set(copy.tolist())) == n  # distinct ids
+    starts = [i for i in range(1, L - n + 1)
+              if np.array_equal(t[i:i + n], copy)]
+    assert len(starts) == 1  # s sits once in the context
     assert batch.loss_mask[r].sum() == n - 1
-    assert batch.loss_mask[r, n + 3:2 * n + 2].all()
+    assert batch.loss_mask[r, L + 2:L + 1 + n].all()
   assert not data.task_batch(_cfg()["data"], 0, 1).task_ids.min() < 0
   with pytest.raises(ValueError, match="copy_fraction"):
     data.task_batch(dict(d, copy_fraction=1.0), 0, 1)
