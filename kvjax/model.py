@@ -12,7 +12,7 @@ heads, K kv heads, G = N/K, H head dim, D model dim, F MLP dim, V vocab.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,12 @@ Params = dict[str, Any]
 #     w_gate [L, D, F]  w_up [L, D, F]  w_down [L, F, D]
 #   final_norm [D]
 #   lm_head    [D, V]                                 (unless tied)
+
+# intervene(layer, name, value) -> value: a static side input of `forward`
+# that may replace a layer's write into the residual. `layer` is the [] int32
+# layer index (traced inside the layer scan), `name` is "attn_out" or
+# "mlp_out", `value` the [B, T, D] write; the result must keep its shape.
+Intervene = Callable[[Array, str, Array], Array]
 
 CAPTURE_NAMES = (
     "resid",  # [L, B, T, D] residual stream entering each layer
@@ -174,8 +180,15 @@ def decoder_layer(
     inv_freq: np.ndarray,
     backend: str,
     capture: tuple[str, ...],
+    layer: Array | int | None = None,  # [] int32 layer index (for intervene)
+    intervene: Intervene | None = None,
 ) -> tuple[Array, tuple[Array, Array, Array, Array], dict[str, Array]]:
-  """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
+
+  `intervene(layer, "attn_out" | "mlp_out", write)`, when given, replaces
+  each write just before it is added to the residual (see `forward`); the
+  captured "attn_out" / "mlp_out" are the replaced writes.
+  """
   c = config
   captured = {}
   if "resid" in capture:
@@ -203,6 +216,8 @@ def decoder_layer(
   attn_out = jnp.einsum("btnh,nhd->btd", out, p["wo"])  # [B, T, D]
   if c.o_bias:
     attn_out = attn_out + p["bo"]
+  if intervene is not None:
+    attn_out = intervene(layer, "attn_out", attn_out)
   x = x + attn_out
 
   # MLP (SwiGLU).
@@ -210,6 +225,8 @@ def decoder_layer(
   gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, F]
   up = jnp.einsum("btd,df->btf", h, p["w_up"])  # [B, T, F]
   mlp_out = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+  if intervene is not None:
+    mlp_out = intervene(layer, "mlp_out", mlp_out)
   x = x + mlp_out
 
   for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out),
@@ -230,7 +247,8 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_forward_args(tokens, cache, config, positions, token_mask, capture):
+def _check_forward_args(tokens, cache, config, positions, token_mask, capture,
+                        intervene=None):
   if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype,
                                                         jnp.integer):
     raise TypeError("tokens must be an integer array [B, T], got "
@@ -254,6 +272,9 @@ def _check_forward_args(tokens, cache, config, positions, token_mask, capture):
   if bad or not isinstance(capture, tuple):
     raise ValueError(f"capture must be a tuple of names from {CAPTURE_NAMES},"
                      f" got {capture!r}.")
+  if intervene is not None and not callable(intervene):
+    raise TypeError("intervene must be None or a callable (layer, name, "
+                    f"value) -> value, got {type(intervene).__name__}.")
   if _is_concrete(tokens):
     host = np.asarray(tokens)
     lo, hi = int(host.min()), int(host.max())
@@ -272,6 +293,7 @@ def forward(
     token_mask: Array | None = None,
     capture: tuple[str, ...] = (),
     backend: str = "xla",
+    intervene: Intervene | None = None,
 ) -> tuple[Array, KVCache, dict[str, Array]]:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -292,6 +314,15 @@ def forward(
     capture: static tuple of names from `CAPTURE_NAMES`; each lands in
       `aux` stacked over layers.
     backend: attention backend (see `kvjax.attention.BACKENDS`).
+    intervene: optional static side input (penzai style), a callable
+      `intervene(layer, name, value) -> value` applied to every layer's
+      attention write (`name="attn_out"`) and MLP write (`"mlp_out"`),
+      [B, T, D] each, just before it is added to the residual. `layer` is
+      the [] int32 layer index, a tracer inside the layer scan, so select
+      layers with `jnp.where`, not Python `if`. Captured writes are the
+      intervened ones. Under `jax.jit` mark it static (a callable is hashed
+      by identity). None (the default) leaves the computation untouched.
+      `kvjax.analysis.residual.intervene_writes` builds common ones.
 
   Returns:
     logits: [B, T, V] float32.
@@ -304,7 +335,8 @@ def forward(
       capacity. Under `jit` a write past capacity is dropped instead and
       `kvjax.cache.cache_overflowed` reports it.
   """
-  _check_forward_args(tokens, cache, config, positions, token_mask, capture)
+  _check_forward_args(tokens, cache, config, positions, token_mask, capture,
+                      intervene)
   B, T = tokens.shape
   S = cache.capacity
   if token_mask is None:
@@ -329,15 +361,21 @@ def forward(
   inv_freq = rope_inv_freq(config)
 
   def body(x, xs):
-    p, layer_cache = xs
+    if intervene is None:
+      (p, layer_cache), layer = xs, None
+    else:
+      p, layer_cache, layer = xs
     x, layer_cache, captured = decoder_layer(
         x, p, layer_cache, positions=positions, slots=slots, config=config,
-        inv_freq=inv_freq, backend=backend, capture=capture)
+        inv_freq=inv_freq, backend=backend, capture=capture, layer=layer,
+        intervene=intervene)
     return x, (layer_cache, captured)
 
   layer_caches = (cache.k, cache.v, cache.pos, cache.valid)
-  x, (layer_caches, aux) = jax.lax.scan(body, x,
-                                        (params["layers"], layer_caches))
+  xs = (params["layers"], layer_caches)
+  if intervene is not None:  # the layer index rides along the scan
+    xs += (jnp.arange(config.num_layers, dtype=jnp.int32),)
+  x, (layer_caches, aux) = jax.lax.scan(body, x, xs)
   if "final_hidden" in capture:
     aux["final_hidden"] = x
   x = rms_norm(x, params["final_norm"], config.norm_eps)
