@@ -1,0 +1,71 @@
+"""Config of the compression sweep (`experiments/sweep.py`), kvjax's main job.
+
+  bash launch/local.sh                              # this default (kvjax-tiny)
+  python -m experiments.sweep --config=experiments/configs/sweep.py:smoke
+  python -m experiments.sweep --config.model=hf:/path/to/llama \\
+      --config.workdir=/tmp/sweep-llama           # any supported checkpoint
+  python -m experiments.sweep --config=experiments/configs/sweep.py:full
+
+The argument after ':' picks a preset: "default" (8 eviction methods, 2
+quantizers and one eviction + quantization composition at ratios
+{0, 0.5, 0.75, 0.9, 0.95} on five tasks, both question modes; about 10
+minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests), or
+"full" (every method, more rows, every task; for an accelerator). Any field
+can be overridden with --config.<field>=<value>.
+"""
+
+import ml_collections
+
+EVICTION = ("snapkv", "h2o", "streaming_llm", "tova", "adakv_snapkv",
+            "pyramidkv", "knorm", "expected_attention")
+
+
+def get_config(preset: str = "default") -> ml_collections.ConfigDict:
+  """Returns the sweep config of `preset` ("default", "smoke" or "full")."""
+  if preset not in ("default", "smoke", "full"):
+    raise ValueError(f"preset={preset!r}; allowed: default, smoke, full.")
+  c = ml_collections.ConfigDict()
+  # "kvjax-tiny" (shipped), "hf:PATH" (a Hugging Face checkpoint directory)
+  # or "random:PRESET" (random weights of a kvjax.config preset; plumbing).
+  c.model = "kvjax-tiny"
+  c.dtype = "float32"  # Parameter and cache dtype.
+  # Method names (see experiments/sweep.py METHODS): eviction policies run
+  # at every ratio > 0, quantizers once, "A+B" evicts with A then encodes
+  # with B at every ratio > 0. Ratio 0 is the uncompressed model ("none").
+  # Lists are comma-separated strings (easy to override on the command line).
+  c.methods = ",".join(EVICTION + ("kivi2", "turboquant3", "snapkv+kivi2"))
+  c.ratios = "0,0.5,0.75,0.9,0.95"  # Eviction ratios (share removed).
+  # Task suite entries (kvjax.train.evaluate.SUITE names).
+  c.tasks = "mqar,needle,multihop_k2,overwrite,abstention"
+  c.modes = "agnostic,aware"  # Question-agnostic / question-aware.
+  c.context_len = 512  # Context tokens (BOS included) of every task row.
+  c.mqar_pairs = 32  # Key-value pairs of mqar.
+  c.num_examples = 32  # Rows per task (one batch).
+  c.seed = 2024  # Held-out task seed (kvjax-tiny trained on others).
+  c.support_share = 0.9  # Attention share of the active support.
+  c.graph_eps = 0.01  # Edge threshold of the token-attention graph.
+  c.confidence = 0.5  # Max-softmax at which a wrong answer is confident.
+  c.workdir = "results/sweep"  # results.jsonl, summary.md and PNGs go here.
+  c.plots = True  # Write the PNG figures.
+  c.stop_after_units = 0  # Stop after this many new units (0 = all); tests.
+
+  if preset == "smoke":
+    c.model = "random:tiny"
+    c.methods = "snapkv,streaming_llm,kivi2,snapkv+kivi2"
+    c.ratios = "0,0.5,0.9"
+    c.tasks = "needle,mqar"
+    c.context_len = 48
+    c.mqar_pairs = 4
+    c.num_examples = 4
+    c.workdir = "/tmp/kvjax-sweep-smoke"
+  elif preset == "full":
+    c.methods = ",".join(EVICTION + (
+        "random", "oracle", "kivi2", "kivi4", "int4", "fp8", "turboquant3",
+        "turboquant2", "qjl", "polarquant", "snapkv+kivi2",
+        "snapkv+turboquant3", "h2o+kivi2"))
+    c.ratios = "0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98"
+    c.tasks = ("mqar,needle,multihop_k1,multihop_k2,multihop_k3,multihop_k4,"
+               "overwrite,abstention")
+    c.num_examples = 128
+    c.workdir = "results/sweep_full"
+  return c

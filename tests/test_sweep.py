@@ -1,0 +1,101 @@
+"""experiments/sweep.py: units, resume after a kill, rows, summary, figures."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import sweep
+from experiments.configs import sweep as sweep_config
+
+
+def _cfg(workdir, **overrides):
+  cfg = sweep_config.get_config("smoke")
+  cfg.methods = "snapkv,kivi2"
+  cfg.ratios = "0,0.5"
+  cfg.tasks = "needle"
+  cfg.context_len = 32
+  cfg.num_examples = 2
+  cfg.workdir = str(workdir)
+  cfg.plots = False
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def test_plan_units_and_bad_names():
+  cfg = _cfg("/tmp/unused", methods="snapkv,kivi2,snapkv+kivi2",
+             ratios="0,0.5,0.9", tasks="needle,mqar")
+  units = sweep.plan_units(cfg)
+  keys = [(u["method"], u["ratio"], u["task"], u["mode"]) for u in units]
+  assert len(keys) == len(set(keys))
+  # none once per task (agnostic only); snapkv and the composition at each
+  # ratio > 0; kivi2 once; all of them in both modes.
+  assert len(units) == 2 * 1 + 2 * 2 * (2 + 1 + 2)
+  assert ("none", 0.0, "mqar", "agnostic") in keys
+  assert ("none", 0.0, "mqar", "aware") not in keys
+  assert ("snapkv", 0.0, "mqar", "agnostic") not in keys
+  for field, value, match in (("methods", "snapkv,bogus", "unknown method"),
+                              ("ratios", "0.5,1.0", "ratios"),
+                              ("tasks", "needle,chess", "unknown task"),
+                              ("modes", "agnostic,psychic", "unknown mode")):
+    with pytest.raises(ValueError, match=match):
+      sweep.plan_units(_cfg("/tmp/unused", **{field: value}))
+  with pytest.raises(ValueError, match="policy\\+quantizer"):
+    sweep.method_transform("kivi2+snapkv", 0.5)
+
+
+def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
+  cfg = _cfg(tmp_path, stop_after_units=3)
+  rows = sweep.run(cfg)
+  assert len(rows) == 3
+  path = os.path.join(tmp_path, "results.jsonl")
+  # A kill in the middle of a write leaves a torn last line.
+  with open(path, "a") as f:
+    f.write('{"key": "torn')
+  cfg.stop_after_units = 0
+  rows = sweep.run(cfg)
+  units = sweep.plan_units(cfg)
+  keys = [r["key"] for r in rows]
+  assert len(keys) == len(units) == len(set(keys))
+  with open(path) as f:
+    lines = f.read().splitlines()
+  assert len(lines) == len(units)  # the torn line is gone, nothing doubled
+  # A rerun finds everything done and adds nothing.
+  assert len(sweep.run(cfg)) == len(units)
+  with open(path) as f:
+    assert len(f.read().splitlines()) == len(units)
+  by = {(r["method"], r["ratio"], r["mode"]): r for r in rows}
+  none = by[("none", 0.0, "agnostic")]
+  assert none["ger"] == 0.0 and none["kl"] == pytest.approx(0.0, abs=1e-6)
+  assert none["reachability"] == pytest.approx(1.0)
+  half = by[("snapkv", 0.5, "agnostic")]
+  assert half["logical_bytes_per_token"] == pytest.approx(
+      0.5 * none["logical_bytes_per_token"], rel=0.05)
+  assert 0.0 <= half["ger"] <= 1.0 and half["kl"] > 0
+  assert by[("kivi2", 0.0, "aware")]["ger"] == 0.0  # a codec evicts nothing
+  for name in ("summary.md", "facts.json"):
+    assert os.path.exists(os.path.join(tmp_path, name))
+  facts = json.load(open(os.path.join(tmp_path, "facts.json")))
+  assert len(facts["active_support"]["median_per_layer"]) == 2
+
+
+def test_summary_collapse_and_pearson():
+  rows = []
+  for task in ("a", "b"):
+    rows.append(dict(method="none", ratio=0.0, task=task, mode="agnostic",
+                     accuracy=1.0, hallucination_rate=0.0,
+                     abstention_rate=0.0, ger=0.0, reachability=1.0, kl=0.0,
+                     physical_bytes_per_token=100.0,
+                     logical_bytes_per_token=100.0, seconds=1.0))
+    for ratio, acc, ger in ((0.5, 0.9, 0.1), (0.75, 0.6, 0.3),
+                            (0.9, 0.2, 0.7)):
+      rows.append(dict(rows[0], method="snapkv", ratio=ratio, task=task,
+                       accuracy=acc, hallucination_rate=ger / 2, ger=ger,
+                       logical_bytes_per_token=100 * (1 - ratio)))
+  text, facts = sweep.summarize(rows)
+  assert facts["collapse_ratio"] == {"agnostic/snapkv": 0.9}
+  assert facts["pearson_ger_hallucination"]["agnostic"] == pytest.approx(1.0)
+  assert np.isnan(facts["pearson_ger_hallucination"]["aware"])
+  assert "| agnostic | snapkv | 0.75 | 0.600 |" in text
