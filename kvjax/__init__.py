@@ -5,8 +5,9 @@ from kvjax import config
 from kvjax.attention import reference_attention
 from kvjax.cache import KVCache, init_cache, kv_bytes, logical_bytes
 from kvjax.config import ModelConfig, RopeScaling, get_config
-from kvjax.generate import (GenerateOutput, compress_observing, decode,
-                            decode_step, generate, prefill)
+from kvjax.generate import (GenerateOutput, compress_cache,
+                            compress_observing, decode, decode_step,
+                            generate, prefill)
 from kvjax.model import forward, init_params
 
 __version__ = "0.1.0"

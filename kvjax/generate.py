@@ -169,11 +169,19 @@ def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
                                            capture=capture, backend=backend)
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
-    ctx = _context("prefill", jnp.int32(0), positions, mask, aux,
-                   capacity - T, config)
-    cache, state = transform.apply(cache, transform.init(cache), ctx, **extra)
-    cache = cache._replace(state=state)
+    cache = _apply_transform(cache, transform, extra, positions, mask, aux,
+                             capacity - T, config)
   return logits, cache
+
+
+def _apply_transform(cache, transform, extra, positions, mask, observed,
+                     reserve, config):
+  """Prefill-phase `transform` on `cache`, observing the queries at
+  `positions` / `mask` and the captures in `observed`."""
+  ctx = _context("prefill", jnp.int32(0), positions, mask, observed, reserve,
+                 config)
+  new, state = transform.apply(cache, transform.init(cache), ctx, **extra)
+  return new._replace(state=state)
 
 
 @functools.partial(jax.jit, static_argnames=("transform", "config", "capacity",
@@ -256,12 +264,73 @@ def _compress_observing(params, cache, observe, token_mask, observe_mask,
                                   observe_mask.astype(jnp.float32))
   positions = (cache.length[:, None]
                + jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1)
-  ctx = _context("prefill", jnp.int32(0), positions, observe_mask, aux,
-                 reserve, config)
   # The transform sees the cache as it was before `observe` ran: the
   # observed tokens are not written into the returned cache.
-  new, state = transform.apply(cache, transform.init(cache), ctx, **extra)
-  return new._replace(state=state)
+  return _apply_transform(cache, transform, extra, positions, observe_mask,
+                          aux, reserve, config)
+
+
+@functools.partial(jax.jit, static_argnames=("transform", "config",
+                                             "reserve"))
+def _compress_cache(cache, observed, positions, mask, transform, extra, *,
+                    config, reserve):
+  return _apply_transform(cache, transform, extra, positions, mask, observed,
+                          reserve, config)
+
+
+def compress_cache(
+    cache: KVCache,
+    transform: compress_base.KVTransform,
+    *,
+    config: ModelConfig,
+    observed: dict[str, Array],
+    positions: Array,
+    mask: Array,
+    reserve: int = 0,
+    **extra,
+) -> KVCache:
+  """Applies a (prefill-phase) transform to a cache, from given captures.
+
+  `prefill(transform=...)` and `compress_observing` run the model and then
+  this step; calling it directly lets one forward serve many transforms
+  (e.g. a sweep over methods): capture what the transforms need once,
+  `forward(..., capture=("q", "q_pre_rope", "attn_mass"))`, and compress
+  the same prefilled cache with each.
+
+  Args:
+    cache: the prefilled cache to compress.
+    transform: the compression.
+    config: the model config.
+    observed: the captures of the observed queries that the transform needs
+      (`transform.needs` among "q", "q_pre_rope" [L, B, T, N, H],
+      "attn_mass" [L, B, N, S] over this cache's slots).
+    positions: [B, T] positions of the observed queries.
+    mask: [B, T] bool, the observed queries that count.
+    reserve: free slots left after a compacting transform (a Python int).
+    **extra: passed to the transform.
+
+  Returns:
+    The compressed cache.
+
+  Raises:
+    ValueError: a capture the transform needs is missing, or bad shapes.
+  """
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  missing = [n for n in transform.needs
+             if n in _PREFILL_CAPTURES and n not in observed]
+  if missing:
+    raise ValueError(f"observed lacks {missing}, which {transform.name} "
+                     f"needs; capture them with forward(capture=...).")
+  if positions.shape != mask.shape or positions.shape[0] != cache.batch_size:
+    raise ValueError(f"positions {positions.shape} and mask {mask.shape} must "
+                     f"both be [B={cache.batch_size}, T].")
+  if int(reserve) < 0:
+    raise ValueError(f"reserve must be >= 0, got {reserve}.")
+  observed = {k: v for k, v in observed.items() if k in _PREFILL_CAPTURES}
+  return _compress_cache(cache, observed, jnp.asarray(positions, jnp.int32),
+                         jnp.asarray(mask, bool), transform, extra,
+                         config=config, reserve=int(reserve))
 
 
 def compress_observing(

@@ -235,3 +235,26 @@ def test_compress_observing_checks_capacity_and_masks():
   with pytest.raises(ValueError, match="transform"):
     kvjax.compress_observing(PARAMS, cache, tokens[:, 8:], config=CONFIG,
                              transform=None)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "expected_attention"])
+def test_compress_cache_from_captures_equals_prefill_with_transform(name):
+  """One forward's captures serve any transform: the same cache as
+  prefill(transform=...)."""
+  transform = getattr(kvjax.compress, name)(ratio=0.5)
+  tokens = _tokens(B=2, T=24, seed=5)
+  _, want = kvjax.prefill(PARAMS, tokens, config=CONFIG, transform=transform,
+                          capacity=30)
+  cache = kvjax.init_cache(CONFIG, 2, 30)
+  _, cache, aux = kvjax.forward(PARAMS, tokens, cache, config=CONFIG,
+                                capture=("q", "q_pre_rope", "attn_mass"))
+  positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+  got = kvjax.compress_cache(cache, transform, config=CONFIG, observed=aux,
+                             positions=positions, mask=jnp.ones((2, 24), bool),
+                             reserve=6)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), atol=1e-6)
+  with pytest.raises(ValueError, match="observed lacks"):
+    kvjax.compress_cache(cache, transform, config=CONFIG, observed={},
+                         positions=positions, mask=jnp.ones((2, 24), bool))
