@@ -155,14 +155,20 @@ def active_support(probs: Array, share: float = 0.9,
     ValueError: for a scalar `probs`, `share` outside (0, 1] or a `valid`
       that does not broadcast to the leading dims.
   """
+  counts, _ = _checked_counts(probs, share, valid)
+  return counts
+
+
+def _checked_counts(probs, share, valid):
+  """Validated `_support_counts`, zeroed on the rows `valid` marks False."""
   _check_float_array("probs", probs, min_ndim=1)
   share = check_share(share)
   if valid is not None:
     _check_valid(valid, tuple(probs.shape[:-1]))
-  counts, _ = _support_counts(probs, share)
+  counts, ranked = _support_counts(probs, share)
   if valid is not None:
     counts = jnp.where(valid, counts, 0)
-  return counts
+  return counts, ranked
 
 
 def active_support_mask(probs: Array, share: float = 0.9,
@@ -184,13 +190,7 @@ def active_support_mask(probs: Array, share: float = 0.9,
   Raises:
     TypeError / ValueError: as `active_support`.
   """
-  _check_float_array("probs", probs, min_ndim=1)
-  share = check_share(share)
-  if valid is not None:
-    _check_valid(valid, tuple(probs.shape[:-1]))
-  counts, ranked = _support_counts(probs, share)
-  if valid is not None:
-    counts = jnp.where(valid, counts, 0)
+  counts, ranked = _checked_counts(probs, share, valid)
   return _support_mask(probs, counts, ranked)
 
 
