@@ -33,11 +33,6 @@ from kvjax.analysis import residual
 from kvjax.tasks import generators
 from kvjax.train import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "anatomy.py"),
-    "Anatomy config (see experiments/configs/anatomy.py).")
-
 
 def _floats(x):
   return [float(v) for v in np.asarray(x).reshape(-1)]
@@ -238,4 +233,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so tests can import several mains.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(__file__), "configs",
+                             "anatomy.py"),
+      "Anatomy config (see experiments/configs/anatomy.py).")
   app.run(main)

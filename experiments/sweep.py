@@ -51,10 +51,6 @@ from kvjax.tasks import generators, scoring
 from kvjax.train import data as data_lib
 from kvjax.train import evaluate
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "sweep.py"),
-    "Sweep config (see experiments/configs/sweep.py).")
-
 # Eviction policies: ratio -> transform.
 EVICTION = {
     "snapkv": compress.snapkv,
@@ -454,6 +450,7 @@ def plot(rows, support, workdir):
   methods = sorted({r["method"] for r in rows} - {"none"})
   # 1. Accuracy vs compression (the phase-transition figure), both modes.
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+  colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
   for ax, mode in zip(axes, MODES):
     for m in methods:
       rs = [r for r in rows if r["method"] == m and r["mode"] == mode]
@@ -466,7 +463,7 @@ def plot(rows, support, workdir):
       ys = [_mean(base, "accuracy")] + [
           _mean([r for r in rs if r["ratio"] == x], "accuracy")
           for x in ratios]
-      ax.plot(xs, ys, marker="o", label=m)
+      ax.plot(xs, ys, marker="o", label=m, color=colors[m])
     ax.set_title(f"question-{mode}")
     ax.set_xlabel("compression: 1 - logical KV bytes / uncompressed")
     ax.grid(alpha=0.3)
@@ -509,13 +506,13 @@ def plot(rows, support, workdir):
   plt.close(fig)
   # 4. Bytes per token per method.
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for i, m in enumerate(methods):
+  for m in methods:
     rs = [r for r in rows if r["method"] == m and r["mode"] == "agnostic"]
     ratios = sorted({r["ratio"] for r in rs})
     for field, style in (("physical_bytes_per_token", "-"),
                          ("logical_bytes_per_token", ":")):
       ax.plot(ratios, [_mean([r for r in rs if r["ratio"] == x], field)
-                       for x in ratios], style, marker="o", color=f"C{i % 10}",
+                       for x in ratios], style, marker="o", color=colors[m],
               label=m if style == "-" else None)
   ax.axhline(_mean(base, "physical_bytes_per_token"), color="k", ls="--",
              label="uncompressed (physical)")
@@ -615,4 +612,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so tests can import several mains.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(os.path.dirname(__file__), "configs", "sweep.py"),
+      "Sweep config (see experiments/configs/sweep.py).")
   app.run(main)
