@@ -221,7 +221,7 @@ def main(argv):
     hf.save_pretrained(_EXPORT.value, state.params, config)
     record = {
         "name": config.name,
-        "command": "nice -n 10 python -m experiments.train "
+        "command": "python -m experiments.train "
                    + " ".join(sys.argv[1:]),
         "config": json.loads(cfg.to_json()),
         "steps": int(state.step),

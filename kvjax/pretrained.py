@@ -1,0 +1,67 @@
+"""Models shipped inside the package, loadable without any network.
+
+  config, params = kvjax.pretrained.load("kvjax-tiny")
+
+`kvjax-tiny` is a 4-layer Llama-architecture decoder trained by
+`experiments/train.py` on the synthetic task suite (`kvjax.tasks`); its
+directory (`kvjax/assets/kvjax-tiny/`) holds Hugging Face `config.json` +
+`model.safetensors` and `training.json`, the record of how it was trained
+(command, config, steps, machine, wall time, held-out accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from kvjax import hf
+from kvjax.config import ModelConfig
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "assets")
+MODELS = ("kvjax-tiny",)
+
+
+def path(name: str) -> str:
+  """The directory of shipped model `name`.
+
+  Raises:
+    ValueError: unknown name, or its files are missing from the install.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown pretrained model {name!r}; available: "
+                     f"{MODELS}.")
+  model_dir = os.path.join(ASSETS_DIR, name)
+  if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+    raise ValueError(f"pretrained model {name!r} has no weights at "
+                     f"{model_dir!r}; is the package data installed?")
+  return model_dir
+
+
+def load(name: str = "kvjax-tiny", dtype: str | None = None
+         ) -> tuple[ModelConfig, dict[str, Any]]:
+  """Loads a shipped model; no network access.
+
+  Args:
+    name: one of `MODELS`.
+    dtype: parameter dtype; default: the stored one (float32).
+
+  Returns:
+    (config, params), as `kvjax.hf.load_pretrained`; `config.name` is `name`.
+
+  Raises:
+    ValueError: unknown name or missing files.
+  """
+  config, params = hf.load_pretrained(path(name), dtype=dtype)
+  return config.replace(name=name), params
+
+
+def training_record(name: str = "kvjax-tiny") -> dict[str, Any]:
+  """The `training.json` of a shipped model: how it was trained and scored.
+
+  Raises:
+    ValueError: unknown name or missing files.
+  """
+  with open(os.path.join(path(name), "training.json")) as f:
+    return json.load(f)
