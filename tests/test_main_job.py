@@ -32,12 +32,21 @@ def test_ci_calls_the_readme_test_command():
   assert "bash launch/test.sh" in readme and "bash launch/local.sh" in readme
 
 
-def test_main_job_default_runs():
+def test_main_job_default_runs(tmp_path):
   with open(os.path.join(ROOT, "launch", "local.sh")) as f:
     module = re.search(r"python -m (\S+)", f.read()).group(1)
-  # The default config, made smaller only in batch so the test stays quick.
+  assert module == "experiments.sweep"
+  # The default config (kvjax-tiny) on fewer methods, ratios, tasks and
+  # rows, so the test stays quick; the full default is what the README shows.
   proc = subprocess.run(
-      [sys.executable, "-m", module, "--config.batch_size=2"], cwd=ROOT,
+      [sys.executable, "-m", module, "--config.methods=snapkv,kivi2",
+       "--config.ratios=0,0.9", "--config.tasks=needle",
+       "--config.num_examples=4", "--config.context_len=128",
+       f"--config.workdir={tmp_path}"], cwd=ROOT,
       capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "bytes" in proc.stdout
+  assert "| agnostic | snapkv | 0.9 |" in proc.stdout
+  for name in ("results.jsonl", "summary.md", "accuracy_vs_ratio.png",
+               "ger_vs_hallucination.png", "active_support.png",
+               "bytes_per_token.png"):
+    assert (tmp_path / name).exists(), name
