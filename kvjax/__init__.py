@@ -2,6 +2,7 @@
 
 from kvjax import cache
 from kvjax import config
+from kvjax import pretrained
 from kvjax.attention import reference_attention
 from kvjax.cache import KVCache, init_cache, kv_bytes, logical_bytes
 from kvjax.config import ModelConfig, RopeScaling, get_config
