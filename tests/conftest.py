@@ -27,3 +27,16 @@ def _count_compiles():
 def count_compiles():
   """`with count_compiles() as c: ...` then `c["n"]` compilations."""
   return _count_compiles
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's compiled programs after each test module.
+
+  Every XLA:CPU executable keeps its JIT-code mappings for the life of the
+  process; a whole-suite run compiles thousands of programs, and without
+  this the process hit a segfault inside an XLA compile late in the suite
+  (vm.max_map_count is 65530 here).
+  """
+  yield
+  jax.clear_caches()
