@@ -1,19 +1,7 @@
 """Config of the training job (`experiments/train.py`).
 
-  # kvjax-tiny (the shipped checkpoint is this run stopped with
-  # --stop_after=900 --eval_at_stop; see kvjax/assets/kvjax-tiny/training.json):
-  python -m experiments.train --config=experiments/configs/train.py \
-      --workdir=/tmp/kvjax-tiny --export=kvjax/assets/kvjax-tiny
-  # AdamW vs Muon split at the same step budget (400 steps, context 32):
-  python -m experiments.train --config=experiments/configs/train.py:compare \
-      --config.optimizer=adamw --config.learning_rate=3e-3 \
-      --workdir=results/train/adamw --stop_after=400 --eval_at_stop
-  python -m experiments.train --config=experiments/configs/train.py:compare \
-      --config.optimizer=muon_split --config.learning_rate=0.02 \
-      --workdir=results/train/muon_split --stop_after=400 --eval_at_stop
-  # a smoke run (seconds):
-  python -m experiments.train --config=experiments/configs/train.py:smoke \
-      --workdir=/tmp/smoke
+The commands that use it (kvjax-tiny, the AdamW vs Muon comparison, a
+smoke run) are listed in `experiments/train.py`'s docstring.
 
 The argument after ':' picks a preset ("tiny" default, "compare", "smoke");
 any field can then be overridden with --config.<field>=<value>.
