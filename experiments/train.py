@@ -9,6 +9,9 @@ safetensors layout plus a training.json record.
   # shared 2-core CPU; see kvjax/assets/kvjax-tiny/training.json):
   python -m experiments.train --config=experiments/configs/train.py \
       --workdir=/tmp/kvjax-tiny --export=kvjax/assets/kvjax-tiny
+  # a smoke run (seconds):
+  python -m experiments.train --config=experiments/configs/train.py:smoke \
+      --workdir=/tmp/smoke
   # AdamW vs Muon split (same 400 steps), then the comparison report:
   python -m experiments.train --config=experiments/configs/train.py:compare \
       --config.optimizer=adamw --config.learning_rate=3e-3 \
