@@ -45,7 +45,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.support_share = 0.9  # Attention share of the active support.
   c.graph_eps = 0.01  # Edge threshold of the token-attention graph.
   c.confidence = 0.5  # Max-softmax at which a wrong answer is confident.
-  c.workdir = "results/sweep"  # results.jsonl, summary.md and PNGs go here.
+  # results.jsonl, summary.md and PNGs go here (results/sweep/ holds the
+  # committed copy of the default run).
+  c.workdir = "runs/sweep"
   c.plots = True  # Write the PNG figures.
   c.stop_after_units = 0  # Stop after this many new units (0 = all); tests.
 
