@@ -62,8 +62,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.grad_clip = 1.0  # Global-norm clip (0 = none).
   c.warmup_steps = 100  # Linear warmup.
   c.final_lr_fraction = 0.1  # Cosine ends at this fraction of the peak.
+  # 0: warmup + cosine over the whole run. > 0: warmup, constant, cosine
+  # over the last decay_steps (WSD; earlier rates do not depend on
+  # total_steps, so the run can be lengthened).
+  c.decay_steps = 1500
   c.init_std = 0.02  # Std of the normal init of matrices.
-  c.total_steps = 5000  # Updates in all.
+  c.total_steps = 10000  # Updates in all.
   c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
   c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
 
@@ -76,14 +80,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # Copy rows (`copy_fraction`) are off: with a fixed offset the model
   # learned a positional shortcut, with random offsets they slowed the
   # tasks down in a 700-step pilot.
-  d.phases = [_phase(1500, [24], [4, 6, 8], task_fractions={"mqar": 1.0},
+  d.phases = [_phase(2500, [24, 32], [4, 6, 8], task_fractions={"mqar": 1.0},
                      tokens_per_step=1536),
-              _phase(3000, [64], [8, 16, 24],
+              _phase(6000, [32, 48, 64], [8, 12, 16],
                      task_fractions=dict(TASKS_RECALL),
                      multihop_hops=[1, 2]),
-              _phase(4000, [128, 256], [16, 24, 32],
+              _phase(8000, [128, 256], [16, 24, 32],
                      tokens_per_step=4096, multihop_hops=[1, 2, 3]),
-              _phase(5000, [512, 512, 512, 768], [16, 32],
+              _phase(10000, [512, 512, 512, 768], [16, 32],
                      tokens_per_step=4096)]
   d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
@@ -109,6 +113,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
 
   if preset == "compare":
     c.total_steps = 2000  # The schedule the comparison runs were cut from.
+    c.decay_steps = 0  # Warmup + cosine over the 2000 steps.
     # AdamW vs Muon split on the same model and data at context 32 (a
     # short recall-heavy stream), run for --stop_after=400 steps of the
     # 2000-step schedule of "tiny" (same warmup and cosine).
@@ -125,6 +130,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     m.head_dim, m.mlp_dim = 16, 128
     c.total_steps = 20
     c.warmup_steps = 5
+    c.decay_steps = 5
     d.phases = [_phase(20, [64], [4, 8])]
     d.mqar_pairs = [4, 8]
     d.tokens_per_step = 1024

@@ -7,4 +7,4 @@ from kvjax.train.loop import (TrainState, init_state, loss_fn,
 from kvjax.train.losses import weighted_cross_entropy
 from kvjax.train.optimizers import (OPTIMIZERS, make_optimizer,
                                     muon_dimension_numbers, param_labels,
-                                    warmup_cosine)
+                                    warmup_cosine, warmup_stable_decay)

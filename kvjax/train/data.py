@@ -228,7 +228,9 @@ def model_inputs(batch: TaskBatch, loss_on: str = "answers"
 
   Returns:
     dict with inputs [B, T-1] int32, targets [B, T-1] int32, weights
-    [B, T-1] float32, token_mask [B, T-1] bool.
+    [B, T-1] float32, token_mask [B, T-1] bool, answer_mask [B, T-1] bool
+    (the answer targets, whatever `loss_on`) and task_ids [B] int32 (index
+    in `kvjax.tasks.TASK_NAMES`, -1 for copy rows), for per-task metrics.
   """
   from kvjax.train.losses import loss_weights  # pylint: disable=g-import-not-at-top
   tokens = batch.tokens
@@ -239,4 +241,6 @@ def model_inputs(batch: TaskBatch, loss_on: str = "answers"
       "weights": np.asarray(loss_weights(batch.loss_mask, batch.lengths,
                                          loss_on), np.float32),
       "token_mask": np.arange(T - 1)[None, :] < batch.lengths[:, None],
+      "answer_mask": np.asarray(batch.loss_mask[:, 1:], bool),
+      "task_ids": np.asarray(batch.task_ids, np.int32),
   }

@@ -34,6 +34,7 @@ import tqdm
 from kvjax import model as model_lib
 from kvjax.cache import init_cache
 from kvjax.config import ModelConfig
+from kvjax.tasks import TASK_NAMES
 from kvjax.train import data as data_lib
 from kvjax.train import losses
 from kvjax.train import optimizers
@@ -74,8 +75,35 @@ def loss_fn(params, arrays: Mapping[str, Array], *, config: ModelConfig):
   cache = init_cache(config, B, T)
   logits, _, _ = model_lib.forward(params, inputs, cache, config=config,
                                    token_mask=arrays["token_mask"])
-  return losses.weighted_cross_entropy(logits, arrays["targets"],
-                                       arrays["weights"])
+  loss, metrics = losses.weighted_cross_entropy(logits, arrays["targets"],
+                                                arrays["weights"])
+  if "answer_mask" in arrays and "task_ids" in arrays:
+    metrics.update(per_task_accuracy(logits, arrays["targets"],
+                                     arrays["answer_mask"],
+                                     arrays["task_ids"]))
+  return loss, metrics
+
+
+def per_task_accuracy(logits, targets, answer_mask, task_ids
+                      ) -> dict[str, Array]:
+  """Teacher-forced answer accuracy per task of one batch.
+
+  Returns:
+    {"acc/<task>": accuracy, "n/<task>": answer count} for every task in
+    `kvjax.tasks.TASK_NAMES`; a task absent from the batch has n 0 and
+    accuracy 0 (the logger drops it).
+  """
+  correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask  # [B, T]
+  per_row_correct = jnp.sum(correct, axis=1).astype(jnp.float32)
+  per_row_count = jnp.sum(answer_mask, axis=1).astype(jnp.float32)
+  out = {}
+  for index, name in enumerate(TASK_NAMES):
+    rows = (task_ids == index).astype(jnp.float32)
+    count = jnp.sum(rows * per_row_count)
+    out[f"acc/{name}"] = jnp.sum(rows * per_row_correct) / jnp.maximum(
+        count, 1.0)
+    out[f"n/{name}"] = count
+  return out
 
 
 def make_train_step(config: ModelConfig, optimizer
@@ -113,7 +141,8 @@ def optimizer_from(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
       total_steps=cfg["total_steps"], warmup_steps=cfg["warmup_steps"],
       weight_decay=cfg["weight_decay"], b1=cfg["b1"], b2=cfg["b2"],
       grad_clip=cfg["grad_clip"] or None,
-      final_lr_fraction=cfg["final_lr_fraction"])
+      final_lr_fraction=cfg["final_lr_fraction"],
+      decay_steps=cfg.get("decay_steps", 0))
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -204,7 +233,10 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
         for s, context_len, batch_size, m in pending:
           row = {"step": s, "context_len": context_len,
                  "batch_size": batch_size}
-          row.update({k: float(v) for k, v in m.items()})
+          row.update({k: float(v) for k, v in m.items()
+                      if not k.startswith(("acc/", "n/"))})
+          row.update({k: float(v) for k, v in m.items() if k.startswith(
+              "acc/") and float(m["n/" + k[len("acc/"):]]) > 0})
           if s == done:
             row["seconds_per_step"] = (now - t_last) / len(pending)
           log.write(json.dumps(row) + "\n")

@@ -66,6 +66,40 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int,
       decay_steps=total_steps, end_value=final_fraction * peak)
 
 
+def warmup_stable_decay(peak: float, total_steps: int, warmup_steps: int,
+                        decay_steps: int,
+                        final_fraction: float = 0.1) -> optax.Schedule:
+  """Linear warmup to `peak`, constant, then a cosine decay over the last
+  `decay_steps` steps to `final_fraction * peak` at `total_steps` (WSD).
+
+  The rate of a step before the decay does not depend on `total_steps`, so
+  a run can be lengthened (or its later curriculum changed) after it has
+  started and still equal a run configured that way from the start.
+
+  Raises:
+    ValueError: non-positive steps, or warmup + decay > total steps.
+  """
+  if (total_steps <= 0 or warmup_steps < 0 or decay_steps <= 0
+      or warmup_steps + decay_steps > total_steps):
+    raise ValueError(
+        f"need warmup_steps >= 0, decay_steps > 0 and warmup_steps + "
+        f"decay_steps <= total_steps, got warmup_steps={warmup_steps}, "
+        f"decay_steps={decay_steps}, total_steps={total_steps}.")
+  stable = total_steps - warmup_steps - decay_steps
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup_steps),
+       optax.constant_schedule(peak),
+       optax.cosine_decay_schedule(peak, decay_steps, alpha=final_fraction)],
+      boundaries=[warmup_steps, warmup_steps + stable])
+
+
+def _schedule(peak, total_steps, warmup_steps, decay_steps, final_fraction):
+  if decay_steps:
+    return warmup_stable_decay(peak, total_steps, warmup_steps, decay_steps,
+                               final_fraction)
+  return warmup_cosine(peak, total_steps, warmup_steps, final_fraction)
+
+
 def _decay_mask(params: Any) -> Any:
   """Weight decay on the hidden matrices only (the Muon leaves), never on
   embeddings, LM head, norms or biases; the same for both optimizers."""
@@ -84,8 +118,9 @@ def make_optimizer(
     b2: float = 0.95,
     grad_clip: float | None = 1.0,
     final_lr_fraction: float = 0.1,
+    decay_steps: int = 0,
 ) -> optax.GradientTransformation:
-  """Builds an optimizer with a warmup + cosine schedule.
+  """Builds an optimizer with a warmup + cosine (or WSD) schedule.
 
   Args:
     name: "adamw" or "muon_split".
@@ -100,6 +135,9 @@ def make_optimizer(
       its own Nesterov momentum 0.95).
     grad_clip: global-norm clip applied first, or None.
     final_lr_fraction: the cosine ends at this fraction of the peak.
+    decay_steps: 0 for warmup + cosine over the whole run; otherwise
+      warmup, constant, and a cosine over the last `decay_steps` steps
+      (`warmup_stable_decay`).
 
   Returns:
     An `optax.GradientTransformation` over kvjax params.
@@ -109,15 +147,16 @@ def make_optimizer(
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer={name!r}; allowed: {OPTIMIZERS}.")
-  schedule = warmup_cosine(learning_rate, total_steps, warmup_steps,
-                           final_lr_fraction)
+  schedule = _schedule(learning_rate, total_steps, warmup_steps,
+                       decay_steps, final_lr_fraction)
   if name == "adamw":
     core = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
                        mask=_decay_mask)
   else:
-    adam_schedule = warmup_cosine(
+    adam_schedule = _schedule(
         adam_learning_rate if adam_learning_rate is not None
-        else learning_rate, total_steps, warmup_steps, final_lr_fraction)
+        else learning_rate, total_steps, warmup_steps, decay_steps,
+        final_lr_fraction)
     # Weight decay touches the hidden matrices only, as in `adamw` above
     # (see `_decay_mask`), so the AdamW half runs without decay.
     core = optax.contrib.muon(

@@ -140,3 +140,26 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   full_rows = [json.loads(l) for l in open(
       str(tmp_path / "full" / "metrics.jsonl"))]
   assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+
+
+def test_per_task_accuracy_counts_answers_of_each_task():
+  targets = jnp.array([[5, 6, 7], [5, 6, 7], [8, 8, 8]])
+  answer_mask = jnp.array([[False, True, True], [True, False, False],
+                           [False, False, True]])
+  logits = jax.nn.one_hot(jnp.array([[0, 6, 0], [5, 0, 0], [0, 0, 1]]), 16)
+  task_ids = jnp.array([0, 0, 3])  # mqar, mqar, overwrite
+  out = loop.per_task_accuracy(logits, targets, answer_mask, task_ids)
+  # mqar: answers (0,1) right, (0,2) wrong, (1,0) right -> 2/3.
+  np.testing.assert_allclose(float(out["acc/mqar"]), 2 / 3, rtol=1e-6)
+  assert float(out["n/mqar"]) == 3
+  assert float(out["acc/overwrite"]) == 0.0 and float(out["n/overwrite"]) == 1
+  assert float(out["n/needle"]) == 0
+
+
+def test_metrics_rows_carry_per_task_accuracy(tmp_path):
+  loop.train(_cfg("adamw", total_steps=3), str(tmp_path), progress=False)
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  for row in rows:
+    tasks = [k for k in row if k.startswith("acc/")]
+    assert tasks and not any(k.startswith("n/") for k in row)
+    assert all(0.0 <= row[k] <= 1.0 for k in tasks)

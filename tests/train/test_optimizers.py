@@ -104,3 +104,42 @@ def test_bad_arguments_raise():
                               warmup_steps=1)
   with pytest.raises(ValueError, match="warmup_steps"):
     optimizers.warmup_cosine(1.0, total_steps=10, warmup_steps=10)
+
+
+def test_schedule_warmup_stable_decay():
+  sched = optimizers.warmup_stable_decay(1.0, total_steps=100,
+                                         warmup_steps=10, decay_steps=20,
+                                         final_fraction=0.1)
+  longer = optimizers.warmup_stable_decay(1.0, total_steps=500,
+                                          warmup_steps=10, decay_steps=20,
+                                          final_fraction=0.1)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+  for step in (10, 50, 80):  # flat between warmup and decay
+    np.testing.assert_allclose(float(sched(step)), 1.0, rtol=1e-6)
+  # Before the decay the rate does not depend on total_steps.
+  for step in range(0, 81, 7):
+    assert float(sched(step)) == float(longer(step))
+  assert 0.1 < float(sched(90)) < 1.0
+  np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-5)
+  with pytest.raises(ValueError, match="decay_steps"):
+    optimizers.warmup_stable_decay(1.0, total_steps=20, warmup_steps=10,
+                                   decay_steps=11)
+  with pytest.raises(ValueError, match="decay_steps"):
+    optimizers.warmup_stable_decay(1.0, total_steps=20, warmup_steps=1,
+                                   decay_steps=0)
+
+
+def test_make_optimizer_with_decay_steps_uses_wsd():
+  params = {"w": jnp.ones((3,))}
+  grads = {"w": jnp.ones((3,))}
+  opt = optimizers.make_optimizer("adamw", learning_rate=1.0,
+                                  total_steps=100, warmup_steps=1,
+                                  decay_steps=10, grad_clip=None)
+  state = opt.init(params)
+  sizes = []
+  for _ in range(60):
+    updates, state = opt.update(grads, state, params)
+    sizes.append(float(jnp.abs(updates["w"][0])))
+  # Constant gradient: Adam's step is ~lr, flat at steps 1..59 (no decay).
+  np.testing.assert_allclose(sizes[5:], sizes[5], rtol=1e-4)
