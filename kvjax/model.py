@@ -85,8 +85,24 @@ def param_shapes(config: ModelConfig) -> Params:
   return params
 
 
-def init_params(config: ModelConfig, rng: Array, std: float = 0.02) -> Params:
-  """Random parameters: N(0, std) matrices and biases, unit norm weights."""
+# The matrices that write into the residual stream.
+RESIDUAL_OUTPUTS = ("wo", "w_down")
+
+
+def init_params(config: ModelConfig, rng: Array, std: float = 0.02,
+                out_std: float | None = None) -> Params:
+  """Random parameters: N(0, std) matrices and biases, unit norm weights.
+
+  Args:
+    config: the model config.
+    rng: a jax PRNG key.
+    std: std of every matrix and bias.
+    out_std: std of the residual-output matrices `wo` and `w_down` (None:
+      `std`; 0: zeros, so every block starts as the identity and the
+      residual holds only the embedding at init).
+  """
+  if out_std is not None and out_std < 0:
+    raise ValueError(f"out_std must be >= 0 or None, got {out_std}.")
   shapes = param_shapes(config)
   leaves, treedef = jax.tree.flatten_with_path(shapes)
   keys = jax.random.split(rng, len(leaves))
@@ -95,6 +111,9 @@ def init_params(config: ModelConfig, rng: Array, std: float = 0.02) -> Params:
     name = jax.tree_util.keystr(path[-1:])
     if "norm" in name:
       out.append(jnp.ones(sds.shape, sds.dtype))
+    elif out_std is not None and name.strip("[]'\"") in RESIDUAL_OUTPUTS:
+      out.append((out_std * jax.random.normal(key, sds.shape)).astype(
+          sds.dtype))
     else:
       out.append((std * jax.random.normal(key, sds.shape)).astype(sds.dtype))
   return jax.tree.unflatten(treedef, out)

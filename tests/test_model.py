@@ -234,3 +234,31 @@ def test_config_validation():
     kvjax.RopeScaling("yarn")
   with pytest.raises(ValueError, match="capacity"):
     kvjax.init_cache(kvjax.get_config("tiny"), 2, 0)
+
+
+def test_init_out_std_sets_only_the_residual_output_matrices():
+  cfg = kvjax.ModelConfig(vocab_size=64, d_model=16, num_layers=2,
+                          num_heads=2, num_kv_heads=1, head_dim=8,
+                          mlp_dim=32)
+  key = jax.random.key(0)
+  base = model_lib.init_params(cfg, key, std=0.02)
+  zero = model_lib.init_params(cfg, key, std=0.02, out_std=0.0)
+  small = model_lib.init_params(cfg, key, std=0.02, out_std=0.001)
+  for name, value in zero["layers"].items():
+    if name in model_lib.RESIDUAL_OUTPUTS:
+      assert float(jnp.abs(value).max()) == 0.0
+      np.testing.assert_allclose(small["layers"][name],
+                                 base["layers"][name] * 0.05, rtol=1e-5)
+    else:
+      np.testing.assert_array_equal(value, base["layers"][name])
+  np.testing.assert_array_equal(zero["embed"], base["embed"])
+  # Zeroed outputs: every block is the identity, the residual is the
+  # embedding, so the logits are the LM head of the normed embedding.
+  tokens = jnp.array([[3, 5, 7]])
+  logits, _, _ = model_lib.forward(zero, tokens,
+                               kvjax.init_cache(cfg, 1, 3), config=cfg)
+  x = model_lib.rms_norm(zero["embed"][tokens], zero["final_norm"], cfg.norm_eps)
+  np.testing.assert_allclose(logits, x @ zero["lm_head"], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="out_std"):
+    model_lib.init_params(cfg, key, out_std=-1.0)

@@ -37,12 +37,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # Model: kvjax-tiny, a Llama-architecture decoder run by kvjax.forward.
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 512  # kvjax.tasks.VOCAB.size.
-  m.d_model = 128  # D, residual width.
-  m.num_layers = 4  # L; multi-hop with k hops needs about k + 1 layers.
-  m.num_heads = 4  # N, query heads.
-  m.num_kv_heads = 2  # K, key/value heads (GQA group 2).
+  m.d_model = 64  # D, residual width.
+  m.num_layers = 3  # L; multi-hop with k hops needs about k + 1 layers.
+  m.num_heads = 2  # N, query heads.
+  m.num_kv_heads = 2  # K, key/value heads.
   m.head_dim = 32  # H.
-  m.mlp_dim = 384  # F, SwiGLU width.
+  m.mlp_dim = 128  # F, SwiGLU width.
   m.rope_theta = 10000.0  # RoPE base.
   m.norm_eps = 1e-6  # RMSNorm epsilon.
   m.tie_embeddings = True  # LM head = embedding (copying is then easy).
@@ -67,7 +67,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # total_steps, so the run can be lengthened).
   c.decay_steps = 1500
   c.init_std = 0.02  # Std of the normal init of matrices.
-  c.total_steps = 10000  # Updates in all.
+  c.total_steps = 12500  # Updates in all.
   c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
   c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
 
@@ -80,14 +80,16 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # Copy rows (`copy_fraction`) are off: with a fixed offset the model
   # learned a positional shortcut, with random offsets they slowed the
   # tasks down in a 700-step pilot.
-  d.phases = [_phase(2500, [24, 32], [4, 6, 8], task_fractions={"mqar": 1.0},
-                     tokens_per_step=1536),
-              _phase(6000, [32, 48, 64], [8, 12, 16],
-                     task_fractions=dict(TASKS_RECALL),
+  d.phases = [_phase(2000, [24], [4, 6], task_fractions={"mqar": 1.0},
+                     copy_fraction=0.75, tokens_per_step=1536),
+              _phase(4000, [24, 32], [4, 6, 8], task_fractions={"mqar": 1.0},
+                     copy_fraction=0.25, tokens_per_step=1536),
+              _phase(7500, [32, 48, 64], [8, 12, 16],
+                     task_fractions=dict(TASKS_RECALL), copy_fraction=0.1,
                      multihop_hops=[1, 2]),
-              _phase(8000, [128, 256], [16, 24, 32],
+              _phase(9500, [128, 256], [16, 24, 32],
                      tokens_per_step=4096, multihop_hops=[1, 2, 3]),
-              _phase(10000, [512, 512, 512, 768], [16, 32],
+              _phase(12500, [512, 512, 512, 768], [16, 32],
                      tokens_per_step=4096)]
   d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.

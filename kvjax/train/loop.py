@@ -57,10 +57,15 @@ class TrainState(NamedTuple):
 
 
 def init_state(model_config: ModelConfig, optimizer, seed: int,
-               init_std: float = 0.02) -> TrainState:
-  """Fresh parameters (from `seed`) and optimizer state at step 0."""
+               init_std: float = 0.02,
+               init_out_std: float | None = None) -> TrainState:
+  """Fresh parameters (from `seed`) and optimizer state at step 0.
+
+  `init_out_std` is the std of the residual-output matrices (wo, w_down);
+  None uses `init_std` (see `kvjax.model.init_params`).
+  """
   params = model_lib.init_params(model_config, jax.random.key(seed),
-                                 std=init_std)
+                                 std=init_std, out_std=init_out_std)
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
@@ -90,14 +95,15 @@ def per_task_accuracy(logits, targets, answer_mask, task_ids
 
   Returns:
     {"acc/<task>": accuracy, "n/<task>": answer count} for every task in
-    `kvjax.tasks.TASK_NAMES`; a task absent from the batch has n 0 and
-    accuracy 0 (the logger drops it).
+    `kvjax.tasks.TASK_NAMES` and for "copy" (copy rows); a task absent from
+    the batch has n 0 and accuracy 0 (the logger drops it).
   """
   correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask  # [B, T]
   per_row_correct = jnp.sum(correct, axis=1).astype(jnp.float32)
   per_row_count = jnp.sum(answer_mask, axis=1).astype(jnp.float32)
   out = {}
-  for index, name in enumerate(TASK_NAMES):
+  for index, name in [*enumerate(TASK_NAMES),
+                      (data_lib.COPY_TASK_ID, "copy")]:
     rows = (task_ids == index).astype(jnp.float32)
     count = jnp.sum(rows * per_row_count)
     out[f"acc/{name}"] = jnp.sum(rows * per_row_correct) / jnp.maximum(
@@ -195,7 +201,8 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-  state = init_state(config, optimizer, cfg["seed"], cfg["init_std"])
+  state = init_state(config, optimizer, cfg["seed"], cfg["init_std"],
+                     cfg.get("init_out_std"))
   options = ocp.CheckpointManagerOptions(
       max_to_keep=cfg["max_checkpoints"], create=True)
   manager = ocp.CheckpointManager(

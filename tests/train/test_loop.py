@@ -147,11 +147,12 @@ def test_per_task_accuracy_counts_answers_of_each_task():
   answer_mask = jnp.array([[False, True, True], [True, False, False],
                            [False, False, True]])
   logits = jax.nn.one_hot(jnp.array([[0, 6, 0], [5, 0, 0], [0, 0, 1]]), 16)
-  task_ids = jnp.array([0, 0, 3])  # mqar, mqar, overwrite
+  task_ids = jnp.array([0, -1, 3])  # mqar, copy, overwrite
   out = loop.per_task_accuracy(logits, targets, answer_mask, task_ids)
-  # mqar: answers (0,1) right, (0,2) wrong, (1,0) right -> 2/3.
-  np.testing.assert_allclose(float(out["acc/mqar"]), 2 / 3, rtol=1e-6)
-  assert float(out["n/mqar"]) == 3
+  # mqar: answer (0,1) right, (0,2) wrong -> 1/2; copy: (1,0) right.
+  np.testing.assert_allclose(float(out["acc/mqar"]), 1 / 2, rtol=1e-6)
+  assert float(out["n/mqar"]) == 2
+  assert float(out["acc/copy"]) == 1.0 and float(out["n/copy"]) == 1
   assert float(out["acc/overwrite"]) == 0.0 and float(out["n/overwrite"]) == 1
   assert float(out["n/needle"]) == 0
 
