@@ -12,13 +12,13 @@ safetensors layout plus a training.json record.
   # a smoke run (seconds):
   python -m experiments.train --config=experiments/configs/train.py:smoke \
       --workdir=/tmp/smoke
-  # AdamW vs Muon split (same 400 steps), then the comparison report:
+  # AdamW vs Muon split (same 3,000 steps), then the comparison report:
   python -m experiments.train --config=experiments/configs/train.py:compare \
       --config.optimizer=adamw --config.learning_rate=3e-3 \
-      --workdir=results/train/adamw --stop_after=400 --eval_at_stop
+      --workdir=results/train/adamw
   python -m experiments.train --config=experiments/configs/train.py:compare \
       --config.optimizer=muon_split --config.learning_rate=0.02 \
-      --workdir=results/train/muon_split --stop_after=400 --eval_at_stop
+      --workdir=results/train/muon_split
   python -m experiments.train --compare=results/train/adamw,results/train/muon_split
   # more contexts for an exported model (merged into its training.json):
   python -m experiments.train --evaluate_export=kvjax/assets/kvjax-tiny \
@@ -141,7 +141,10 @@ def compare(workdirs):
       f"# AdamW vs Muon split\n\nSame model ({cfg['model']}), same data "
       f"stream (seed {cfg['seed']}), {rows[-1]['step']} steps each "
       f"(of a {cfg['total_steps']}-step schedule: warmup "
-      f"{cfg['warmup_steps']}, cosine), phases "
+      f"{cfg['warmup_steps']}, "
+      + (f"constant, cosine decay over the last {cfg['decay_steps']}"
+         if cfg.get("decay_steps") else "cosine")
+      + "), phases "
       f"{cfg['data']['phases']}, {cfg['data']['tokens_per_step']} tokens "
       "per step. Accuracy: held-out seed "
       f"{cfg['eval_seed']}, {cfg['eval_examples']} rows per task; mqar with "
