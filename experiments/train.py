@@ -5,8 +5,8 @@ command resumes from the latest checkpoint. At the end the model is
 evaluated on held-out seeds and, with --export, written in Hugging Face
 safetensors layout plus a training.json record.
 
-  # kvjax-tiny (the shipped interim checkpoint: 5,000 steps in 58 min on a
-  # shared 2-core CPU; see kvjax/assets/kvjax-tiny/training.json):
+  # kvjax-tiny (the shipped checkpoint: 12,700 steps on the 2-core CPU;
+  # see kvjax/assets/kvjax-tiny/training.json and the README):
   python -m experiments.train --config=experiments/configs/train.py \
       --workdir=/tmp/kvjax-tiny --export=kvjax/assets/kvjax-tiny
   # a smoke run (seconds):

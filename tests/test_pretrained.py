@@ -14,20 +14,20 @@ from kvjax.train import evaluate
 
 # Held-out batch: seed disjoint from training (seed 0 stream) and from the
 # reported eval (seed 12345). Thresholds sit below what the shipped model
-# scores on this very batch, with margin, and above chance. The shipped
-# checkpoint is an interim one (5,000 steps, see training.json; it does not
-# reach the accuracy kvjax-tiny is meant to have) and scores on this batch:
-# mqar 0.115 (44 of 384 answers; chance among the 32 context values is
-# 0.03), needle 0.31 (4/13), multihop 0.29 (5/17), overwrite 0.0 (0/9),
-# abstention 0.38 (5/13), all 0.133. Raise these with a better checkpoint.
+# scores on this very batch, with margin, and far above chance. The shipped
+# checkpoint (12,700 steps, see training.json) scores on this batch:
+# mqar 1.0 (384 of 384 answers; chance among the 32 context values is
+# 0.03), needle 0.85 (11/13), multihop k<=2 0.53 (9/17), overwrite 0.67
+# (6/9), abstention 0.92 (12/13), all 0.97 (answers pooled).
 SEED = 777
-THRESHOLDS = {"mqar": 0.08, "all": 0.1}
+THRESHOLDS = {"mqar": 0.95, "needle": 0.7, "multihop": 0.4,
+              "overwrite": 0.5, "abstention": 0.8, "all": 0.9}
 
 
 def test_load_is_offline_and_small():
   config, params = pretrained.load("kvjax-tiny")
   assert config.name == "kvjax-tiny"
-  assert config.num_layers == 4 and config.vocab_size == tasks.VOCAB.size
+  assert config.num_layers == 3 and config.vocab_size == tasks.VOCAB.size
   size = os.path.getsize(os.path.join(pretrained.path("kvjax-tiny"),
                                       "model.safetensors"))
   assert size <= 20 * 2**20
@@ -83,8 +83,7 @@ def test_keeping_only_the_token_route_preserves_the_answers():
   full = np.asarray(logits)[rows, np.asarray(answer_row)].argmax(-1)
   small = np.asarray(routed)[rows, np.asarray(answer_row)].argmax(-1)
   assert (small == full).mean() >= 0.9
-  # The route is a strict subset of the cache. How small depends on the
-  # model: the interim kvjax-tiny keeps ~26% of layer 1's entries but ~95%
-  # of the diffuse layers 0, 2 and 3 at share 0.9.
+  # The route is a strict subset of the cache; how small depends on the
+  # layer (diffuse early layers keep most entries at share 0.9).
   kept_share = np.asarray(route).sum(-1).mean(axis=1) / L  # per layer
   assert kept_share.min() < 0.5 and kept_share.mean() < 1.0, kept_share
