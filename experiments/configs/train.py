@@ -59,8 +59,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   m.name = "kvjax-tiny"  # Label.
 
   # Optimization.
-  # AdamW: in short pilots Muon split stalled longer on the recall plateau
-  # (see results/train/comparison.md).
+  # AdamW: at the same 3,000 steps of this recipe Muon split (0.02) never
+  # carried the copy circuit to MQAR (results/train/comparison.md).
   c.optimizer = "adamw"  # "adamw" | "muon_split".
   c.learning_rate = 3e-3  # Peak LR (Muon's for muon_split, AdamW's for adamw).
   c.adam_learning_rate = 3e-3  # Peak LR of the AdamW half of muon_split.
