@@ -146,7 +146,7 @@ def compare(workdirs):
          if cfg.get("decay_steps") else "cosine")
       + "), phases "
       f"{cfg['data']['phases']}, {cfg['data']['tokens_per_step']} tokens "
-      "per step. Accuracy: held-out seed "
+      "per step where a phase does not set its own. Accuracy: held-out seed "
       f"{cfg['eval_seed']}, {cfg['eval_examples']} rows per task; mqar with "
       f"{cfg['eval_mqar_pairs']} pairs. Learning rates: "
       + "; ".join(f"{r[0]}: lr {r[5]['learning_rate']}"

@@ -2,7 +2,7 @@
 
   config, params = kvjax.pretrained.load("kvjax-tiny")
 
-`kvjax-tiny` is a 4-layer Llama-architecture decoder trained by
+`kvjax-tiny` is a small Llama-architecture decoder trained by
 `experiments/train.py` on the synthetic task suite (`kvjax.tasks`); its
 directory (`kvjax/assets/kvjax-tiny/`) holds Hugging Face `config.json` +
 `model.safetensors` and `training.json`, the record of how it was trained

@@ -240,10 +240,11 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
         for s, context_len, batch_size, m in pending:
           row = {"step": s, "context_len": context_len,
                  "batch_size": batch_size}
-          row.update({k: float(v) for k, v in m.items()
-                      if not k.startswith(("acc/", "n/"))})
-          row.update({k: float(v) for k, v in m.items() if k.startswith(
-              "acc/") and float(m["n/" + k[len("acc/"):]]) > 0})
+          values = {k: float(v) for k, v in m.items()}
+          # Per-task accuracy only for tasks in the batch; no counts.
+          row.update({k: v for k, v in values.items()
+                      if not k.startswith(("acc/", "n/"))
+                      or (k.startswith("acc/") and values["n/" + k[4:]] > 0)})
           if s == done:
             row["seconds_per_step"] = (now - t_last) / len(pending)
           log.write(json.dumps(row) + "\n")
