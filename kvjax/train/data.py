@@ -18,6 +18,10 @@ uninterrupted one would. A data config is a mapping (a dict or an
   multihop_hops    hops drawn per multihop row.
   copy_fraction    share of extra "copy" rows (default 0): a training aid,
                    not a task of the suite (see `copy_batch`).
+  chain_fraction   share of extra "chain" rows (default 0): a training aid
+                   for multi-hop (see `chain_batch`), with chain_count
+                   chains per row (default 4) of chain_hops links each
+                   (choices drawn per chain, default [2]).
   ...              other task params: needle_distractors, overwrite_writes,
                    overwrite_distractors, abstention_distractors,
                    multihop_distractor_chains.
@@ -28,15 +32,17 @@ the phase), so each (phase, context) compiles once.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from kvjax.tasks import generators
 from kvjax.tasks.generators import TASK_NAMES, TaskBatch
-from kvjax.tasks.vocab import BOS, PAD, QUERY, VOCAB
+from kvjax.tasks.vocab import ARROW, BOS, PAD, QUERY, VOCAB
 
 COPY_TASK_ID = -1  # task_ids value of copy rows (not a task of the suite).
+CHAIN_TASK_ID = -2  # task_ids value of chain rows (not a task either).
+AID_NAMES = {COPY_TASK_ID: "copy", CHAIN_TASK_ID: "chain"}
 
 
 def _get(cfg, name, default=None):
@@ -113,9 +119,12 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
   tokens = phase_value(data_config, phase, "tokens_per_step")
   B = int(batch_size or max(1, tokens // L))
   copy_rows = int(round(B * float(_get(data_config, "copy_fraction", 0.0))))
-  if copy_rows >= B:
-    raise ValueError(f"copy_fraction leaves no task rows in a batch of {B}.")
-  B -= copy_rows
+  chain_rows = int(round(B * float(_get(data_config, "chain_fraction",
+                                        0.0))))
+  if copy_rows + chain_rows >= B:
+    raise ValueError(f"copy_fraction + chain_fraction leave no task rows in "
+                     f"a batch of {B}.")
+  B -= copy_rows + chain_rows
   pairs = [int(p) for p in phase_value(data_config, phase, "mqar_pairs")
            if 2 * p + 1 <= L]
   parts = []
@@ -148,6 +157,13 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
     width = padded_length(data_config, L, phase) - L - 1
     parts.append(copy_batch(copy_rows, L, seed=(int(seed), int(step), 0),
                             max_copy=width))
+  if chain_rows:
+    width = padded_length(data_config, L, phase) - L
+    parts.append(chain_batch(
+        chain_rows, L, seed=(int(seed), int(step), 0, 1),
+        num_chains=int(_get(data_config, "chain_count", 4)),
+        hops=tuple(int(h) for h in _get(data_config, "chain_hops", [2])),
+        max_queries=width // 4))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
 
@@ -205,6 +221,89 @@ def copy_batch(batch_size: int, context_len: int, seed,
       answers=answers.astype(np.int32), loss_mask=loss_mask,
       critical_positions=np.full((batch_size, 0), -1, np.int32),
       task_ids=full(COPY_TASK_ID))
+
+
+def chain_batch(batch_size: int, context_len: int, seed, *,
+                num_chains: int = 4, hops: Sequence[int] = (2,),
+                max_queries: int | None = None) -> TaskBatch:
+  """Rows of `num_chains` multi-hop chains, each asked once: a dense aid.
+
+  A training aid for multi-hop, not a task of the suite. A multihop row
+  has one answer, so composing two lookups gets one target per row and
+  little gradient; a chain row writes `num_chains` chains (links
+  `x -> x'` ending in a value, as in `kvjax.tasks.multihop`, each chain's
+  length drawn from `hops`) at random positions in filler and then asks
+  the start of each one, `QUERY x1 ARROW y` per chain in random order, with
+  a target at every y. The first question has the multihop layout, so a
+  model that answers chain rows answers multihop. With more chains than
+  queries (`max_queries`), the unasked ones are distractors.
+
+  Rows carry task id `CHAIN_TASK_ID` and no critical positions; T =
+  context_len + 4 * min(num_chains, max_queries).
+
+  Raises:
+    ValueError: num_chains < 1, hops outside 1..4 or empty, max_queries
+      < 1, or the links do not fit in context_len - 1 tokens.
+  """
+  hops = tuple(int(h) for h in hops)
+  if num_chains < 1:
+    raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
+  if not hops or any(h not in generators.HOPS for h in hops):
+    raise ValueError(f"hops must be a non-empty sequence of values in "
+                     f"{generators.HOPS}, got {hops!r}.")
+  if max_queries is not None and max_queries < 1:
+    raise ValueError(f"max_queries must be >= 1, got {max_queries}.")
+  if 1 + 3 * num_chains * max(hops) > context_len:
+    raise ValueError(
+        f"{num_chains} chains of up to {max(hops)} links (3 tokens each) "
+        f"do not fit in context_len={context_len} (BOS included).")
+  if num_chains * max(hops) > VOCAB.num_keys:
+    raise ValueError(f"{num_chains} chains of {max(hops)} links need more "
+                     f"than the {VOCAB.num_keys} key ids.")
+  rng = np.random.default_rng(seed)
+  L = context_len
+  q = num_chains if max_queries is None else min(num_chains, max_queries)
+  T = L + 4 * q
+  tokens = np.zeros((batch_size, T), np.int32)
+  answer_positions = np.broadcast_to(L + 3 + 4 * np.arange(q),
+                                     (batch_size, q)).astype(np.int32)
+  answers = np.zeros((batch_size, q), np.int32)
+  for b in range(batch_size):
+    lengths = rng.choice(np.asarray(hops), num_chains)
+    nodes = VOCAB.key_start + rng.choice(VOCAB.num_keys, int(lengths.sum()),
+                                         replace=False)
+    ends = VOCAB.value_start + rng.choice(VOCAB.num_values, num_chains,
+                                          replace=False)
+    keys, values, firsts = [], [], []
+    offset = 0
+    for chain, length in enumerate(lengths):
+      chain_nodes = list(nodes[offset:offset + length]) + [ends[chain]]
+      offset += length
+      keys += chain_nodes[:-1]
+      values += chain_nodes[1:]
+      firsts.append(chain_nodes[0])
+    starts = generators._fact_starts(  # pylint: disable=protected-access
+        rng, 1, len(keys), 3, L)[0]
+    tokens[b, :L] = VOCAB.filler_start + rng.integers(0, VOCAB.num_filler, L)
+    tokens[b, 0] = BOS
+    tokens[b, starts] = keys
+    tokens[b, starts + 1] = ARROW
+    tokens[b, starts + 2] = values
+    asked = rng.permutation(num_chains)[:q]
+    answers[b] = ends[asked]
+    tokens[b, L + 4 * np.arange(q)] = QUERY
+    tokens[b, L + 1 + 4 * np.arange(q)] = np.asarray(firsts)[asked]
+    tokens[b, L + 2 + 4 * np.arange(q)] = ARROW
+    tokens[b, answer_positions[b]] = answers[b]
+  loss_mask = np.zeros((batch_size, T), bool)
+  np.put_along_axis(loss_mask, answer_positions, True, axis=1)
+  full = lambda v: np.full((batch_size,), v, np.int32)
+  return TaskBatch(
+      tokens=tokens, lengths=full(T), context_end=full(L),
+      answer_start=full(L + 3), answer_positions=answer_positions,
+      answers=answers, loss_mask=loss_mask,
+      critical_positions=np.full((batch_size, 0), -1, np.int32),
+      task_ids=full(CHAIN_TASK_ID))
 
 
 def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:

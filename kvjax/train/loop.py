@@ -95,7 +95,7 @@ def per_task_accuracy(logits, targets, answer_mask, task_ids
 
   Returns:
     {"acc/<task>": accuracy, "n/<task>": answer count} for every task in
-    `kvjax.tasks.TASK_NAMES` and for "copy" (copy rows); a task absent from
+    `kvjax.tasks.TASK_NAMES` and for the aids "copy" and "chain"; a task absent from
     the batch has n 0 and accuracy 0 (the logger drops it).
   """
   correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask  # [B, T]
@@ -103,7 +103,7 @@ def per_task_accuracy(logits, targets, answer_mask, task_ids
   per_row_count = jnp.sum(answer_mask, axis=1).astype(jnp.float32)
   out = {}
   for index, name in [*enumerate(TASK_NAMES),
-                      (data_lib.COPY_TASK_ID, "copy")]:
+                      *data_lib.AID_NAMES.items()]:
     rows = (task_ids == index).astype(jnp.float32)
     count = jnp.sum(rows * per_row_count)
     out[f"acc/{name}"] = jnp.sum(rows * per_row_correct) / jnp.maximum(
@@ -148,7 +148,8 @@ def optimizer_from(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
       weight_decay=cfg["weight_decay"], b1=cfg["b1"], b2=cfg["b2"],
       grad_clip=cfg["grad_clip"] or None,
       final_lr_fraction=cfg["final_lr_fraction"],
-      decay_steps=cfg.get("decay_steps", 0))
+      decay_steps=cfg.get("decay_steps", 0),
+      restarts=tuple(cfg.get("lr_restarts", ())))
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:

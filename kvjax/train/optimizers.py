@@ -11,7 +11,7 @@ orthogonalized on its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import optax
@@ -67,8 +67,8 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int,
 
 
 def warmup_stable_decay(peak: float, total_steps: int, warmup_steps: int,
-                        decay_steps: int,
-                        final_fraction: float = 0.1) -> optax.Schedule:
+                        decay_steps: int, final_fraction: float = 0.1,
+                        restarts: Sequence[int] = ()) -> optax.Schedule:
   """Linear warmup to `peak`, constant, then a cosine decay over the last
   `decay_steps` steps to `final_fraction * peak` at `total_steps` (WSD).
 
@@ -76,27 +76,53 @@ def warmup_stable_decay(peak: float, total_steps: int, warmup_steps: int,
   a run can be lengthened (or its later curriculum changed) after it has
   started and still equal a run configured that way from the start.
 
+  With `restarts` (increasing steps in (0, total_steps)), the run is a
+  sequence of such cycles: each restart ends the cycle before it (decayed
+  over its last `decay_steps`) and starts a new one that warms up linearly
+  from `final_fraction * peak` back to `peak`. Adding a restart at the
+  end of a finished run continues it without changing any earlier rate.
+
   Raises:
-    ValueError: non-positive steps, or warmup + decay > total steps.
+    ValueError: non-positive steps, warmup + decay longer than a cycle, or
+      restarts not increasing inside (0, total_steps).
   """
+  restarts = tuple(int(r) for r in restarts)
+  bounds = (0, *restarts, total_steps)
+  if restarts and any(b >= e for b, e in zip(bounds[:-1], bounds[1:])):
+    raise ValueError(f"restarts must increase inside (0, total_steps="
+                     f"{total_steps}), got {restarts!r}.")
+  # The first cycle warms up from 0, a restarted one from the decayed rate.
+  cycles = [_one_cycle(peak, e - b, warmup_steps, decay_steps, final_fraction,
+                       0.0 if i == 0 else final_fraction * peak)
+            for i, (b, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+  return cycles[0] if not restarts else optax.join_schedules(
+      cycles, boundaries=list(restarts))
+
+
+def _one_cycle(peak, total_steps, warmup_steps, decay_steps, final_fraction,
+               init):
   if (total_steps <= 0 or warmup_steps < 0 or decay_steps <= 0
       or warmup_steps + decay_steps > total_steps):
     raise ValueError(
         f"need warmup_steps >= 0, decay_steps > 0 and warmup_steps + "
-        f"decay_steps <= total_steps, got warmup_steps={warmup_steps}, "
-        f"decay_steps={decay_steps}, total_steps={total_steps}.")
+        f"decay_steps <= steps of each cycle ({total_steps}), got "
+        f"warmup_steps={warmup_steps}, decay_steps={decay_steps}.")
   stable = total_steps - warmup_steps - decay_steps
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, warmup_steps),
+      [optax.linear_schedule(init, peak, warmup_steps),
        optax.constant_schedule(peak),
        optax.cosine_decay_schedule(peak, decay_steps, alpha=final_fraction)],
       boundaries=[warmup_steps, warmup_steps + stable])
 
 
-def _schedule(peak, total_steps, warmup_steps, decay_steps, final_fraction):
+def _schedule(peak, total_steps, warmup_steps, decay_steps, final_fraction,
+              restarts):
   if decay_steps:
     return warmup_stable_decay(peak, total_steps, warmup_steps, decay_steps,
-                               final_fraction)
+                               final_fraction, restarts)
+  if restarts:
+    raise ValueError(f"lr_restarts={tuple(restarts)!r} need the WSD "
+                     f"schedule (decay_steps > 0).")
   return warmup_cosine(peak, total_steps, warmup_steps, final_fraction)
 
 
@@ -119,6 +145,7 @@ def make_optimizer(
     grad_clip: float | None = 1.0,
     final_lr_fraction: float = 0.1,
     decay_steps: int = 0,
+    restarts: Sequence[int] = (),
 ) -> optax.GradientTransformation:
   """Builds an optimizer with a warmup + cosine (or WSD) schedule.
 
@@ -138,6 +165,8 @@ def make_optimizer(
     decay_steps: 0 for warmup + cosine over the whole run; otherwise
       warmup, constant, and a cosine over the last `decay_steps` steps
       (`warmup_stable_decay`).
+    restarts: steps where a new WSD cycle starts (`warmup_stable_decay`);
+      needs decay_steps > 0.
 
   Returns:
     An `optax.GradientTransformation` over kvjax params.
@@ -148,7 +177,7 @@ def make_optimizer(
   if name not in OPTIMIZERS:
     raise ValueError(f"optimizer={name!r}; allowed: {OPTIMIZERS}.")
   schedule = _schedule(learning_rate, total_steps, warmup_steps,
-                       decay_steps, final_lr_fraction)
+                       decay_steps, final_lr_fraction, restarts)
   if name == "adamw":
     core = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
                        mask=_decay_mask)
@@ -156,7 +185,7 @@ def make_optimizer(
     adam_schedule = _schedule(
         adam_learning_rate if adam_learning_rate is not None
         else learning_rate, total_steps, warmup_steps, decay_steps,
-        final_lr_fraction)
+        final_lr_fraction, restarts)
     # Weight decay touches the hidden matrices only, as in `adamw` above
     # (see `_decay_mask`), so the AdamW half runs without decay.
     core = optax.contrib.muon(

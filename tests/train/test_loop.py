@@ -95,6 +95,71 @@ def test_copy_rows_repeat_the_sequence_and_mark_the_second_copy():
     data.task_batch(dict(d, copy_fraction=1.0), 0, 1)
 
 
+def _follow(facts, node):
+  while node in facts:
+    node = facts[node]
+  return node
+
+
+def test_chain_rows_ask_every_chain_and_the_answer_is_its_end():
+  v = kvjax.tasks.VOCAB
+  batch = data.chain_batch(16, 40, seed=4, num_chains=3, hops=(1, 2, 3),
+                           max_queries=2)
+  assert batch.tokens.shape == (16, 40 + 4 * 2)
+  assert (batch.task_ids == data.CHAIN_TASK_ID).all()
+  lengths = set()
+  for r in range(16):
+    t = batch.tokens[r]
+    arrows = [i for i in range(1, 40) if t[i] == kvjax.tasks.vocab.ARROW]
+    facts = {int(t[i - 1]): int(t[i + 1]) for i in arrows}
+    assert len(facts) == len(arrows)  # every link key is distinct
+    starts = set(facts) - set(facts.values())
+    assert len(starts) == 3  # three chains
+    for start in starts:  # a chain's length is its number of links
+      node, k = start, 0
+      while node in facts:
+        node, k = facts[node], k + 1
+      lengths.add(k)
+      assert v.value_start <= node < v.value_start + v.num_values
+    asked = []
+    for q in range(2):
+      qpos = 40 + 4 * q
+      assert t[qpos] == kvjax.tasks.vocab.QUERY
+      assert t[qpos + 2] == kvjax.tasks.vocab.ARROW
+      assert int(t[qpos + 1]) in starts
+      asked.append(int(t[qpos + 1]))
+      # The target is the end of the chain that starts at the asked node.
+      assert batch.answers[r, q] == _follow(facts, int(t[qpos + 1]))
+      assert batch.answer_positions[r, q] == qpos + 3
+      assert t[qpos + 3] == batch.answers[r, q]
+    assert len(set(asked)) == 2  # each chain asked at most once
+    assert batch.loss_mask[r].sum() == 2
+  assert lengths == {1, 2, 3}
+  np.testing.assert_array_equal(
+      batch.tokens, data.chain_batch(16, 40, seed=4, num_chains=3,
+                                     hops=(1, 2, 3), max_queries=2).tokens)
+  with pytest.raises(ValueError, match="do not fit"):
+    data.chain_batch(1, 24, seed=0, num_chains=4, hops=(2,))
+  with pytest.raises(ValueError, match="hops"):
+    data.chain_batch(1, 64, seed=0, hops=(5,))
+  with pytest.raises(ValueError, match="num_chains"):
+    data.chain_batch(1, 64, seed=0, num_chains=0)
+
+
+def test_chain_rows_in_the_stream():
+  d = dict(_cfg()["data"], chain_fraction=0.2, copy_fraction=0.2,
+           chain_count=2, chain_hops=[2], tokens_per_step=360)
+  batch = data.task_batch(d, 0, 1)  # 15 rows: 3 copy, 3 chain, 9 tasks
+  assert (batch.task_ids == data.CHAIN_TASK_ID).sum() == 3
+  assert (batch.task_ids == data.COPY_TASK_ID).sum() == 3
+  # Questions fit the stream's width: T = L + 1 + 2 * 4 = 33 holds 2.
+  assert batch.tokens.shape[1] == 24 + 1 + 8
+  rows = batch.task_ids == data.CHAIN_TASK_ID
+  assert (batch.loss_mask[rows].sum(axis=1) == 2).all()
+  with pytest.raises(ValueError, match="chain_fraction"):
+    data.task_batch(dict(d, chain_fraction=0.8), 0, 1)
+
+
 def test_train_step_learns_and_compiles_once():
   cfg = _cfg()
   config = loop.model_config_from(cfg)
@@ -143,16 +208,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
 
 def test_per_task_accuracy_counts_answers_of_each_task():
-  targets = jnp.array([[5, 6, 7], [5, 6, 7], [8, 8, 8]])
+  targets = jnp.array([[5, 6, 7], [5, 6, 7], [8, 8, 8], [9, 9, 9]])
   answer_mask = jnp.array([[False, True, True], [True, False, False],
-                           [False, False, True]])
-  logits = jax.nn.one_hot(jnp.array([[0, 6, 0], [5, 0, 0], [0, 0, 1]]), 16)
-  task_ids = jnp.array([0, -1, 3])  # mqar, copy, overwrite
+                           [False, False, True], [True, True, False]])
+  logits = jax.nn.one_hot(jnp.array([[0, 6, 0], [5, 0, 0], [0, 0, 1],
+                                     [9, 0, 0]]), 16)
+  task_ids = jnp.array([0, -1, 3, -2])  # mqar, copy, overwrite, chain
   out = loop.per_task_accuracy(logits, targets, answer_mask, task_ids)
   # mqar: answer (0,1) right, (0,2) wrong -> 1/2; copy: (1,0) right.
   np.testing.assert_allclose(float(out["acc/mqar"]), 1 / 2, rtol=1e-6)
   assert float(out["n/mqar"]) == 2
   assert float(out["acc/copy"]) == 1.0 and float(out["n/copy"]) == 1
+  assert float(out["acc/chain"]) == 0.5 and float(out["n/chain"]) == 2
   assert float(out["acc/overwrite"]) == 0.0 and float(out["n/overwrite"]) == 1
   assert float(out["n/needle"]) == 0
 

@@ -130,6 +130,38 @@ def test_schedule_warmup_stable_decay():
                                    decay_steps=0)
 
 
+def test_schedule_restarts_continue_a_finished_run():
+  first = optimizers.warmup_stable_decay(1.0, total_steps=100,
+                                         warmup_steps=10, decay_steps=20,
+                                         final_fraction=0.1)
+  both = optimizers.warmup_stable_decay(1.0, total_steps=180,
+                                        warmup_steps=10, decay_steps=20,
+                                        final_fraction=0.1, restarts=(100,))
+  # The first cycle is the run as it was; no earlier rate changes.
+  for step in range(0, 100, 3):
+    assert float(both(step)) == float(first(step))
+  # The second warms up from the decayed rate 0.1 back to the peak ...
+  np.testing.assert_allclose(float(both(100)), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(float(both(105)), 0.55, rtol=1e-5)
+  for step in (110, 130, 160):
+    np.testing.assert_allclose(float(both(step)), 1.0, rtol=1e-6)
+  # ... and decays over its own last 20 steps.
+  assert 0.1 < float(both(170)) < 1.0
+  np.testing.assert_allclose(float(both(180)), 0.1, rtol=1e-5)
+  with pytest.raises(ValueError, match="restarts"):
+    optimizers.warmup_stable_decay(1.0, total_steps=100, warmup_steps=1,
+                                   decay_steps=5, restarts=(100,))
+  with pytest.raises(ValueError, match="restarts"):
+    optimizers.warmup_stable_decay(1.0, total_steps=100, warmup_steps=1,
+                                   decay_steps=5, restarts=(50, 40))
+  with pytest.raises(ValueError, match="cycle"):  # a cycle too short
+    optimizers.warmup_stable_decay(1.0, total_steps=100, warmup_steps=10,
+                                   decay_steps=20, restarts=(90,))
+  with pytest.raises(ValueError, match="lr_restarts"):
+    optimizers.make_optimizer("adamw", learning_rate=1.0, total_steps=100,
+                              warmup_steps=1, restarts=(50,))
+
+
 def test_make_optimizer_with_decay_steps_uses_wsd():
   params = {"w": jnp.ones((3,))}
   grads = {"w": jnp.ones((3,))}
