@@ -19,9 +19,10 @@ uninterrupted one would. A data config is a mapping (a dict or an
   copy_fraction    share of extra "copy" rows (default 0): a training aid,
                    not a task of the suite (see `copy_batch`).
   chain_fraction   share of extra "chain" rows (default 0): a training aid
-                   for multi-hop (see `chain_batch`), with chain_count
-                   chains per row (default 4) of chain_hops links each
-                   (choices drawn per chain, default [2]).
+                   for multi-hop (see `chain_batch`), with up to
+                   chain_count chains per row (default 4; as many as fit
+                   in L) of chain_hops links each (drawn per chain,
+                   default [2]), as many asked as the padded width holds.
   ...              other task params: needle_distractors, overwrite_writes,
                    overwrite_distractors, abstention_distractors,
                    multihop_distractor_chains.
@@ -159,11 +160,12 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
                             max_copy=width))
   if chain_rows:
     width = padded_length(data_config, L, phase) - L
+    chain_hops = tuple(int(h) for h in _get(data_config, "chain_hops", [2]))
     parts.append(chain_batch(
         chain_rows, L, seed=(int(seed), int(step), 0, 1),
-        num_chains=int(_get(data_config, "chain_count", 4)),
-        hops=tuple(int(h) for h in _get(data_config, "chain_hops", [2])),
-        max_queries=width // 4))
+        num_chains=min(int(_get(data_config, "chain_count", 4)),
+                       (L - 1) // (3 * max(chain_hops))),
+        hops=chain_hops, max_queries=width // 4))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
 

@@ -158,6 +158,13 @@ def test_chain_rows_in_the_stream():
   assert (batch.loss_mask[rows].sum(axis=1) == 2).all()
   with pytest.raises(ValueError, match="chain_fraction"):
     data.task_batch(dict(d, chain_fraction=0.8), 0, 1)
+  # chain_count is a cap: L = 24 holds 3 chains of 2 links (3 * 6 < 24).
+  capped = data.task_batch(dict(d, chain_count=10), 0, 1)
+  for r in np.flatnonzero(capped.task_ids == data.CHAIN_TASK_ID):
+    t = capped.tokens[r]
+    L = int(capped.context_end[r])
+    assert L == 24
+    assert (t[:L] == kvjax.tasks.vocab.ARROW).sum() == 3 * 2
 
 
 def test_train_step_learns_and_compiles_once():
