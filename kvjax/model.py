@@ -302,6 +302,14 @@ def _check_forward_args(tokens, cache, config, positions, token_mask, capture,
                        f"range [{lo}, {hi}].")
 
 
+def unembed(params: Params, config: ModelConfig, x: Array) -> Array:
+  """Logits [..., V] float32 of final-normed hidden states x [..., D]: the
+  LM head, or the embedding when `config.tie_embeddings`."""
+  if config.tie_embeddings:
+    return attention_lib.einsum_f32("...d,vd->...v", x, params["embed"])
+  return attention_lib.einsum_f32("...d,dv->...v", x, params["lm_head"])
+
+
 def forward(
     params: Params,
     tokens: Array,
@@ -400,10 +408,7 @@ def forward(
   x = rms_norm(x, params["final_norm"], config.norm_eps)
   if "final_norm" in capture:
     aux["final_norm"] = x
-  if config.tie_embeddings:
-    logits = attention_lib.einsum_f32("btd,vd->btv", x, params["embed"])
-  else:
-    logits = attention_lib.einsum_f32("btd,dv->btv", x, params["lm_head"])
+  logits = unembed(params, config, x)
   k, v, pos, valid = layer_caches
   cache = cache._replace(k=k, v=v, pos=pos, valid=valid,
                          end=cache.end + n_new, length=cache.length + n_new)

@@ -123,13 +123,6 @@ def _cos(a: Array, b: Array) -> Array:
       jnp.sqrt(_sq(a) * _sq(b)), _TINY)
 
 
-def _unembed(params: Params, config: ModelConfig, x: Array) -> Array:
-  """Logits [..., V] float32 of already-normed hidden states x [..., D]."""
-  if config.tie_embeddings:
-    return attention_lib.einsum_f32("...d,vd->...v", x, params["embed"])
-  return attention_lib.einsum_f32("...d,dv->...v", x, params["lm_head"])
-
-
 def prediction_positions(answer_positions) -> Array:
   """Read-out positions of answers: position - 1, padding (-1) kept at -1.
 
@@ -359,7 +352,7 @@ def _logit_lens(params, resid, final_hidden, positions, targets, *, config):
   hidden = jnp.concatenate([resid, final_hidden[None]])  # [L+1, B, T, D]
   h = _gather_positions(hidden, positions)  # [L+1, B, A, D]
   h = model_lib.rms_norm(h, params["final_norm"], config.norm_eps)
-  logits = _unembed(params, config, h)  # [L+1, B, A, V]
+  logits = model_lib.unembed(params, config, h)  # [L+1, B, A, V]
   acc, ent, tlp, pred = _readout_stats(logits, targets, positions >= 0)
   return LogitLens(accuracy=acc, entropy=ent, target_logprob=tlp,
                    predictions=pred)

@@ -1,6 +1,6 @@
 """The training stream: task batches as a pure function of (seed, step).
 
-`train_batch(data_config, seed, step)` draws one step's batch from the
+`task_batch(data_config, seed, step)` draws one step's batch from the
 synthetic task suite, so a resumed run sees exactly the batches an
 uninterrupted one would. A data config is a mapping (a dict or an
 `ml_collections.ConfigDict`) with the fields documented in
@@ -18,11 +18,14 @@ uninterrupted one would. A data config is a mapping (a dict or an
   multihop_hops    hops drawn per multihop row.
   copy_fraction    share of extra "copy" rows (default 0): a training aid,
                    not a task of the suite (see `copy_batch`).
+  lens_weight      weight of the lens loss (default 0; see `lens_mask` and
+                   `kvjax.train.loop.loss_fn`).
   chain_fraction   share of extra "chain" rows (default 0): a training aid
                    for multi-hop (see `chain_batch`), with up to
                    chain_count chains per row (default 4; as many as fit
                    in L) of chain_hops links each (drawn per chain,
-                   default [2]), as many asked as the padded width holds.
+                   default [2]), chain_queries of them asked (default:
+                   as many as the padded width holds).
   ...              other task params: needle_distractors, overwrite_writes,
                    overwrite_distractors, abstention_distractors,
                    multihop_distractor_chains.
@@ -61,10 +64,18 @@ def phase_of(data_config: Mapping[str, Any], step: int) -> Mapping[str, Any]:
   return phases[-1]
 
 
+_REQUIRED = object()
+
+
 def phase_value(data_config: Mapping[str, Any], phase: Mapping[str, Any],
-                name: str):
-  """`phase[name]` if the phase sets it, else `data_config[name]`."""
-  return phase[name] if name in phase else data_config[name]
+                name: str, default: Any = _REQUIRED):
+  """`phase[name]` if the phase sets it, else `data_config[name]` (else
+  `default` when given)."""
+  if name in phase:
+    return phase[name]
+  if default is not _REQUIRED and name not in data_config:
+    return default
+  return data_config[name]
 
 
 def padded_length(data_config: Mapping[str, Any], context_len: int,
@@ -165,7 +176,8 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
         chain_rows, L, seed=(int(seed), int(step), 0, 1),
         num_chains=min(int(_get(data_config, "chain_count", 4)),
                        (L - 1) // (3 * max(chain_hops))),
-        hops=chain_hops, max_queries=width // 4))
+        hops=chain_hops, max_queries=min(
+            width // 4, int(_get(data_config, "chain_queries", width)))))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
 
@@ -323,16 +335,47 @@ def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:
       loss_mask=np.pad(batch.loss_mask, ((0, 0), (0, pad))))
 
 
-def model_inputs(batch: TaskBatch, loss_on: str = "answers"
-                 ) -> dict[str, np.ndarray]:
+# Tasks whose every answer needs a single lookup (multihop: its 1-hop rows).
+ONE_LOOKUP_TASKS = ("mqar", "needle", "overwrite", "abstention")
+
+
+def lens_mask(batch: TaskBatch) -> np.ndarray:
+  """[B, T] bool: the answer targets that one lookup answers.
+
+  Those of copy rows, of the tasks in `ONE_LOOKUP_TASKS` and of 1-hop
+  multihop rows; not 2-hop or longer multihop rows, nor chain rows. The
+  lens loss asks these answers of an earlier layer (see
+  `kvjax.train.loop.loss_fn`), which leaves the later layers free to
+  compose a second lookup.
+  """
+  ids = [TASK_NAMES.index(t) for t in ONE_LOOKUP_TASKS] + [COPY_TASK_ID]
+  rows = np.isin(batch.task_ids, ids)
+  hops = (batch.critical_positions >= 0).sum(axis=1) // 2
+  rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (hops == 1)
+  return batch.loss_mask & rows[:, None]
+
+
+def model_inputs(batch: TaskBatch, loss_on: str = "answers",
+                 lens_weight: float = 0.0) -> dict[str, np.ndarray]:
   """The arrays a train step consumes, shifted for next-token prediction.
+
+  Args:
+    batch: a TaskBatch.
+    loss_on: "answers" or "all" (see `losses.loss_weights`).
+    lens_weight: > 0 adds "lens_weights" [B, T-1] float32 (`lens_mask`)
+      and "lens_scale" (this weight), for the lens loss.
 
   Returns:
     dict with inputs [B, T-1] int32, targets [B, T-1] int32, weights
     [B, T-1] float32, token_mask [B, T-1] bool, answer_mask [B, T-1] bool
     (the answer targets, whatever `loss_on`) and task_ids [B] int32 (index
     in `kvjax.tasks.TASK_NAMES`, -1 for copy rows), for per-task metrics.
+
+  Raises:
+    ValueError: unknown loss_on or a negative lens_weight.
   """
+  if lens_weight < 0:
+    raise ValueError(f"lens_weight must be >= 0, got {lens_weight}.")
   from kvjax.train.losses import loss_weights  # pylint: disable=g-import-not-at-top
   tokens = batch.tokens
   T = tokens.shape[1]
@@ -344,4 +387,6 @@ def model_inputs(batch: TaskBatch, loss_on: str = "answers"
       "token_mask": np.arange(T - 1)[None, :] < batch.lengths[:, None],
       "answer_mask": np.asarray(batch.loss_mask[:, 1:], bool),
       "task_ids": np.asarray(batch.task_ids, np.int32),
+      **({"lens_weights": lens_mask(batch)[:, 1:].astype(np.float32),
+          "lens_scale": np.float32(lens_weight)} if lens_weight > 0 else {}),
   }

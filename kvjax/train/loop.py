@@ -72,16 +72,33 @@ def init_state(model_config: ModelConfig, optimizer, seed: int,
 def loss_fn(params, arrays: Mapping[str, Array], *, config: ModelConfig):
   """Weighted next-token cross-entropy of one batch (see `data.model_inputs`).
 
+  With "lens_weights" in `arrays`, adds `lens_scale` times the lens loss:
+  the same cross-entropy, on the one-lookup answers (`data.lens_mask`),
+  of the logit-lens readout of the residual entering the last layer
+  (final norm, then the LM head). It asks single lookups to be done one
+  layer early, so that the last layer can compose a second one (2-hop).
+
   Returns:
     (loss, metrics).
   """
   inputs = arrays["inputs"]  # [B, T]
   B, T = inputs.shape
   cache = init_cache(config, B, T)
-  logits, _, _ = model_lib.forward(params, inputs, cache, config=config,
-                                   token_mask=arrays["token_mask"])
+  lens = "lens_weights" in arrays
+  logits, _, aux = model_lib.forward(
+      params, inputs, cache, config=config, token_mask=arrays["token_mask"],
+      capture=("resid",) if lens else ())
   loss, metrics = losses.weighted_cross_entropy(logits, arrays["targets"],
                                                 arrays["weights"])
+  if lens:
+    h = model_lib.rms_norm(aux["resid"][config.num_layers - 1],
+                           params["final_norm"], config.norm_eps)
+    lens_loss, lens_metrics = losses.weighted_cross_entropy(
+        model_lib.unembed(params, config, h), arrays["targets"],
+        arrays["lens_weights"])
+    metrics = dict(metrics, lens_loss=lens_loss,
+                   lens_accuracy=lens_metrics["accuracy"])
+    loss = loss + arrays["lens_scale"] * lens_loss
   if "answer_mask" in arrays and "task_ids" in arrays:
     metrics.update(per_task_accuracy(logits, arrays["targets"],
                                      arrays["answer_mask"],
@@ -230,7 +247,11 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
   with open(metrics_path, "a") as log:
     for step in range(start, end):
       batch = data_lib.task_batch(data_config, cfg["seed"], step)
-      arrays = data_lib.model_inputs(batch, cfg["loss_on"])
+      lens_weight = data_lib.phase_value(
+          data_config, data_lib.phase_of(data_config, step), "lens_weight",
+          0.0)
+      arrays = data_lib.model_inputs(batch, cfg["loss_on"],
+                                     float(lens_weight))
       state, metrics = step_fn(state, arrays)
       done = step + 1
       pending.append((done, int(batch.context_end[0]),

@@ -167,6 +167,54 @@ def test_chain_rows_in_the_stream():
     assert (t[:L] == kvjax.tasks.vocab.ARROW).sum() == 3 * 2
 
 
+def test_lens_mask_keeps_one_lookup_answers():
+  d = dict(_cfg()["data"], copy_fraction=0.2, chain_fraction=0.2,
+           chain_count=2, chain_hops=[2], tokens_per_step=360)
+  batch = data.task_batch(d, 0, 1)
+  mask = data.lens_mask(batch)
+  names = kvjax.tasks.TASK_NAMES
+  hops = (batch.critical_positions >= 0).sum(axis=1) // 2
+  for r, task in enumerate(batch.task_ids):
+    name = names[task] if task >= 0 else data.AID_NAMES[int(task)]
+    one = (name in ("mqar", "needle", "overwrite", "abstention", "copy")
+           or (name == "multihop" and hops[r] == 1))
+    np.testing.assert_array_equal(mask[r], batch.loss_mask[r] & one)
+  assert mask.any() and (batch.loss_mask & ~mask).any()
+  arrays = data.model_inputs(batch, "answers", lens_weight=0.5)
+  np.testing.assert_array_equal(arrays["lens_weights"], mask[:, 1:])
+  assert float(arrays["lens_scale"]) == 0.5
+  assert "lens_weights" not in data.model_inputs(batch)
+  with pytest.raises(ValueError, match="lens_weight"):
+    data.model_inputs(batch, lens_weight=-1.0)
+
+
+def test_lens_loss_is_the_readout_cross_entropy_before_the_last_layer():
+  cfg = dict(_cfg(), model=dict(_cfg()["model"], num_layers=2))
+  config = loop.model_config_from(cfg)
+  params = kvjax.model.init_params(config, jax.random.key(0))
+  batch = data.task_batch(cfg["data"], 0, 1)
+  plain = data.model_inputs(batch)
+  arrays = data.model_inputs(batch, lens_weight=0.25)
+  loss0, _ = loop.loss_fn(params, plain, config=config)
+  loss1, m = loop.loss_fn(params, arrays, config=config)
+  # By hand: the logit lens at the residual entering layer 1 (of 0, 1).
+  _, _, aux = kvjax.forward(params, jnp.asarray(plain["inputs"]),
+                            kvjax.init_cache(config, *plain["inputs"].shape),
+                            config=config, capture=("resid",))
+  h = kvjax.model.rms_norm(aux["resid"][1], params["final_norm"],
+                           config.norm_eps)
+  assert not config.tie_embeddings
+  logits = np.asarray(h @ params["lm_head"], np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, plain["targets"][..., None], -1)[..., 0]
+  w = arrays["lens_weights"]
+  expected = (nll * w).sum() / w.sum()
+  np.testing.assert_allclose(float(m["lens_loss"]), expected, rtol=1e-4)
+  np.testing.assert_allclose(float(loss1), float(loss0) + 0.25 * expected,
+                             rtol=1e-5)
+  assert float(m["loss"]) == float(loss0)  # "loss" stays the main loss
+
+
 def test_train_step_learns_and_compiles_once():
   cfg = _cfg()
   config = loop.model_config_from(cfg)
