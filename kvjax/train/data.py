@@ -177,7 +177,8 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
         num_chains=min(int(_get(data_config, "chain_count", 4)),
                        (L - 1) // (3 * max(chain_hops))),
         hops=chain_hops, max_queries=min(
-            width // 4, int(_get(data_config, "chain_queries", width)))))
+            width // 4, int(_get(data_config, "chain_queries", width))),
+        key_ends=float(_get(data_config, "chain_key_ends", 0.0))))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))
 
@@ -239,7 +240,8 @@ def copy_batch(batch_size: int, context_len: int, seed,
 
 def chain_batch(batch_size: int, context_len: int, seed, *,
                 num_chains: int = 4, hops: Sequence[int] = (2,),
-                max_queries: int | None = None) -> TaskBatch:
+                max_queries: int | None = None,
+                key_ends: float = 0.0) -> TaskBatch:
   """Rows of `num_chains` multi-hop chains, each asked once: a dense aid.
 
   A training aid for multi-hop, not a task of the suite. A multihop row
@@ -250,7 +252,14 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
   the start of each one, `QUERY x1 ARROW y` per chain in random order, with
   a target at every y. The first question has the multihop layout, so a
   model that answers chain rows answers multihop. With more chains than
-  queries (`max_queries`), the unasked ones are distractors.
+  queries (`max_queries`), the unasked ones are distractors, and the
+  answers of earlier questions cannot be ruled out for later ones.
+
+  With `key_ends` > 0, that share of the chains ends at a key id that is
+  not the key of any link (the chain stops there: it is followed while a
+  link leads on). The type of a token then no longer says whether a chain
+  goes on, so a lookup must carry key ids forward and the next lookup must
+  check for a link from them, the two steps 2-hop composes.
 
   Rows carry task id `CHAIN_TASK_ID` and no critical positions; T =
   context_len + 4 * min(num_chains, max_queries).
@@ -267,11 +276,13 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
                      f"{generators.HOPS}, got {hops!r}.")
   if max_queries is not None and max_queries < 1:
     raise ValueError(f"max_queries must be >= 1, got {max_queries}.")
+  if not 0.0 <= key_ends <= 1.0:
+    raise ValueError(f"key_ends must be in [0, 1], got {key_ends}.")
   if 1 + 3 * num_chains * max(hops) > context_len:
     raise ValueError(
         f"{num_chains} chains of up to {max(hops)} links (3 tokens each) "
         f"do not fit in context_len={context_len} (BOS included).")
-  if num_chains * max(hops) > VOCAB.num_keys:
+  if num_chains * (max(hops) + 1) > VOCAB.num_keys:
     raise ValueError(f"{num_chains} chains of {max(hops)} links need more "
                      f"than the {VOCAB.num_keys} key ids.")
   rng = np.random.default_rng(seed)
@@ -284,10 +295,13 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
   answers = np.zeros((batch_size, q), np.int32)
   for b in range(batch_size):
     lengths = rng.choice(np.asarray(hops), num_chains)
-    nodes = VOCAB.key_start + rng.choice(VOCAB.num_keys, int(lengths.sum()),
-                                         replace=False)
+    keys_used = VOCAB.key_start + rng.choice(
+        VOCAB.num_keys, int(lengths.sum()) + num_chains, replace=False)
+    nodes = keys_used[:int(lengths.sum())]
     ends = VOCAB.value_start + rng.choice(VOCAB.num_values, num_chains,
                                           replace=False)
+    key_end = rng.random(num_chains) < key_ends
+    ends = np.where(key_end, keys_used[int(lengths.sum()):], ends)
     keys, values, firsts = [], [], []
     offset = 0
     for chain, length in enumerate(lengths):
@@ -342,8 +356,8 @@ ONE_LOOKUP_TASKS = ("mqar", "needle", "overwrite", "abstention")
 def lens_mask(batch: TaskBatch) -> np.ndarray:
   """[B, T] bool: the answer targets that one lookup answers.
 
-  Those of copy rows, of the tasks in `ONE_LOOKUP_TASKS` and of 1-hop
-  multihop rows; not 2-hop or longer multihop rows, nor chain rows. The
+  Those of copy rows, of the tasks in `ONE_LOOKUP_TASKS`, of 1-hop
+  multihop rows and of the 1-link chains of chain rows. The
   lens loss asks these answers of an earlier layer (see
   `kvjax.train.loop.loss_fn`), which leaves the later layers free to
   compose a second lookup.
@@ -352,7 +366,14 @@ def lens_mask(batch: TaskBatch) -> np.ndarray:
   rows = np.isin(batch.task_ids, ids)
   hops = (batch.critical_positions >= 0).sum(axis=1) // 2
   rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (hops == 1)
-  return batch.loss_mask & rows[:, None]
+  mask = batch.loss_mask & rows[:, None]
+  for r in np.flatnonzero(batch.task_ids == CHAIN_TASK_ID):
+    tokens, L = batch.tokens[r], int(batch.context_end[r])
+    link = {int(tokens[i - 1]): int(tokens[i + 1])
+            for i in np.flatnonzero(tokens[:L] == ARROW)}
+    for p in np.flatnonzero(batch.loss_mask[r]):  # asked x, answer y at p
+      mask[r, p] = link[int(tokens[p - 2])] == tokens[p]  # a 1-link chain
+  return mask
 
 
 def model_inputs(batch: TaskBatch, loss_on: str = "answers",
