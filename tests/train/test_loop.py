@@ -146,6 +146,31 @@ def test_chain_rows_ask_every_chain_and_the_answer_is_its_end():
     data.chain_batch(1, 64, seed=0, num_chains=0)
 
 
+def test_chain_rows_with_key_ends_and_their_lens_mask():
+  v = kvjax.tasks.VOCAB
+  batch = data.chain_batch(32, 64, seed=5, num_chains=4, hops=(1, 2),
+                           key_ends=0.5)
+  mask = data.lens_mask(batch)
+  kinds = {"key": 0, "value": 0}
+  one_link = 0
+  for r in range(32):
+    t = batch.tokens[r]
+    facts = {int(t[i - 1]): int(t[i + 1])
+             for i in range(1, 64) if t[i] == kvjax.tasks.vocab.ARROW}
+    for q in range(4):
+      p = int(batch.answer_positions[r, q])
+      x, y = int(t[p - 2]), int(t[p])
+      assert y == _follow(facts, x) and y not in facts  # the chain's end
+      kinds["key" if y < v.value_start else "value"] += 1
+      # The lens mask marks exactly the answers one link away.
+      assert mask[r, p] == (facts[x] == y)
+      one_link += facts[x] == y
+  assert kinds["key"] > 30 and kinds["value"] > 30  # about half each
+  assert 0 < one_link < 128 and mask.sum() == one_link
+  with pytest.raises(ValueError, match="key_ends"):
+    data.chain_batch(1, 64, seed=0, key_ends=1.5)
+
+
 def test_chain_rows_in_the_stream():
   d = dict(_cfg()["data"], chain_fraction=0.2, copy_fraction=0.2,
            chain_count=2, chain_hops=[2], tokens_per_step=360)
