@@ -3,7 +3,8 @@
 The commands that use it (kvjax-tiny, the AdamW vs Muon comparison, a
 smoke run) are listed in `experiments/train.py`'s docstring.
 
-The argument after ':' picks a preset ("tiny" default, "compare", "smoke");
+The argument after ':' picks a preset ("tiny" default, "compare",
+"twohop", "smoke");
 any field can then be overridden with --config.<field>=<value>.
 """
 
@@ -32,11 +33,17 @@ TASKS_RECALL = {"mqar": 0.5, "needle": 0.15, "multihop": 0.15,
 TASKS_HOPS = {"mqar": 0.2, "needle": 0.1, "multihop": 0.4,
               "overwrite": 0.15, "abstention": 0.15}
 
+# The second cycle at 512: the tasks still short of the bar get more rows.
+TASKS_LATE = {"mqar": 0.15, "needle": 0.25, "multihop": 0.2,
+              "overwrite": 0.3, "abstention": 0.1}
+
+PRESETS = ("tiny", "compare", "twohop", "smoke")
+
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-  """Returns the train config of `preset` ("tiny", "compare" or "smoke")."""
-  if preset not in ("tiny", "compare", "smoke"):
-    raise ValueError(f"preset={preset!r}; allowed: tiny, compare, smoke.")
+  """Returns the train config of `preset` (see `PRESETS`)."""
+  if preset not in PRESETS:
+    raise ValueError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}.")
   c = ml_collections.ConfigDict()
 
   # Model: kvjax-tiny, a Llama-architecture decoder run by kvjax.forward.
@@ -75,7 +82,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # total_steps, so the run can be lengthened).
   c.decay_steps = 1500
   c.init_std = 0.02  # Std of the normal init of matrices.
-  c.total_steps = 12700  # Updates in all.
+  c.total_steps = 16000  # Updates in all.
+  # Steps where a new WSD cycle starts (warm up again, constant, decay), so
+  # a finished run can be continued without changing its earlier rates.
+  # kvjax-tiny: the first cycle (12,700 steps) was the whole run until
+  # its needle and overwrite fell short at 512; the second one trains on.
+  c.lr_restarts = (12700,)
   c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
   c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
 
@@ -108,12 +120,22 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                      tokens_per_step=4096, multihop_hops=[1, 2, 2]),
               _phase(12700, [512, 512, 512, 768], [16, 32],
                      task_fractions=dict(TASKS_HOPS),
+                     tokens_per_step=4096, multihop_hops=[1, 2, 2]),
+              # Second cycle (lr_restarts): needle and overwrite.
+              _phase(16000, [512, 512, 512, 768], [16, 32],
+                     task_fractions=dict(TASKS_LATE),
                      tokens_per_step=4096, multihop_hops=[1, 2, 2])]
   d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
   d.mqar_pairs = [8, 16, 24, 32]  # Default mqar num_pairs (phases override).
   d.mqar_placements = ["prefix", "scattered"]  # mqar placement per step.
   d.copy_fraction = 0.0  # Share of copy rows (a training aid; phases set it).
+  # Multi-hop aids (see kvjax/train/data.py; the "twohop" preset uses them).
+  d.chain_fraction = 0.0  # Share of chain rows.
+  d.chain_count = 4  # At most this many chains per chain row.
+  d.chain_hops = [1, 2]  # Links per chain, drawn per chain.
+  d.chain_key_ends = 0.0  # Share of chains ending at a key id.
+  d.lens_weight = 0.0  # Weight of the lens loss (kvjax.train.loop.loss_fn).
   d.multihop_hops = [1, 2, 3, 4]  # Hops drawn per multihop row.
   d.multihop_distractor_chains = 2  # Chains besides the queried one.
   d.needle_distractors = 3  # Facts besides the needle.
@@ -137,6 +159,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # mixture at 32-64; the same WSD schedule shape, 3,000 steps.
     c.total_steps = 3000
     c.decay_steps = 500
+    c.lr_restarts = ()
     d.phases = [_phase(1500, [24], [4, 6], task_fractions={"mqar": 1.0},
                        copy_fraction=0.75, tokens_per_step=1536),
                 _phase(3000, [32, 48, 64], [8, 12, 16],
@@ -146,10 +169,45 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_context_lens = (64,)
     c.eval_examples = 128
     c.eval_mqar_pairs = 16
+  elif preset == "twohop":
+    # The 2-hop attempt of results/train/twohop.md: a 4-layer kvjax-tiny
+    # with the multi-hop aids (chain rows, lens loss, key ends), run to
+    # step 12,400 (--stop_after=12400 --eval_at_stop; the later phases
+    # were never run). Phases were set while the run went, each change
+    # only touching steps not yet run.
+    m.num_layers = 4
+    c.lr_restarts = ()
+    c.total_steps = 16400
+    d.phases = [_phase(2000, [24], [4, 6], task_fractions={"mqar": 1.0},
+                       copy_fraction=0.75, tokens_per_step=1536),
+                _phase(4000, [24, 32], [4, 6, 8],
+                       task_fractions={"mqar": 1.0}, copy_fraction=0.25,
+                       tokens_per_step=1536),
+                _phase(7000, [32, 48, 64], [8, 12, 16],
+                       task_fractions=dict(TASKS_RECALL), copy_fraction=0.1,
+                       chain_fraction=0.25, multihop_hops=[1, 2]),
+                _phase(8400, [32, 48, 64], [8, 12, 16],
+                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
+                       chain_fraction=0.5, chain_count=8, chain_hops=[2],
+                       multihop_hops=[1, 2, 2]),
+                _phase(10400, [48, 64], [8, 12, 16],
+                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
+                       chain_fraction=0.25, chain_count=8, chain_hops=[2],
+                       chain_queries=4, lens_weight=1.0,
+                       multihop_hops=[1, 2, 2]),
+                # Run until 12,400 (--stop_after), when it was stopped.
+                _phase(16400, [48, 64], [8, 12, 16],
+                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
+                       chain_fraction=0.3, chain_count=8, chain_hops=[1, 2],
+                       chain_queries=4, chain_key_ends=0.5, lens_weight=1.0,
+                       multihop_hops=[1, 2, 2])]
+    c.eval_context_lens = (64,)
+    c.eval_mqar_pairs = 16
   elif preset == "smoke":
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 64, 2, 4, 2
     m.head_dim, m.mlp_dim = 16, 128
     c.total_steps = 20
+    c.lr_restarts = ()
     c.warmup_steps = 5
     c.decay_steps = 5
     d.phases = [_phase(20, [64], [4, 8])]

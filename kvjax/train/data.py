@@ -295,13 +295,17 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
   answers = np.zeros((batch_size, q), np.int32)
   for b in range(batch_size):
     lengths = rng.choice(np.asarray(hops), num_chains)
-    keys_used = VOCAB.key_start + rng.choice(
-        VOCAB.num_keys, int(lengths.sum()) + num_chains, replace=False)
-    nodes = keys_used[:int(lengths.sum())]
+    num_links = int(lengths.sum())
+    # Key ends draw extra ids only when asked for, so rows without them
+    # are the same draws as before the option existed.
+    nodes = VOCAB.key_start + rng.choice(
+        VOCAB.num_keys, num_links + (num_chains if key_ends else 0),
+        replace=False)
     ends = VOCAB.value_start + rng.choice(VOCAB.num_values, num_chains,
                                           replace=False)
-    key_end = rng.random(num_chains) < key_ends
-    ends = np.where(key_end, keys_used[int(lengths.sum()):], ends)
+    if key_ends:
+      ends = np.where(rng.random(num_chains) < key_ends, nodes[num_links:],
+                      ends)
     keys, values, firsts = [], [], []
     offset = 0
     for chain, length in enumerate(lengths):

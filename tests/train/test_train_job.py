@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 from experiments.configs import train as train_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-@pytest.mark.parametrize("preset", ["tiny", "compare", "smoke"])
+@pytest.mark.parametrize("preset", train_configs.PRESETS)
 def test_presets_build_and_their_phases_cover_the_run(preset):
   cfg = train_configs.get_config(preset)
   loop.optimizer_from(cfg.to_dict())  # schedule arguments are consistent
@@ -26,9 +26,11 @@ def test_presets_build_and_their_phases_cover_the_run(preset):
   assert untils[-1] >= cfg.total_steps
   if preset == "tiny":
     # WSD: the decay sits inside the last phase, so lengthening the run
-    # or its last phase leaves every earlier step's rate unchanged.
+    # or its last phase leaves every earlier step's rate unchanged; the
+    # first cycle ends where the second cycle's phase begins.
     assert 0 < cfg.decay_steps and cfg.total_steps - cfg.decay_steps >= (
         untils[-2])
+    assert tuple(cfg.lr_restarts) == (untils[-2],)
 
 
 def test_unknown_preset_raises():
