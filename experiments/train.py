@@ -5,8 +5,9 @@ command resumes from the latest checkpoint. At the end the model is
 evaluated on held-out seeds and, with --export, written in Hugging Face
 safetensors layout plus a training.json record.
 
-  # kvjax-tiny (the shipped checkpoint: 12,700 steps on the 2-core CPU;
-  # see kvjax/assets/kvjax-tiny/training.json and the README):
+  # kvjax-tiny (the shipped checkpoint: 16,000 steps in two WSD cycles
+  # on the 2-core CPU; see kvjax/assets/kvjax-tiny/training.json and the
+  # README):
   python -m experiments.train --config=experiments/configs/train.py \
       --workdir=/tmp/kvjax-tiny --export=kvjax/assets/kvjax-tiny
   # a smoke run (seconds):
@@ -20,6 +21,9 @@ safetensors layout plus a training.json record.
       --config.optimizer=muon_split --config.learning_rate=0.02 \
       --workdir=results/train/muon_split
   python -m experiments.train --compare=results/train/adamw,results/train/muon_split
+  # the 4-layer 2-hop attempt of results/train/twohop.md:
+  python -m experiments.train --config=experiments/configs/train.py:twohop \
+      --workdir=/tmp/kvjax-twohop --stop_after=12400 --eval_at_stop
   # more contexts for an exported model (merged into its training.json):
   python -m experiments.train --evaluate_export=kvjax/assets/kvjax-tiny \
       --config.eval_context_lens='(1024, 2048)' --config.eval_examples=64
