@@ -287,6 +287,20 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
 
 
+def test_a_restart_continues_a_finished_run_as_if_planned(tmp_path):
+  # A finished 6-step WSD run, continued by a second cycle (lr_restarts),
+  # ends where the two-cycle config run from scratch ends.
+  first = dict(_cfg("adamw"), decay_steps=2, checkpoint_every=3)
+  both = dict(first, total_steps=10, lr_restarts=(6,))
+  loop.train(first, str(tmp_path / "cont"), progress=False)
+  continued = loop.train(both, str(tmp_path / "cont"), progress=False)
+  scratch = loop.train(both, str(tmp_path / "scratch"), progress=False)
+  assert int(continued.step) == int(scratch.step) == 10
+  for a, b in zip(jax.tree.leaves(continued.params),
+                  jax.tree.leaves(scratch.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_per_task_accuracy_counts_answers_of_each_task():
   targets = jnp.array([[5, 6, 7], [5, 6, 7], [8, 8, 8], [9, 9, 9]])
   answer_mask = jnp.array([[False, True, True], [True, False, False],
