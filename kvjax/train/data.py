@@ -25,7 +25,9 @@ uninterrupted one would. A data config is a mapping (a dict or an
                    chain_count chains per row (default 4; as many as fit
                    in L) of chain_hops links each (drawn per chain,
                    default [2]), chain_queries of them asked (default:
-                   as many as the padded width holds).
+                   as many as the padded width holds), a share
+                   chain_key_ends of the chains ending at a key id
+                   (default 0).
   ...              other task params: needle_distractors, overwrite_writes,
                    overwrite_distractors, abstention_distractors,
                    multihop_distractor_chains.
@@ -242,7 +244,7 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
                 num_chains: int = 4, hops: Sequence[int] = (2,),
                 max_queries: int | None = None,
                 key_ends: float = 0.0) -> TaskBatch:
-  """Rows of `num_chains` multi-hop chains, each asked once: a dense aid.
+  """Rows of `num_chains` multi-hop chains, several asked: a dense aid.
 
   A training aid for multi-hop, not a task of the suite. A multihop row
   has one answer, so composing two lookups gets one target per row and
@@ -266,7 +268,8 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
 
   Raises:
     ValueError: num_chains < 1, hops outside 1..4 or empty, max_queries
-      < 1, or the links do not fit in context_len - 1 tokens.
+      < 1, key_ends outside [0, 1], or the links do not fit in
+      context_len - 1 tokens (or in the key ids).
   """
   hops = tuple(int(h) for h in hops)
   if num_chains < 1:

@@ -112,8 +112,8 @@ def per_task_accuracy(logits, targets, answer_mask, task_ids
 
   Returns:
     {"acc/<task>": accuracy, "n/<task>": answer count} for every task in
-    `kvjax.tasks.TASK_NAMES` and for the aids "copy" and "chain"; a task absent from
-    the batch has n 0 and accuracy 0 (the logger drops it).
+    `kvjax.tasks.TASK_NAMES` and for the aids "copy" and "chain"; a task
+    absent from the batch has n 0 and accuracy 0 (the logger drops it).
   """
   correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask  # [B, T]
   per_row_correct = jnp.sum(correct, axis=1).astype(jnp.float32)
