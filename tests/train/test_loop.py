@@ -290,7 +290,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 def test_a_restart_continues_a_finished_run_as_if_planned(tmp_path):
   # A finished 6-step WSD run, continued by a second cycle (lr_restarts),
   # ends where the two-cycle config run from scratch ends.
-  first = dict(_cfg("adamw"), decay_steps=2, checkpoint_every=3)
+  cfg = _cfg("adamw")
+  one_shape = dict(cfg["data"], phases=[{"until": 100, "context_lens": [24]}])
+  first = dict(cfg, data=one_shape, decay_steps=2, checkpoint_every=3)
   both = dict(first, total_steps=10, lr_restarts=(6,))
   loop.train(first, str(tmp_path / "cont"), progress=False)
   continued = loop.train(both, str(tmp_path / "cont"), progress=False)
