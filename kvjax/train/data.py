@@ -172,14 +172,16 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
     parts.append(copy_batch(copy_rows, L, seed=(int(seed), int(step), 0),
                             max_copy=width))
   if chain_rows:
-    width = padded_length(data_config, L, phase) - L
     chain_hops = tuple(int(h) for h in _get(data_config, "chain_hops", [2]))
+    # Questions take 4 tokens each, after the context.
+    max_queries = (padded_length(data_config, L, phase) - L) // 4
+    if _get(data_config, "chain_queries") is not None:
+      max_queries = min(max_queries, int(data_config["chain_queries"]))
     parts.append(chain_batch(
         chain_rows, L, seed=(int(seed), int(step), 0, 1),
         num_chains=min(int(_get(data_config, "chain_count", 4)),
                        (L - 1) // (3 * max(chain_hops))),
-        hops=chain_hops, max_queries=min(
-            width // 4, int(_get(data_config, "chain_queries", width))),
+        hops=chain_hops, max_queries=max_queries,
         key_ends=float(_get(data_config, "chain_key_ends", 0.0))))
   batch = generators.concat_batches(parts)
   return pad_batch(batch, padded_length(data_config, L, phase))

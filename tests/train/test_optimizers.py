@@ -106,13 +106,17 @@ def test_bad_arguments_raise():
     optimizers.warmup_cosine(1.0, total_steps=10, warmup_steps=10)
 
 
+def _wsd(total_steps, restarts=()):
+  """Peak 1, warmup 10, decay over the last 20 steps of each cycle to 0.1."""
+  return optimizers.warmup_stable_decay(1.0, total_steps=total_steps,
+                                        warmup_steps=10, decay_steps=20,
+                                        final_fraction=0.1,
+                                        restarts=restarts)
+
+
 def test_schedule_warmup_stable_decay():
-  sched = optimizers.warmup_stable_decay(1.0, total_steps=100,
-                                         warmup_steps=10, decay_steps=20,
-                                         final_fraction=0.1)
-  longer = optimizers.warmup_stable_decay(1.0, total_steps=500,
-                                          warmup_steps=10, decay_steps=20,
-                                          final_fraction=0.1)
+  sched = _wsd(100)
+  longer = _wsd(500)
   assert float(sched(0)) == 0.0
   np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
   for step in (10, 50, 80):  # flat between warmup and decay
@@ -131,12 +135,8 @@ def test_schedule_warmup_stable_decay():
 
 
 def test_schedule_restarts_continue_a_finished_run():
-  first = optimizers.warmup_stable_decay(1.0, total_steps=100,
-                                         warmup_steps=10, decay_steps=20,
-                                         final_fraction=0.1)
-  both = optimizers.warmup_stable_decay(1.0, total_steps=180,
-                                        warmup_steps=10, decay_steps=20,
-                                        final_fraction=0.1, restarts=(100,))
+  first = _wsd(100)
+  both = _wsd(180, restarts=(100,))
   # The first cycle is the run as it was; no earlier rate changes.
   for step in range(0, 100, 3):
     assert float(both(step)) == float(first(step))
@@ -155,8 +155,7 @@ def test_schedule_restarts_continue_a_finished_run():
     optimizers.warmup_stable_decay(1.0, total_steps=100, warmup_steps=1,
                                    decay_steps=5, restarts=(50, 40))
   with pytest.raises(ValueError, match="cycle"):  # a cycle too short
-    optimizers.warmup_stable_decay(1.0, total_steps=100, warmup_steps=10,
-                                   decay_steps=20, restarts=(90,))
+    _wsd(100, restarts=(90,))
   with pytest.raises(ValueError, match="lr_restarts"):
     optimizers.make_optimizer("adamw", learning_rate=1.0, total_steps=100,
                               warmup_steps=1, restarts=(50,))
