@@ -231,9 +231,9 @@ class TaskData:
     self.context, self.question = tokens[:, :L], tokens[:, L:]
     positions = L + np.arange(self.Tq)
     real = positions[None, :] < self.batch.lengths[:, None]  # [B, Tq]
-    answer = self.batch.loss_mask[:, L:]
     self.qmask = jnp.asarray(real)
-    self.observe_mask = jnp.asarray(real & ~answer)  # the question proper
+    # The question proper: no answer, nothing that follows from one.
+    self.observe_mask = jnp.asarray(generators.question_mask(self.batch)[:, L:])
     self.query_pos = np.where(real, positions[None, :], -1)  # [B, Tq]
     # Rows predicting answers: the input position before each answer.
     valid = self.batch.answer_positions >= 0

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import sweep
 from experiments.configs import sweep as sweep_config
 
@@ -99,3 +100,18 @@ def test_summary_collapse_and_pearson():
   assert facts["pearson_ger_hallucination"]["agnostic"] == pytest.approx(1.0)
   assert np.isnan(facts["pearson_ger_hallucination"]["aware"])
   assert "| agnostic | snapkv | 0.75 | 0.600 |" in text
+
+
+def test_aware_units_observe_only_the_question_proper():
+  """A multihop walk's question-aware compression sees `QUERY x1 ARROW`,
+  not the walk's later tokens (they would name the next link)."""
+  cfg = _cfg("/tmp/unused", tasks="multihop_k2", context_len=40)
+  config, params = common.load_model(cfg.model)
+  td = sweep.TaskData(cfg, config, params, "multihop_k2")
+  observed = np.asarray(td.observe_mask)  # [B, T - L]
+  assert observed.shape == (2, td.Tq)
+  np.testing.assert_array_equal(observed[:, :3], True)
+  np.testing.assert_array_equal(observed[:, 3:], False)
+  answered = np.asarray(td.qmask)  # the question run still reads the walk
+  np.testing.assert_array_equal(answered[:, :6], True)
+  np.testing.assert_array_equal(td.batch.answers.shape, (2, 2))

@@ -24,6 +24,7 @@ from kvjax.tasks.generators import (
     multihop,
     needle,
     overwrite,
+    question_mask,
 )
 from kvjax.tasks.scoring import TaskScore, predictions_from_logits, score
 from kvjax.tasks.vocab import (

@@ -7,7 +7,8 @@ Five tasks, one token layout, one batch type:
   needle      a few `key -> value` facts in long filler; one key is queried.
   multihop    chains `x1 -> x2`, `x2 -> x3`, ..., `xk -> y` scattered in the
               context (keys x*, value y); the question gives x1, the answer
-              is y. k = `hops` in 1..4.
+              is y (latent) or the walk x2, ..., y (walk=True). k = `hops`
+              in 1..4.
   overwrite   one key is assigned several times; the answer is the value of
               the latest (right-most) assignment.
   abstention  facts as in `needle`, but the queried key is absent; the answer
@@ -19,6 +20,7 @@ Token layout (L = `context_len`, the same for every row of a task)::
   token     BOS   context: facts + filler  QUERY  key  ARROW answer
 
   mqar:     BOS   k v pairs + filler       QUERY  k_1 v_1 k_2 v_2 ... k_q v_q
+  walk:     BOS   chains + filler          QUERY  x1 ARROW x2 ARROW ... y
 
 * The context is the prefix `tokens[:context_end]` (BOS included), so it can
   be prefilled and compressed before the question is seen; the question
@@ -27,10 +29,11 @@ Token layout (L = `context_len`, the same for every row of a task)::
   position p is predicted from the logits at position p - 1:
   `inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`,
   `weights = loss_mask[:, 1:]`. `loss_mask` is True exactly at the answer
-  positions. For the four lookup tasks the single answer is the last token;
-  for mqar the answers sit inside the question right after each queried key.
-  The question tokens proper (no answers) are the positions in
-  `[context_end, lengths)` where `loss_mask` is False.
+  positions. For the four lookup tasks the single answer is the last token
+  (a multihop walk has one after every ARROW); for mqar the answers sit
+  inside the question right after each queried key.
+  The question tokens proper are `question_mask(batch)`: the positions in
+  `[context_end, lengths)` that are no answer and follow from none.
 * Evaluating under compression: prefill `tokens[:, :context_end]` (the same
   L in every row, mixtures included), compress the cache, feed
   `tokens[:, context_end:]` in one teacher-forced call and read the answers
@@ -345,23 +348,32 @@ def _lookup_batch(task: str, rng, vocab: Vocab, context_len: int,
 
   Args:
     fact_keys, fact_values, starts: [B, n] facts and their start positions.
-    query_keys, answers: [B] the queried key and its answer.
+    query_keys: [B] the queried key.
+    answers: [B] its answer, or [B, A] a walk: the question is then
+      `QUERY key (ARROW answer) * A` with an answer slot after every ARROW.
     critical_positions: [B, C].
   """
   batch_size = fact_keys.shape[0]
+  if answers.ndim == 1:
+    answers = answers[:, None]
+  num_answers = answers.shape[1]
   tokens = _filler_tokens(rng, batch_size, context_len + LOOKUP_QUESTION_LEN,
                           vocab)
+  # A walk's extra `ARROW answer` slots (written below): the same draws,
+  # so its context equals the latent question's.
+  tokens = np.pad(tokens, ((0, 0), (0, 2 * (num_answers - 1))))
   rows = np.arange(batch_size)[:, None]
   tokens[rows, starts] = fact_keys
   tokens[rows, starts + 1] = ARROW
   tokens[rows, starts + 2] = fact_values
   tokens[:, context_len] = QUERY
   tokens[:, context_len + 1] = query_keys
-  tokens[:, context_len + 2] = ARROW
-  tokens[:, context_len + 3] = answers
-  answer_positions = np.full((batch_size, 1), context_len + 3)
-  return _assemble(task, tokens, context_len, answer_positions,
-                   answers[:, None], critical_positions)
+  answer_positions = np.broadcast_to(
+      context_len + 3 + 2 * np.arange(num_answers), answers.shape)
+  np.put_along_axis(tokens, answer_positions - 1, ARROW, axis=1)
+  np.put_along_axis(tokens, answer_positions, answers, axis=1)
+  return _assemble(task, tokens, context_len, answer_positions, answers,
+                   critical_positions)
 
 
 def _key_value_critical(starts: np.ndarray, value_offset: int) -> np.ndarray:
@@ -412,6 +424,24 @@ def concat_batches(batches: Sequence[TaskBatch]) -> TaskBatch:
       critical_positions=cat("critical_positions", num_critical, -1),
       task_ids=cat("task_ids"),
   )
+
+
+def question_mask(batch: TaskBatch) -> np.ndarray:
+  """[B, T] bool: the question proper, the tokens a question-aware
+  compressor may observe.
+
+  The question positions `[context_end, lengths)` that are not answers and
+  follow from no answer: in mqar every queried key (each key is queried
+  once, so earlier answers say nothing about later keys); in the other
+  tasks the positions before the first answer (a multihop walk's later
+  tokens carry the walk itself).
+  """
+  positions = np.arange(batch.tokens.shape[1])[None, :]
+  mask = ((positions >= batch.context_end[:, None])
+          & (positions < batch.lengths[:, None]) & ~batch.loss_mask)
+  before_answers = positions < batch.answer_start[:, None]
+  mqar_rows = batch.task_ids == TASK_NAMES.index("mqar")
+  return mask & (mqar_rows[:, None] | before_answers)
 
 
 def _take_rows(batch: TaskBatch, rows: np.ndarray) -> TaskBatch:
@@ -515,7 +545,8 @@ def _build_needle(rng, batch_size: int, context_len: int, vocab: Vocab, *,
 
 def _build_multihop_fixed(rng, batch_size: int, context_len: int,
                           vocab: Vocab, hops: int,
-                          num_distractor_chains: int) -> TaskBatch:
+                          num_distractor_chains: int,
+                          walk: bool) -> TaskBatch:
   num_chains = num_distractor_chains + 1
   num_links = num_chains * hops
   nodes = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
@@ -528,14 +559,16 @@ def _build_multihop_fixed(rng, batch_size: int, context_len: int,
   fact_values = targets.reshape(batch_size, num_links)
   starts = _fact_starts(rng, batch_size, num_links, 3, context_len)
   critical = _key_value_critical(starts[:, :hops], 2)  # [B, 2 * hops]
+  answers = targets[:, 0] if walk else ends[:, 0]  # [B, hops] or [B]
   return _lookup_batch("multihop", rng, vocab, context_len, fact_keys,
-                       fact_values, starts, nodes[:, 0, 0], ends[:, 0],
+                       fact_values, starts, nodes[:, 0, 0], answers,
                        critical)
 
 
 def _build_multihop(rng, batch_size: int, context_len: int, vocab: Vocab, *,
                     hops: int | Sequence[int] = 2,
-                    num_distractor_chains: int = 2) -> TaskBatch:
+                    num_distractor_chains: int = 2,
+                    walk: bool = False) -> TaskBatch:
   hop_choices = (tuple(hops) if isinstance(hops, (tuple, list, np.ndarray))
                  else (hops,))
   if not hop_choices:
@@ -548,6 +581,9 @@ def _build_multihop(rng, batch_size: int, context_len: int, vocab: Vocab, *,
     if int(value) not in HOPS:
       raise ValueError(f"hops (multihop) must be one of {HOPS}, got {hops!r}.")
   hop_choices = tuple(int(value) for value in hop_choices)
+  if not isinstance(walk, (bool, np.bool_)):
+    raise TypeError(f"walk (multihop) must be a bool, got {walk!r}.")
+  walk = bool(walk)
   num_distractor_chains = _check_int("num_distractor_chains",
                                      num_distractor_chains, 0,
                                      task="multihop")
@@ -560,12 +596,13 @@ def _build_multihop(rng, batch_size: int, context_len: int, vocab: Vocab, *,
 
   if len(hop_choices) == 1 or batch_size == 0:
     return _build_multihop_fixed(rng, batch_size, context_len, vocab,
-                                 hop_choices[0], num_distractor_chains)
+                                 hop_choices[0], num_distractor_chains, walk)
   hops_of_row = rng.choice(np.asarray(hop_choices), size=batch_size)
   return _grouped_rows(
       hops_of_row,
       lambda group, count: _build_multihop_fixed(
-          rng, count, context_len, vocab, int(group), num_distractor_chains))
+          rng, count, context_len, vocab, int(group), num_distractor_chains,
+          walk))
 
 
 def _build_overwrite(rng, batch_size: int, context_len: int, vocab: Vocab, *,
@@ -697,7 +734,7 @@ def needle(batch_size: int, *, seed, context_len: int,
 
 def multihop(batch_size: int, *, seed, context_len: int,
              hops: int | Sequence[int] = 2, num_distractor_chains: int = 2,
-             vocab: Vocab = VOCAB) -> TaskBatch:
+             walk: bool = False, vocab: Vocab = VOCAB) -> TaskBatch:
   """Multi-hop chains: follow `x1 -> x2 -> ... -> y` from x1 to y.
 
   Each chain has `hops` links; the nodes x* are keys and the end y is a
@@ -705,19 +742,37 @@ def multihop(batch_size: int, *, seed, context_len: int,
   the same length and disjoint tokens. All links sit at random positions,
   in random order.
 
+  Two question formats ask for the end of the chain from its start:
+
+    latent (walk=False)  `QUERY x1 ARROW y`: y in one token, every hop
+                         composed inside the forward pass.
+    walk (walk=True)     `QUERY x1 ARROW x2 ARROW x3 ... ARROW y`: the
+                         answer walks the chain, one link per answer slot
+                         (a chain of thought; each slot is a single lookup
+                         of the token before its ARROW). Scoring counts a
+                         walk row correct only if every step is
+                         (`kvjax.tasks.score`), which is what greedy
+                         decoding from `QUERY x1 ARROW` reaches. Only
+                         `QUERY x1 ARROW` is the question proper
+                         (`question_mask`): later question tokens carry
+                         the walk.
+
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 4.
+    context_len: L, context tokens including BOS; T = L + 4 (latent) or
+      L + 2 + 2 k (walk).
     hops: k in 1..4, or a sequence of such values: each row then draws its
-      k uniformly (rows with different k differ in C only).
+      k uniformly (rows with different k differ in C, and for walks in T
+      and A, padded).
     num_distractor_chains: chains besides the queried one.
+    walk: the question format (above).
     vocab: the vocabulary.
 
   Returns:
-    A TaskBatch with A = 1 and C = 2 k: key and value position of every
-    link, in chain order (-1 padded when k varies; k = count of valid
-    critical positions // 2).
+    A TaskBatch with A = 1 (latent) or A = k (walk: answers x2, ..., y)
+    and C = 2 k: key and value position of every link, in chain order (-1
+    padded when k varies; k = count of valid critical positions // 2).
 
   Raises:
     ValueError: hops not in 1..4, context_len < 1 + 3 * k_max * (chains),
@@ -726,7 +781,8 @@ def multihop(batch_size: int, *, seed, context_len: int,
   batch_size, context_len = _check_batch_args(batch_size, context_len)
   return _build_multihop(_make_rng(seed, "multihop"), batch_size, context_len,
                          _check_vocab(vocab), hops=hops,
-                         num_distractor_chains=num_distractor_chains)
+                         num_distractor_chains=num_distractor_chains,
+                         walk=walk)
 
 
 def overwrite(batch_size: int, *, seed, context_len: int, num_writes: int = 2,

@@ -2,8 +2,14 @@
 
 The unit of scoring is one answer slot: a pair (b, a) with
 `batch.answer_positions[b, a] >= 0`. mqar rows have several slots, the other
-tasks one. For each slot, with `pred` the predicted token, `answer` the true
-token and `conf` the model's confidence in `pred`:
+tasks one, except multihop walks (`multihop(..., walk=True)`), whose slots
+are the steps of one answer: a multihop row is scored as one unit, its
+prediction being the first step that departs from the true walk (or the
+last step if none does), i.e. what greedy decoding commits to. So a walk
+is correct only if every step is, and a walk that goes astray at an
+intermediate node is wrong (abstained, if that step says UNKNOWN). For
+each unit, with `pred` the predicted token, `answer` the true token and
+`conf` the model's confidence in `pred`:
 
   correct        pred == answer
   abstained      pred == UNKNOWN
@@ -11,7 +17,7 @@ token and `conf` the model's confidence in `pred`:
   hallucinated   not correct and not abstained and confident
   low-confidence error  not correct and not abstained and not confident
 
-and the rates are means over slots:
+and the rates are means over units:
 
   accuracy                   = mean(correct)
   abstention_rate            = mean(abstained)
@@ -49,7 +55,8 @@ class TaskScore(NamedTuple):
     low_confidence_error_rate: share of slots wrong, not UNKNOWN and not
       confident.
     exact_match: share of rows with every slot correct.
-    num_answers: number of slots scored.
+    num_answers: number of units scored (answer slots; a multihop walk
+      counts once).
     num_examples: number of rows scored.
   """
 
@@ -136,6 +143,24 @@ def _rates(correct, abstained, confident, valid, row_mask) -> TaskScore:
   )
 
 
+def _walk_units(walks, correct, abstained, confident, valid):
+  """Collapses each walk row [A] of per-step flags into slot 0: the first
+  wrong valid step (the last valid one if all are right)."""
+  wrong = valid & ~correct
+  last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
+  step = np.where(wrong.any(axis=1), np.argmax(wrong, axis=1), last)
+  rows = np.arange(valid.shape[0])
+  def unit(flags):
+    collapsed = np.zeros_like(flags)
+    collapsed[:, 0] = flags[rows, step]
+    return np.where(walks[:, None], collapsed, flags)
+  has_answer = valid.any(axis=1)
+  unit_valid = np.zeros_like(valid)
+  unit_valid[:, 0] = has_answer
+  return (unit(correct), unit(abstained), unit(confident),
+          np.where(walks[:, None], unit_valid, valid))
+
+
 def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
           threshold: float = 0.5) -> dict[str, TaskScore]:
   """Accuracy, abstention and hallucination rates per task.
@@ -147,7 +172,8 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
     hallucination = wrong AND not UNKNOWN AND confident, where confident
       means confidence >= threshold (max softmax probability); with
       `confidence=None` every prediction counts as confident.
-  Rates are pooled over the answer slots of each task; a mixture batch is
+  Rates are pooled over the units of each task (answer slots; one per
+  multihop row, whose slots are the steps of a walk); a mixture batch is
   split by `batch.task_ids`.
 
   Args:
@@ -204,6 +230,10 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
 
   correct = predicted == answers
   abstained = predicted == UNKNOWN
+  walks = batch.task_ids == TASK_NAMES.index("multihop")
+  if walks.any() and answers.shape[1] > 1:
+    correct, abstained, confident, valid = _walk_units(
+        walks, correct, abstained, confident, valid)
   results = {}
   for task_id, name in enumerate(TASK_NAMES):
     rows = batch.task_ids == task_id

@@ -16,6 +16,8 @@ uninterrupted one would. A data config is a mapping (a dict or an
   mqar_pairs       choices of mqar num_pairs (those that fit L are used).
   mqar_placements  choices of mqar placement.
   multihop_hops    hops drawn per multihop row.
+  multihop_walk    multihop question format (default False, latent; True:
+                   the answer walks the chain, see `kvjax.tasks.multihop`).
   copy_fraction    share of extra "copy" rows (default 0): a training aid,
                    not a task of the suite (see `copy_batch`).
   lens_weight      weight of the lens loss (default 0; see `lens_mask` and
@@ -157,7 +159,8 @@ def task_batch(data_config: Mapping[str, Any], seed: int, step: int,
     elif task == "multihop":
       params = dict(hops=tuple(int(h) for h in data_config["multihop_hops"]),
                     num_distractor_chains=int(_get(
-                        data_config, "multihop_distractor_chains", 2)))
+                        data_config, "multihop_distractor_chains", 2)),
+                    walk=bool(_get(data_config, "multihop_walk", False)))
     elif task == "overwrite":
       params = dict(num_writes=int(_get(data_config, "overwrite_writes", 2)),
                     num_distractors=int(_get(data_config,

@@ -108,7 +108,8 @@ def loss_fn(params, arrays: Mapping[str, Array], *, config: ModelConfig):
 
 def per_task_accuracy(logits, targets, answer_mask, task_ids
                       ) -> dict[str, Array]:
-  """Teacher-forced answer accuracy per task of one batch.
+  """Teacher-forced answer accuracy per task of one batch, per answer slot
+  (each step of a multihop walk counts apiece).
 
   Returns:
     {"acc/<task>": accuracy, "n/<task>": answer count} for every task in

@@ -74,13 +74,16 @@ def solve(tokens, visible, context_end, task, vocab=VOCAB):
       p += 3
     else:
       p += 1
-  current = int(question[1])
+  current, walk = int(question[1]), []
   for hop in range(8):
     if current not in facts:
       return [UNKNOWN if hop == 0 else None]
     _, current = max(facts[current])  # the latest assignment wins
+    walk.append(current)
     if is_value(current):
-      return [current]
+      # A multihop walk question (`QUERY x1 ARROW x2 ARROW ...`) is
+      # answered by every node after x1, a latent one by the end only.
+      return walk if len(question) > 4 else [current]
   return [None]
 
 
@@ -324,6 +327,75 @@ def test_multihop_mixed_hops_pads_critical_positions():
         batch, row)
 
 
+@pytest.mark.parametrize("hops", tasks.HOPS)
+def test_multihop_walk_asks_every_node_after_the_start(hops):
+  latent = _batch("multihop", hops=hops)
+  batch = _batch("multihop", hops=hops, walk=True)
+  L = CONTEXT_LEN
+  assert batch.tokens.shape == (BATCH, L + 2 + 2 * hops)
+  assert batch.answers.shape == (BATCH, hops)
+  # The same context, links and end as the latent question.
+  np.testing.assert_array_equal(batch.tokens[:, :L + 2],
+                                latent.tokens[:, :L + 2])
+  np.testing.assert_array_equal(batch.critical_positions,
+                                latent.critical_positions)
+  np.testing.assert_array_equal(batch.answers[:, -1], latent.answers[:, 0])
+  np.testing.assert_array_equal(batch.answer_positions[0],
+                                L + 3 + 2 * np.arange(hops))
+  assert (batch.tokens[:, batch.answer_positions[0] - 1] == ARROW).all()
+  rows = np.arange(BATCH)[:, None]
+  np.testing.assert_array_equal(batch.tokens[rows, batch.answer_positions],
+                                batch.answers)
+  # Step j is the value slot of link j: its key is the step before.
+  value_slots = batch.critical_positions[:, 1::2]
+  np.testing.assert_array_equal(batch.tokens[rows, value_slots], batch.answers)
+  for row in range(BATCH):
+    end = int(batch.context_end[row])
+    visible = np.zeros(end, dtype=bool)
+    visible[_critical(batch, row)] = True
+    assert solve(batch.tokens[row], visible, end, "multihop") == _answers(
+        batch, row)
+    for position in _critical(batch, row):  # every link is needed
+      visible = np.ones(end, dtype=bool)
+      visible[position] = False
+      assert solve(batch.tokens[row], visible, end, "multihop") != _answers(
+          batch, row)
+
+
+def test_multihop_mixed_walks_pad_tokens_and_answers():
+  batch = _batch("multihop", batch_size=64, hops=(1, 3), walk=True)
+  steps = (batch.answer_positions >= 0).sum(axis=1)
+  hops = (batch.critical_positions >= 0).sum(axis=1) // 2
+  np.testing.assert_array_equal(steps, hops)
+  assert set(steps.tolist()) == {1, 3}
+  np.testing.assert_array_equal(batch.lengths, CONTEXT_LEN + 2 + 2 * hops)
+  assert (batch.tokens[steps == 1, CONTEXT_LEN + 4:] == PAD).all()
+
+
+def test_question_mask_is_the_question_before_any_answer():
+  L = CONTEXT_LEN
+  walk = _batch("multihop", hops=3, walk=True)
+  expected = np.zeros_like(walk.loss_mask)
+  expected[:, L:L + 3] = True  # QUERY x1 ARROW, not `x2 ARROW x3 ARROW y`
+  np.testing.assert_array_equal(tasks.question_mask(walk), expected)
+  mqar = _batch("mqar", num_pairs=4)
+  expected = np.zeros_like(mqar.loss_mask)
+  expected[:, L] = True
+  expected[:, L + 1::2] = True  # every queried key
+  np.testing.assert_array_equal(tasks.question_mask(mqar), expected)
+  for task in ("needle", "overwrite", "abstention"):
+    batch = _batch(task)
+    expected = np.zeros_like(batch.loss_mask)
+    expected[:, L:L + 3] = True
+    np.testing.assert_array_equal(tasks.question_mask(batch), expected)
+  mixed = tasks.question_mask(tasks.concat_batches([walk, mqar]))
+  width = walk.tokens.shape[1]
+  np.testing.assert_array_equal(mixed[:BATCH, :width],
+                                tasks.question_mask(walk))
+  assert not mixed[:BATCH, width:].any()
+  np.testing.assert_array_equal(mixed[BATCH:], tasks.question_mask(mqar))
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_needle_depth(depth):
   batch = _batch("needle", depth=depth, num_distractors=3)
@@ -455,6 +527,9 @@ def test_hops_out_of_range_raises(hops):
     (lambda: tasks.make_batch("mqar", 2, seed=0, context_len=64,
                               placement="middle"),
      ValueError, r"placement='middle'.*'prefix'.*'scattered'"),
+    (lambda: tasks.make_batch("multihop", 2, seed=0, context_len=64,
+                              walk="yes"),
+     TypeError, r"walk \(multihop\) must be a bool"),
     (lambda: tasks.make_batch("overwrite", 2, seed=0, context_len=64,
                               num_writes=1),
      ValueError, r"num_writes.*>= 2"),

@@ -80,6 +80,58 @@ def test_mqar_rates_are_per_answer_slot_and_exact_match_per_row():
   assert result.exact_match == pytest.approx(2 / 4)
 
 
+def test_a_walk_is_one_unit_judged_at_its_first_wrong_step():
+  batch = tasks.make_batch("multihop", 6, seed=7, context_len=CONTEXT_LEN,
+                           hops=3, walk=True)
+  answers = batch.answers  # [6, 3]: x2, x3, y
+  predicted = answers.copy()
+  predicted[1, 2] = _wrong_value(answers[1, 2])  # wrong end
+  predicted[2, 0] = UNKNOWN  # gives up at the first step
+  predicted[2, 1:] = _wrong_value(answers[2, 1:])  # (later steps ignored)
+  predicted[3, 1] = answers[4, 1]  # a confident wrong node ...
+  predicted[4, 1] = answers[3, 1]  # ... and a timid one
+  confidence = np.full((6, 3), 0.9)
+  confidence[4, 1] = 0.2
+  # Row 5: all steps right. Row 0 too, though its end is not confident.
+  confidence[0, 2] = 0.1
+  r = tasks.score(batch, predicted, confidence=confidence)["multihop"]
+  assert (r.num_answers, r.num_examples) == (6, 6)
+  assert r.accuracy == pytest.approx(2 / 6)
+  assert r.exact_match == pytest.approx(2 / 6)
+  assert r.abstention_rate == pytest.approx(1 / 6)  # row 2
+  assert r.hallucination_rate == pytest.approx(2 / 6)  # rows 1, 3
+  assert r.low_confidence_error_rate == pytest.approx(1 / 6)  # row 4
+  # A one-step walk scores like the latent question with the same answer.
+  k1 = tasks.make_batch("multihop", 6, seed=7, context_len=CONTEXT_LEN,
+                        hops=1, walk=True)
+  k1_latent = tasks.make_batch("multihop", 6, seed=7,
+                               context_len=CONTEXT_LEN, hops=1)
+  np.testing.assert_array_equal(k1.tokens, k1_latent.tokens)
+  guesses = np.where(np.arange(6) % 2 == 0, k1.answers[:, 0], UNKNOWN)
+  assert tasks.score(k1, guesses) == tasks.score(k1_latent, guesses)
+
+
+def test_walks_mixed_with_mqar_keep_mqar_slots():
+  walk = tasks.make_batch("multihop", 4, seed=8, context_len=CONTEXT_LEN,
+                          hops=(1, 2, 4), walk=True)
+  mqar = tasks.make_batch("mqar", 4, seed=8, context_len=CONTEXT_LEN,
+                          num_pairs=3)
+  batch = tasks.concat_batches([walk, mqar])
+  predicted = batch.answers.copy()
+  valid = batch.answer_positions >= 0
+  predicted[~valid] = 12345
+  steps = valid[:4].sum(axis=1)
+  predicted[0, steps[0] - 1] = UNKNOWN  # walk 0 ends in UNKNOWN
+  predicted[4, 0] = UNKNOWN  # one mqar slot abstains
+  result = tasks.score(batch, predicted)
+  assert result["multihop"].num_answers == 4
+  assert result["multihop"].abstention_rate == pytest.approx(1 / 4)
+  assert result["mqar"].num_answers == 12
+  assert result["mqar"].accuracy == pytest.approx(11 / 12)
+  assert result["all"].num_answers == 16
+  assert result["all"].accuracy == pytest.approx(14 / 16)
+
+
 def test_mixture_is_split_per_task_and_padding_ignored():
   batch = tasks.make_mixture_batch(
       40, seed=4, context_len=CONTEXT_LEN,
