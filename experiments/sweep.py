@@ -3,8 +3,8 @@
 kvjax's main job (`bash launch/local.sh`). For every unit (method, ratio,
 task, mode) it prefills the task contexts, compresses the cache, feeds the
 question teacher-forced and records accuracy, hallucination and abstention
-rates, the Global Eviction Ratio of the answer-critical tokens, their
-reachability in the token-attention graph, the KL of the answer
+rates, the Global Eviction Ratio of the answer-critical tokens (and per
+layer: evicted from every head of that layer), their reachability in the token-attention graph, the KL of the answer
 distribution to the uncompressed model, the physical and logical bytes of
 the compressed cache, and the wall time. Rows append to
 `<workdir>/results.jsonl` (one per finished unit); a rerun skips the units
@@ -16,7 +16,9 @@ Question modes:
   agnostic  prefill the context with the transform (its observation window
             is the end of the context), then ask the question;
   aware     prefill the context, compress it while observing the question's
-            queries (`kvjax.compress_observing`), then ask the question.
+            queries (`kvjax.compress_observing`; the question proper,
+            `kvjax.tasks.question_mask`, so no answer and nothing that
+            follows from one), then ask the question.
 
   python -m experiments.sweep                       # the default (kvjax-tiny)
   python -m experiments.sweep --config=experiments/configs/sweep.py:smoke
@@ -339,6 +341,12 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   if has_targets.any():
     ger = graph_lib.global_eviction_ratio(cache.pos, cache.valid, td.targets)
     ger = float(np.asarray(ger)[has_targets].mean())
+    # Evicted from every head of one layer: the lookup layer's loss can
+    # break an answer that GER (every layer) still calls kept.
+    ger_per_layer = graph_lib.global_eviction_ratio(
+        cache.pos, cache.valid, td.targets, per_layer=True)
+    ger_per_layer = [round(float(x), 6) for x in
+                     np.asarray(ger_per_layer)[:, has_targets].mean(axis=1)]
     q_graph = graph_lib.token_graph(
         probs, jnp.asarray(td.query_pos), pos, valid, num_positions=td.T,
         eps=float(cfg.graph_eps))
@@ -347,7 +355,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
         td.targets))
     reachability = float(reach[td.targets >= 0].mean())
   else:  # abstention: nothing in the context answers the question
-    ger = reachability = None
+    ger = reachability = ger_per_layer = None
   tokens = td.batch.batch_size * td.L
   return dict(
       method=unit["method"], ratio=unit["ratio"], task=unit["task"],
@@ -355,7 +363,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
       hallucination_rate=task_score.hallucination_rate,
       abstention_rate=task_score.abstention_rate,
       exact_match=task_score.exact_match, ger=ger,
-      reachability=reachability, kl=kl,
+      ger_per_layer=ger_per_layer, reachability=reachability, kl=kl,
       physical_bytes_per_token=kv_bytes(cache) / tokens,
       logical_bytes_per_token=logical_bytes(cache) / tokens,
       seconds=round(seconds, 4), num_examples=task_score.num_examples,

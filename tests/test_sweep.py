@@ -75,6 +75,10 @@ def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
   assert half["logical_bytes_per_token"] == pytest.approx(
       0.5 * none["logical_bytes_per_token"], rel=0.05)
   assert 0.0 <= half["ger"] <= 1.0 and half["kl"] > 0
+  # Evicted everywhere implies evicted from each layer.
+  assert len(half["ger_per_layer"]) == 2
+  assert half["ger"] <= min(half["ger_per_layer"]) + 1e-6
+  assert none["ger_per_layer"] == [0.0, 0.0]
   assert by[("kivi2", 0.0, "aware")]["ger"] == 0.0  # a codec evicts nothing
   for name in ("summary.md", "facts.json"):
     assert os.path.exists(os.path.join(tmp_path, name))
