@@ -37,6 +37,11 @@ TASKS_HOPS = {"mqar": 0.2, "needle": 0.1, "multihop": 0.4,
 TASKS_LATE = {"mqar": 0.15, "needle": 0.25, "multihop": 0.2,
               "overwrite": 0.3, "abstention": 0.1}
 
+# The third cycle: multi-hop as a walk (the answer names every node after
+# the start); overwrite keeps a quarter of the rows.
+TASKS_WALK = {"mqar": 0.15, "needle": 0.15, "multihop": 0.3,
+              "overwrite": 0.25, "abstention": 0.15}
+
 PRESETS = ("tiny", "compare", "twohop", "smoke")
 
 
@@ -49,11 +54,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # Model: kvjax-tiny, a Llama-architecture decoder run by kvjax.forward.
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 512  # kvjax.tasks.VOCAB.size.
-  # Small on purpose: d=64, 3 layers learns every recall task but 2-hop
-  # in ~10k CPU steps (results/train/plateau.md: wider and deeper models
-  # sat on the MQAR plateau as long or longer in the pilots).
+  # Small on purpose: d=64, 3 layers learns every recall task in ~10k CPU
+  # steps, and multi-hop as a walk; not latent 2-hop (results/train/
+  # plateau.md: wider and deeper models sat on the MQAR plateau as long or
+  # longer in the pilots; results/train/twohop.md).
   m.d_model = 64  # D, residual width.
-  m.num_layers = 3  # L; multi-hop with k hops needs about k + 1 layers.
+  m.num_layers = 3  # L; latent k hops need about k + 1, a walk k steps.
   m.num_heads = 2  # N, query heads.
   m.num_kv_heads = 2  # K, key/value heads.
   m.head_dim = 32  # H.
@@ -82,12 +88,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # total_steps, so the run can be lengthened).
   c.decay_steps = 1500
   c.init_std = 0.02  # Std of the normal init of matrices.
-  c.total_steps = 16000  # Updates in all.
+  c.total_steps = 17600  # Updates in all.
   # Steps where a new WSD cycle starts (warm up again, constant, decay), so
   # a finished run can be continued without changing its earlier rates.
   # kvjax-tiny: the first cycle (12,700 steps) was the whole run until
-  # its needle and overwrite fell short at 512; the second one trains on.
-  c.lr_restarts = (12700,)
+  # its needle and overwrite fell short at 512; the second one trains on;
+  # the third (1,600 steps: warmup + decay) teaches multi-hop walks.
+  c.lr_restarts = (12700, 16000)
   c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
   c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
 
@@ -124,7 +131,12 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
               # Second cycle (lr_restarts): needle and overwrite.
               _phase(16000, [512, 512, 512, 768], [16, 32],
                      task_fractions=dict(TASKS_LATE),
-                     tokens_per_step=4096, multihop_hops=[1, 2, 2])]
+                     tokens_per_step=4096, multihop_hops=[1, 2, 2]),
+              # Third cycle: latent 2-hop stayed at chance through two
+              # cycles; the walk asks one lookup per answer token.
+              _phase(17600, [512, 512, 512, 768], [16, 32],
+                     task_fractions=dict(TASKS_WALK), tokens_per_step=4096,
+                     multihop_hops=[1, 2, 2, 3, 4], multihop_walk=True)]
   d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
   d.mqar_pairs = [8, 16, 24, 32]  # Default mqar num_pairs (phases override).
@@ -137,6 +149,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   d.chain_key_ends = 0.0  # Share of chains ending at a key id.
   d.lens_weight = 0.0  # Weight of the lens loss (kvjax.train.loop.loss_fn).
   d.multihop_hops = [1, 2, 3, 4]  # Hops drawn per multihop row.
+  d.multihop_walk = False  # Multihop answers: the end (latent) or the walk.
   d.multihop_distractor_chains = 2  # Chains besides the queried one.
   d.needle_distractors = 3  # Facts besides the needle.
   d.overwrite_writes = 2  # Assignments of the queried key.
