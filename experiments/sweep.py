@@ -4,9 +4,10 @@ kvjax's main job (`bash launch/local.sh`). For every unit (method, ratio,
 task, mode) it prefills the task contexts, compresses the cache, feeds the
 question teacher-forced and records accuracy, hallucination and abstention
 rates, the Global Eviction Ratio of the answer-critical tokens (and per
-layer: evicted from every head of that layer), their reachability in the token-attention graph, the KL of the answer
-distribution to the uncompressed model, the physical and logical bytes of
-the compressed cache, and the wall time. Rows append to
+layer: evicted from every head of that layer), their reachability in the
+token-attention graph, the KL of the answer distribution to the
+uncompressed model, the physical and logical bytes of the compressed
+cache, and the wall time. Rows append to
 `<workdir>/results.jsonl` (one per finished unit); a rerun skips the units
 already there, so a killed sweep resumes without losing or duplicating a
 unit. At the end it prints a summary table, writes `summary.md`,
@@ -235,7 +236,8 @@ class TaskData:
     real = positions[None, :] < self.batch.lengths[:, None]  # [B, Tq]
     self.qmask = jnp.asarray(real)
     # The question proper: no answer, nothing that follows from one.
-    self.observe_mask = jnp.asarray(generators.question_mask(self.batch)[:, L:])
+    self.observe_mask = jnp.asarray(
+        generators.question_mask(self.batch)[:, L:])
     self.query_pos = np.where(real, positions[None, :], -1)  # [B, Tq]
     # Rows predicting answers: the input position before each answer.
     valid = self.batch.answer_positions >= 0
