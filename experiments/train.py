@@ -5,7 +5,7 @@ command resumes from the latest checkpoint. At the end the model is
 evaluated on held-out seeds and, with --export, written in Hugging Face
 safetensors layout plus a training.json record.
 
-  # kvjax-tiny (the shipped checkpoint: 16,000 steps in two WSD cycles
+  # kvjax-tiny (the shipped checkpoint: 17,600 steps in three WSD cycles
   # on the 2-core CPU; see kvjax/assets/kvjax-tiny/training.json and the
   # README):
   python -m experiments.train --config=experiments/configs/train.py \
