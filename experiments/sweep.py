@@ -150,9 +150,30 @@ def unit_key(unit: dict[str, Any], tag: str) -> str:
   return f"{tag}|{unit['method']}|{unit['ratio']:g}|{unit['task']}|{unit['mode']}"
 
 
-def run_tag(cfg) -> str:
-  """A hash of what makes rows comparable (model, data, dtype)."""
-  fields = dict(model=cfg.model, dtype=cfg.dtype, context_len=cfg.context_len,
+def params_fingerprint(params, samples: int = 4096) -> str:
+  """A hash of the weights: every leaf's path, shape, dtype and up to
+  `samples` evenly strided values (cheap even for a large checkpoint; a
+  retrained or different model changes it)."""
+  digest = hashlib.sha1()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    flat = jnp.ravel(leaf)
+    stride = max(1, flat.size // samples)
+    digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}"
+                  .encode())
+    digest.update(np.asarray(flat[::stride].astype(jnp.float32)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def run_tag(cfg, params) -> str:
+  """A hash of what makes rows comparable: the weights, the task entries
+  (names and generator parameters), the data and the scoring settings. A
+  rerun in a workdir whose rows came from other weights or other task
+  definitions starts over instead of reusing them."""
+  names = [n for n, _, _ in evaluate.SUITE]
+  tasks = {name: evaluate.SUITE[names.index(name)][1:]
+           for name in _split(cfg.tasks) if name in names}
+  fields = dict(model=cfg.model, weights=params_fingerprint(params),
+                tasks=tasks, dtype=cfg.dtype, context_len=cfg.context_len,
                 mqar_pairs=cfg.mqar_pairs, num_examples=cfg.num_examples,
                 seed=cfg.seed, confidence=cfg.confidence,
                 graph_eps=cfg.graph_eps)
@@ -564,13 +585,13 @@ def run(cfg) -> list[dict[str, Any]]:
   units = plan_units(cfg)
   os.makedirs(cfg.workdir, exist_ok=True)
   path = os.path.join(cfg.workdir, "results.jsonl")
-  tag = run_tag(cfg)
-  done = {r["key"] for r in read_results(path)}
-  todo = [u for u in units if unit_key(u, tag) not in done]
   config, params = common.load_model(cfg.model, cfg.dtype)
   if config.vocab_size < kvjax.tasks.vocab.VOCAB.size:
     raise ValueError(f"model vocab_size {config.vocab_size} < the task "
                      f"vocabulary {kvjax.tasks.vocab.VOCAB.size}.")
+  tag = run_tag(cfg, params)
+  done = {r["key"] for r in read_results(path)}
+  todo = [u for u in units if unit_key(u, tag) not in done]
   print(f"sweep: {len(units)} units, {len(units) - len(todo)} already in "
         f"{path}, model {cfg.model} ({config.num_layers} layers)", flush=True)
   task_data = {}

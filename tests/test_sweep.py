@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -119,3 +120,17 @@ def test_aware_units_observe_only_the_question_proper():
   answered = np.asarray(td.qmask)  # the question run still reads the walk
   np.testing.assert_array_equal(answered[:, :6], True)
   np.testing.assert_array_equal(td.batch.answers.shape, (2, 2))
+
+
+def test_run_tag_follows_the_weights_and_the_task_definitions(monkeypatch):
+  """Rows of other weights or other task definitions are never reused."""
+  cfg = _cfg("/tmp/unused")
+  _, params = common.load_model(cfg.model)
+  tag = sweep.run_tag(cfg, params)
+  assert sweep.run_tag(cfg, params) == tag
+  retrained = jax.tree.map(lambda x: x * 1.01, params)
+  assert sweep.run_tag(cfg, retrained) != tag
+  suite = [(n, t, dict(p, num_distractors=5) if n == "needle" else p)
+           for n, t, p in sweep.evaluate.SUITE]
+  monkeypatch.setattr(sweep.evaluate, "SUITE", tuple(suite))
+  assert sweep.run_tag(cfg, params) != tag
