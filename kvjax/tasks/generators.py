@@ -751,8 +751,11 @@ def multihop(batch_size: int, *, seed, context_len: int,
                          (a chain of thought; each slot is a single lookup
                          of the token before its ARROW). Scoring counts a
                          walk row correct only if every step is
-                         (`kvjax.tasks.score`), which is what greedy
-                         decoding from `QUERY x1 ARROW` reaches. Only
+                         (`kvjax.tasks.score`): what greedy decoding from
+                         `QUERY x1 ARROW` reaches when the decoder writes
+                         the ARROW separators itself (they are not
+                         answers, so a model is not trained to emit
+                         them). Only
                          `QUERY x1 ARROW` is the question proper
                          (`question_mask`): later question tokens carry
                          the walk.

@@ -5,8 +5,9 @@ The unit of scoring is one answer slot: a pair (b, a) with
 tasks one, except multihop walks (`multihop(..., walk=True)`), whose slots
 are the steps of one answer: a multihop row is scored as one unit, its
 prediction being the first step that departs from the true walk (or the
-last step if none does), i.e. what greedy decoding commits to. So a walk
-is correct only if every step is, and a walk that goes astray at an
+last step if none does), i.e. what greedy decoding commits to when the
+ARROW separators between steps are given. So a walk is correct only if
+every step is, and a walk that goes astray at an
 intermediate node is wrong (abstained, if that step says UNKNOWN). For
 each unit, with `pred` the predicted token, `answer` the true token and
 `conf` the model's confidence in `pred`:
@@ -49,10 +50,11 @@ class TaskScore(NamedTuple):
   """Rates over the answer slots of one task (see the module docstring).
 
   Attributes:
-    accuracy: share of slots predicted correctly.
-    abstention_rate: share of slots predicted UNKNOWN.
-    hallucination_rate: share of slots wrong, not UNKNOWN and confident.
-    low_confidence_error_rate: share of slots wrong, not UNKNOWN and not
+    accuracy: share of units (answer slots; multihop rows) predicted
+      correctly.
+    abstention_rate: share of units predicted UNKNOWN.
+    hallucination_rate: share of units wrong, not UNKNOWN and confident.
+    low_confidence_error_rate: share of units wrong, not UNKNOWN and not
       confident.
     exact_match: share of rows with every slot correct.
     num_answers: number of units scored (answer slots; a multihop walk
@@ -165,10 +167,11 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
           threshold: float = 0.5) -> dict[str, TaskScore]:
   """Accuracy, abstention and hallucination rates per task.
 
-  Definitions (per answer slot, see the module docstring):
+  Definitions (per unit: an answer slot, or a whole multihop row judged at
+  its first wrong step; see the module docstring):
     correct = predicted == answer; on the abstention task the answer is
       UNKNOWN, so correct means abstaining.
-    abstention_rate = share of slots predicting UNKNOWN.
+    abstention_rate = share of units predicting UNKNOWN.
     hallucination = wrong AND not UNKNOWN AND confident, where confident
       means confidence >= threshold (max softmax probability); with
       `confidence=None` every prediction counts as confident.

@@ -35,7 +35,8 @@ uninterrupted one would. A data config is a mapping (a dict or an
                    multihop_distractor_chains.
 
 Every batch for context L is padded to T = L + 1 + 2 * max(mqar_pairs) (of
-the phase), so each (phase, context) compiles once.
+the phase; at least L + 2 + 2 * max(multihop_hops) with walks), so each
+(phase, context) compiles once.
 """
 
 from __future__ import annotations
@@ -84,9 +85,14 @@ def phase_value(data_config: Mapping[str, Any], phase: Mapping[str, Any],
 
 def padded_length(data_config: Mapping[str, Any], context_len: int,
                   phase: Mapping[str, Any] | None = None) -> int:
-  """T of every batch at context `context_len` (in `phase`)."""
-  pairs = phase_value(data_config, phase or {}, "mqar_pairs")
-  return context_len + 1 + 2 * max(pairs)
+  """T of every batch at context `context_len` (in `phase`): room for the
+  longest mqar question and, with multihop walks, the longest walk."""
+  phase = phase or {}
+  width = 1 + 2 * max(phase_value(data_config, phase, "mqar_pairs"))
+  if phase_value(data_config, phase, "multihop_walk", False):
+    hops = phase_value(data_config, phase, "multihop_hops", generators.HOPS)
+    width = max(width, 2 + 2 * max(hops))  # QUERY x1 (ARROW step) * k
+  return context_len + width
 
 
 def rows_per_task(data_config: Mapping[str, Any], batch_size: int
@@ -369,7 +375,8 @@ def lens_mask(batch: TaskBatch) -> np.ndarray:
   """[B, T] bool: the answer targets that one lookup answers.
 
   Those of copy rows, of the tasks in `ONE_LOOKUP_TASKS`, of 1-hop
-  multihop rows and of the 1-link chains of chain rows. The
+  multihop rows, of every step of multihop walks and of the 1-link chains
+  of chain rows. The
   lens loss asks these answers of an earlier layer (see
   `kvjax.train.loop.loss_fn`), which leaves the later layers free to
   compose a second lookup.
@@ -377,7 +384,10 @@ def lens_mask(batch: TaskBatch) -> np.ndarray:
   ids = [TASK_NAMES.index(t) for t in ONE_LOOKUP_TASKS] + [COPY_TASK_ID]
   rows = np.isin(batch.task_ids, ids)
   hops = (batch.critical_positions >= 0).sum(axis=1) // 2
-  rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (hops == 1)
+  steps = (batch.answer_positions >= 0).sum(axis=1)
+  # A walk answers one link per step, so each of its steps is one lookup.
+  rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (
+      (hops == 1) | (steps == hops))
   mask = batch.loss_mask & rows[:, None]
   for r in np.flatnonzero(batch.task_ids == CHAIN_TASK_ID):
     tokens, L = batch.tokens[r], int(batch.context_end[r])

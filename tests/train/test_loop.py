@@ -211,6 +211,22 @@ def test_lens_mask_keeps_one_lookup_answers():
   assert "lens_weights" not in data.model_inputs(batch)
   with pytest.raises(ValueError, match="lens_weight"):
     data.model_inputs(batch, lens_weight=-1.0)
+  # Every step of a walk is one lookup; a latent 3-hop answer is not.
+  walks = kvjax.tasks.make_batch("multihop", 4, seed=0, context_len=48,
+                                 hops=3, walk=True)
+  np.testing.assert_array_equal(data.lens_mask(walks), walks.loss_mask)
+  latent = kvjax.tasks.make_batch("multihop", 4, seed=0, context_len=48,
+                                  hops=3)
+  assert not data.lens_mask(latent).any()
+
+
+def test_walk_phases_pad_to_the_longest_walk():
+  d = dict(_cfg()["data"], mqar_pairs=[4], multihop_hops=[4],
+           multihop_walk=True, task_fractions={"multihop": 1.0})
+  assert data.padded_length(d, 64) == 64 + 2 + 2 * 4
+  batch = data.task_batch(d, 0, 1, context_len=64)
+  assert batch.tokens.shape[1] == 74 and batch.answers.shape[1] == 4
+  assert data.padded_length(dict(d, multihop_walk=False), 64) == 64 + 9
 
 
 def test_lens_loss_is_the_readout_cross_entropy_before_the_last_layer():
