@@ -128,10 +128,8 @@ def plan_units(cfg) -> list[dict[str, Any]]:
   for r in ratios:
     if not 0.0 <= r < 1.0:
       raise ValueError(f"ratios must be in [0, 1), got {r}.")
-  suite = {name for name, _, _ in evaluate.SUITE}
   for t in tasks:
-    if t not in suite:
-      raise ValueError(f"unknown task {t!r}; allowed: {sorted(suite)}.")
+    _suite_entry(t)  # validates the name
   for mode in modes:
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; allowed: {MODES}.")
@@ -144,6 +142,16 @@ def plan_units(cfg) -> list[dict[str, Any]]:
   return [dict(method=m, ratio=r, task=t, mode=mode)
           for mode in modes for m, r in configs for t in tasks
           if not (m == "none" and mode == "aware")]
+
+
+def _suite_entry(name: str) -> tuple[int, str, dict[str, Any]]:
+  """(index, task, generator params) of the `evaluate.SUITE` entry `name`
+  (the index seeds the entry's rows)."""
+  for index, (entry_name, task, params) in enumerate(evaluate.SUITE):
+    if entry_name == name:
+      return index, task, dict(params)
+  raise ValueError(f"unknown task {name!r}; allowed: "
+                   f"{sorted(n for n, _, _ in evaluate.SUITE)}.")
 
 
 def unit_key(unit: dict[str, Any], tag: str) -> str:
@@ -169,9 +177,7 @@ def run_tag(cfg, params) -> str:
   (names and generator parameters), the data and the scoring settings. A
   rerun in a workdir whose rows came from other weights or other task
   definitions starts over instead of reusing them."""
-  names = [n for n, _, _ in evaluate.SUITE]
-  tasks = {name: evaluate.SUITE[names.index(name)][1:]
-           for name in _split(cfg.tasks) if name in names}
+  tasks = {name: _suite_entry(name)[1:] for name in _split(cfg.tasks)}
   fields = dict(model=cfg.model, weights=params_fingerprint(params),
                 tasks=tasks, dtype=cfg.dtype, context_len=cfg.context_len,
                 mqar_pairs=cfg.mqar_pairs, num_examples=cfg.num_examples,
@@ -237,14 +243,12 @@ class TaskData:
   """One task's rows and everything every unit of the task compares to."""
 
   def __init__(self, cfg, config, params, name):
-    names = [n for n, _, _ in evaluate.SUITE]
-    _, task, task_params = evaluate.SUITE[names.index(name)]
-    task_params = dict(task_params)
+    index, task, task_params = _suite_entry(name)
     if task == "mqar":
       task_params["num_pairs"] = int(cfg.mqar_pairs)
     L = int(cfg.context_len)
     batch = generators.make_batch(task, int(cfg.num_examples),
-                                  seed=(int(cfg.seed), names.index(name)),
+                                  seed=(int(cfg.seed), index),
                                   context_len=L, **task_params)
     width = L + 1 + 2 * int(cfg.mqar_pairs)  # every task: one shape
     self.batch = data_lib.pad_batch(batch, max(width, batch.tokens.shape[1]))
@@ -329,24 +333,30 @@ def _answer_logits(td: TaskData, logits):
   return np.take_along_axis(np.asarray(logits), idx[:, :, None], axis=1)
 
 
-def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
+def compress_unit(td: TaskData, unit: dict[str, Any]):
+  """The task's prefilled cache compressed as `unit` says (method, ratio,
+  mode); the uncompressed cache for "none"."""
   transform = method_transform(unit["method"], unit["ratio"])
-  extra = {}
-  if transform is not None and unit["method"].split("+")[0] == "oracle":
-    extra["future_mass"] = td.future_mass
-  t0 = time.perf_counter()
   if transform is None:
-    cache = td.cache
-  elif unit["mode"] == "agnostic":
-    cache = kvjax.compress_cache(
+    return td.cache
+  extra = {}
+  if unit["method"].split("+")[0] == "oracle":
+    extra["future_mass"] = td.future_mass
+  if unit["mode"] == "agnostic":
+    return kvjax.compress_cache(
         td.cache, transform, config=td.config,
         observed=td.context_observed, positions=td.context_pos,
         mask=td.context_mask, reserve=td.Tq, **extra)
-  else:  # the same as kvjax.compress_observing, reusing the question run
-    cache = kvjax.compress_cache(
-        td.cache, transform, config=td.config,
-        observed=td.question_observed, positions=td.question_pos,
-        mask=td.observe_mask, reserve=td.Tq, **extra)
+  # The same as kvjax.compress_observing, reusing the question run.
+  return kvjax.compress_cache(
+      td.cache, transform, config=td.config,
+      observed=td.question_observed, positions=td.question_pos,
+      mask=td.observe_mask, reserve=td.Tq, **extra)
+
+
+def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
+  t0 = time.perf_counter()
+  cache = compress_unit(td, unit)
   logits, aux, pos, valid = _question(td.params, cache, td.question,
                                       td.qmask, config=td.config)
   probs = aux["attn_probs"]

@@ -367,7 +367,8 @@ def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:
       loss_mask=np.pad(batch.loss_mask, ((0, 0), (0, pad))))
 
 
-# Tasks whose every answer needs a single lookup (multihop: its 1-hop rows).
+# Tasks whose every answer needs a single lookup (multihop: the rows with
+# one answer per link, i.e. 1-hop rows and walks).
 ONE_LOOKUP_TASKS = ("mqar", "needle", "overwrite", "abstention")
 
 
@@ -376,18 +377,16 @@ def lens_mask(batch: TaskBatch) -> np.ndarray:
 
   Those of copy rows, of the tasks in `ONE_LOOKUP_TASKS`, of 1-hop
   multihop rows, of every step of multihop walks and of the 1-link chains
-  of chain rows. The
-  lens loss asks these answers of an earlier layer (see
-  `kvjax.train.loop.loss_fn`), which leaves the later layers free to
+  of chain rows. The lens loss asks these answers of an earlier layer
+  (see `kvjax.train.loop.loss_fn`), which leaves the later layers free to
   compose a second lookup.
   """
   ids = [TASK_NAMES.index(t) for t in ONE_LOOKUP_TASKS] + [COPY_TASK_ID]
   rows = np.isin(batch.task_ids, ids)
   hops = (batch.critical_positions >= 0).sum(axis=1) // 2
   steps = (batch.answer_positions >= 0).sum(axis=1)
-  # A walk answers one link per step, so each of its steps is one lookup.
-  rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (
-      (hops == 1) | (steps == hops))
+  # One answer per link (1-hop rows, walks): each answer is one lookup.
+  rows |= (batch.task_ids == TASK_NAMES.index("multihop")) & (steps == hops)
   mask = batch.loss_mask & rows[:, None]
   for r in np.flatnonzero(batch.task_ids == CHAIN_TASK_ID):
     tokens, L = batch.tokens[r], int(batch.context_end[r])

@@ -11,7 +11,6 @@ on those rows. Output: results/probes/walk_links.txt.
 
 import numpy as np
 
-import kvjax
 from experiments import common, sweep
 from experiments.configs import sweep as sweep_config
 
@@ -32,14 +31,7 @@ def main():
   for mode, method, ratio in UNITS:
     unit = dict(method=method, ratio=ratio, task="multihop_k2", mode=mode)
     row = sweep.run_unit(cfg, td, unit)
-    transform = sweep.method_transform(method, ratio)
-    if mode == "agnostic":
-      seen = (td.context_observed, td.context_pos, td.context_mask)
-    else:
-      seen = (td.question_observed, td.question_pos, td.observe_mask)
-    cache = kvjax.compress_cache(td.cache, transform, config=td.config,
-                                 observed=seen[0], positions=seen[1],
-                                 mask=seen[2], reserve=td.Tq)
+    cache = sweep.compress_unit(td, unit)
     pos, valid = np.asarray(cache.pos), np.asarray(cache.valid)  # [L,B,K,S]
     held = ((pos[..., None] == values[None, :, None, None, :])
             & valid[..., None]).any(axis=3)  # [L, B, K, 2]
