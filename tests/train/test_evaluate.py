@@ -1,4 +1,5 @@
-"""Evaluation: prefill + teacher-forced question equals one full forward."""
+"""Evaluation: prefill + teacher-forced question equals one full forward;
+cache_fn acts on the prefilled cache, before the question."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 import kvjax
 from kvjax import tasks
+from kvjax.cache import KVCache
 from kvjax.train import evaluate
 
 CONFIG = kvjax.ModelConfig(vocab_size=512, d_model=32, num_layers=2,
@@ -37,14 +39,79 @@ def test_prefill_then_question_matches_one_forward():
     assert scores[name].num_answers == expected[name].num_answers
 
 
-def test_cache_fn_is_applied_between_prefill_and_question():
-  params = _params()
-  batch = tasks.make_batch("needle", 4, seed=0, context_len=32)
-  def forget(cache):  # drop the whole context: answers become guesses
-    return cache._replace(valid=jnp.zeros_like(cache.valid))
-  plain = evaluate.evaluate_batch(params, CONFIG, batch)
-  forgot = evaluate.evaluate_batch(params, CONFIG, batch, cache_fn=forget)
-  assert plain["needle"].num_answers == forgot["needle"].num_answers == 4
+# kvjax-tiny answers mqar at L = 128 perfectly uncompressed (128 of 128
+# answers on the batches below), so a cache_fn that takes the context away
+# must show; chance among the 16 context values is 0.06.
+TINY_L, TINY_PAIRS, TINY_ROWS = 128, 16, 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return kvjax.pretrained.load("kvjax-tiny")
+
+
+def _tiny_batch(seed):
+  return tasks.make_batch("mqar", TINY_ROWS, seed=seed, context_len=TINY_L,
+                          num_pairs=TINY_PAIRS)
+
+
+def _forget(cache):
+  """Every context slot invalid: the question attends to itself only."""
+  return cache._replace(valid=jnp.zeros_like(cache.valid))
+
+
+def _zero_values(cache):
+  """Context slots still attended, but every value read is zero."""
+  return cache._replace(v=jax.tree.map(jnp.zeros_like, cache.v))
+
+
+def test_cache_fn_gets_the_prefilled_cache_once_and_identity_is_a_no_op(
+    tiny):
+  config, params = tiny
+  batch = _tiny_batch(0)
+  B, T = batch.tokens.shape
+  traced, seen = [], []
+
+  def identity(cache):
+    traced.append(cache)
+    # The run-time cache holds the context and nothing of the question.
+    jax.debug.callback(lambda *x: seen.append(tuple(map(np.asarray, x))),
+                       cache.length, cache.end,
+                       jnp.sum(cache.valid, axis=-1))
+    return cache
+
+  plain = evaluate.evaluate_batch(params, config, batch)
+  same = evaluate.evaluate_batch(params, config, batch, cache_fn=identity)
+  jax.effects_barrier()
+  assert len(traced) == 1 and isinstance(traced[0], KVCache)
+  assert traced[0].pos.shape == (config.num_layers, B, config.num_kv_heads,
+                                 T)
+  assert len(seen) == 1
+  length, end, num_valid = seen[0]
+  np.testing.assert_array_equal(length, np.full(B, TINY_L))
+  np.testing.assert_array_equal(end, np.full(B, TINY_L))
+  np.testing.assert_array_equal(
+      num_valid, np.full((config.num_layers, B, config.num_kv_heads), TINY_L))
+  assert plain["mqar"].accuracy >= 0.95, plain
+  assert same == plain
+
+
+@pytest.mark.parametrize("destroy", [_forget, _zero_values])
+def test_cache_fn_that_destroys_the_context_loses_the_answers(tiny, destroy):
+  config, params = tiny
+  batch = _tiny_batch(0)
+  kept = evaluate.evaluate_batch(params, config, batch)["mqar"]
+  lost = evaluate.evaluate_batch(params, config, batch,
+                                 cache_fn=destroy)["mqar"]
+  assert kept.accuracy >= 0.95 and lost.accuracy <= 0.2, (kept, lost)
+  assert lost.num_answers == kept.num_answers == TINY_ROWS * TINY_PAIRS
+  # evaluate_task hands cache_fn on to every batch (same shapes: no compile).
+  task = dict(context_len=TINY_L, num_examples=TINY_ROWS, seed=1,
+              batch_size=TINY_ROWS, num_pairs=TINY_PAIRS)
+  kept = evaluate.evaluate_task(params, config, "mqar", **task)
+  lost = evaluate.evaluate_task(params, config, "mqar", cache_fn=destroy,
+                                **task)
+  assert kept.accuracy >= 0.95 and lost.accuracy <= 0.2, (kept, lost)
 
 
 def test_evaluate_task_and_suite_shapes():
