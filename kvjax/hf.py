@@ -36,6 +36,8 @@ _ST_DTYPES = {
     "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+# The safetensors dtypes a model weight may have.
+_FLOAT_ST_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 # ----------------------------------------------------------------------------
@@ -62,14 +64,21 @@ class SafetensorsReader:
   """Memory-mapped access to the tensors of one or more safetensors files."""
 
   def __init__(self, files: list[str]):
-    self._where: dict[str, tuple[np.memmap, dict[str, Any]]] = {}
+    self._where: dict[str, tuple[np.ndarray, dict[str, Any], str]] = {}
     for path in files:
       header, start = read_safetensors_header(path)
-      data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
+      size = os.path.getsize(path)
+      if start > size:
+        raise ValueError(f"{path}: truncated safetensors file: the header "
+                         f"ends at byte {start}, the file has {size} bytes.")
+      if start == size:  # No data section (np.memmap cannot map 0 bytes).
+        data = np.zeros((0,), np.uint8)
+      else:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
       for name, info in header.items():
         if name in self._where:
           raise ValueError(f"tensor {name!r} appears in more than one shard.")
-        self._where[name] = (data, info)
+        self._where[name] = (data, info, path)
 
   def keys(self) -> list[str]:
     return sorted(self._where)
@@ -80,15 +89,50 @@ class SafetensorsReader:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._where[name][1]["shape"])
 
+  def dtype(self, name: str) -> str:
+    """The safetensors dtype code of `name` ("F32", "BF16", "I64", ...)."""
+    return self._where[name][1]["dtype"]
+
+  def path(self, name: str) -> str:
+    """The file that holds the tensor `name`."""
+    return self._where[name][2]
+
   def get(self, name: str) -> np.ndarray:
-    """The tensor `name` as a (memory-mapped, read-only) numpy array."""
-    data, info = self._where[name]
-    if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"tensor {name!r} has unsupported dtype "
-                       f"{info['dtype']}; supported: {sorted(_ST_DTYPES)}.")
+    """The tensor `name` as a (memory-mapped, read-only) numpy array.
+
+    Raises:
+      ValueError: an unsupported dtype, a malformed header entry, or data
+        that the file does not hold in full (a truncated file); the message
+        names the file and the tensor.
+    """
+    data, info, path = self._where[name]
+    if info.get("dtype") not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype "
+                       f"{info.get('dtype')}; supported: "
+                       f"{sorted(_ST_DTYPES)}.")
     dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-    lo, hi = info["data_offsets"]
-    return data[lo:hi].view(dtype).reshape(info["shape"])
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if (not isinstance(shape, list) or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in shape + offsets)
+        or offsets[0] > offsets[1]):
+      raise ValueError(f"{path}: tensor {name!r} has a malformed header "
+                       f"entry (shape {shape!r}, data_offsets {offsets!r}); "
+                       "expected a list of non-negative ints and "
+                       "[begin, end] with begin <= end.")
+    lo, hi = offsets
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if hi - lo != expected:
+      raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} "
+                       f"and dtype {info['dtype']} needs {expected} bytes, "
+                       f"but its data_offsets [{lo}, {hi}] span {hi - lo}.")
+    if hi > data.size:
+      raise ValueError(f"{path}: truncated file: tensor {name!r} needs data "
+                       f"bytes [{lo}, {hi}) ({expected} bytes), but the "
+                       f"data section holds {data.size} bytes "
+                       f"({max(0, data.size - lo)} available to it).")
+    return data[lo:hi].view(dtype).reshape(shape)
 
 
 def _checkpoint_files(path: str) -> list[str]:
@@ -235,20 +279,45 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
   """Assembles kvjax params from HF tensors, checking names and shapes.
 
   Raises:
-    ValueError: a missing tensor or one of the wrong shape (named).
+    ValueError: a missing tensor, or one of the wrong shape, of a non-float
+      dtype, with NaN or inf values (also after the cast to `dtype`), or
+      truncated in its file (each named).
   """
   from kvjax.model import param_shapes  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(dtype or config.dtype)
   shapes = param_shapes(config)
 
-  def fetch(name: str, expected: tuple[int, ...]) -> np.ndarray:
+  def fetch(name: str, expected: tuple[int, ...], convert=None) -> np.ndarray:
+    """The tensor `name`, checked, converted and cast to `dtype`."""
     if name not in reader:
       raise ValueError(f"checkpoint is missing tensor {name!r}.")
     got = reader.shape(name)
     if got != tuple(expected):
       raise ValueError(f"tensor {name!r} has shape {got}, expected "
                        f"{tuple(expected)} for this config.")
-    return reader.get(name)
+    if reader.dtype(name) not in _FLOAT_ST_DTYPES:
+      raise ValueError(f"tensor {name!r} in {reader.path(name)} has dtype "
+                       f"{reader.dtype(name)}; model weights must be "
+                       f"floating point: one of {_FLOAT_ST_DTYPES}.")
+    raw = reader.get(name)
+    with np.errstate(over="ignore"):  # Overflow is reported below.
+      w = (convert(raw) if convert else raw).astype(dtype, copy=False)
+    finite = np.isfinite(w)
+    if not finite.all():
+      raw_finite = np.isfinite(raw)
+      where = f"tensor {name!r} in {reader.path(name)}"
+      if raw_finite.all():  # Finite as stored: the cast overflowed.
+        raise ValueError(
+            f"{where} has {int((~finite).sum())} values beyond the range of "
+            f"{dtype.name} (largest magnitude "
+            f"{float(np.abs(raw.astype(np.float64)).max()):.4g}); load it "
+            "in a wider dtype.")
+      raw64 = raw.astype(np.float64)
+      raise ValueError(
+          f"{where} has {int(np.isnan(raw64).sum())} NaN and "
+          f"{int(np.isinf(raw64).sum())} inf values of {raw.size}; "
+          "weights must be finite.")
+    return w
 
   layers = {}
   for leaf, (pattern, convert) in _layer_tensor_map(config).items():
@@ -256,17 +325,17 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
     expected = _hf_shape(config, leaf, per_layer_shape)
     stacked = np.empty((config.num_layers,) + per_layer_shape, dtype)
     for i in range(config.num_layers):
-      w = fetch(pattern.format(i=i), expected)
-      stacked[i] = (convert(w) if convert else w).astype(dtype)
+      stacked[i] = fetch(pattern.format(i=i), expected, convert)
     layers[leaf] = jnp.asarray(stacked)
   V, D = config.vocab_size, config.d_model
   params = {
-      "embed": jnp.asarray(fetch("model.embed_tokens.weight", (V, D)), dtype),
+      "embed": jnp.asarray(fetch("model.embed_tokens.weight", (V, D))),
       "layers": layers,
-      "final_norm": jnp.asarray(fetch("model.norm.weight", (D,)), dtype),
+      "final_norm": jnp.asarray(fetch("model.norm.weight", (D,))),
   }
   if not config.tie_embeddings:
-    params["lm_head"] = jnp.asarray(fetch("lm_head.weight", (V, D)).T, dtype)
+    params["lm_head"] = jnp.asarray(
+        fetch("lm_head.weight", (V, D), lambda w: w.T))
   return params
 
 
@@ -284,7 +353,8 @@ def load_pretrained(path: str, dtype: str | None = None
 
   Raises:
     ValueError: unsupported architecture or rope type, a missing file,
-      a missing tensor, a tensor of the wrong shape.
+      a missing tensor, a tensor of the wrong shape or of a non-float
+      dtype, a tensor with NaN or inf values, a truncated file.
   """
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):

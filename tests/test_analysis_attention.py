@@ -182,6 +182,49 @@ def test_support_bad_arguments():
                            key_pos=np.zeros((1, 1, 3, 5), np.int32))
 
 
+def test_nonfinite_probs_raise_and_give_a_sentinel_under_jit():
+  probs = np.full((4, 8), 1 / 8, np.float32)
+  probs[1, 3] = np.nan
+  probs[3, 0] = np.inf
+  for fn in (support.active_support, support.active_support_mask):
+    with pytest.raises(ValueError, match=r"probs has 2 of 4 rows holding NaN "
+                       r"or inf \(first at index \(1,\)"):
+      fn(probs)
+  # Rows masked by `valid` are not queries: no error, count 0.
+  valid = np.array([True, False, True, False])
+  np.testing.assert_array_equal(support.active_support(probs, valid=valid),
+                                [8, 0, 8, 0])
+  # Under jit nothing can raise: the count is -1, never a plausible count.
+  got = jax.jit(support.active_support)(probs)
+  np.testing.assert_array_equal(got, [8, support.NONFINITE_SUPPORT, 8,
+                                      support.NONFINITE_SUPPORT])
+  mask = np.asarray(jax.jit(support.active_support_mask)(probs))
+  np.testing.assert_array_equal(mask.sum(-1), [8, 0, 8, 0])
+  # Summaries refuse the sentinel.
+  counts = np.asarray(got).reshape(1, 2, 1, 2)
+  with pytest.raises(ValueError, match=r"counts must be >= 0.*2 negative"):
+    support.support_summary(counts, np.ones((2, 2), bool))
+  with pytest.raises(ValueError, match=r"counts must be >= 0"):
+    support.support_histogram(counts, np.ones((2, 2), bool))
+  assert support.support_summary(counts, np.array(
+      [[True, False], [True, False]]))["median"] == 8
+
+
+def test_nonfinite_probs_in_head_consensus():
+  probs = np.zeros((1, 1, 2, 3, 4), np.float32)
+  probs[..., 0] = 1.0
+  probs[0, 0, 1, 2, 1] = np.nan  # query 2 of head 1
+  with pytest.raises(ValueError, match=r"probs holds NaN or inf on 1 of 3 "
+                     r"\(layer, row, query\) triples \(first at \[L, B, T\] "
+                     r"index \(0, 0, 2\)\)"):
+    support.head_consensus(probs)
+  got = np.asarray(jax.jit(support.head_consensus)(probs))
+  assert np.isnan(got[0, 0, 2]) and np.all(got[0, 0, :2] == 0.5)
+  mask = np.array([[True, True, False]])
+  np.testing.assert_allclose(support.head_consensus(probs, query_mask=mask),
+                             [[[0.5, 0.5, 0.0]]])
+
+
 # ----------------------------------------------------------------------------
 # Eviction of listed tokens (GER).
 

@@ -98,8 +98,105 @@ def test_wrong_shape_raises(tmp_path):
   tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 3),
                                                                 np.float32)
   hf.write_safetensors(os.path.join(path, "model.safetensors"), tensors)
-  with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(3, 3\)"):
+  with pytest.raises(ValueError, match=r"k_proj.weight' has shape \(3, 3\), "
+                     r"expected \(64, 128\)"):
     hf.load_pretrained(path)
+
+
+def _rewrite(path, name, value):
+  """Rewrites the exported model.safetensors with tensor `name` = value."""
+  st = os.path.join(path, "model.safetensors")
+  reader = hf.SafetensorsReader([st])
+  tensors = {k: np.array(reader.get(k)) for k in reader.keys()}
+  tensors[name] = value(tensors[name])
+  del reader
+  hf.write_safetensors(st, tensors)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.nan, r"1 NaN and 0 inf values of 49152; weights must be finite"),
+    (-np.inf, r"0 NaN and 1 inf values"),
+])
+def test_nonfinite_weight_raises(tmp_path, bad, match):
+  _, _, path = _export(tmp_path)
+  name = "model.layers.1.mlp.up_proj.weight"
+
+  def poison(w):
+    w = w.copy()
+    w[5, 7] = bad
+    return w
+  _rewrite(path, name, poison)
+  with pytest.raises(ValueError, match=rf"tensor '{name}' in .*"
+                     rf"model.safetensors has {match}"):
+    hf.load_pretrained(path)
+
+
+def test_weight_overflowing_the_dtype_raises(tmp_path):
+  _, _, path = _export(tmp_path)
+  _rewrite(path, "model.norm.weight", lambda w: np.full_like(w, 1e6))
+  hf.load_pretrained(path)  # float32 holds 1e6
+  with pytest.raises(ValueError, match=r"'model.norm.weight' .* has 128 "
+                     r"values beyond the range of float16 \(largest "
+                     r"magnitude 1e\+06\)"):
+    hf.load_pretrained(path, dtype="float16")
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_non_float_weight_raises(tmp_path, dtype):
+  _, _, path = _export(tmp_path)
+  name = "model.layers.0.self_attn.q_proj.weight"
+  _rewrite(path, name, lambda w: w.astype(dtype))
+  code = {np.int32: "I32", np.bool_: "BOOL"}[dtype]
+  with pytest.raises(ValueError, match=rf"tensor '{name}' in .* has dtype "
+                     rf"{code}; model weights must be floating point"):
+    hf.load_pretrained(path)
+
+
+def test_truncated_file_names_file_and_tensor(tmp_path):
+  _, _, path = _export(tmp_path)
+  st = os.path.join(path, "model.safetensors")
+  size = os.path.getsize(st)
+  with open(st, "r+b") as f:
+    f.truncate(size - 6)
+  # The last tensor of the data section (names are sorted) lost 6 bytes.
+  with pytest.raises(ValueError, match=r"model.safetensors: truncated file: "
+                     r"tensor 'model.norm.weight' needs data bytes "
+                     r"\[\d+, \d+\) \(512 bytes\), but the data section "
+                     r"holds \d+ bytes \(506 available to it\)"):
+    hf.load_pretrained(path)
+  header, start = hf.read_safetensors_header(st)
+  with open(st, "r+b") as f:  # Cut inside the data of the first tensor.
+    f.truncate(start + 10)
+  first = min(header, key=lambda k: header[k]["data_offsets"][0])
+  with pytest.raises(ValueError, match=rf"tensor '{first}' needs data .*"
+                     r"holds 10 bytes \(10 available to it\)"):
+    hf.SafetensorsReader([st]).get(first)
+  with open(st, "r+b") as f:  # No data section at all.
+    f.truncate(start)
+  with pytest.raises(ValueError, match=r"holds 0 bytes \(0 available"):
+    hf.SafetensorsReader([st]).get(first)
+  with open(st, "r+b") as f:  # Cut inside the header.
+    f.truncate(start - 4)
+  with pytest.raises(ValueError, match=r"truncated safetensors file: the "
+                     rf"header ends at byte {start}"):
+    hf.SafetensorsReader([st])
+
+
+def test_inconsistent_header_entry_raises(tmp_path):
+  st = str(tmp_path / "x.safetensors")
+  data = np.zeros((3, 4), np.float32).tobytes()
+  for entry, match in [
+      ({"shape": [3, 5]}, r"tensor 'a' of shape \(3, 5\) and dtype F32 needs "
+       r"60 bytes, but its data_offsets \[0, 48\] span 48"),
+      ({"data_offsets": [8, 4]}, r"tensor 'a' has a malformed header entry"),
+      ({"shape": [3, -4]}, r"malformed header entry"),
+  ]:
+    raw = json.dumps({"a": {"dtype": "F32", "shape": [3, 4],
+                            "data_offsets": [0, 48], **entry}}).encode()
+    with open(st, "wb") as f:
+      f.write(len(raw).to_bytes(8, "little") + raw + data)
+    with pytest.raises(ValueError, match=match):
+      hf.SafetensorsReader([st]).get("a")
 
 
 @pytest.mark.parametrize("change,match", [

@@ -14,7 +14,10 @@ Definitions (see ../shared/REFERENCES.md, "Diagnostics"):
   keys with positive probability, minus a tail of total relative mass below
   `tol`. A row of zero mass (a padding query, or a query with no visible
   key) has support 0. The count does not depend on the order of the slots
-  or on how ties are broken.
+  or on how ties are broken. A row holding NaN or inf has no support: on
+  concrete inputs `active_support` raises; under `jit` (where it cannot
+  raise) the row's count is `NONFINITE_SUPPORT` (-1), never a plausible
+  number, and its `active_support_mask` row is all False.
 * **Head consensus** of a layer for one query: the number of distinct argmax
   keys across the N query heads, divided by N. 1/N when every head looks at
   the same key, 1 when all differ. With `key_pos` the argmax is compared in
@@ -23,7 +26,8 @@ Definitions (see ../shared/REFERENCES.md, "Diagnostics"):
   position, so the value does not depend on slot order. Without `key_pos`
   argmaxes are slot indices (ties: first slot). Heads with zero mass on a
   query have no argmax and add nothing to the count (the denominator stays
-  N); masked or zero-mass queries get 0.
+  N); masked or zero-mass queries get 0. A query where any head's row
+  holds NaN or inf raises on concrete inputs and gives NaN under `jit`.
 
 Einsum letters: L layers, B batch, N query heads, K kv heads, T queries,
 S cache slots.
@@ -40,6 +44,7 @@ import numpy as np
 Array = jax.Array
 
 SUPPORT_TOL = 1e-6  # relative tolerance on the cumulative mass
+NONFINITE_SUPPORT = -1  # the count of a row with NaN/inf, where not raised
 
 
 # ----------------------------------------------------------------------------
@@ -119,6 +124,8 @@ def _support_counts(probs: Array, share: Array | float
   before = cum - ranked  # mass of the keys ranked before each key
   target = cum[..., -1:] * (share - SUPPORT_TOL)
   counts = jnp.sum(before < target, axis=-1).astype(jnp.int32)
+  finite = jnp.all(jnp.isfinite(probs), axis=-1)
+  counts = jnp.where(finite, counts, NONFINITE_SUPPORT)
   return counts, ranked
 
 
@@ -148,12 +155,15 @@ def active_support(probs: Array, share: float = 0.9,
 
   Returns:
     [...] int32 counts (see the module docstring for the exact definition).
+    Under `jit`, a row with NaN or inf among its probabilities (and not
+    masked by `valid`) counts `NONFINITE_SUPPORT` (-1).
 
   Raises:
     TypeError: for a non-float `probs`, a non-bool `valid` or a non-number
       `share`.
-    ValueError: for a scalar `probs`, `share` outside (0, 1] or a `valid`
-      that does not broadcast to the leading dims.
+    ValueError: for a scalar `probs`, `share` outside (0, 1], a `valid`
+      that does not broadcast to the leading dims, or (on concrete inputs)
+      rows of `probs` holding NaN or inf that `valid` does not mask.
   """
   counts, _ = _checked_counts(probs, share, valid)
   return counts
@@ -168,6 +178,16 @@ def _checked_counts(probs, share, valid):
   counts, ranked = _support_counts(probs, share)
   if valid is not None:
     counts = jnp.where(valid, counts, 0)
+  if not isinstance(counts, jax.core.Tracer):
+    bad = counts == NONFINITE_SUPPORT
+    num_bad = int(jnp.sum(bad))
+    if num_bad:
+      first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+      raise ValueError(
+          f"probs has {num_bad} of {bad.size} rows holding NaN or inf "
+          f"(first at index {first} of the leading dims {bad.shape}); "
+          "active support needs finite probabilities (mask rows that are "
+          "not real queries with `valid`).")
   return counts, ranked
 
 
@@ -186,6 +206,7 @@ def active_support_mask(probs: Array, share: float = 0.9,
   Returns:
     [..., S] bool, True on the `active_support(probs, share)` keys of each
     row with the highest probabilities; every True key has positive mass.
+    Under `jit`, a row holding NaN or inf is all False.
 
   Raises:
     TypeError / ValueError: as `active_support`.
@@ -212,7 +233,15 @@ def _real_counts(counts: Any, query_mask: Any) -> np.ndarray:
                      f"[L, B, N, T] = {counts.shape}), got {query_mask.shape}.")
   if not query_mask.any():
     raise ValueError("query_mask selects no query: nothing to summarise.")
-  return np.transpose(counts, (0, 2, 1, 3))[:, :, query_mask]  # [L, N, M]
+  vals = np.transpose(counts, (0, 2, 1, 3))[:, :, query_mask]  # [L, N, M]
+  bad = ~(vals >= 0)  # NaN too
+  if bad.any():
+    raise ValueError(
+        f"counts must be >= 0 on the real queries, got {int(bad.sum())} "
+        f"negative or NaN values (e.g. {vals[bad][0]}); "
+        f"{NONFINITE_SUPPORT} is what `active_support` under jit gives a "
+        "row of probabilities with NaN or inf.")
+  return vals
 
 
 def support_summary(counts: Array, query_mask: Array) -> dict[str, Any]:
@@ -303,6 +332,8 @@ def _consensus(probs: Array, key_pos: Array | None,
                          (ids[:, :, 1:] != ids[:, :, :-1]) &
                          (ids[:, :, 1:] >= 0)], axis=2)
   out = jnp.sum(new, axis=2).astype(jnp.float32) / N  # [L, B, T]
+  finite = jnp.all(jnp.isfinite(p), axis=(2, 4))  # [L, B, T]
+  out = jnp.where(finite, out, jnp.nan)
   if query_mask is not None:
     out = jnp.where(query_mask[None], out, 0.0)
   return out
@@ -321,9 +352,13 @@ def head_consensus(probs: Array, key_pos: Array | None = None,
 
   Returns:
     [L, B, T] float32 in {0, 1/N, ..., 1} (see the module docstring).
+    Under `jit`, NaN for a query (not masked by `query_mask`) where any
+    head's probabilities hold NaN or inf.
 
   Raises:
-    TypeError / ValueError: for mis-shaped or mistyped arguments.
+    TypeError / ValueError: for mis-shaped or mistyped arguments, or (on
+      concrete inputs) probabilities holding NaN or inf on a query that
+      `query_mask` does not mask.
   """
   _check_float_array("probs", probs, ndim=5)
   L, B, N, T, S = probs.shape
@@ -339,4 +374,15 @@ def head_consensus(probs: Array, key_pos: Array | None = None,
     if tuple(query_mask.shape) != (B, T):
       raise ValueError(f"query_mask must have shape {(B, T)}, got "
                        f"{tuple(query_mask.shape)}.")
-  return _consensus(probs, key_pos, query_mask)
+  out = _consensus(probs, key_pos, query_mask)
+  if not isinstance(out, jax.core.Tracer):
+    bad = jnp.isnan(out)
+    num_bad = int(jnp.sum(bad))
+    if num_bad:
+      first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+      raise ValueError(
+          f"probs holds NaN or inf on {num_bad} of {bad.size} (layer, row, "
+          f"query) triples (first at [L, B, T] index {first}); head "
+          "consensus needs finite probabilities (mask queries that are not "
+          "real with `query_mask`).")
+  return out

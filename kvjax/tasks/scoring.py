@@ -91,14 +91,28 @@ def predictions_from_logits(batch: TaskBatch, logits, *, offset=0
     confidence: [B, A] float32 max softmax probability, 0 in padded slots.
 
   Raises:
-    ValueError: logits not [B, T', V] with B matching, or an answer whose
-      predicting position falls outside the logits.
+    ValueError: logits not [B, T', V] with B matching, a vocabulary V too
+      small for the batch (V must exceed UNKNOWN and every token id of the
+      batch, answers included), or an answer whose predicting position
+      falls outside the logits.
   """
   logits = np.asarray(logits)
   batch_size, num_answers = batch.answer_positions.shape
   if logits.ndim != 3 or logits.shape[0] != batch_size:
     raise ValueError(
         f"logits must be [B={batch_size}, T, V], got shape {logits.shape}.")
+  # argmax over a vocabulary missing the answer ids (or UNKNOWN) would
+  # silently score every such answer wrong instead of failing.
+  valid_answers = batch.answers[batch.answer_positions >= 0]
+  largest = max(int(np.max(batch.tokens, initial=0)),
+                int(np.max(valid_answers, initial=0)))
+  needed = max(UNKNOWN, largest) + 1
+  if logits.shape[-1] < needed:
+    raise ValueError(
+        f"logits have vocabulary size V={logits.shape[-1]}, but the batch "
+        f"needs V >= {needed} (UNKNOWN={UNKNOWN}; largest token or answer "
+        f"id in the batch: {largest}); were the logits computed over the "
+        "task vocabulary?")
   offset = np.broadcast_to(np.asarray(offset, dtype=np.int64), (batch_size,))
   valid = batch.answer_positions >= 0  # [B, A]
   index = batch.answer_positions - 1 - offset[:, None]  # [B, A]

@@ -210,6 +210,25 @@ def test_predictions_from_logits_padded_slots():
   assert ((confidence[~padded] > 0) & (confidence[~padded] <= 1)).all()
 
 
+def test_predictions_from_logits_rejects_a_small_vocabulary():
+  batch = tasks.make_batch("needle", 2, seed=0, context_len=CONTEXT_LEN)
+  needed = int(batch.tokens.max()) + 1
+  assert needed > UNKNOWN + 1 and needed <= tasks.VOCAB.size
+  for vocab_size in (UNKNOWN, needed - 1):
+    logits = np.zeros(batch.tokens.shape + (vocab_size,), np.float32)
+    with pytest.raises(ValueError, match=rf"vocabulary size V={vocab_size}, "
+                       rf"but the batch needs V >= {needed}"):
+      tasks.predictions_from_logits(batch, logits)
+  logits = np.zeros(batch.tokens.shape + (needed,), np.float32)
+  predicted, _ = tasks.predictions_from_logits(batch, logits)
+  assert predicted.shape == batch.answers.shape
+  # UNKNOWN must be predictable even when no token of the batch is as large.
+  tiny = batch._replace(tokens=np.zeros_like(batch.tokens),
+                        answers=np.zeros_like(batch.answers))
+  with pytest.raises(ValueError, match=rf"needs V >= {UNKNOWN + 1}"):
+    tasks.predictions_from_logits(tiny, logits[..., :UNKNOWN])
+
+
 def test_task_with_no_answers_reports_nan():
   batch = tasks.make_batch("needle", 2, seed=0, context_len=CONTEXT_LEN)
   batch = batch._replace(answer_positions=np.full_like(
