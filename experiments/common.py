@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 
 import kvjax
@@ -26,3 +28,15 @@ def load_model(spec: str, dtype: str = "float32"):
     return pretrained.load(spec, dtype=dtype)
   raise ValueError(f"model={spec!r}; allowed: {list(pretrained.MODELS)}, "
                    "'hf:PATH', 'random:PRESET'.")
+
+
+def check_config_overrides(argv: list[str], config) -> None:
+  """Exits with one clear line when a `--config.<field>=...` flag names no
+  field of `config` (ml_collections would fail deep in flag parsing)."""
+  fields = set(config.keys())
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      name = arg[len("--config."):].split("=", 1)[0].split(".", 1)[0]
+      if name not in fields:
+        sys.exit(f"error: --config.{name}: no such config field; allowed: "
+                 f"{', '.join(sorted(fields))}.")

@@ -29,9 +29,11 @@ Question modes:
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -44,12 +46,13 @@ import numpy as np
 import tqdm
 
 from experiments import common
+from experiments.configs import sweep as sweep_config
 import kvjax
 from kvjax import compress
 from kvjax import model as model_lib
 from kvjax.analysis import graph as graph_lib
 from kvjax.analysis import support as support_lib
-from kvjax.cache import kv_bytes, logical_bytes
+from kvjax.cache import coded_share, kv_bytes, logical_bytes
 from kvjax.tasks import generators, scoring
 from kvjax.train import data as data_lib
 from kvjax.train import evaluate
@@ -81,12 +84,11 @@ QUANTIZERS = {
 MODES = ("agnostic", "aware")
 
 
-@functools.lru_cache(maxsize=None)
 def method_transform(method: str, ratio: float):
   """The transform of `method` at eviction `ratio` (None: uncompressed).
 
-  Memoized: the transform is a static argument of the jitted prefill, so
-  one object per (method, ratio) compiles once and serves every task.
+  Transforms compare by value, so the transform built anew for each unit
+  reuses the program compiled for the first task.
 
   Raises:
     ValueError: unknown method, or a ratio given to a quantizer.
@@ -109,20 +111,74 @@ def method_transform(method: str, ratio: float):
                    "'policy+quantizer'.")
 
 
-def _split(value, cast=str) -> list:
+def _split(value, cast=str, field: str = "value") -> list:
   """A comma-separated string (or a sequence) as a list of `cast`."""
-  if isinstance(value, str):
-    value = [v for v in value.split(",") if v.strip()]
-  return [cast(v.strip()) if isinstance(v, str) else cast(v) for v in value]
+  items = ([v for v in value.split(",") if v.strip()]
+           if isinstance(value, str) else value)
+  try:
+    return [cast(v.strip()) if isinstance(v, str) else cast(v)
+            for v in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"config.{field}={value!r} is not a comma-separated "
+                     f"list of {cast.__name__} values.") from None
+
+
+def _check_number(cfg, field: str, cast, lo, hi=None, lo_open=False,
+                  hi_open=False) -> None:
+  value = cfg[field]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok and cast is int:
+    ok = float(value).is_integer()
+  if ok:
+    v = float(value)
+    ok = np.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+        hi is None or (v < hi if hi_open else v <= hi))
+  if not ok:
+    interval = (("(" if lo_open else "[") + f"{lo:g}, " +
+                ("inf)" if hi is None else f"{hi:g}" +
+                 (")" if hi_open else "]")))
+    raise ValueError(f"config.{field}={value!r}: must be {cast.__name__} in "
+                     f"{interval}.")
+
+
+def validate_config(cfg) -> None:
+  """Checks every field before anything runs or any file is written.
+
+  Raises:
+    ValueError: a field out of its range, or a list field that does not
+      parse, naming the field and what is allowed.
+  """
+  for field, cast, lo, hi, lo_open, hi_open in (
+      ("context_len", int, 1, None, False, False),
+      ("mqar_pairs", int, 1, None, False, False),
+      ("num_examples", int, 1, None, False, False),
+      ("seed", int, 0, None, False, False),
+      ("support_share", float, 0, 1, True, False),
+      ("graph_eps", float, 0, 1, True, True),
+      ("confidence", float, 0, 1, False, False),
+      ("stop_after_units", int, 0, None, False, False)):
+    _check_number(cfg, field, cast, lo, hi, lo_open, hi_open)
+  if cfg.dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.dtype={cfg.dtype!r}; allowed: float32, "
+                     "bfloat16, float16.")
+  for field in ("methods", "tasks", "modes"):
+    if not _split(cfg[field], field=field):
+      raise ValueError(
+          f"config.{field} is empty; name at least one (the uncompressed "
+          "baseline runs with every sweep, it is not a method)."
+          if field == "methods" else f"config.{field} is empty.")
+  if not _split(cfg.ratios, float, "ratios"):
+    raise ValueError("config.ratios is empty.")
 
 
 def plan_units(cfg) -> list[dict[str, Any]]:
   """Every unit of the sweep, in run order (transform-major, so a compiled
   transform serves all tasks before the next one compiles)."""
-  methods = _split(cfg.methods)
-  ratios = _split(cfg.ratios, float)
-  tasks = _split(cfg.tasks)
-  modes = _split(cfg.modes)
+  validate_config(cfg)
+  methods = _split(cfg.methods, field="methods")
+  ratios = _split(cfg.ratios, float, "ratios")
+  tasks = _split(cfg.tasks, field="tasks")
+  modes = _split(cfg.modes, field="modes")
   for m in methods:
     method_transform(m, 0.5)  # validates the name
   for r in ratios:
@@ -172,14 +228,46 @@ def params_fingerprint(params, samples: int = 4096) -> str:
   return digest.hexdigest()[:16]
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The source that defines a row: the model, cache, attention, generation,
+# every transform, the analysis metrics, the tasks and their scoring, and
+# this file (the unit's own metrics).
+CODE_GLOBS = ("kvjax/__init__.py", "kvjax/cache.py", "kvjax/model.py",
+              "kvjax/attention.py", "kvjax/generate.py", "kvjax/config.py",
+              "kvjax/checks.py", "kvjax/pretrained.py", "kvjax/hf.py",
+              "kvjax/compress/*.py", "kvjax/analysis/*.py",
+              "kvjax/tasks/*.py", "kvjax/train/evaluate.py",
+              "kvjax/train/data.py", "experiments/sweep.py",
+              "experiments/common.py")
+
+
+def code_files() -> list[str]:
+  """The source files `code_fingerprint` hashes, sorted."""
+  return sorted({f for g in CODE_GLOBS
+                 for f in glob.glob(os.path.join(_ROOT, g))})
+
+
+def code_fingerprint() -> str:
+  """A hash of the kvjax version and of every file of `code_files()`:
+  rows computed by other code never count as done."""
+  digest = hashlib.sha1(kvjax.__version__.encode())
+  for path in code_files():
+    digest.update(os.path.relpath(path, _ROOT).encode())
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
 def run_tag(cfg, params) -> str:
-  """A hash of what makes rows comparable: the weights, the task entries
-  (names and generator parameters), the data and the scoring settings. A
-  rerun in a workdir whose rows came from other weights or other task
+  """A hash of what makes rows comparable: the weights, the code that
+  computes a row (`code_fingerprint`), the task entries (names and
+  generator parameters), the data and the scoring settings. A rerun in a
+  workdir whose rows came from other weights, other code or other task
   definitions starts over instead of reusing them."""
   tasks = {name: _suite_entry(name)[1:] for name in _split(cfg.tasks)}
   fields = dict(model=cfg.model, weights=params_fingerprint(params),
-                tasks=tasks, dtype=cfg.dtype, context_len=cfg.context_len,
+                code=code_fingerprint(), tasks=tasks, dtype=cfg.dtype,
+                context_len=cfg.context_len,
                 mqar_pairs=cfg.mqar_pairs, num_examples=cfg.num_examples,
                 seed=cfg.seed, confidence=cfg.confidence,
                 graph_eps=cfg.graph_eps)
@@ -216,7 +304,20 @@ def _question(params, cache, question, mask, *, config,
   logits, cache, aux = model_lib.forward(params, question, cache,
                                          config=config, token_mask=mask,
                                          capture=capture)
-  return logits, aux, cache.pos, cache.valid
+  return logits, aux, cache.pos, cache.valid, cache.end
+
+
+def _ask(params, cache, question, mask, *, config, capture=("attn_probs",)):
+  """`_question`, refusing a cache the question did not fit into (under
+  jit the writes past capacity would be dropped: the question lost)."""
+  logits, aux, pos, valid, end = _question(params, cache, question, mask,
+                                           config=config, capture=capture)
+  most = int(np.max(np.asarray(end)))
+  if most > cache.capacity:
+    raise ValueError(f"the question needs {most} cache slots, the compressed "
+                     f"cache has {cache.capacity}: the transform did not "
+                     "honour its reserve.")
+  return logits, aux, pos, valid
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity"))
@@ -277,9 +378,9 @@ class TaskData:
     B = self.context.shape[0]
     self.context_pos = jnp.broadcast_to(jnp.arange(L), (B, L))
     self.context_mask = jnp.ones((B, L), bool)
-    logits, aux, _, _ = _question(params, self.cache, self.question,
-                                  self.qmask, config=config,
-                                  capture=("q", "q_pre_rope", "attn_probs"))
+    logits, aux, _, _ = _ask(params, self.cache, self.question, self.qmask,
+                             config=config,
+                             capture=("q", "q_pre_rope", "attn_probs"))
     probs = aux["attn_probs"]
     self.logits = np.asarray(logits)
     self.question_observed = dict(
@@ -355,10 +456,17 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
 
 
 def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
+  """One unit's row; a transform that refuses the input (it would compress
+  nothing, `compress.Degenerate`) gives a row marked "refused" with the
+  reason and no metrics."""
   t0 = time.perf_counter()
-  cache = compress_unit(td, unit)
-  logits, aux, pos, valid = _question(td.params, cache, td.question,
-                                      td.qmask, config=td.config)
+  try:
+    cache = compress_unit(td, unit)
+  except compress.Degenerate as e:
+    return dict(method=unit["method"], ratio=unit["ratio"], task=unit["task"],
+                mode=unit["mode"], status="refused", reason=str(e))
+  logits, aux, pos, valid = _ask(td.params, cache, td.question, td.qmask,
+                                 config=td.config)
   probs = aux["attn_probs"]
   logits = np.asarray(logits)
   seconds = time.perf_counter() - t0
@@ -392,13 +500,14 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   tokens = td.batch.batch_size * td.L
   return dict(
       method=unit["method"], ratio=unit["ratio"], task=unit["task"],
-      mode=unit["mode"], accuracy=task_score.accuracy,
+      mode=unit["mode"], status="ok", accuracy=task_score.accuracy,
       hallucination_rate=task_score.hallucination_rate,
       abstention_rate=task_score.abstention_rate,
       exact_match=task_score.exact_match, ger=ger,
       ger_per_layer=ger_per_layer, reachability=reachability, kl=kl,
       physical_bytes_per_token=kv_bytes(cache) / tokens,
       logical_bytes_per_token=logical_bytes(cache) / tokens,
+      coded_share=list(coded_share(cache)),
       seconds=round(seconds, 4), num_examples=task_score.num_examples,
       num_answers=task_score.num_answers)
 
@@ -425,8 +534,20 @@ def _seconds(rows) -> float:
   return _mean(warm or rows, "seconds")
 
 
+def refused(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The rows of units a transform refused (no metrics)."""
+  return [r for r in rows if r.get("status") == "refused"]
+
+
 def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-  """Markdown summary table + facts (collapse ratios, Pearson r)."""
+  """Markdown summary table + facts (collapse ratios, Pearson r).
+
+  Refused units are listed under the table, never averaged into it; a
+  codec that stored part of the kept entries uncoded shows it in the
+  "coded" column (the share of kept keys stored by the codec).
+  """
+  skipped = refused(rows)
+  rows = [r for r in rows if r.get("status") != "refused"]
   base = {}
   for r in rows:
     if r["method"] == "none":
@@ -439,19 +560,21 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
       groups.setdefault((mode, r["method"], r["ratio"]), []).append(r)
   lines = ["| mode | method | ratio | accuracy | hallucination | abstention "
            "| GER | reachability | KL | bytes/token (phys) | bytes/token "
-           "(logical) | compression (bytes) | s/unit |",
-           "|" + "---|" * 13]
+           "(logical) | compression (bytes) | coded | s/unit |",
+           "|" + "---|" * 14]
   for (mode, method, ratio), rs in sorted(
       groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "none",
                                       kv[0][1], kv[0][2])):
     logical = _mean(rs, "logical_bytes_per_token")
+    coded = [r["coded_share"][0] for r in rs if r.get("coded_share")]
+    coded = f"{np.mean(coded):.2f}" if coded and np.mean(coded) > 0 else "-"
     lines.append(
         f"| {mode} | {method} | {ratio:g} | {_mean(rs, 'accuracy'):.3f} | "
         f"{_mean(rs, 'hallucination_rate'):.3f} | "
         f"{_mean(rs, 'abstention_rate'):.3f} | {_mean(rs, 'ger'):.3f} | "
         f"{_mean(rs, 'reachability'):.3f} | {_mean(rs, 'kl'):.3f} | "
         f"{_mean(rs, 'physical_bytes_per_token'):.0f} | {logical:.0f} | "
-        f"{1 - logical / base_bytes:.3f} | {_seconds(rs):.3f} |")
+        f"{1 - logical / base_bytes:.3f} | {coded} | {_seconds(rs):.3f} |")
   facts = {"collapse_ratio": {}, "pearson_ger_hallucination": {}}
   base_acc = _mean(list(base.values()), "accuracy")
   for (mode, method, ratio), rs in sorted(groups.items()):
@@ -477,11 +600,22 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
   text += ("\n\nPearson r of GER vs hallucination rate (eviction units): "
            + json.dumps({k: round(v, 3) for k, v in
                          facts["pearson_ger_hallucination"].items()}))
+  facts["refused"] = sorted({(r["mode"], r["method"], r["ratio"])
+                             for r in skipped})
+  if skipped:
+    reasons = {}
+    for r in skipped:
+      reasons.setdefault((r["mode"], r["method"], r["ratio"]), r["reason"])
+    text += "\n\nRefused (the transform would compress nothing; no row):"
+    for (mode, method, ratio), reason in sorted(reasons.items()):
+      text += f"\n- {mode} {method} {ratio:g}: {reason}"
   return text, facts
 
 
 def plot(rows, support, workdir):
-  """Writes the sweep's four figures into `workdir`."""
+  """Writes the sweep's four figures into `workdir` (refused units left
+  out)."""
+  rows = [r for r in rows if r.get("status") != "refused"]
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -593,7 +727,6 @@ def support_report(task_data: dict[str, TaskData], share: float):
 def run(cfg) -> list[dict[str, Any]]:
   """Runs (or resumes) the sweep of `cfg`; returns every row of this run."""
   units = plan_units(cfg)
-  os.makedirs(cfg.workdir, exist_ok=True)
   path = os.path.join(cfg.workdir, "results.jsonl")
   config, params = common.load_model(cfg.model, cfg.dtype)
   if config.vocab_size < kvjax.tasks.vocab.VOCAB.size:
@@ -613,14 +746,18 @@ def run(cfg) -> list[dict[str, Any]]:
 
   limit = int(cfg.stop_after_units) or len(todo)
   compiled = set()
-  with open(path, "a") as f:
-    for unit in tqdm.tqdm(todo[:limit], desc="sweep", dynamic_ncols=True):
-      row = run_unit(cfg, task(unit["task"]), unit)
-      program = (unit["method"], unit["ratio"], unit["mode"])
-      row.update(key=unit_key(unit, tag), model=cfg.model,
-                 context_len=int(cfg.context_len),
-                 includes_compile=program not in compiled)
-      compiled.add(program)
+  # Every task is built (and so checked) before the first row is written.
+  for name in sorted({u["task"] for u in todo[:limit]}):
+    task(name)
+  os.makedirs(cfg.workdir, exist_ok=True)
+  for unit in tqdm.tqdm(todo[:limit], desc="sweep", dynamic_ncols=True):
+    row = run_unit(cfg, task(unit["task"]), unit)
+    program = (unit["method"], unit["ratio"], unit["mode"])
+    row.update(key=unit_key(unit, tag), model=cfg.model,
+               context_len=int(cfg.context_len),
+               includes_compile=program not in compiled)
+    compiled.add(program)
+    with open(path, "a") as f:
       f.write(json.dumps(row) + "\n")
       f.flush()
       os.fsync(f.fileno())
@@ -641,6 +778,9 @@ def run(cfg) -> list[dict[str, Any]]:
   if cfg.plots:
     plot(rows, support, cfg.workdir)
   print(text)
+  if refused(rows):
+    print(f"{len(refused(rows))} units refused by their transform (listed "
+          "above and in summary.md).")
   print("active support (median keys for "
         f"{cfg.support_share:g} of the mass) per layer: "
         f"{support['median_per_layer']}")
@@ -654,6 +794,7 @@ def main(argv):
 
 if __name__ == "__main__":
   # Defined here, not at import, so tests can import several mains.
+  common.check_config_overrides(sys.argv, sweep_config.get_config())
   _CONFIG = config_flags.DEFINE_config_file(
       "config", os.path.join(os.path.dirname(__file__), "configs", "sweep.py"),
       "Sweep config (see experiments/configs/sweep.py).")

@@ -43,7 +43,9 @@ class Codec(NamedTuple):
       float32, computed from the codes without decoding the keys; None if
       the codec has none.
     bits: (H) -> stored bits per element, overhead (scales, norms) included.
-    params: hashable parameters (for equality and display).
+    params: hashable parameters that determine the codec; two codecs with
+      equal non-empty params compare and hash equal (so equal codecs built
+      twice share a compiled program); empty params: identity.
   """
 
   name: str
@@ -52,6 +54,20 @@ class Codec(NamedTuple):
   scores: Any = None
   bits: Any = None
   params: tuple = ()
+
+  def __eq__(self, other):
+    if not isinstance(other, Codec):
+      return NotImplemented
+    if not self.params or not other.params:
+      return self is other
+    return self.params == other.params
+
+  def __ne__(self, other):
+    eq = self.__eq__(other)
+    return eq if eq is NotImplemented else not eq
+
+  def __hash__(self):
+    return hash(self.params) if self.params else id(self)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -257,27 +273,53 @@ def payload_bytes(cache: KVCache) -> int:
   return _tree_bytes((cache.k, cache.v))
 
 
-def _per_slot_bytes(x) -> Any:
-  """The leaves of a payload that scale with the slot count."""
+def _regions(x, capacity: int) -> list[tuple[Any, int, int]]:
+  """(per-slot leaves, first slot, slot count) of each storage region of
+  a payload: one region, or a TailedKV's code region and its tail."""
   if isinstance(x, TailedKV):
-    return (x.code.slots, x.tail)
-  return x.slots if is_coded(x) else x
+    sc = x.code_slots
+    return [(x.code.slots, 0, sc), (x.tail, sc, capacity - sc)]
+  return [(x.slots if is_coded(x) else x, 0, capacity)]
 
 
 def logical_bytes(cache: KVCache) -> int:
   """Bytes a ragged layout would need: payload bytes of valid slots only.
 
-  Per-slot payload bytes are the per-slot payload leaves divided by the
-  number of slots; leaves shared by all slots of a layer (e.g. a codec's
-  rotation) count once; bookkeeping (`pos`, `valid`, counters) is not. The gap
-  between `kv_bytes` and this figure is the padding a static layout pays.
+  Each storage region (a plain or coded payload; a TailedKV's code region
+  and its full-precision tail apart) costs its per-slot leaves' bytes
+  divided by its slot count, times its valid slots; leaves shared by all
+  slots of a layer (a codec's rotation, a low-rank basis) count once;
+  bookkeeping (`pos`, `valid`, counters) does not count. Leaves shared by a
+  group of slots (KIVI's per-channel key statistics) are spread over the
+  group. The gap between `kv_bytes` and this figure is the padding a
+  static layout pays.
   """
-  slots = int(np.prod(cache.pos.shape))
-  per_slot = _tree_bytes((_per_slot_bytes(cache.k),
-                          _per_slot_bytes(cache.v))) / max(slots, 1)
-  shared = payload_bytes(cache) - _tree_bytes(
-      (_per_slot_bytes(cache.k), _per_slot_bytes(cache.v)))
-  return int(round(per_slot * int(jnp.sum(cache.valid)))) + shared
+  valid = np.asarray(cache.valid)
+  total = 0.0
+  per_slot_leaves = []
+  for x in (cache.k, cache.v):
+    for leaves, start, count in _regions(x, cache.capacity):
+      per_slot_leaves.append(leaves)
+      slots = int(np.prod(valid.shape[:-1])) * count
+      live = int(valid[..., start:start + count].sum())
+      total += _tree_bytes(leaves) * live / max(slots, 1)
+  shared = payload_bytes(cache) - _tree_bytes(per_slot_leaves)
+  return int(round(total)) + shared
+
+
+def coded_share(cache: KVCache) -> tuple[float, float]:
+  """(keys, values): the share of valid entries stored by a codec (0 for a
+  plain payload, 1 for a coded one, the code region's share for a
+  TailedKV). A quantizer that stored nothing coded shows 0 here."""
+  valid = np.asarray(cache.valid)
+  n = max(int(valid.sum()), 1)
+  out = []
+  for x in (cache.k, cache.v):
+    if isinstance(x, TailedKV):
+      out.append(int(valid[..., :x.code_slots].sum()) / n)
+    else:
+      out.append(1.0 if is_coded(x) else 0.0)
+  return tuple(out)
 
 
 def cache_overflowed(cache: KVCache) -> bool:

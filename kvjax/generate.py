@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import checks
 from kvjax import model as model_lib
 from kvjax.cache import KVCache, init_cache
 from kvjax.compress import base as compress_base
@@ -62,61 +63,30 @@ def sample_logits(logits: Array, rng: Array, temperature: float = 0.0,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(temperature, top_k, config):
-  if not isinstance(temperature, (int, float)) or temperature < 0:
-    raise ValueError(f"temperature must be a float >= 0, got {temperature!r}.")
-  if top_k is not None and (not isinstance(top_k, int) or
-                            not 1 <= top_k <= config.vocab_size):
-    raise ValueError(f"top_k must be None or an int in [1, "
-                     f"{config.vocab_size}], got {top_k!r}.")
-
-
-def _check_chunk(prefill_chunk):
-  if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or
-                                    prefill_chunk < 1):
-    raise ValueError(f"prefill_chunk must be None or an int >= 1, got "
-                     f"{prefill_chunk!r}.")
-
-
 def _prompt_mask(tokens: Array, prompt_lengths: Array) -> Array:
   T = tokens.shape[1]
   return jnp.arange(T)[None, :] < prompt_lengths[:, None]
 
 
-def _check_prompt(prompt_tokens, prompt_lengths, config):
-  if not hasattr(prompt_tokens, "dtype") or not jnp.issubdtype(
-      prompt_tokens.dtype, jnp.integer):
-    raise TypeError("prompt_tokens must be an integer array [B, T].")
-  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] == 0:
-    raise ValueError(f"prompt_tokens must have shape [B, T] with T >= 1, got "
-                     f"{tuple(prompt_tokens.shape)}.")
-  if not isinstance(prompt_tokens, jax.core.Tracer):
-    host = np.asarray(prompt_tokens)
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi >= config.vocab_size:
-      raise ValueError(f"token ids must be in [0, {config.vocab_size}), got "
-                       f"range [{lo}, {hi}].")
-  if prompt_lengths is not None:
-    B, T = prompt_tokens.shape
-    if tuple(prompt_lengths.shape) != (B,):
-      raise ValueError(f"prompt_lengths must have shape ({B},), got "
-                       f"{tuple(prompt_lengths.shape)}.")
-    if not isinstance(prompt_lengths, jax.core.Tracer):
-      host = np.asarray(prompt_lengths)
-      lo, hi = int(host.min()), int(host.max())
-      if lo < 1 or hi > T:
-        raise ValueError(f"prompt_lengths must be in [1, {T}] (the padded "
-                         f"prompt width), got range [{lo}, {hi}].")
-
-
 _PREFILL_CAPTURES = ("q", "q_pre_rope", "attn_mass")
 
 
-def _context(phase, step, positions, mask, aux, reserve, config):
+def _context(phase, step, positions, mask, aux, reserve, config,
+             live_bound=None, decode_reserve=0):
   return compress_base.CompressContext(
       phase=phase, step=step, q_pos=positions, q_mask=mask, q=aux.get("q"),
       q_pre_rope=aux.get("q_pre_rope"), attn_mass=aux.get("attn_mass"),
-      attn_probs=aux.get("attn_probs"), reserve=reserve, config=config)
+      attn_probs=aux.get("attn_probs"), reserve=reserve, config=config,
+      live_bound=live_bound, decode_reserve=decode_reserve)
+
+
+def _live_bound(cache: KVCache) -> int | None:
+  """The largest write index of a concrete cache (a static bound on its
+  live entries per head, entries lying in slots [0, end)); None when
+  traced (the transform then bounds by the capacity)."""
+  if not checks.is_concrete(cache.end):
+    return None
+  return int(np.max(np.asarray(cache.end))) if cache.end.size else 0
 
 
 def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
@@ -152,8 +122,10 @@ def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
 
 def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
                           config, capacity, cache_dtype, backend,
-                          prefill_chunk=None):
-  """Prefill on an empty cache, then apply `transform` (if any)."""
+                          prefill_chunk=None, decode_reserve=0):
+  """Prefill on an empty cache, then apply `transform` (if any). Of the
+  `capacity - T` free slots, `decode_reserve` are for decode steps run
+  through the transform (`generate`), the rest the reserve for `forward`."""
   B, T = tokens.shape
   cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(tokens, prompt_lengths)
@@ -170,16 +142,18 @@ def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
     cache = _apply_transform(cache, transform, extra, positions, mask, aux,
-                             capacity - T, config)
+                             capacity - T - decode_reserve, config,
+                             live_bound=T, decode_reserve=decode_reserve)
   return logits, cache
 
 
 def _apply_transform(cache, transform, extra, positions, mask, observed,
-                     reserve, config):
+                     reserve, config, live_bound=None, decode_reserve=0):
   """Prefill-phase `transform` on `cache`, observing the queries at
   `positions` / `mask` and the captures in `observed`."""
   ctx = _context("prefill", jnp.int32(0), positions, mask, observed, reserve,
-                 config)
+                 config, live_bound=live_bound,
+                 decode_reserve=decode_reserve)
   new, state = transform.apply(cache, transform.init(cache), ctx, **extra)
   return new._replace(state=state)
 
@@ -231,25 +205,36 @@ def prefill(
 
   Returns:
     logits [B, T, V] float32 and the (compressed) cache.
+
+  Raises:
+    TypeError / ValueError: bad arguments (see `kvjax.checks`): tokens,
+      prompt lengths, params of another config, a transform that is not a
+      `KVTransform`, a capacity below T, a non-float `cache_dtype`; and a
+      write that ran past the cache's capacity (checked after the call).
   """
-  _check_prompt(tokens, prompt_lengths, config)
-  capacity = tokens.shape[1] if capacity is None else capacity
-  if capacity < tokens.shape[1]:
-    raise ValueError(f"capacity={capacity} is smaller than the prompt width "
-                     f"{tokens.shape[1]}.")
+  checks.check_config(config)
+  tokens = checks.check_tokens(tokens, config)
   B, T = tokens.shape
-  prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
-      else jnp.asarray(prompt_lengths, jnp.int32)
-  _check_chunk(prefill_chunk)
-  return _prefill(params, tokens, prompt_lengths, transform, extra,
-                  config=config, capacity=capacity, cache_dtype=cache_dtype,
-                  backend=backend, prefill_chunk=prefill_chunk)
+  checks.check_params(params, config)
+  checks.check_transform(transform, "prefill")
+  prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
+  capacity = checks.check_capacity(capacity, T, f"the {T}-token prompt")
+  cache_dtype = checks.check_cache_dtype(cache_dtype)
+  prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
+  checks.warn_past_context(T, config, "prompt length")
+  logits, cache = _prefill(params, jnp.asarray(tokens, jnp.int32),
+                           prompt_lengths, transform, extra, config=config,
+                           capacity=capacity, cache_dtype=cache_dtype,
+                           backend=backend, prefill_chunk=prefill_chunk)
+  checks.check_no_overflow(cache, "prefill")
+  return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("transform", "config", "reserve",
-                                             "backend"))
+                                             "backend", "live_bound"))
 def _compress_observing(params, cache, observe, token_mask, observe_mask,
-                        transform, extra, *, config, reserve, backend):
+                        transform, extra, *, config, reserve, backend,
+                        live_bound):
   needs = tuple(transform.needs)
   capture = tuple(n for n in needs if n in ("q", "q_pre_rope", "attn_probs"))
   if "attn_mass" in needs and "attn_probs" not in capture:
@@ -267,15 +252,15 @@ def _compress_observing(params, cache, observe, token_mask, observe_mask,
   # The transform sees the cache as it was before `observe` ran: the
   # observed tokens are not written into the returned cache.
   return _apply_transform(cache, transform, extra, positions, observe_mask,
-                          aux, reserve, config)
+                          aux, reserve, config, live_bound=live_bound)
 
 
 @functools.partial(jax.jit, static_argnames=("transform", "config",
-                                             "reserve"))
+                                             "reserve", "live_bound"))
 def _compress_cache(cache, observed, positions, mask, transform, extra, *,
-                    config, reserve):
+                    config, reserve, live_bound):
   return _apply_transform(cache, transform, extra, positions, mask, observed,
-                          reserve, config)
+                          reserve, config, live_bound=live_bound)
 
 
 def compress_cache(
@@ -313,24 +298,31 @@ def compress_cache(
     The compressed cache.
 
   Raises:
-    ValueError: a capture the transform needs is missing, or bad shapes.
+    TypeError / ValueError: a transform that is not a `KVTransform`, a
+      capture the transform needs is missing, a cache of another config,
+      bad shapes; and a write past the cache's capacity (checked after the
+      call).
   """
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  checks.check_config(config)
+  checks.check_cache(cache, config)
+  checks.check_transform(transform, "compress_cache", required=True)
   missing = [n for n in transform.needs
              if n in _PREFILL_CAPTURES and n not in observed]
   if missing:
     raise ValueError(f"observed lacks {missing}, which {transform.name} "
                      f"needs; capture them with forward(capture=...).")
-  if positions.shape != mask.shape or positions.shape[0] != cache.batch_size:
+  positions, mask = jnp.asarray(positions), jnp.asarray(mask)
+  if positions.shape != mask.shape or positions.ndim != 2 or (
+      positions.shape[0] != cache.batch_size):
     raise ValueError(f"positions {positions.shape} and mask {mask.shape} must "
                      f"both be [B={cache.batch_size}, T].")
-  if int(reserve) < 0:
-    raise ValueError(f"reserve must be >= 0, got {reserve}.")
+  reserve = checks.check_reserve(reserve)
   observed = {k: v for k, v in observed.items() if k in _PREFILL_CAPTURES}
-  return _compress_cache(cache, observed, jnp.asarray(positions, jnp.int32),
-                         jnp.asarray(mask, bool), transform, extra,
-                         config=config, reserve=int(reserve))
+  out = _compress_cache(cache, observed, positions.astype(jnp.int32),
+                        mask.astype(bool), transform, extra, config=config,
+                        reserve=reserve, live_bound=_live_bound(cache))
+  checks.check_no_overflow(out, "compress_cache")
+  return out
 
 
 def compress_observing(
@@ -374,16 +366,20 @@ def compress_observing(
     The compressed cache (without the observed tokens).
 
   Raises:
-    ValueError: when `observe` does not fit into the cache's free slots, or
-      the masks have the wrong shape.
+    TypeError / ValueError: when `observe` does not fit into the cache's free
+      slots or holds ids outside the vocabulary, the masks have the wrong
+      shape, the transform is not a `KVTransform`, the cache or params
+      belong to another config; and a write past the cache's capacity
+      (checked after the call).
   """
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  checks.check_config(config)
+  checks.check_cache(cache, config)
   if transform is None:
     raise ValueError("compress_observing needs a transform, got None.")
-  if getattr(observe, "ndim", 0) != 2 or observe.shape[0] != cache.batch_size:
-    raise ValueError(f"observe must be [B={cache.batch_size}, T] tokens, got "
-                     f"shape {getattr(observe, 'shape', None)}.")
+  checks.check_transform(transform, "compress_observing", required=True)
+  observe = checks.check_tokens(observe, config, name="observe",
+                                batch=cache.batch_size)
+  checks.check_params(params, config)
   B, T = observe.shape
   token_mask = jnp.ones((B, T), bool) if token_mask is None else jnp.asarray(
       token_mask, bool)
@@ -393,34 +389,67 @@ def compress_observing(
     if m.shape != (B, T):
       raise ValueError(f"{name} must have shape {(B, T)}, got {m.shape}.")
   observe_mask = observe_mask & token_mask
-  need = int(np.max(np.asarray(cache.end) + np.asarray(token_mask).sum(1)))
-  if need > cache.capacity:
-    raise ValueError(f"observe needs {need} cache slots to run, the cache has "
-                     f"capacity {cache.capacity}; prefill with a larger "
-                     "`capacity`.")
-  reserve = T if reserve is None else int(reserve)
-  if reserve < 0:
-    raise ValueError(f"reserve must be >= 0, got {reserve}.")
-  return _compress_observing(params, cache, observe, token_mask, observe_mask,
-                             transform, extra, config=config, reserve=reserve,
-                             backend=backend)
+  if checks.is_concrete(token_mask):
+    checks.check_room(cache, np.asarray(token_mask).sum(1),
+                      "running `observe` on top of the cache",
+                      "Prefill with a larger `capacity`.")
+  reserve = T if reserve is None else checks.check_reserve(reserve)
+  out = _compress_observing(params, cache, jnp.asarray(observe, jnp.int32),
+                            token_mask, observe_mask, transform, extra,
+                            config=config, reserve=reserve, backend=backend,
+                            live_bound=_live_bound(cache))
+  checks.check_no_overflow(out, "compress_observing")
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
                                              "backend"))
-def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
-                config: ModelConfig, temperature: float = 0.0,
-                top_k: int | None = None, backend: str = "xla"):
-  """One decode step: feeds token [B], returns (next [B], logits [B, V], cache).
-
-  Under `jit`, a step past the cache's capacity is dropped, not raised; use
-  `generate` (which checks capacity up front) or check
-  `kvjax.cache.cache_overflowed`.
-  """
+def _decode_step(params, token, cache, rng, *, config, temperature, top_k,
+                 backend):
   logits, cache, _ = model_lib.forward(params, token[:, None], cache,
                                        config=config, backend=backend)
   logits = logits[:, 0]
   return sample_logits(logits, rng, temperature, top_k), logits, cache
+
+
+def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
+                config: ModelConfig, temperature: float = 0.0,
+                top_k: int | None = None, backend: str = "xla"):
+  """One jitted decode step: feeds token [B], samples the next.
+
+  Meant for a user's own decode loop, so it never waits on the device: its
+  checks are static (shapes, dtypes, config agreement, sampling settings)
+  plus the vocabulary range of a `token` given as host data (NumPy or
+  Python); a device array, e.g. the previous step's output, is not read
+  back. For the same reason it does not check capacity: a step past the
+  cache's capacity is dropped, not raised. Check the overflow flag,
+  `kvjax.cache.cache_overflowed(cache)`, after the loop
+  (`kvjax.checks.check_no_overflow(cache, "my loop")` raises), or use
+  `decode` / `generate`, which check capacity before and after.
+
+  Args:
+    params: model parameters.
+    token: [B] int token per row.
+    cache: the cache to extend.
+    rng: a jax PRNG key (unused when greedy).
+    config: the model config.
+    temperature: 0 for greedy, else a finite sampling temperature > 0.
+    top_k: restrict sampling to the k most likely tokens.
+    backend: attention backend.
+
+  Returns:
+    (next [B] int32, logits [B, V] float32, cache).
+  """
+  checks.check_config(config)
+  checks.check_cache(cache, config)
+  token = checks.check_step_tokens(token, config, cache.batch_size,
+                                   read_device=False)
+  checks.check_params(params, config)
+  temperature, top_k = checks.check_sampling(temperature, top_k, config)
+  rng = checks.check_rng(rng)
+  return _decode_step(params, jnp.asarray(token, jnp.int32), cache, rng,
+                      config=config, temperature=temperature, top_k=top_k,
+                      backend=backend)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -432,10 +461,12 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
               stop_token, pad_token, cache_dtype, backend, prefill_chunk):
   B, T = prompt_tokens.shape
   mask = _prompt_mask(prompt_tokens, prompt_lengths)
+  # The decode loop below runs every step through the transform: its
+  # max_new_tokens - 1 writes are decode steps, not a forward reserve.
   logits, cache = _prefill_and_compress(
       params, prompt_tokens, prompt_lengths, transform, extra, config=config,
       capacity=capacity, cache_dtype=cache_dtype, backend=backend,
-      prefill_chunk=prefill_chunk)
+      prefill_chunk=prefill_chunk, decode_reserve=max_new_tokens - 1)
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
   prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)
@@ -518,33 +549,68 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
   Feeds `token` [B], then generates `max_new_tokens` per row in one jitted
   `lax.while_loop`; a decode-time transform (the one the cache was
   compressed with: its state lives in `cache.state`) acts every
-  `transform.every` steps.
+  `transform.every` steps, counted from this call's first step.
+
+  Args:
+    params: model parameters.
+    cache: the cache to continue.
+    token: [B] int, the next token of each row (fed first).
+    config: the model config.
+    max_new_tokens: tokens to generate per row (>= 1).
+    transform: the transform the cache was compressed with, when it acts
+      during decode (`transform.every > 0`); None otherwise.
+    temperature: 0 for greedy, else a finite sampling temperature > 0.
+    top_k: restrict sampling to the k most likely tokens.
+    rng: PRNG key for sampling (default `jax.random.key(0)`).
+    stop_token: a row stops after emitting this token.
+    pad_token: fills a row after it stops.
+    backend: attention backend.
+    **extra: passed to the transform.
 
   Returns:
     (tokens [B, max_new_tokens], num_generated [B], cache).
 
   Raises:
-    ValueError: the cache cannot hold the new entries (checked when the
-      cache is concrete; decode-time policies evict, so only their next
-      write must fit).
+    TypeError / ValueError: bad arguments (see `kvjax.checks`), or a cache
+      that cannot hold the new entries: `max_new_tokens` writes or, with a
+      decode-time transform, the `transform.every` writes between two of
+      its actions (each action evicts down to the budget, or flushes a
+      full window); and, after the call, any write that ran past the
+      capacity all the same.
   """
-  _check_sampling(temperature, top_k, config)
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an int >= 1, got "
-                     f"{max_new_tokens!r}.")
-  evicting = transform is not None and transform.every == 1
-  need = 1 if evicting else max_new_tokens
-  if not isinstance(cache.end, jax.core.Tracer):
-    most = int(np.max(np.asarray(cache.end))) + need
-    if most > cache.capacity:
-      raise ValueError(f"cache capacity exceeded: decoding {max_new_tokens} "
-                       f"tokens needs {most} slots, capacity is "
-                       f"{cache.capacity}.")
-  rng = jax.random.key(0) if rng is None else rng
-  return _decode(params, cache, jnp.asarray(token, jnp.int32), rng, transform,
-                 extra, config=config, max_new_tokens=max_new_tokens,
-                 temperature=float(temperature), top_k=top_k,
-                 stop_token=stop_token, pad_token=pad_token, backend=backend)
+  checks.check_config(config)
+  checks.check_cache(cache, config)
+  token = checks.check_step_tokens(token, config, cache.batch_size)
+  checks.check_params(params, config)
+  checks.check_transform(transform, "decode")
+  temperature, top_k = checks.check_sampling(temperature, top_k, config)
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
+  stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
+                                                      config)
+  rng = checks.check_rng(rng)
+  # A decode-time transform acts at steps every, 2 * every, ... of this
+  # call: room for `every` writes suffices. Otherwise every write must fit.
+  if transform is not None and transform.every > 0:
+    writes = min(transform.every, max_new_tokens)
+    what = (f"decoding with {transform.name} (acting every {transform.every} "
+            f"steps: {writes} writes between actions)")
+  else:
+    writes, what = max_new_tokens, f"decoding {max_new_tokens} tokens"
+  checks.check_room(cache, writes, what,
+                    "Prefill with a larger `capacity` (prompt length + "
+                    "new tokens).")
+  if checks.is_concrete(cache.length):
+    most = int(np.max(np.asarray(cache.length)))
+    checks.warn_past_context(most + max_new_tokens, config,
+                             f"cache length {most} + max_new_tokens "
+                             f"{max_new_tokens}")
+  out, num, cache = _decode(
+      params, cache, jnp.asarray(token, jnp.int32), rng, transform, extra,
+      config=config, max_new_tokens=max_new_tokens, temperature=temperature,
+      top_k=top_k, stop_token=stop_token, pad_token=pad_token,
+      backend=backend)
+  checks.check_no_overflow(cache, "decode")
+  return out, num, cache
 
 
 def generate(
@@ -594,31 +660,45 @@ def generate(
     A `GenerateOutput`.
 
   Raises:
-    ValueError / TypeError: malformed prompts, bad sampling settings, or a
-      capacity too small for prompt + generation.
+    ValueError / TypeError: malformed prompts (ids outside the vocabulary,
+      an empty batch), params of another config, bad sampling settings
+      (temperature not a finite float >= 0, stop / pad tokens outside the
+      vocabulary), an rng that is not a PRNG key, a transform that is not
+      a `KVTransform`, a non-float `cache_dtype`, a capacity too small for
+      prompt + generation; and a write that ran past the cache's capacity
+      (checked after the call).
+
+  Warns:
+    UserWarning: when prompt width + max_new_tokens exceeds
+      `config.max_position_embeddings`.
   """
-  _check_prompt(prompt_tokens, prompt_lengths, config)
-  _check_sampling(temperature, top_k, config)
-  _check_chunk(prefill_chunk)
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an int >= 1, got "
-                     f"{max_new_tokens!r}.")
+  checks.check_config(config)
+  prompt_tokens = checks.check_tokens(prompt_tokens, config,
+                                      name="prompt_tokens")
   B, T = prompt_tokens.shape
-  need = T + max_new_tokens - 1
-  capacity = need if capacity is None else capacity
-  if capacity < need:
-    raise ValueError(
-        f"cache capacity exceeded: capacity={capacity} cannot hold a "
-        f"{T}-token prompt plus {max_new_tokens} generated tokens (needs "
-        f"{need}).")
+  checks.check_params(params, config)
+  checks.check_transform(transform, "generate")
   # Always an array, so calls with and without lengths share one compile.
-  prompt_lengths = jnp.full((B,), T, jnp.int32) if prompt_lengths is None \
-      else jnp.asarray(prompt_lengths, jnp.int32)
-  rng = jax.random.key(0) if rng is None else rng
-  return _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
-                   prompt_lengths, rng, transform, extra, config=config,
-                   max_new_tokens=max_new_tokens, capacity=capacity,
-                   temperature=float(temperature), top_k=top_k,
-                   stop_token=stop_token, pad_token=pad_token,
-                   cache_dtype=cache_dtype, backend=backend,
-                   prefill_chunk=prefill_chunk)
+  prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
+  temperature, top_k = checks.check_sampling(temperature, top_k, config)
+  max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
+  stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
+                                                      config)
+  rng = checks.check_rng(rng)
+  cache_dtype = checks.check_cache_dtype(cache_dtype)
+  prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
+  capacity = checks.check_capacity(
+      capacity, T + max_new_tokens - 1,
+      f"a {T}-token prompt plus {max_new_tokens} generated tokens")
+  checks.warn_past_context(T + max_new_tokens, config,
+                           f"prompt length {T} + max_new_tokens "
+                           f"{max_new_tokens}")
+  out = _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
+                  prompt_lengths, rng, transform, extra, config=config,
+                  max_new_tokens=max_new_tokens, capacity=capacity,
+                  temperature=temperature, top_k=top_k,
+                  stop_token=stop_token, pad_token=pad_token,
+                  cache_dtype=cache_dtype, backend=backend,
+                  prefill_chunk=prefill_chunk)
+  checks.check_no_overflow(out.cache, "generate")
+  return out

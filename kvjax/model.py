@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import attention as attention_lib
+from kvjax import checks
 from kvjax.cache import KVCache, is_coded
 from kvjax.config import ModelConfig
 
@@ -253,7 +254,9 @@ def decoder_layer(
     if name in capture:
       captured[name] = value
   if "attn_mass" in capture:
-    q_live = (slots < ck.shape[2]).astype(probs.dtype)  # [B, T]: not padding
+    # Padding queries get slot S (out of range); S from `cpos`, as a coded
+    # payload (CodedKV / TailedKV) has no array shape.
+    q_live = (slots < cpos.shape[-1]).astype(probs.dtype)  # [B, T]
     captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
   return x, layer_cache, captured
 
@@ -262,31 +265,19 @@ def decoder_layer(
 # Forward.
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
-
-
-def _check_forward_args(tokens, cache, config, positions, token_mask, capture,
-                        intervene=None):
-  if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype,
-                                                        jnp.integer):
-    raise TypeError("tokens must be an integer array [B, T], got "
-                    f"{getattr(tokens, 'dtype', type(tokens).__name__)}.")
-  if tokens.ndim != 2 or tokens.shape[1] == 0:
-    raise ValueError(f"tokens must have shape [B, T] with T >= 1, got "
-                     f"{tuple(tokens.shape)}.")
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+def _check_forward_args(params, tokens, cache, config, positions, token_mask,
+                        capture, intervene=None):
+  """`forward`'s own checks (capture, intervene, mask) around the shared
+  ones in `kvjax.checks`; returns tokens as an array."""
+  checks.check_config(config)
+  tokens = checks.check_tokens(tokens, config)
   B, T = tokens.shape
-  if cache.batch_size != B:
-    raise ValueError(f"tokens batch {B} != cache batch {cache.batch_size}.")
-  if cache.num_layers != config.num_layers:
-    raise ValueError(f"cache has {cache.num_layers} layers, config has "
-                     f"{config.num_layers}.")
-  for name, arr in (("positions", positions), ("token_mask", token_mask)):
-    if arr is not None and tuple(arr.shape) != (B, T):
-      raise ValueError(f"{name} must have shape {(B, T)}, got "
-                       f"{tuple(arr.shape)}.")
+  checks.check_cache(cache, config, batch=B)
+  checks.check_params(params, config)
+  checks.check_positions(positions, B, T)
+  if token_mask is not None and tuple(token_mask.shape) != (B, T):
+    raise ValueError(f"token_mask must have shape {(B, T)}, got "
+                     f"{tuple(token_mask.shape)}.")
   bad = [n for n in capture if n not in CAPTURE_NAMES]
   if bad or not isinstance(capture, tuple):
     raise ValueError(f"capture must be a tuple of names from {CAPTURE_NAMES},"
@@ -294,12 +285,7 @@ def _check_forward_args(tokens, cache, config, positions, token_mask, capture,
   if intervene is not None and not callable(intervene):
     raise TypeError("intervene must be None or a callable (layer, name, "
                     f"value) -> value, got {type(intervene).__name__}.")
-  if _is_concrete(tokens):
-    host = np.asarray(tokens)
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi >= config.vocab_size:
-      raise ValueError(f"token ids must be in [0, {config.vocab_size}), got "
-                       f"range [{lo}, {hi}].")
+  return tokens
 
 
 def unembed(params: Params, config: ModelConfig, x: Array) -> Array:
@@ -357,28 +343,29 @@ def forward(
     aux: dict of the captured arrays.
 
   Raises:
-    TypeError / ValueError: for malformed tokens, cache, positions, mask or
-      capture names, and (when called eagerly) for a write past the cache's
-      capacity. Under `jit` a write past capacity is dropped instead and
-      `kvjax.cache.cache_overflowed` reports it.
+    TypeError / ValueError: (checks shared with the other entries, see
+      `kvjax.checks`) for malformed tokens, positions, mask or capture
+      names, a cache laid out for another config (layers, kv heads,
+      head_dim) or with a non-float payload, params of another config; and,
+      when called eagerly, token ids outside the vocabulary, negative
+      positions, or a write past the cache's capacity. Under `jit` the
+      value checks are skipped: a write past capacity is dropped instead
+      and `kvjax.cache.cache_overflowed` reports it.
   """
-  _check_forward_args(tokens, cache, config, positions, token_mask, capture,
-                      intervene)
+  tokens = _check_forward_args(params, tokens, cache, config, positions,
+                               token_mask, capture, intervene)
   B, T = tokens.shape
   S = cache.capacity
   if token_mask is None:
     token_mask = jnp.ones((B, T), bool)
+  if checks.is_concrete(token_mask):
+    n_host = np.asarray(token_mask).astype(bool).sum(axis=1)
+    checks.check_room(cache, n_host, f"writing {int(n_host.max())} tokens",
+                      "Build the cache with a larger `capacity` (prompt "
+                      "length + new tokens) or compress it first.")
   token_mask = token_mask.astype(bool)
   count = jnp.cumsum(token_mask.astype(jnp.int32), axis=1)  # [B, T]
   n_new = count[:, -1]  # [B]
-  if _is_concrete(cache.end) and _is_concrete(token_mask):
-    n_host = np.asarray(token_mask).sum(axis=1)
-    need = int((np.asarray(cache.end) + n_host).max())
-    if need > S:
-      raise ValueError(
-          f"cache capacity exceeded: writing {int(n_host.max())} tokens "
-          f"needs {need} slots, capacity is {S}. Build the cache with a larger "
-          "`capacity` (prompt length + new tokens) or compress it first.")
   if positions is None:
     positions = cache.length[:, None] + count - 1
   positions = positions.astype(jnp.int32)

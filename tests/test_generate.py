@@ -241,7 +241,10 @@ def test_compress_observing_checks_capacity_and_masks():
 def test_compress_cache_from_captures_equals_prefill_with_transform(name):
   """One forward's captures serve any transform: the same cache as
   prefill(transform=...)."""
-  transform = getattr(kvjax.compress, name)(ratio=0.5)
+  # SnapKV's window must be shorter than the 24-token context (a window
+  # covering it all is refused as degenerate).
+  kw = dict(window_size=8) if name == "snapkv" else {}
+  transform = getattr(kvjax.compress, name)(ratio=0.5, **kw)
   tokens = _tokens(B=2, T=24, seed=5)
   _, want = kvjax.prefill(PARAMS, tokens, config=CONFIG, transform=transform,
                           capacity=30)
@@ -258,3 +261,64 @@ def test_compress_cache_from_captures_equals_prefill_with_transform(name):
   with pytest.raises(ValueError, match="observed lacks"):
     kvjax.compress_cache(cache, transform, config=CONFIG, observed={},
                          positions=positions, mask=jnp.ones((2, 24), bool))
+
+
+def test_attn_mass_capture_runs_on_coded_caches():
+  """The attention-mass capture counts slots from `pos`, not from the
+  payload's array shape (a CodedKV / TailedKV has none)."""
+  from kvjax import compress  # pylint: disable=g-import-not-at-top
+  tokens = _tokens(T=24)
+  # H2O reads the mass at every decode step, here over a CodedKV payload.
+  transform = compress.chain(compress.h2o(ratio=0.5), compress.uniform(4))
+  out = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=4,
+                       transform=transform)
+  assert out.tokens.shape == (2, 4)
+  assert isinstance(out.cache.k, kvjax.cache.CodedKV)
+  # A KIVI cache (a TailedKV payload), captured through forward.
+  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG, capacity=28,
+                           transform=compress.kivi(2, group_size=8,
+                                                   residual=16))
+  assert isinstance(cache.k, kvjax.cache.TailedKV)
+  mask = jnp.array([[True, True], [True, False]])
+  _, _, aux = kvjax.forward(PARAMS, tokens[:, :2], cache, config=CONFIG,
+                            token_mask=mask, capture=("attn_mass",))
+  mass = np.asarray(aux["attn_mass"])
+  assert mass.shape == (CONFIG.num_layers, 2, CONFIG.num_heads,
+                        cache.capacity)
+  # Each live query's attention sums to one; the padding query adds none.
+  np.testing.assert_allclose(mass.sum(-1)[:, 0], 2.0, atol=1e-5)
+  np.testing.assert_allclose(mass.sum(-1)[:, 1], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: c.streaming_llm(ratio=0.5, every=4),
+    lambda c: c.h2o(ratio=0.5, every=2),
+], ids=["streaming_llm_every4", "h2o_every2"])
+def test_decode_accepts_decode_time_policies_acting_every_few_steps(make):
+  """decode() needs room for the `every` writes between two evictions (what
+  prefill leaves), not for all of max_new_tokens; it decodes as generate."""
+  from kvjax import compress  # pylint: disable=g-import-not-at-top
+  transform = make(compress)
+  tokens = _tokens()
+  logits, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
+                                transform=transform)
+  assert cache.capacity == int(cache.end.max()) + transform.every
+  first = logits[:, -1].argmax(-1).astype(jnp.int32)
+  out, num, after = kvjax.decode(PARAMS, cache, first, config=CONFIG,
+                                 max_new_tokens=12, transform=transform)
+  assert out.shape == (2, 12) and num.tolist() == [12, 12]
+  assert after.capacity == cache.capacity
+  assert not kvjax.cache.cache_overflowed(after)
+  ref = kvjax.generate(PARAMS, tokens, config=CONFIG, max_new_tokens=13,
+                       transform=transform)
+  np.testing.assert_array_equal(out, ref.tokens[:, 1:])
+  # Honest: 2 tokens without an eviction leave room for fewer than `every`
+  # further writes, so another decode call (its step count restarts) must
+  # fail up front rather than drop writes.
+  _, _, part = kvjax.decode(PARAMS, cache, first, config=CONFIG,
+                            max_new_tokens=2, transform=transform)
+  if transform.every > 2:
+    with pytest.raises(ValueError, match="cache capacity exceeded: decoding "
+                       "with streaming_llm"):
+      kvjax.decode(PARAMS, part, first, config=CONFIG, max_new_tokens=12,
+                   transform=transform)

@@ -17,7 +17,7 @@ def _cfg(workdir, **overrides):
   cfg.methods = "snapkv,kivi2"
   cfg.ratios = "0,0.5"
   cfg.tasks = "needle"
-  cfg.context_len = 32
+  cfg.context_len = 72  # longer than SnapKV's window of 64
   cfg.num_examples = 2
   cfg.workdir = str(workdir)
   cfg.plots = False
@@ -80,11 +80,90 @@ def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
   assert len(half["ger_per_layer"]) == 2
   assert half["ger"] <= min(half["ger_per_layer"]) + 1e-6
   assert none["ger_per_layer"] == [0.0, 0.0]
-  assert by[("kivi2", 0.0, "aware")]["ger"] == 0.0  # a codec evicts nothing
+  # KIVI-2's window of 128 never fills on a 72-token context: refused, with
+  # the numbers, and listed apart in the summary.
+  kivi = by[("kivi2", 0.0, "aware")]
+  assert kivi["status"] == "refused" and "never fill" in kivi["reason"]
+  assert "accuracy" not in kivi
+  summary = open(os.path.join(tmp_path, "summary.md")).read()
+  assert "Refused" in summary and "| aware | kivi2 |" not in summary
   for name in ("summary.md", "facts.json"):
     assert os.path.exists(os.path.join(tmp_path, name))
   facts = json.load(open(os.path.join(tmp_path, "facts.json")))
   assert len(facts["active_support"]["median_per_layer"]) == 2
+
+
+def test_every_default_method_runs_once(tmp_path):
+  """Each method of the default config, at ratio 0.5 (quantizers at 0) on
+  one task, both modes: no refusal, bytes below the uncompressed cache,
+  codecs store every kept entry coded but KIVI's window."""
+  cfg = _cfg(tmp_path, methods=sweep_config.get_config().methods,
+             ratios="0,0.5", context_len=256)
+  rows = sweep.run(cfg)
+  assert len(rows) == 1 + 2 * 11
+  by = {(r["method"], r["mode"]): r for r in rows}
+  none = by[("none", "agnostic")]
+  for (method, mode), r in by.items():
+    assert r["status"] == "ok", (method, mode, r.get("reason"))
+    assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["kl"])
+    if method == "none":
+      continue
+    assert r["logical_bytes_per_token"] < 0.75 * none[
+        "logical_bytes_per_token"], (method, mode)
+    coded = r["coded_share"][0]
+    if "kivi" in method:  # whole blocks of 128 coded, the rest windowed
+      assert 0.5 < coded <= 1.0, (method, coded)
+    elif method == "turboquant3":
+      assert coded == 1.0
+    else:
+      assert coded == 0.0
+
+
+def test_bad_configs_fail_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "w"
+  for field, value, match in (
+      ("ratios", "abc", "config.ratios='abc' is not a comma-separated list"),
+      ("methods", "", "config.methods is empty"),
+      ("num_examples", 0, "config.num_examples=0: must be int in"),
+      ("support_share", 0.0, "config.support_share=0.0: must be float in"),
+      ("context_len", -4, "config.context_len=-4"),
+      ("confidence", float("nan"), "config.confidence")):
+    cfg = _cfg(workdir)
+    cfg[field] = value
+    with pytest.raises(ValueError, match=match):
+      sweep.run(cfg)
+    assert not workdir.exists(), field
+
+
+def test_unknown_config_field_is_one_clear_line():
+  with pytest.raises(SystemExit, match="--config.bogus: no such config"):
+    common.check_config_overrides(["sweep", "--config.bogus=1"],
+                                  sweep_config.get_config())
+  common.check_config_overrides(["sweep", "--config.ratios=0,0.5"],
+                                sweep_config.get_config())
+
+
+def test_changed_code_reruns_every_unit(tmp_path, monkeypatch):
+  """Rows computed by other code are never reused: a changed transform
+  definition gives a new run tag, so every unit runs again."""
+  policies = tmp_path / "policies.py"
+  policies.write_text(open(sweep.compress.policies.__file__).read())
+  files = sweep.code_files()
+  monkeypatch.setattr(sweep, "code_files",
+                      lambda: [f for f in files if "policies" not in f] +
+                      [str(policies)])
+  cfg = _cfg(tmp_path / "w", methods="snapkv", ratios="0,0.5")
+  first = sweep.run(cfg)
+  assert len(sweep.run(cfg)) == len(first)  # nothing new: all done
+  path = tmp_path / "w" / "results.jsonl"
+  assert len(path.read_text().splitlines()) == len(first)
+  policies.write_text(policies.read_text().replace(
+      "_BIG = 1e30", "_BIG = 1e29"))  # a changed definition
+  rerun = sweep.run(cfg)
+  assert len(rerun) == len(first)
+  assert {r["key"].split("|")[0] for r in rerun}.isdisjoint(
+      {r["key"].split("|")[0] for r in first})
+  assert len(path.read_text().splitlines()) == 2 * len(first)
 
 
 def test_summary_collapse_and_pearson():
@@ -100,7 +179,11 @@ def test_summary_collapse_and_pearson():
       rows.append(dict(rows[0], method="snapkv", ratio=ratio, task=task,
                        accuracy=acc, hallucination_rate=ger / 2, ger=ger,
                        logical_bytes_per_token=100 * (1 - ratio)))
+  rows.append(dict(method="kivi2", ratio=0.0, task="a", mode="aware",
+                   status="refused", reason="never fills a block"))
   text, facts = sweep.summarize(rows)
+  assert facts["refused"] == [("aware", "kivi2", 0.0)]
+  assert "- aware kivi2 0: never fills a block" in text
   assert facts["collapse_ratio"] == {"agnostic/snapkv": 0.9}
   assert facts["pearson_ger_hallucination"]["agnostic"] == pytest.approx(1.0)
   assert np.isnan(facts["pearson_ger_hallucination"]["aware"])

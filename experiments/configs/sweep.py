@@ -53,10 +53,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
 
   if preset == "smoke":
     c.model = "random:tiny"
-    c.methods = "snapkv,streaming_llm,kivi2,snapkv+kivi2"
+    c.methods = "snapkv,streaming_llm,turboquant3,snapkv+int4"
     c.ratios = "0,0.5,0.9"
     c.tasks = "needle,mqar"
-    c.context_len = 48
+    c.context_len = 80  # longer than SnapKV's window (64)
     c.mqar_pairs = 4
     c.num_examples = 4
     c.workdir = "/tmp/kvjax-sweep-smoke"
@@ -64,7 +64,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.methods = ",".join(EVICTION + (
         "random", "oracle", "kivi2", "kivi4", "int4", "fp8", "turboquant3",
         "turboquant2", "qjl", "polarquant", "snapkv+kivi2",
-        "snapkv+turboquant3", "h2o+kivi2"))
+        "snapkv+turboquant3", "h2o+turboquant3"))
     c.ratios = "0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98"
     c.tasks = ("mqar,needle,multihop_k1,multihop_k2,multihop_k3,multihop_k4,"
                "overwrite,abstention")

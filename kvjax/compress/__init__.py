@@ -5,8 +5,8 @@ functions); `chain` composes them, e.g. `chain(snapkv(ratio=0.75),
 kivi(bits=2))` evicts then quantizes.
 """
 
-from kvjax.compress.base import (CompressContext, KVTransform, chain, compact,
-                                 identity, keep_top)
+from kvjax.compress.base import (CompressContext, Degenerate, KVTransform,
+                                 by_value, chain, compact, identity, keep_top)
 from kvjax.compress.policies import (SCORERS, Scorer, adakv,
                                      attention_mass_scorer, expected_attention,
                                      expected_attention_scorer, h2o, knorm,

@@ -17,8 +17,10 @@ decoding. Memory is saved for real: the returned arrays are smaller.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +49,18 @@ class CompressContext(NamedTuple):
       queries, per slot (if needed).
     attn_probs: [L, B, N, T, S] attention probabilities (if needed).
     rng: a PRNG key.
-    reserve: free slots to leave after compaction (a Python int: static).
+    reserve: free slots to leave after compression for entries written by
+      `forward` without this transform seeing them (the question), a
+      Python int: static. Every transform honours it exactly (see
+      `KVTransform`).
     config: the model's `ModelConfig` (static; rope, head counts).
+    live_bound: static upper bound on the live entries per (layer, row, kv
+      head) of the cache being compressed (the prompt width at prefill);
+      compacted capacities are computed from it. None: the capacity.
+    decode_reserve: decode steps the caller will run *through this
+      transform's decode phase* after compression (`generate`'s loop): a
+      decode-time policy that keeps a budget needs no room for them, a
+      codec that flushes a window into a coded region does.
   """
 
   phase: str
@@ -62,6 +74,78 @@ class CompressContext(NamedTuple):
   rng: Array | None = None
   reserve: int = 0
   config: Any = None
+  live_bound: int | None = None
+  decode_reserve: int = 0
+
+
+def live_bound(cache: KVCache, ctx: CompressContext) -> int:
+  """Static upper bound on live entries per head of `cache` under `ctx`."""
+  if ctx.live_bound is None:
+    return cache.capacity
+  return min(int(ctx.live_bound), cache.capacity)
+
+
+class Degenerate(ValueError):
+  """A transform that would store nothing compressed (or more than the
+  uncompressed cache) for this input: refused instead of silently running.
+
+  Raised while tracing, with the numbers; the sweep records such units as
+  refused rather than as compressed results.
+  """
+
+
+def _freeze(value: Any) -> Hashable:
+  """A hashable stand-in for a factory argument (lists become tuples,
+  dicts sorted item tuples, numpy arrays their bytes); a transform, scorer
+  or codec stands for itself (they compare by value)."""
+  if type(value) in (list, tuple):  # not NamedTuples: they hash themselves
+    return tuple(_freeze(v) for v in value)
+  if isinstance(value, dict):
+    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, np.ndarray):
+    return ("ndarray", value.shape, str(value.dtype), value.tobytes())
+  if isinstance(value, jax.Array):
+    raise TypeError("transform factories take static arguments; got a jax "
+                    f"array of shape {value.shape}. Pass arrays at apply time "
+                    "(as extra keyword arguments).")
+  hash(value)  # raises TypeError for anything else unhashable
+  return value
+
+
+def _spec_eq(self, other) -> bool:
+  if type(other) is not type(self):
+    return NotImplemented
+  if self.spec is None or other.spec is None:
+    return self is other
+  return self.spec == other.spec
+
+
+def _spec_hash(self) -> int:
+  return hash(self.spec) if self.spec is not None else id(self)
+
+
+def by_value(factory: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes `factory`'s results compare and hash by value.
+
+  The result (a `KVTransform` or a `kvjax.compress.Scorer`) gets `spec` =
+  (the factory's module and name, its bound arguments with defaults), so
+  two calls with equal arguments build equal, equally hashed values: a
+  jitted entry that takes the transform as a static argument compiles
+  once for both. Arguments that are callables compare by identity.
+  """
+  sig = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def make(*args, **kwargs):
+    out = factory(*args, **kwargs)
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    spec = (factory.__module__, factory.__qualname__,
+            _freeze(dict(bound.arguments)))
+    return out._replace(spec=spec)
+
+  make.by_value = True  # marks the factories (tests walk them)
+  return make
 
 
 class KVTransform(NamedTuple):
@@ -79,6 +163,17 @@ class KVTransform(NamedTuple):
       included (None for a tensor kept in full precision), or None for
       policies (they do not change how an entry is stored).
     name: a label for logs and tables.
+    bounded: True when the decode phase keeps each row's live entries
+      within the prefill budget (an evicting decode-time policy), so
+      decoding through it needs only `every` slots of headroom.
+    spec: the value identity (factory and arguments) set by `by_value`;
+      equal specs make equal, equally hashed transforms. None: identity.
+
+  The reserve contract: after the prefill-phase `apply` with
+  `ctx.reserve = R`, the fullest row has exactly R free slots that
+  `forward` can fill, plus `every` slots of headroom for a decode-time
+  policy's own decode step (written before it evicts). A transform that
+  cannot honour it raises.
   """
 
   init: Callable[[KVCache], Any]
@@ -88,8 +183,18 @@ class KVTransform(NamedTuple):
   every: int = 0
   bits: Callable[[int], float] | None = None
   name: str = "transform"
+  bounded: bool = False
+  spec: Hashable = None
+
+  __eq__ = _spec_eq
+  __hash__ = _spec_hash
+
+  def __ne__(self, other):
+    eq = self.__eq__(other)
+    return eq if eq is NotImplemented else not eq
 
 
+@by_value
 def identity() -> KVTransform:
   """A transform that changes nothing (the uncompressed baseline)."""
   return KVTransform(init=lambda cache: (),
@@ -97,15 +202,27 @@ def identity() -> KVTransform:
                      slots=lambda live: live, name="identity")
 
 
+@by_value
 def chain(*transforms: KVTransform) -> KVTransform:
   """Applies transforms in order (e.g. evict, then quantize).
 
   The state is the tuple of the members' states; `extra` keyword arguments
-  reach every member, which ignores those it does not know.
+  reach every member, which ignores those it does not know. Each member
+  sees the context's `live_bound` narrowed by the members before it.
   """
   for t in transforms:
     if not isinstance(t, KVTransform):
       raise TypeError(f"chain takes KVTransforms, got {type(t).__name__}.")
+  for i, t in enumerate(transforms):
+    for later in transforms[i + 1:]:
+      if t.bounded and later.every and not later.bounded:
+        raise ValueError(
+            f"chain({t.name}, ..., {later.name}): {t.name} evicts during "
+            f"decode, but {later.name} re-lays the slots into a coded region "
+            "and a full-precision window whose grouped entries cannot be "
+            "evicted one at a time. Use a prefill-time policy before it, or "
+            "a per-entry codec (uniform, fp8, turboquant) after "
+            f"{t.name}.")
   if not transforms:
     return identity()
 
@@ -115,8 +232,16 @@ def chain(*transforms: KVTransform) -> KVTransform:
   def apply(cache, state, ctx, **extra):
     new_state = []
     for t, s in zip(transforms, state):
-      cache, s = t.apply(cache, s, ctx, **extra)
+      bound = live_bound(cache, ctx)
+      if ctx.phase == "decode" and t.every > 1:  # each at its own cadence
+        cache, s = jax.lax.cond(
+            ctx.step % t.every == 0,
+            lambda c, s_, t=t: t.apply(c, s_, ctx, **extra),
+            lambda c, s_: (c, s_), cache, s)
+      else:
+        cache, s = t.apply(cache, s, ctx, **extra)
       new_state.append(s)
+      ctx = ctx._replace(live_bound=t.slots(bound))
     return cache, tuple(new_state)
 
   def slots(live):
@@ -135,9 +260,13 @@ def chain(*transforms: KVTransform) -> KVTransform:
   needs = tuple(sorted({n for t in transforms for n in t.needs}))
   everies = [t.every for t in transforms if t.every]
   every = math.gcd(*everies) if everies else 0
+  # Bounded only if every member that acts at decode keeps a budget.
+  bounded = any(t.bounded for t in transforms) and all(
+      t.bounded for t in transforms if t.every)
   return KVTransform(init=init, apply=apply, slots=slots, needs=needs,
                      every=every, bits=bits if has_bits else None,
-                     name="+".join(t.name for t in transforms))
+                     name="+".join(t.name for t in transforms),
+                     bounded=bounded)
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +371,9 @@ def compact(cache: KVCache, keep: Array, capacity: int
   else:  # more room than before: pad with (empty) copies of slot 0
     pad = jnp.zeros(order.shape[:-1] + (capacity - S,), order.dtype)
     idx = jnp.concatenate([order, pad], axis=-1)
+  # Under jit a count above `capacity` cannot raise: the excess entries are
+  # cut, and `end` (the unclipped count) exceeds the capacity, which
+  # `kvjax.cache.cache_overflowed` and every public entry report.
   live = jnp.arange(capacity) < counts[..., None]  # [L, B, K, capacity]
   gather = lambda leaf: _gather_slots(leaf, idx)
   k, v = (x.gather(idx) if is_coded(x) else gather(x)

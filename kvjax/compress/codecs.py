@@ -20,7 +20,7 @@ payload's physical bytes match it.
 
 from __future__ import annotations
 
-import functools
+import warnings
 from typing import Any
 
 import jax
@@ -54,22 +54,26 @@ def _check_bits(bits, allowed=INT_BITS, name="bits"):
 # Codecs.
 
 
-@functools.lru_cache(maxsize=None)
 def fp8_codec() -> Codec:
   """float8 e4m3 with a float16 absmax scale per entry (8 + 16/H bits).
 
   The scale maps each vector's absmax to 448 (e4m3's largest finite value),
-  so no entry overflows.
+  so no entry overflows. The float16 scale is at least float16's smallest
+  normal (6.1e-5): a vector with absmax below 448 * 6.1e-5 = 0.027 uses
+  fewer of e4m3's levels (down to its subnormals, 2^-9), never a zero
+  scale (which would decode to inf/NaN); codes are clipped to +-448, since
+  rounding the scale to float16 may shrink it.
   """
   e4m3 = jnp.float8_e4m3fn
   fmax = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+  tiny = float(np.finfo(np.float16).tiny)
 
   def encode(x, shared):
     del shared
     scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / fmax
-    scale = jnp.where(scale > 0, scale, 1.0).astype(_SCALE_DTYPE)
-    return {"codes": (x / scale.astype(jnp.float32)).astype(e4m3),
-            "scale": scale}
+    scale = jnp.maximum(scale.astype(_SCALE_DTYPE), tiny)
+    codes = jnp.clip(x / scale.astype(jnp.float32), -fmax, fmax)
+    return {"codes": codes.astype(e4m3), "scale": scale}
 
   def decode(enc, shared):
     del shared
@@ -79,7 +83,6 @@ def fp8_codec() -> Codec:
                ("fp8",))
 
 
-@functools.lru_cache(maxsize=None)
 def int_codec(bits: int, group_size: int | None = 32, head_dim: int = 128
               ) -> Codec:
   """Asymmetric uniform min-max integer codec, per token.
@@ -176,13 +179,16 @@ def _to_coded(x, codec: Codec, shared: dict) -> CodedKV:
   return CodedKV(enc, shared, codec)
 
 
+@base.by_value
 def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
              shared_init: Any = None) -> base.KVTransform:
   """Stores keys and values with entry-wise codecs from prefill on.
 
   At prefill the float entries are encoded (the float arrays are dropped:
   the cache is physically smaller); every entry written afterwards is
-  encoded as it is written.
+  encoded as it is written. A codec keeps the slots it is given, unless
+  they lack room for `ctx.reserve` (compressing a full cache): it then
+  grows the cache to the live bound plus the reserve and decode steps.
 
   Args:
     key_codec: (head_dim) -> Codec for keys (None: keep keys in full
@@ -200,10 +206,14 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
     del extra
     if ctx.phase != "prefill":  # new entries are encoded as they are written
       return cache, state
-    k, v = cache.k, cache.v
-    if is_coded(k) or is_coded(v):
+    if is_coded(cache.k) or is_coded(cache.v):
       raise ValueError("the cache is already coded; apply one codec per "
                        "tensor (evict first, then quantize once).")
+    live = base.live_bound(cache, ctx)
+    if cache.capacity - live < ctx.reserve:  # grow to honour the reserve
+      cache, _ = base.compact(cache, cache.valid,
+                              live + ctx.reserve + ctx.decode_reserve)
+    k, v = cache.k, cache.v
     head_dim = k.shape[-1]
     if key_codec is not None:
       shared = shared_init(cache, "k") if shared_init else {}
@@ -223,6 +233,7 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
                           slots=lambda live: live, bits=bits, name=label)
 
 
+@base.by_value
 def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
             values: bool = True, axis: str = "token", residual: int = 0
             ) -> base.KVTransform:
@@ -255,6 +266,7 @@ def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
                                        else ""))
 
 
+@base.by_value
 def fp8(keys: bool = True, values: bool = True) -> base.KVTransform:
   """float8 e4m3 keys and/or values with a per-entry float16 scale."""
   make = lambda h: fp8_codec()
@@ -266,7 +278,6 @@ def fp8(keys: bool = True, values: bool = True) -> base.KVTransform:
 # KIVI: per-channel keys, per-token values, full-precision residual window.
 
 
-@functools.lru_cache(maxsize=None)
 def channel_codec(bits: int, group_size: int, head_dim: int) -> Codec:
   """Per-channel codec (KIVI keys): statistics shared by `group_size`
   consecutive slots, so entries cannot be encoded one at a time (`encode`
@@ -305,6 +316,7 @@ def _scatter_rows(leaf: Array, start: Array, block: Array, active: Array,
   return leaf.at[:, rows, :, idx].set(upd.astype(leaf.dtype), mode="drop")
 
 
+@base.by_value
 def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
          ) -> base.KVTransform:
   """KIVI (arXiv 2402.02750): asymmetric min-max quantization of keys per
@@ -312,12 +324,22 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
   token (groups of `group_size` channels, or the whole head if smaller),
   with the newest entries in a full-precision residual window.
 
-  Layout: [code region | `residual`-slot full-precision tail]. At prefill,
-  each row's first floor(n / residual) * residual entries are quantized and
-  the rest go to the tail; during decode new entries go to the tail, and a
-  full tail is quantized as one block into the code region (as in KIVI,
-  keys a block of `residual` tokens at a time). Apply after any eviction
-  (entries are assumed contiguous from slot 0, as compaction leaves them).
+  Layout: [code region | full-precision tail of `residual` + reserve
+  slots]. At prefill, each row's first floor(n / residual) * residual
+  entries are quantized and the rest go to the tail; new entries go to the
+  tail, and in the decode phase a tail holding `residual` or more is
+  flushed, its oldest `residual` entries quantized as one block into the
+  code region (as in KIVI, keys a block of `residual` tokens at a time).
+  `forward` alone never flushes, so the tail has room for the reserve on
+  top of a window (the reserve contract); the code region has room for
+  every block the reserve and the decode steps can fill. Apply after any
+  eviction (entries are assumed contiguous from slot 0, as compaction
+  leaves them); a decode-time eviction policy cannot precede it.
+
+  Refused (`Degenerate`) when nothing could ever be quantized (the live
+  bound plus the reserve and decode steps is below `residual`: the cache
+  would only grow); a prompt shorter than `residual` with decode steps to
+  come warns that nothing is quantized at prefill.
 
   Args:
     bits: 2, 4 or 8.
@@ -335,6 +357,7 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
 AXES = ("token", "channel")
 
 
+@base.by_value
 def windowed_quantize(bits: int, group_size: int, residual: int,
                       key_axis: str, value_axis: str,
                       name: str | None = None) -> base.KVTransform:
@@ -359,6 +382,7 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     if axis not in AXES:
       raise ValueError(f"{arg}={axis!r}; allowed: {AXES}.")
   R, G = residual, group_size
+  label = name or f"int{bits}/{key_axis[0]}{value_axis[0]}/r{R}"
 
   def codec(axis, head_dim):
     if axis == "channel":
@@ -380,8 +404,21 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
                        "entries [L, B, K, S, H]; it cannot follow another "
                        "codec.")
     H = k.shape[-1]
-    live = cache.capacity - ctx.reserve
-    sc = ((live + ctx.reserve) // R) * R  # code slots, room for flushes
+    live = base.live_bound(cache, ctx)
+    total = live + ctx.reserve + ctx.decode_reserve
+    if total < R:
+      raise base.Degenerate(
+          f"{label}: at most {total} entries ({live} live + reserve "
+          f"{ctx.reserve} + {ctx.decode_reserve} decode steps) never fill "
+          f"one residual block of {R}, so nothing would be quantized and "
+          "the cache would only grow; use a smaller residual or a longer "
+          "context.")
+    if live < R:
+      warnings.warn(f"{label}: the {live}-entry prompt is shorter than the "
+                    f"residual window {R}; nothing is quantized until "
+                    "decoding fills a block.", stacklevel=2)
+    sc = (total // R) * R  # code slots: every block that can be flushed
+    tail = R + ctx.reserve  # a window + what forward may write unflushed
     end = cache.end  # [B] entries per row, contiguous from slot 0
     q = (end // R) * R  # [B] quantized per row
     pad = max(0, sc - cache.capacity)
@@ -389,13 +426,14 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
                              [(0, 0)] * (x.ndim - 4))[:, :, :, :sc]
     code_valid = grow(cache.valid) & (jnp.arange(sc) < q[None, :, None, None])
     code_pos = jnp.where(code_valid, grow(cache.pos), -1)
-    tail_live = (jnp.arange(R) < (end - q)[:, None])[None, :, None, :]
-    tail_valid = _rows_window(cache.valid, q, R) & tail_live
-    tail_pos = jnp.where(tail_valid, _rows_window(cache.pos, q, R), -1)
+    tail_live = (jnp.arange(tail) < (end - q)[:, None])[None, :, None, :]
+    tail_valid = _rows_window(cache.valid, q, tail) & tail_live
+    tail_pos = jnp.where(tail_valid, _rows_window(cache.pos, q, tail), -1)
 
     def coded(x, axis):
+      t = jnp.where(tail_valid[..., None], _rows_window(x, q, tail), 0)
       return TailedKV(CodedKV(encode(axis, grow(x)), {}, codec(axis, H)),
-                      _rows_window(x, q, R).astype(x.dtype))
+                      t.astype(x.dtype))
 
     cache = cache._replace(
         k=coded(k, key_axis), v=coded(v, value_axis),
@@ -405,26 +443,38 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     return cache, q.astype(jnp.int32)
 
   def flush(cache, qend):
-    """Quantizes full tails into the code region (rows whose tail is full)."""
+    """Quantizes the oldest R tail entries of rows whose tail holds R or
+    more into the code region, and shifts the rest of their tail down."""
     sc = cache.k.code_slots
     full = cache.end >= sc + R  # [B]
+    shift = lambda x: jnp.where(
+        full.reshape((1, -1) + (1,) * (x.ndim - 2)),
+        jnp.concatenate([x[:, :, :, R:], jnp.zeros_like(x[:, :, :, :R])],
+                        axis=3), x)
 
     def flushed(x, axis):
-      enc = encode(axis, x.tail)
+      enc = encode(axis, x.tail[:, :, :, :R])
       slots = {n: _scatter_rows(x.code.slots[n], qend, enc[n], full,
                                 per=per(axis, n)) for n in x.code.slots}
-      return TailedKV(CodedKV(slots, {}, x.code.codec), x.tail)
+      return TailedKV(CodedKV(slots, {}, x.code.codec), shift(x.tail))
 
     tail_pos, tail_valid = cache.pos[..., sc:], cache.valid[..., sc:]
-    pos = _scatter_rows(cache.pos[..., :sc], qend, tail_pos, full)
-    valid = _scatter_rows(cache.valid[..., :sc], qend, tail_valid, full)
-    clear = full[None, :, None, None]
+    pos = _scatter_rows(cache.pos[..., :sc], qend, tail_pos[..., :R], full)
+    valid = _scatter_rows(cache.valid[..., :sc], qend, tail_valid[..., :R],
+                          full)
+    tail_pos = jnp.where(full[None, :, None, None], jnp.concatenate(
+        [tail_pos[..., R:], jnp.full_like(tail_pos[..., :R], -1)], -1),
+                         tail_pos)
+    # A block past the code region cannot be stored: `end` then exceeds
+    # the capacity, which `cache_overflowed` and the entries report.
+    lost = full & (qend + R > sc)
+    end = jnp.where(full, cache.end - R, cache.end)
+    end = jnp.where(lost, cache.capacity + 1, end)
     cache = cache._replace(
         k=flushed(cache.k, key_axis), v=flushed(cache.v, value_axis),
-        pos=jnp.concatenate([pos, jnp.where(clear, -1, tail_pos)], -1),
-        valid=jnp.concatenate([valid, jnp.where(clear, False, tail_valid)],
-                              -1),
-        end=jnp.where(full, sc, cache.end).astype(jnp.int32))
+        pos=jnp.concatenate([pos, tail_pos], -1),
+        valid=jnp.concatenate([valid, shift(tail_valid)], -1),
+        end=end.astype(jnp.int32))
     return cache, jnp.where(full, qend + R, qend).astype(jnp.int32)
 
   def apply(cache, state, ctx, **extra):
@@ -438,14 +488,13 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
       apply=apply, slots=lambda live: live, every=1,
       bits=lambda h: (codec(key_axis, h).bits(h),
                       codec(value_axis, h).bits(h)),
-      name=name or f"int{bits}/{key_axis[0]}{value_axis[0]}/r{R}")
+      name=label)
 
 
 # ----------------------------------------------------------------------------
 # Low-rank projection.
 
 
-@functools.lru_cache(maxsize=None)
 def lowrank_codec(rank: int, head_dim: int) -> Codec:
   """Entries as `rank` float16 coefficients on a per-(row, kv head) basis
   `shared["basis"]` [B, K, H, rank] (orthonormal columns). q.k is computed
@@ -485,6 +534,7 @@ def _svd_basis(rank: int):
   return init
 
 
+@base.by_value
 def lowrank(rank: int, keys: bool = True, values: bool = True
             ) -> base.KVTransform:
   """Projects keys and/or values onto their top-`rank` principal

@@ -40,11 +40,28 @@ class Scorer(NamedTuple):
       Invalid slots may get any value (selection ignores them).
     needs: `CompressContext` fields it reads.
     name: a label.
+    spec: value identity set by `base.by_value` (equal factory arguments:
+      equal scorers).
   """
 
   score: Callable[[KVCache, base.CompressContext], Array]
   needs: tuple[str, ...] = ()
   name: str = "scorer"
+  spec: Any = None
+
+  __eq__ = base._spec_eq  # pylint: disable=protected-access
+  __hash__ = base._spec_hash  # pylint: disable=protected-access
+
+  def __ne__(self, other):
+    eq = self.__eq__(other)
+    return eq if eq is NotImplemented else not eq
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < minimum):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  return int(value)
 
 
 def _group_mean(x: Array, num_kv_heads: int) -> Array:
@@ -117,6 +134,7 @@ def _avg_pool(x: Array, kernel: int) -> Array:
 # Scorers.
 
 
+@base.by_value
 def random_scorer(seed: int = 0) -> Scorer:
   """Uniform random scores (the baseline). Uses `seed`, not ctx.rng, so
   that a transform is reproducible on its own."""
@@ -128,6 +146,7 @@ def random_scorer(seed: int = 0) -> Scorer:
   return Scorer(score, (), "random")
 
 
+@base.by_value
 def knorm_scorer() -> Scorer:
   """-||k||: keys with the smallest L2 norm are kept."""
 
@@ -138,8 +157,11 @@ def knorm_scorer() -> Scorer:
   return Scorer(score, (), "knorm")
 
 
+@base.by_value
 def streaming_llm_scorer(n_sink: int = 4) -> Scorer:
   """Sinks (positions < n_sink) first, then the most recent positions."""
+
+  _check_int(n_sink, "n_sink", 0)
 
   def score(cache, ctx):
     del ctx
@@ -149,6 +171,7 @@ def streaming_llm_scorer(n_sink: int = 4) -> Scorer:
   return Scorer(score, (), "streaming_llm")
 
 
+@base.by_value
 def snapkv_scorer(window_size: int = 64, kernel_size: int = 5) -> Scorer:
   """SnapKV: attention of the last `window_size` prompt queries.
 
@@ -159,9 +182,24 @@ def snapkv_scorer(window_size: int = 64, kernel_size: int = 5) -> Scorer:
   of each kv head; the window itself is always kept. Pooling runs over slot
   order, which is position order in a freshly prefilled cache (SnapKV is a
   prefill-time method).
+
+  Refused (`base.Degenerate`, at trace time) when the observed window
+  covers every cached entry (min(window_size, observed queries) >= the
+  live bound, as for a prompt no longer than the window observed by its
+  own queries): SnapKV would then only keep the newest entries.
   """
+  _check_int(window_size, "window_size", 1)
+  _check_int(kernel_size, "kernel_size", 1)
 
   def score(cache, ctx):
+    live = base.live_bound(cache, ctx)
+    observed = ctx.q_mask.shape[1]
+    if ctx.phase == "prefill" and min(window_size, observed) >= live:
+      raise base.Degenerate(
+          f"snapkv: its observation window (window_size={window_size}, "
+          f"{observed} observed queries) covers all {live} cached entries, "
+          "so it would keep only the newest ones; use a longer context or a "
+          "smaller window_size.")
     probs, first = window_attention(cache, ctx, window_size)
     prefix = cache.valid & (cache.pos < first[None, :, None, None])  # [L,B,K,S]
     K = cache.pos.shape[2]
@@ -181,6 +219,7 @@ def snapkv_scorer(window_size: int = 64, kernel_size: int = 5) -> Scorer:
   return Scorer(score, ("q",), "snapkv")
 
 
+@base.by_value
 def tova_scorer() -> Scorer:
   """TOVA: attention of the current (last) query, averaged over all query
   heads, the same for every kv head; the last token is always kept."""
@@ -198,6 +237,7 @@ def tova_scorer() -> Scorer:
   return Scorer(score, ("q", "attn_probs"), "tova")
 
 
+@base.by_value
 def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
                               use_covariance: bool = True,
                               use_vnorm: bool = True,
@@ -211,6 +251,11 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
   of the row), averaged over the query heads of the kv head, times ||v||.
   Sinks are always kept.
   """
+  _check_int(n_future_positions, "n_future_positions", 1)
+  _check_int(n_sink, "n_sink", 0)
+  if not isinstance(epsilon, (int, float)) or not np.isfinite(epsilon) or (
+      epsilon < 0):
+    raise ValueError(f"epsilon must be a finite float >= 0, got {epsilon!r}.")
 
   def score(cache, ctx):
     config = ctx.config
@@ -259,6 +304,7 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
   return Scorer(score, ("q_pre_rope",), "expected_attention")
 
 
+@base.by_value
 def attention_mass_scorer() -> Scorer:
   """Attention accumulated over every query of the pass (H2O's heavy
   hitters at prefill), summed over the query heads of each kv head."""
@@ -270,6 +316,7 @@ def attention_mass_scorer() -> Scorer:
   return Scorer(score, ("attn_mass",), "attention_mass")
 
 
+@base.by_value
 def oracle_scorer() -> Scorer:
   """The attention the *future* queries actually pay (an upper bound).
 
@@ -292,8 +339,10 @@ def oracle_scorer() -> Scorer:
 # Policies.
 
 
-def _static_live(cache: KVCache, ctx: base.CompressContext) -> int:
-  return cache.capacity - ctx.reserve
+def _free(ctx: base.CompressContext) -> int:
+  """Free slots a prefill-only policy leaves: the reserve for `forward`,
+  and room for the decode steps run after it (it never evicts again)."""
+  return ctx.reserve + ctx.decode_reserve
 
 
 def _score(scorer, cache, ctx, extra):
@@ -302,6 +351,7 @@ def _score(scorer, cache, ctx, extra):
   return scorer.score(cache, ctx)
 
 
+@base.by_value
 def scored_policy(scorer: Scorer, ratio: float | None = None,
                   budget: int | None = None, name: str | None = None
                   ) -> base.KVTransform:
@@ -318,9 +368,9 @@ def scored_policy(scorer: Scorer, ratio: float | None = None,
     if ctx.phase != "prefill":
       return cache, state
     n = base.n_keep(base.live_counts(cache), ratio, budget, cache.capacity)
-    capacity = base.static_keep(_static_live(cache, ctx), ratio, budget)
+    capacity = base.static_keep(base.live_bound(cache, ctx), ratio, budget)
     scores = _score(scorer, cache, ctx, extra)
-    cache, _ = base.evict(cache, scores, n, capacity + ctx.reserve)
+    cache, _ = base.evict(cache, scores, n, capacity + _free(ctx))
     return cache, state
 
   return base.KVTransform(
@@ -329,22 +379,26 @@ def scored_policy(scorer: Scorer, ratio: float | None = None,
       needs=scorer.needs, name=name or scorer.name)
 
 
+@base.by_value
 def random(ratio=None, budget=None, seed: int = 0) -> base.KVTransform:
   """Random eviction (baseline)."""
   return scored_policy(random_scorer(seed), ratio, budget)
 
 
+@base.by_value
 def knorm(ratio=None, budget=None) -> base.KVTransform:
   """Keeps the keys of smallest L2 norm."""
   return scored_policy(knorm_scorer(), ratio, budget)
 
 
+@base.by_value
 def snapkv(ratio=None, budget=None, window_size: int = 64,
            kernel_size: int = 5) -> base.KVTransform:
   """SnapKV at prefill (see `snapkv_scorer`)."""
   return scored_policy(snapkv_scorer(window_size, kernel_size), ratio, budget)
 
 
+@base.by_value
 def expected_attention(ratio=None, budget=None, n_future_positions=512,
                        n_sink=4, use_covariance=True, use_vnorm=True,
                        epsilon=0.0) -> base.KVTransform:
@@ -354,6 +408,7 @@ def expected_attention(ratio=None, budget=None, n_future_positions=512,
                        ratio, budget)
 
 
+@base.by_value
 def oracle(ratio=None, budget=None) -> base.KVTransform:
   """Keeps what the future queries attend to most (an upper bound)."""
   return scored_policy(oracle_scorer(), ratio, budget)
@@ -379,7 +434,10 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
     if ctx.phase == "prefill":
       live = base.live_counts(cache)
       n = base.n_keep(live, ratio, budget, cache.capacity)
-      cap = base.static_keep(_static_live(cache, ctx), ratio, budget) + every
+      # Budget + the reserve + `every` slots of headroom: a decode step
+      # writes its token before the policy evicts.
+      cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
+             + ctx.reserve + every)
       cache, _ = base.evict(cache, scores, n, cap)
       return cache, jnp.max(n, axis=(0, 2))
     # Decode: keep each row's budget; the capacity does not change.
@@ -393,9 +451,10 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
   return base.KVTransform(
       init=init, apply=apply,
       slots=lambda live: base.static_keep(live, ratio, budget),
-      needs=scorer.needs, every=every, name=name)
+      needs=scorer.needs, every=every, name=name, bounded=True)
 
 
+@base.by_value
 def streaming_llm(ratio=None, budget=None, n_sink: int = 4,
                   every: int = 1) -> base.KVTransform:
   """StreamingLLM: `n_sink` attention sinks + the most recent entries, at
@@ -412,12 +471,14 @@ def streaming_llm(ratio=None, budget=None, n_sink: int = 4,
                         "streaming_llm")
 
 
+@base.by_value
 def tova(ratio=None, budget=None, every: int = 1) -> base.KVTransform:
   """TOVA: at prefill and at every decode step, drop the entries the
   current query attends to least (averaged over heads)."""
   return _decode_policy(tova_scorer(), ratio, budget, every, "tova")
 
 
+@base.by_value
 def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
         every: int = 1) -> base.KVTransform:
   """H2O: heavy hitters by accumulated attention + a recent window.
@@ -429,7 +490,9 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
   with its entries when the cache is compacted.
   """
   base.check_budget(ratio, budget)
-  if not 0.0 <= recent_fraction < 1.0:
+  _check_int(every, "every", 1)
+  if not isinstance(recent_fraction, (int, float)) or (
+      not 0.0 <= recent_fraction < 1.0):
     raise ValueError(f"recent_fraction must be in [0, 1), got "
                      f"{recent_fraction!r}.")
 
@@ -456,7 +519,8 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
     if ctx.phase == "prefill":
       live = base.live_counts(cache)
       n = base.n_keep(live, ratio, budget, cache.capacity)
-      cap = base.static_keep(_static_live(cache, ctx), ratio, budget) + every
+      cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
+             + ctx.reserve + every)  # see _decode_policy
       cache, acc = select(cache, mass, n, cap)
       return cache, (jnp.max(n, axis=(0, 2)), acc)
     acc = acc + mass
@@ -481,7 +545,7 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
   return base.KVTransform(
       init=init, apply=apply,
       slots=lambda live: base.static_keep(live, ratio, budget),
-      needs=("attn_mass",), every=every, name="h2o")
+      needs=("attn_mass",), every=every, name="h2o", bounded=True)
 
 
 def pyramid_budgets(live: Array, ratio: float, num_layers: int,
@@ -517,6 +581,7 @@ def pyramid_budgets(live: Array, ratio: float, num_layers: int,
   return xp.where(ok[None], pyramid, flat).astype(xp.int32)
 
 
+@base.by_value
 def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
               beta: int = 20) -> base.KVTransform:
   """PyramidKV: SnapKV scores with budgets falling linearly with depth."""
@@ -535,9 +600,9 @@ def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
     L = cache.num_layers
     live = jnp.max(base.live_counts(cache), axis=(0, 2))  # [B]
     n = pyramid_budgets(live, ratio, L, window_size, beta)[:, :, None]
-    cap = static_cap(_static_live(cache, ctx), L)
+    cap = static_cap(base.live_bound(cache, ctx), L)
     cache, _ = base.evict(cache, scorer.score(cache, ctx), n,
-                          cap + ctx.reserve)
+                          cap + _free(ctx))
     return cache, state
 
   return base.KVTransform(
@@ -547,6 +612,7 @@ def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
       needs=scorer.needs, name="pyramidkv")
 
 
+@base.by_value
 def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
           **scorer_kwargs) -> base.KVTransform:
   """Ada-KV: per layer, a global top-(K * n) over all heads' scores, so
@@ -600,9 +666,9 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
     flat_valid = cache.valid.reshape(L, B, 1, K * S)
     keep = base.keep_top(scores.reshape(L, B, 1, K * S), total[..., None],
                          flat_valid).reshape(L, B, K, S)
-    s_live, s_n, s_safe = slots(_static_live(cache, ctx))
+    s_live, s_n, s_safe = slots(base.live_bound(cache, ctx))
     cap = min(s_live, K * s_n - (K - 1) * s_safe)
-    cache, _ = base.compact(cache, keep, cap + ctx.reserve)
+    cache, _ = base.compact(cache, keep, cap + _free(ctx))
     return cache, state
 
   def slots_bound(live):

@@ -253,7 +253,6 @@ def _merge(parts, shared, n_out):
   return jnp.take_along_axis(xp, jnp.broadcast_to(inv, xp.shape), axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
 def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
                      outlier_channels: int = 0,
                      outlier_bits: int | None = None, seed: int = 0) -> Codec:
@@ -321,6 +320,7 @@ def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
                ("turbo", bits, head_dim, variant, n_out, outlier_bits, seed))
 
 
+@base.by_value
 def turboquant(bits: int = 3, variant: str = "mse", keys: bool = True,
                values: bool = True, outlier_channels: int = 0,
                outlier_bits: int | None = None, seed: int = 0
@@ -349,7 +349,6 @@ def turboquant(bits: int = 3, variant: str = "mse", keys: bool = True,
                   shared_init=_outlier_init(outlier_channels))
 
 
-@functools.lru_cache(maxsize=None)
 def qjl_codec(projections: int, head_dim: int, seed: int = 0) -> Codec:
   """QJL key codec: m sign bits + a float16 norm per key. The projection S
   [m, H] is a constant of the codec drawn from `seed`."""
@@ -376,6 +375,7 @@ def qjl_codec(projections: int, head_dim: int, seed: int = 0) -> Codec:
                                                   head_dim, seed))
 
 
+@base.by_value
 def qjl(projections: int = 256, value_bits: int = 2, value_group: int = 32,
         seed: int = 0) -> base.KVTransform:
   """QJL: keys as `projections` sign bits + norm; values per-token
@@ -413,6 +413,28 @@ def polar_codebook(level: int, bits: int, grid: int = 100_001,
   return _lloyd_1d(t, p / p.sum(), k, iters)
 
 
+def _padded_count(n: int, bits: int) -> int:
+  """The least count >= n whose codes fill whole bytes."""
+  while (n * bits) % 8:
+    n += 1
+  return n
+
+
+def _pack_level(codes: Array, bits: int) -> Array:
+  """Packs one level's codes, zero-padded to whole bytes (a small head dim
+  leaves a deep level with fewer than 8 bits of codes; d = 32 at level 4:
+  2 codes of 2 bits, stored in one byte)."""
+  n = codes.shape[-1]
+  pad = _padded_count(n, bits) - n
+  if pad:
+    codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
+  return pack_bits(codes, bits)
+
+
+def _unpack_level(packed: Array, bits: int, n: int) -> Array:
+  return unpack_bits(packed, bits, _padded_count(n, bits))[..., :n]
+
+
 def _quantize_angle(theta, book, periodic):
   if periodic:  # uniform cells on the circle
     k = book.shape[0]
@@ -433,13 +455,13 @@ def polar_encode(x: Array, rotation: Array, level_bits: tuple[int, ...]
   pairs = y.reshape(y.shape[:-1] + (-1, 2))
   theta = jnp.mod(jnp.arctan2(pairs[..., 1], pairs[..., 0]), 2 * np.pi)
   r = jnp.linalg.norm(pairs, axis=-1)
-  enc["a1"] = pack_bits(_quantize_angle(theta, polar_codebook(
+  enc["a1"] = _pack_level(_quantize_angle(theta, polar_codebook(
       1, level_bits[0]), True), level_bits[0])
   for lvl, b in enumerate(level_bits[1:], start=2):
     rp = r.reshape(r.shape[:-1] + (-1, 2))
     theta = jnp.arctan2(rp[..., 1], rp[..., 0])  # in [0, pi/2]
     r = jnp.linalg.norm(rp, axis=-1)
-    enc[f"a{lvl}"] = pack_bits(_nearest(theta, polar_codebook(lvl, b)), b)
+    enc[f"a{lvl}"] = _pack_level(_nearest(theta, polar_codebook(lvl, b)), b)
   enc["radii"] = r.astype(_NORM_DTYPE)
   return enc
 
@@ -454,17 +476,16 @@ def polar_decode(enc: dict, rotation: Array, level_bits: tuple[int, ...]
     b = level_bits[lvl - 1]
     n = d >> lvl
     book = jnp.asarray(polar_codebook(lvl, b), jnp.float32)
-    theta = book[unpack_bits(enc[f"a{lvl}"], b, n).astype(jnp.int32)]
+    theta = book[_unpack_level(enc[f"a{lvl}"], b, n).astype(jnp.int32)]
     r = jnp.stack([r * jnp.cos(theta), r * jnp.sin(theta)], -1)
     r = r.reshape(r.shape[:-2] + (-1,))
   b = level_bits[0]
   book = jnp.asarray(polar_codebook(1, b), jnp.float32)
-  theta = book[unpack_bits(enc["a1"], b, d // 2).astype(jnp.int32)]
+  theta = book[_unpack_level(enc["a1"], b, d // 2).astype(jnp.int32)]
   y = jnp.stack([r * jnp.cos(theta), r * jnp.sin(theta)], -1)
   return y.reshape(y.shape[:-2] + (d,)) @ rotation
 
 
-@functools.lru_cache(maxsize=None)
 def polarquant_codec(head_dim: int, level_bits: tuple[int, ...] = (4, 2, 2, 2),
                      seed: int = 0) -> Codec:
   """PolarQuant: 4 levels, 4 bits at level 1 and 2 after (3.875 bits per
@@ -487,14 +508,16 @@ def polarquant_codec(head_dim: int, level_bits: tuple[int, ...] = (4, 2, 2, 2),
     del shared
     return polar_decode(enc, rot, level_bits)
 
-  def bits_fn(h):
-    angle_bits = sum(b * (h >> (lvl + 1)) for lvl, b in enumerate(level_bits))
+  def bits_fn(h):  # stored bits: each level padded to whole bytes
+    angle_bits = sum(b * _padded_count(h >> (lvl + 1), b)
+                     for lvl, b in enumerate(level_bits))
     return (angle_bits + 16 * (h >> levels)) / h
 
   return Codec("polarquant" + "".join(map(str, level_bits)), encode, decode,
                None, bits_fn, ("polar", head_dim, level_bits, seed))
 
 
+@base.by_value
 def polarquant(level_bits: tuple[int, ...] = (4, 2, 2, 2), keys: bool = True,
                values: bool = True, seed: int = 0) -> base.KVTransform:
   """PolarQuant keys and/or values (see `polarquant_codec`)."""

@@ -117,12 +117,59 @@ def test_decode_time_policies_hold_their_budget(name):
 
 
 def test_h2o_accumulated_attention_moves_with_entries():
+  """H2O's accumulator must follow its entries through prefill compaction
+  and the decode-time swap-remove: after each step, every live slot's
+  accumulated mass equals the attention its token received so far (tracked
+  here by original position, independently of slots)."""
   transform = compress.h2o(0.5)
-  _, cache = _prefill(transform)
-  _, acc = cache.state
-  # Every live entry carries its own accumulated mass; empty slots none.
-  assert (np.asarray(acc)[~np.asarray(cache.valid)] == 0).all()
-  assert (np.asarray(acc)[np.asarray(cache.valid)] >= 0).all()
+  tokens, T0 = TOKENS[:, :48], 48
+  _, full, aux = kvjax.forward(PARAMS, tokens,
+                               kvjax.init_cache(CONFIG, 2, T0),
+                               config=CONFIG, capture=("attn_mass",))
+  K = CONFIG.num_kv_heads
+  G = CONFIG.num_heads // K
+
+  def per_kv(mass):  # [L, B, N, S] -> [L, B, K, S]
+    m = np.asarray(mass)
+    return m.reshape(m.shape[0], m.shape[1], K, G, -1).mean(3)
+
+  # Expected accumulator by (layer, row, kv head, position).
+  want = {}
+  m, p, v = per_kv(aux["attn_mass"]), np.asarray(full.pos), np.asarray(
+      full.valid)
+  for idx in zip(*np.nonzero(v)):
+    want[idx[:3] + (p[idx],)] = m[idx]
+  ctx = compress.CompressContext(
+      phase="prefill", step=jnp.int32(0),
+      q_pos=jnp.broadcast_to(jnp.arange(T0), (2, T0)),
+      q_mask=jnp.ones((2, T0), bool), attn_mass=aux["attn_mass"], reserve=0,
+      config=CONFIG, live_bound=T0)
+  cache, state = transform.apply(full, transform.init(full), ctx)
+  cache = cache._replace(state=state)
+  token = tokens[:, -1]
+  for step in range(1, 9):
+    _, cache, aux = kvjax.forward(PARAMS, token[:, None], cache,
+                                  config=CONFIG, capture=("attn_mass",))
+    m, p, v = per_kv(aux["attn_mass"]), np.asarray(cache.pos), np.asarray(
+        cache.valid)
+    for idx in zip(*np.nonzero(v)):
+      key = idx[:3] + (p[idx],)
+      want[key] = want.get(key, 0.0) + m[idx]
+    ctx = ctx._replace(phase="decode", step=jnp.int32(step),
+                       q_pos=cache.length[:, None] - 1,
+                       q_mask=jnp.ones((2, 1), bool),
+                       attn_mass=aux["attn_mass"])
+    cache, state = transform.apply(cache, cache.state, ctx)
+    cache = cache._replace(state=state)
+    token = (token + 7) % CONFIG.vocab_size
+    _, acc = state
+    acc, p, v = np.asarray(acc), np.asarray(cache.pos), np.asarray(
+        cache.valid)
+    assert (v.sum(-1) == 24).all()  # the budget holds
+    assert (acc[~v] == 0).all()
+    for idx in zip(*np.nonzero(v)):
+      np.testing.assert_allclose(acc[idx], want[idx[:3] + (p[idx],)],
+                                 rtol=1e-5, atol=1e-6)
 
 
 def test_adakv_head_budgets_vary_and_sum_to_the_layer_budget():
@@ -223,16 +270,52 @@ def test_snapkv_window_longer_than_a_row_uses_the_rows_tokens():
   kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
       cache.valid[0, 1, 0])].tolist())
   assert kept == list(range(5, 10))  # the 5 newest: all in the window
-  _, cache = kvjax.prefill(PARAMS, TOKENS[:, :8], config=CONFIG,
-                           transform=compress.snapkv(0.5))  # w=64 > T=8
-  assert cache.capacity == 4
+  # A window covering every entry of every row would only keep the newest:
+  # refused with the numbers, not run as "SnapKV".
+  with pytest.raises(base.Degenerate, match="covers all 8 cached entries"):
+    kvjax.prefill(PARAMS, TOKENS[:, :8], config=CONFIG,
+                  transform=compress.snapkv(0.5))  # w=64 > T=8
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evict_one_keeps_what_a_sort_keeps(seed):
+  """The O(S) swap-remove (decode-time policies at every=1) must keep
+  exactly the entries a sort over the same scores keeps (live - 1 per
+  head), with their payloads and positions, and free the last slot."""
+  L, B, K, S, H = 2, 3, 2, 12, 4
+  rng = np.random.default_rng(seed)
+  end = np.array([12, 9, 5])
+  valid = np.arange(S)[None, None, None] < end[None, :, None, None]
+  valid = np.broadcast_to(valid, (L, B, K, S))
+  pos = np.where(valid, rng.permutation(100)[:S][None, None, None], -1)
+  k = rng.normal(size=(L, B, K, S, H)).astype(np.float32)
+  cache = kvjax.KVCache(k=jnp.asarray(k), v=jnp.asarray(-k),
+                        pos=jnp.asarray(pos, jnp.int32),
+                        valid=jnp.asarray(valid), end=jnp.asarray(end),
+                        length=jnp.asarray(end))
+  scores = jnp.asarray(rng.normal(size=(L, B, K, S)), jnp.float32)
+  over = jnp.array([True, False, True])
+  out, _, _ = base.evict_one(cache, scores, over)
+  n = base.live_counts(cache) - over[None, :, None].astype(jnp.int32)
+  sorted_keep = np.asarray(base.keep_top(scores, n, cache.valid))
+  for l in range(L):
+    for b in range(B):
+      for h in range(K):
+        got = np.asarray(out.pos[l, b, h])[np.asarray(out.valid[l, b, h])]
+        want = pos[l, b, h][sorted_keep[l, b, h]]
+        assert sorted(got.tolist()) == sorted(want.tolist()), (l, b, h)
+        for s_, p_ in enumerate(np.asarray(out.pos[l, b, h])):
+          if np.asarray(out.valid[l, b, h, s_]):
+            src = int(np.nonzero(pos[l, b, h] == p_)[0][0])
+            np.testing.assert_array_equal(out.k[l, b, h, s_], k[l, b, h, src])
+  np.testing.assert_array_equal(out.end, end - np.asarray(over))
 
 
 @pytest.mark.parametrize("name", sorted(DECODE_POLICIES))
-def test_fast_decode_eviction_equals_the_sorting_one(name):
-  """every=1 uses an O(S) swap-remove; every=2 the sort-and-compact path
-  at alternate steps. Evicting one per step must keep the same entries as
-  a sort over the same scores would."""
+def test_decode_eviction_paths_keep_the_budget(name):
+  """every=1 (swap-remove) and every=2 (sort and compact at alternate
+  steps) both end at each row's budget; StreamingLLM's scores do not depend
+  on attention, so both keep the same entries."""
   make = DECODE_POLICIES[name]
   fast = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=9,
                         prompt_lengths=LENGTHS, transform=make(0.5))
