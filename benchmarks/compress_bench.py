@@ -83,13 +83,15 @@ def _median_time(fn, repeats):
 def bench_kvjax(params, config, tokens, transform, steps, repeats):
   tokens = jnp.asarray(tokens, jnp.int32)
   T = tokens.shape[1]
-  # Decode-time policies keep their budget (capacity budget + 1); the rest
-  # need room for the decoded tokens.
-  cap = T + steps + 1
+  # Room for the decoded tokens, all of it decode steps through the
+  # transform: decode-time policies keep their budget (+ `every` slots of
+  # headroom) and use none of it, KIVI flushes its window into it.
+  cap = T + steps
 
   def prefill():
     out = kvjax.prefill(params, tokens, config=config, transform=transform,
-                        capacity=cap, prefill_chunk=_CHUNK.value or None)
+                        capacity=cap, prefill_chunk=_CHUNK.value or None,
+                        decode_steps=steps)
     return jax.block_until_ready(out)
 
   t_prefill, (logits, cache) = _median_time(prefill, repeats)

@@ -460,11 +460,17 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   nothing, `compress.Degenerate`) gives a row marked "refused" with the
   reason and no metrics."""
   t0 = time.perf_counter()
+  refuse = lambda reason: dict(
+      method=unit["method"], ratio=unit["ratio"], task=unit["task"],
+      mode=unit["mode"], status="refused", reason=reason)
   try:
     cache = compress_unit(td, unit)
   except compress.Degenerate as e:
-    return dict(method=unit["method"], ratio=unit["ratio"], task=unit["task"],
-                mode=unit["mode"], status="refused", reason=str(e))
+    return refuse(str(e))
+  codec = unit["method"].split("+")[-1]
+  if codec in QUANTIZERS and max(coded_share(cache)) == 0:
+    return refuse(f"{codec} stored none of the kept entries coded (all in "
+                  "its full-precision window): not a compressed unit.")
   logits, aux, pos, valid = _ask(td.params, cache, td.question, td.qmask,
                                  config=td.config)
   probs = aux["attn_probs"]
@@ -567,7 +573,8 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                                       kv[0][1], kv[0][2])):
     logical = _mean(rs, "logical_bytes_per_token")
     coded = [r["coded_share"][0] for r in rs if r.get("coded_share")]
-    coded = f"{np.mean(coded):.2f}" if coded and np.mean(coded) > 0 else "-"
+    coded = (f"{np.mean(coded):.2f}" if coded and method.split("+")[-1] in
+             QUANTIZERS else "-")
     lines.append(
         f"| {mode} | {method} | {ratio:g} | {_mean(rs, 'accuracy'):.3f} | "
         f"{_mean(rs, 'hallucination_rate'):.3f} | "

@@ -26,6 +26,23 @@ from kvjax.config import ModelConfig
 Array = jax.Array
 
 
+def replace_dropping(field: str):
+  """A NamedTuple `_replace` that resets the value-identity `field` to its
+  default unless it is given: a transform, scorer or codec changed with
+  `_replace` is a new value, never equal to the one it came from (else a
+  jitted entry would reuse the program compiled for the original)."""
+
+  def _replace(self, **kwargs):
+    unknown = sorted(set(kwargs) - set(self._fields))
+    if unknown:
+      raise ValueError(f"got unexpected field names: {unknown}")
+    kwargs.setdefault(field, type(self)._field_defaults[field])
+    return type(self)._make([kwargs.get(f, v)
+                             for f, v in zip(self._fields, self)])
+
+  return _replace
+
+
 class Codec(NamedTuple):
   """How a codec stores one key or value vector (static, hashable).
 
@@ -68,6 +85,9 @@ class Codec(NamedTuple):
 
   def __hash__(self):
     return hash(self.params) if self.params else id(self)
+
+
+Codec._replace = replace_dropping("params")
 
 
 @jax.tree_util.register_pytree_node_class

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import KVCache, cache_overflowed, is_coded
+from kvjax.cache import KVCache, TailedKV, cache_overflowed, is_coded
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -302,6 +302,9 @@ def check_cache(cache, config: ModelConfig, batch: int | None = None,
       raise ValueError(f"{name}.{which} has dtype {dtype}; a plain payload "
                        f"must be one of {CACHE_DTYPES} (quantized payloads "
                        "are CodedKV).")
+  # A cache that already lost writes (a user's jitted loop ran past its
+  # capacity) must not be compressed or extended as if whole.
+  check_no_overflow(cache, f"{name} (given)")
   return cache
 
 
@@ -335,7 +338,8 @@ def check_reserve(reserve) -> int:
   return int(reserve)
 
 
-def check_room(cache: KVCache, writes, what: str, hint: str = "") -> None:
+def check_room(cache: KVCache, writes, what: str, hint: str = "",
+               flushing: bool = False) -> None:
   """Every row must have room for `writes` more entries (concrete only).
 
   Args:
@@ -343,13 +347,25 @@ def check_room(cache: KVCache, writes, what: str, hint: str = "") -> None:
     writes: an int, or [B] per-row counts, of entries written.
     what: what writes them, for the message.
     hint: how to make room, appended to the message.
+    flushing: the writes go through a transform that flushes a TailedKV's
+      window into its coded region (KIVI's decode): the free code slots
+      count as room too.
   """
-  if not is_concrete(cache.end, writes):
+  if not is_concrete(cache.end, cache.pos, writes):
     return
-  need = int(np.max(np.asarray(cache.end) + np.asarray(writes)))
-  if need > cache.capacity:
-    raise ValueError(f"cache capacity exceeded: {what} needs {need} slots, "
-                     f"capacity is {cache.capacity}. {hint}".rstrip())
+  end = np.asarray(cache.end)
+  room = cache.capacity - end
+  if flushing and isinstance(cache.k, TailedKV):
+    sc = cache.k.code_slots
+    used = np.asarray(cache.pos)[..., :sc] >= 0  # [L, B, K, sc]
+    last = np.where(used.any(-1), sc - np.argmax(used[..., ::-1], -1), 0)
+    room = room + sc - last.max(axis=(0, 2))
+  short = np.asarray(writes) - room
+  if short.max() > 0:
+    raise ValueError(f"cache capacity exceeded: {what} needs "
+                     f"{int(short.max())} more slots than row "
+                     f"{int(np.argmax(short))} has (capacity "
+                     f"{cache.capacity}). {hint}".rstrip())
 
 
 def check_no_overflow(cache: KVCache, entry: str) -> None:
@@ -363,11 +379,10 @@ def check_no_overflow(cache: KVCache, entry: str) -> None:
   end = np.asarray(cache.end)
   rows = np.flatnonzero(end > cache.capacity).tolist()
   raise ValueError(
-      f"{entry}: cache overflow: rows {rows} wrote up to slot "
-      f"{int(end.max())} but the capacity is {cache.capacity}, so "
-      f"{int(end.max()) - cache.capacity} write(s) per row were dropped. "
-      "Give a larger capacity, or a transform that keeps the cache within "
-      "its capacity.")
+      f"{entry}: cache overflow: rows {rows} ran past the capacity "
+      f"{cache.capacity} (write index up to {int(end.max())}), so entries "
+      "were dropped. Give a larger capacity, or a transform that keeps the "
+      "cache within its capacity.")
 
 
 # ----------------------------------------------------------------------------

@@ -160,13 +160,14 @@ def _apply_transform(cache, transform, extra, positions, mask, observed,
 
 @functools.partial(jax.jit, static_argnames=("transform", "config", "capacity",
                                              "cache_dtype", "backend",
-                                             "prefill_chunk"))
+                                             "prefill_chunk", "decode_steps"))
 def _prefill(params, tokens, prompt_lengths, transform, extra, *, config,
-             capacity, cache_dtype, backend, prefill_chunk):
+             capacity, cache_dtype, backend, prefill_chunk, decode_steps):
   return _prefill_and_compress(params, tokens, prompt_lengths, transform,
                                extra, config=config, capacity=capacity,
                                cache_dtype=cache_dtype, backend=backend,
-                               prefill_chunk=prefill_chunk)
+                               prefill_chunk=prefill_chunk,
+                               decode_reserve=decode_steps)
 
 
 def prefill(
@@ -180,6 +181,7 @@ def prefill(
     cache_dtype: Any = None,
     backend: str = "xla",
     prefill_chunk: int | None = None,
+    decode_steps: int = 0,
     **extra,
 ) -> tuple[Array, KVCache]:
   """Runs the prompt through an empty cache, then compresses it (jitted).
@@ -194,13 +196,19 @@ def prefill(
     transform: a `kvjax.compress` transform applied after the prompt (reuse
       one transform object across calls: it is a static argument).
     capacity: cache slots during prefill; defaults to T. The `capacity - T`
-      free slots survive compression (room for decoding).
+      free slots survive compression: `decode_steps` of them for decoding
+      through the transform, the rest (the reserve) for `forward`.
     prompt_lengths: [B] true prompt lengths (None: all T).
     cache_dtype: key/value dtype (default: the model dtype).
     backend: attention backend.
     prefill_chunk: run the prompt through the model `prefill_chunk` tokens
       at a time (long prompts: bounds attention's [T, S] scores to
       [prefill_chunk, S]); None: in one call.
+    decode_steps: of the free slots, how many are for `decode(...,
+      transform=transform)` steps, which run through the transform: a
+      decode-time policy keeps its budget and needs none of them, KIVI
+      flushes its window into the coded region (0: every free slot is
+      reserve for `forward`, e.g. a question).
     **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
@@ -219,13 +227,18 @@ def prefill(
   checks.check_transform(transform, "prefill")
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   capacity = checks.check_capacity(capacity, T, f"the {T}-token prompt")
+  if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or (
+      not 0 <= decode_steps <= capacity - T):
+    raise ValueError(f"decode_steps must be an int in [0, capacity - T = "
+                     f"{capacity - T}], got {decode_steps!r}.")
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
   checks.warn_past_context(T, config, "prompt length")
   logits, cache = _prefill(params, jnp.asarray(tokens, jnp.int32),
                            prompt_lengths, transform, extra, config=config,
                            capacity=capacity, cache_dtype=cache_dtype,
-                           backend=backend, prefill_chunk=prefill_chunk)
+                           backend=backend, prefill_chunk=prefill_chunk,
+                           decode_steps=decode_steps)
   checks.check_no_overflow(cache, "prefill")
   return logits, cache
 
@@ -588,9 +601,10 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
   stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
                                                       config)
   rng = checks.check_rng(rng)
-  # A decode-time transform acts at steps every, 2 * every, ... of this
-  # call: room for `every` writes suffices. Otherwise every write must fit.
-  if transform is not None and transform.every > 0:
+  # A policy that keeps its budget acts at steps every, 2 * every, ... of
+  # this call: room for `every` writes suffices. Otherwise every write must
+  # fit (a flushing codec's free coded slots count as room).
+  if transform is not None and transform.bounded:
     writes = min(transform.every, max_new_tokens)
     what = (f"decoding with {transform.name} (acting every {transform.every} "
             f"steps: {writes} writes between actions)")
@@ -598,7 +612,8 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
     writes, what = max_new_tokens, f"decoding {max_new_tokens} tokens"
   checks.check_room(cache, writes, what,
                     "Prefill with a larger `capacity` (prompt length + "
-                    "new tokens).")
+                    "new tokens) and `decode_steps`.",
+                    flushing=transform is not None and transform.every > 0)
   if checks.is_concrete(cache.length):
     most = int(np.max(np.asarray(cache.length)))
     checks.warn_past_context(most + max_new_tokens, config,

@@ -187,8 +187,8 @@ def test_nonfinite_probs_raise_and_give_a_sentinel_under_jit():
   probs[1, 3] = np.nan
   probs[3, 0] = np.inf
   for fn in (support.active_support, support.active_support_mask):
-    with pytest.raises(ValueError, match=r"probs has 2 of 4 rows holding NaN "
-                       r"or inf \(first at index \(1,\)"):
+    with pytest.raises(ValueError, match=r"probs holds NaN or inf in 2 of 4 "
+                       r"rows \(first at index \(1,\)"):
       fn(probs)
   # Rows masked by `valid` are not queries: no error, count 0.
   valid = np.array([True, False, True, False])
@@ -214,9 +214,9 @@ def test_nonfinite_probs_in_head_consensus():
   probs = np.zeros((1, 1, 2, 3, 4), np.float32)
   probs[..., 0] = 1.0
   probs[0, 0, 1, 2, 1] = np.nan  # query 2 of head 1
-  with pytest.raises(ValueError, match=r"probs holds NaN or inf on 1 of 3 "
-                     r"\(layer, row, query\) triples \(first at \[L, B, T\] "
-                     r"index \(0, 0, 2\)\)"):
+  with pytest.raises(ValueError, match=r"probs holds NaN or inf in 1 of 3 "
+                     r"\(layer, row, query\) triples \(first at index "
+                     r"\(0, 0, 2\) of the \[L, B, T\] dims\)"):
     support.head_consensus(probs)
   got = np.asarray(jax.jit(support.head_consensus)(probs))
   assert np.isnan(got[0, 0, 2]) and np.all(got[0, 0, :2] == 0.5)

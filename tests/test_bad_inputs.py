@@ -360,8 +360,8 @@ def test_decode_steps_python_list_tokens_are_accepted():
 def _leaky(mode):
   """A deliberately broken transform: "overrun" marks a write past
   capacity at prefill; "no_room" compacts to the prompt width, ignoring the
-  room asked for decoding; "no_evict" claims to act during decode (every
-  step) but never frees a slot."""
+  room asked for decoding; "no_evict" claims to keep a budget during
+  decode (every step, `bounded`) but never frees a slot."""
 
   def apply(cache, state, ctx, **extra):
     del extra
@@ -376,6 +376,7 @@ def _leaky(mode):
   return compress.KVTransform(init=lambda cache: (), apply=apply,
                               slots=lambda live: live,
                               every=1 if mode == "no_evict" else 0,
+                              bounded=mode == "no_evict",
                               name=f"leaky_{mode}")
 
 
@@ -384,7 +385,8 @@ LEAKS = {mode: _leaky(mode) for mode in ("overrun", "no_room", "no_evict")}
 
 def test_prefill_and_compress_raise_on_overflow():
   with pytest.raises(ValueError, match=r"prefill: cache overflow: rows "
-                     r"\[0, 1\] wrote up to slot 16 but the capacity is 8"):
+                     r"\[0, 1\] ran past the capacity 8 \(write index up to "
+                     "16\)"):
     kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=LEAKS["overrun"])
   _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, capacity=T + 3)
   with pytest.raises(ValueError, match="compress_cache: cache overflow"):
@@ -395,7 +397,8 @@ def test_prefill_and_compress_raise_on_overflow():
 
 def test_generate_and_decode_raise_on_overflow():
   with pytest.raises(ValueError, match="generate: cache overflow: rows "
-                     r"\[0, 1\] .* capacity is 8, so 3 write"):
+                     r"\[0, 1\] ran past the capacity 8 \(write index up to "
+                     "11\)"):
     _generate(transform=LEAKS["no_room"])
   leak = LEAKS["no_evict"]
   logits, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=leak,
@@ -404,13 +407,14 @@ def test_generate_and_decode_raise_on_overflow():
   # The up-front check passes (one write fits before the transform acts,
   # which is all a decode-time transform is asked for) ...
   with pytest.raises(ValueError, match=r"decode: cache overflow: .* capacity "
-                     "is 9"):
+                     "9"):
     kvjax.decode(PARAMS, cache, first, config=CONFIG, max_new_tokens=3,
                  transform=leak)
   # ... and without room for even one write it fails before running.
   full = cache._replace(end=cache.end + 1)
   with pytest.raises(ValueError, match="cache capacity exceeded: decoding "
-                     "with leaky_no_evict .* needs 10 slots, capacity is 9"):
+                     "with leaky_no_evict .* needs 1 more slots than row 0 "
+                     "has \(capacity 9\)"):
     kvjax.decode(PARAMS, full, first, config=CONFIG, max_new_tokens=3,
                  transform=leak)
 

@@ -178,17 +178,25 @@ def _checked_counts(probs, share, valid):
   counts, ranked = _support_counts(probs, share)
   if valid is not None:
     counts = jnp.where(valid, counts, 0)
-  if not isinstance(counts, jax.core.Tracer):
-    bad = counts == NONFINITE_SUPPORT
-    num_bad = int(jnp.sum(bad))
-    if num_bad:
-      first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-      raise ValueError(
-          f"probs has {num_bad} of {bad.size} rows holding NaN or inf "
-          f"(first at index {first} of the leading dims {bad.shape}); "
-          "active support needs finite probabilities (mask rows that are "
-          "not real queries with `valid`).")
+  _raise_if_nonfinite(counts == NONFINITE_SUPPORT, "rows",
+                      f"leading dims {tuple(counts.shape)}",
+                      "active support needs finite probabilities (mask "
+                      "rows that are not real queries with `valid`)")
   return counts, ranked
+
+
+def _raise_if_nonfinite(bad: Array, what: str, where: str, hint: str):
+  """Raises naming how many `what` of concrete `bad` are True (NaN/inf
+  input) and the first one's index in `where`; silent under jit (the
+  callers return a sentinel there)."""
+  if isinstance(bad, jax.core.Tracer):
+    return
+  num_bad = int(jnp.sum(bad))
+  if num_bad:
+    first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+    raise ValueError(f"probs holds NaN or inf in {num_bad} of {bad.size} "
+                     f"{what} (first at index {first} of the {where}); "
+                     f"{hint}.")
 
 
 def active_support_mask(probs: Array, share: float = 0.9,
@@ -375,14 +383,8 @@ def head_consensus(probs: Array, key_pos: Array | None = None,
       raise ValueError(f"query_mask must have shape {(B, T)}, got "
                        f"{tuple(query_mask.shape)}.")
   out = _consensus(probs, key_pos, query_mask)
-  if not isinstance(out, jax.core.Tracer):
-    bad = jnp.isnan(out)
-    num_bad = int(jnp.sum(bad))
-    if num_bad:
-      first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-      raise ValueError(
-          f"probs holds NaN or inf on {num_bad} of {bad.size} (layer, row, "
-          f"query) triples (first at [L, B, T] index {first}); head "
-          "consensus needs finite probabilities (mask queries that are not "
-          "real with `query_mask`).")
+  _raise_if_nonfinite(jnp.isnan(out), "(layer, row, query) triples",
+                      "[L, B, T] dims", "head consensus needs finite "
+                      "probabilities (mask queries that are not real with "
+                      "`query_mask`)")
   return out

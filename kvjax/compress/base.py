@@ -11,8 +11,14 @@ static shape and a jitted decode compiles once).
 
 Eviction (a *policy*) scores every slot, keeps the top entries per (layer,
 row, kv head) under a budget, and `compact`s them into a physically smaller
-cache: kept entries first, in position order, then `reserve` free slots for
-decoding. Memory is saved for real: the returned arrays are smaller.
+cache: kept entries first, in position order, then the free slots the
+context asks for (`reserve` for `forward`, decode steps or a decode-time
+policy's headroom; see `KVTransform`). Memory is saved for real: the
+returned arrays are smaller.
+
+Transforms are values: `by_value` factories give equal, equally hashed
+transforms for equal arguments, so a jitted entry compiles once for both.
+A transform that would compress nothing for its input raises `Degenerate`.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import CodedKV, KVCache, is_coded
+from kvjax.cache import CodedKV, KVCache, is_coded, replace_dropping
 
 Array = jax.Array
 
@@ -51,7 +57,8 @@ class CompressContext(NamedTuple):
     rng: a PRNG key.
     reserve: free slots to leave after compression for entries written by
       `forward` without this transform seeing them (the question), a
-      Python int: static. Every transform honours it exactly (see
+      Python int: static. Every transform leaves at least this many, and
+      exactly this many for the fullest row where its layout allows (see
       `KVTransform`).
     config: the model's `ModelConfig` (static; rope, head counts).
     live_bound: static upper bound on the live entries per (layer, row, kv
@@ -155,8 +162,9 @@ class KVTransform(NamedTuple):
     init: (cache) -> state.
     apply: (cache, state, ctx, **extra) -> (cache, state).
     slots: (live) -> upper bound on live entries per (layer, row, head)
-      after `apply`, given `live` before (a Python int; informational: the
-      compacted capacity itself is computed inside `apply`).
+      after `apply`, given `live` before (a Python int). `chain` passes it
+      on as the next member's `ctx.live_bound`, so it must never
+      under-count (a KIVI after it flags the overflow if it does).
     needs: names from `CONTEXT_FIELDS` the transform reads.
     every: act at decode every `every` steps (0: prefill only).
     bits: (head_dim) -> (key bits, value bits) stored per element, overhead
@@ -170,10 +178,13 @@ class KVTransform(NamedTuple):
       equal specs make equal, equally hashed transforms. None: identity.
 
   The reserve contract: after the prefill-phase `apply` with
-  `ctx.reserve = R`, the fullest row has exactly R free slots that
-  `forward` can fill, plus `every` slots of headroom for a decode-time
-  policy's own decode step (written before it evicts). A transform that
-  cannot honour it raises.
+  `ctx.reserve = R`, every row has at least R free slots that `forward`
+  can fill; the fullest row exactly R (+ `ctx.decode_reserve` for a
+  prefill-only policy, + `every` slots of headroom for a decode-time
+  policy's own step, written before it evicts), except where a layout
+  rounds up: Ada-KV's capacity is its largest possible head budget, KIVI's
+  window holds the pending entries of an unfinished block. A transform
+  that cannot honour it raises.
   """
 
   init: Callable[[KVCache], Any]
@@ -192,6 +203,9 @@ class KVTransform(NamedTuple):
   def __ne__(self, other):
     eq = self.__eq__(other)
     return eq if eq is NotImplemented else not eq
+
+
+KVTransform._replace = replace_dropping("spec")
 
 
 @by_value
@@ -260,9 +274,15 @@ def chain(*transforms: KVTransform) -> KVTransform:
   needs = tuple(sorted({n for t in transforms for n in t.needs}))
   everies = [t.every for t in transforms if t.every]
   every = math.gcd(*everies) if everies else 0
-  # Bounded only if every member that acts at decode keeps a budget.
-  bounded = any(t.bounded for t in transforms) and all(
-      t.bounded for t in transforms if t.every)
+  # Bounded only if a member keeps a budget at decode and everything after
+  # the first such member keeps one too or only re-codes entries (a later
+  # prefill-only policy would compact to a smaller budget without the
+  # decode headroom).
+  first = next((i for i, t in enumerate(transforms) if t.bounded), None)
+  bounded = first is not None and all(
+      t.bounded or (t.bits is not None and not t.every)
+      for t in transforms[first:]) and all(
+          t.bounded for t in transforms if t.every)
   return KVTransform(init=init, apply=apply, slots=slots, needs=needs,
                      every=every, bits=bits if has_bits else None,
                      name="+".join(t.name for t in transforms),

@@ -46,7 +46,8 @@ def _check_group(head_dim: int, group_size: int | None) -> int:
 
 
 def _check_bits(bits, allowed=INT_BITS, name="bits"):
-  if bits not in allowed:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
+      bits not in allowed):
     raise ValueError(f"{name}={bits!r} is not supported; allowed: {allowed}.")
 
 
@@ -336,10 +337,12 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
   eviction (entries are assumed contiguous from slot 0, as compaction
   leaves them); a decode-time eviction policy cannot precede it.
 
-  Refused (`Degenerate`) when nothing could ever be quantized (the live
-  bound plus the reserve and decode steps is below `residual`: the cache
-  would only grow); a prompt shorter than `residual` with decode steps to
-  come warns that nothing is quantized at prefill.
+  Refused (`Degenerate`) when nothing could ever be quantized: the live
+  entries plus the decode steps run through the transform stay below
+  `residual` (entries `forward` writes into the reserve are quantized only
+  by a later decode step), so the cache would only grow. A prompt shorter
+  than `residual` with decode steps to come warns that nothing is
+  quantized at prefill.
 
   Args:
     bits: 2, 4 or 8.
@@ -406,13 +409,16 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     H = k.shape[-1]
     live = base.live_bound(cache, ctx)
     total = live + ctx.reserve + ctx.decode_reserve
-    if total < R:
+    # Entries written by `forward` (the reserve) are quantized only by a
+    # later decode step through this transform: what this call can ever
+    # quantize is the live entries and its own decode steps.
+    if live + ctx.decode_reserve < R:
       raise base.Degenerate(
-          f"{label}: at most {total} entries ({live} live + reserve "
-          f"{ctx.reserve} + {ctx.decode_reserve} decode steps) never fill "
-          f"one residual block of {R}, so nothing would be quantized and "
-          "the cache would only grow; use a smaller residual or a longer "
-          "context.")
+          f"{label}: {live} live entries + {ctx.decode_reserve} decode "
+          f"steps never fill one residual block of {R}, so nothing would be "
+          "quantized and the cache would only grow; use a smaller residual, "
+          "a longer context, or decode through the transform "
+          "(prefill(decode_steps=...), generate).")
     if live < R:
       warnings.warn(f"{label}: the {live}-entry prompt is shorter than the "
                     f"residual window {R}; nothing is quantized until "
@@ -435,11 +441,14 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
       return TailedKV(CodedKV(encode(axis, grow(x)), {}, codec(axis, H)),
                       t.astype(x.dtype))
 
+    # More entries than the live bound (a `slots` that under-counted)
+    # would fall between the regions: flagged past the capacity instead.
+    new_end = jnp.where(end > live, sc + tail + 1, sc + end - q)
     cache = cache._replace(
         k=coded(k, key_axis), v=coded(v, value_axis),
         pos=jnp.concatenate([code_pos, tail_pos], -1),
         valid=jnp.concatenate([code_valid, tail_valid], -1),
-        end=(sc + end - q).astype(jnp.int32))
+        end=new_end.astype(jnp.int32))
     return cache, q.astype(jnp.int32)
 
   def flush(cache, qend):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import KVCache
+from kvjax.cache import KVCache, replace_dropping
 from kvjax.compress import base
 from kvjax.model import rope_inv_freq
 
@@ -55,6 +55,9 @@ class Scorer(NamedTuple):
   def __ne__(self, other):
     eq = self.__eq__(other)
     return eq if eq is NotImplemented else not eq
+
+
+Scorer._replace = replace_dropping("spec")
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -441,12 +444,15 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
       cache, _ = base.evict(cache, scores, n, cap)
       return cache, jnp.max(n, axis=(0, 2))
     # Decode: keep each row's budget; the capacity does not change.
+    sort = lambda c: base.evict(c, scores, state[None, :, None],
+                                c.capacity)[0]
     if every == 1:  # one in, one out: O(S) swap-remove, no sort
-      over = jnp.max(base.live_counts(cache), axis=(0, 2)) > state
-      cache, _, _ = base.evict_one(cache, scores, over)
-      return cache, state
-    cache, _ = base.evict(cache, scores, state[None, :, None], cache.capacity)
-    return cache, state
+      live = jnp.max(base.live_counts(cache), axis=(0, 2))
+      one = lambda c: base.evict_one(c, scores, live > state)[0]
+      # Entries fed by `forward` since the last step (a question) put a row
+      # more than one over: back to the budget in one sort.
+      return jax.lax.cond(jnp.any(live > state + 1), sort, one, cache), state
+    return sort(cache), state
 
   return base.KVTransform(
       init=init, apply=apply,
@@ -524,22 +530,33 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
       cache, acc = select(cache, mass, n, cap)
       return cache, (jnp.max(n, axis=(0, 2)), acc)
     acc = acc + mass
-    if every == 1:  # one in, one out: O(S), no sort
+
+    def sort(cache, acc):
+      n = jnp.broadcast_to(budget_row[None, :, None], cache.pos.shape[:3])
+      return select(cache, acc, n, cache.capacity)
+
+    if every > 1:
+      cache, acc = sort(cache, acc)
+      return cache, (budget_row, acc)
+    live = jnp.max(base.live_counts(cache), axis=(0, 2))
+
+    def one(cache, acc):  # one in, one out: O(S), no sort
       n_recent = jnp.floor(budget_row * recent_fraction).astype(jnp.int32)
       newest = jnp.max(cache.pos, axis=-1, keepdims=True)  # [L, B, K, 1]
       recent = cache.pos > newest - n_recent[None, :, None, None]
-      over = jnp.max(base.live_counts(cache), axis=(0, 2)) > budget_row
       cache, e, last = base.evict_one(cache, jnp.where(recent, _BIG, acc),
-                                      over)
+                                      live > budget_row)
       L, B, K, S = acc.shape
       li, bi, ki = jnp.meshgrid(jnp.arange(L), jnp.arange(B), jnp.arange(K),
                                 indexing="ij")
       src = jnp.broadcast_to(last[None, :, None], (L, B, K))
       acc = acc.at[li, bi, ki, e].set(acc[li, bi, ki, src], mode="drop")
-      acc = jnp.where(cache.valid, acc, 0.0)
-      return cache, (budget_row, acc)
-    n = jnp.broadcast_to(budget_row[None, :, None], cache.pos.shape[:3])
-    cache, acc = select(cache, acc, n, cache.capacity)
+      return cache, jnp.where(cache.valid, acc, 0.0)
+
+    # A row more than one over (entries fed by `forward` since the last
+    # step): back to the budget in one sort.
+    cache, acc = jax.lax.cond(jnp.any(live > budget_row + 1), sort, one,
+                              cache, acc)
     return cache, (budget_row, acc)
 
   return base.KVTransform(

@@ -213,7 +213,8 @@ def qjl_decode(enc: dict, projection: Array) -> Array:
 
 
 def _check_turbo_bits(bits, name="bits"):
-  if bits not in TURBO_BITS:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
+      bits not in TURBO_BITS):
     raise ValueError(f"{name}={bits!r} is not supported; allowed: "
                      f"{TURBO_BITS}.")
 

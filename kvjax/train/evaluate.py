@@ -37,9 +37,26 @@ def _answer_logits(params, tokens, lengths, context_len, *, config,
     cache = cache_fn(cache)
   question = tokens[:, L:]  # [B, T - L]
   mask = (L + jnp.arange(T - L))[None, :] < lengths[:, None]
-  logits, _, _ = model_lib.forward(params, question, cache, config=config,
-                                   token_mask=mask)
-  return logits  # [B, T - L, V]
+  logits, cache, _ = model_lib.forward(params, question, cache,
+                                       config=config, token_mask=mask)
+  # [B, T - L, V], and [B] slots each row needed beyond the capacity.
+  return logits, cache.end - cache.capacity
+
+
+def _question_logits(params, config, batch, cache_fn):
+  """[B, T - L, V] logits of the question after the prefilled (and
+  cache_fn'd) context; raises when the question did not fit (under jit its
+  writes past the capacity would have been dropped)."""
+  L = int(batch.context_end[0])
+  logits, over = _answer_logits(params, jnp.asarray(batch.tokens),
+                                jnp.asarray(batch.lengths), jnp.zeros((L,)),
+                                config=config, cache_fn=cache_fn)
+  over = int(np.max(np.asarray(over)))
+  if over > 0:
+    raise ValueError(f"the question needs {over} more cache slots than the "
+                     "cache cache_fn returned has: its writes past the "
+                     "capacity would be dropped; leave room for it.")
+  return logits
 
 
 def evaluate_batch(params: Any, config: ModelConfig, batch: TaskBatch, *,
@@ -59,16 +76,15 @@ def evaluate_batch(params: Any, config: ModelConfig, batch: TaskBatch, *,
     `kvjax.tasks.score(...)` of the greedy answers: task -> TaskScore.
 
   Raises:
-    ValueError: rows with different context lengths.
+    ValueError: rows with different context lengths, or a `cache_fn`
+      whose cache has no room for the question.
   """
   ends = np.unique(batch.context_end)
   if ends.size != 1:
     raise ValueError(f"batch rows have different context_end {ends}; "
                      "evaluate each context length separately.")
   L = int(ends[0])
-  logits = _answer_logits(params, jnp.asarray(batch.tokens),
-                          jnp.asarray(batch.lengths), jnp.zeros((L,)),
-                          config=config, cache_fn=cache_fn)
+  logits = _question_logits(params, config, batch, cache_fn)
   predicted, confidence = scoring.predictions_from_logits(
       batch, logits, offset=L)
   return scoring.score(batch, predicted, confidence=confidence)
@@ -109,10 +125,7 @@ def evaluate_task(params: Any, config: ModelConfig, task: str, *,
 
 def _predict(params, config, batch, cache_fn):
   L = int(batch.context_end[0])
-  # Round the batch up to a fixed size so every call at L compiles once.
-  logits = _answer_logits(params, jnp.asarray(batch.tokens),
-                          jnp.asarray(batch.lengths), jnp.zeros((L,)),
-                          config=config, cache_fn=cache_fn)
+  logits = _question_logits(params, config, batch, cache_fn)
   return scoring.predictions_from_logits(batch, logits, offset=L)
 
 

@@ -305,3 +305,60 @@ def test_fp8_keeps_tiny_vectors_finite():
   assert (err <= np.maximum(absmax / 16, 2**-10 * 6.11e-5)).all(), err
   big = jnp.full((1, 1, 1, 32), 6e4, jnp.float32)  # near float16's max
   assert np.isfinite(np.asarray(codec.decode(codec.encode(big, {}), {}))).all()
+
+
+@pytest.mark.parametrize("name,capacity", [
+    ("h2o", 20 + 1),  # the budget + one slot of headroom: decode evicts
+    ("snapkv", 20 + R),  # prefill-only: room for every decode step
+    ("kivi", 32 + 16),  # no forward reserve: a bare window; R fits in code
+    ("identity", T + R)])
+def test_prefill_decode_steps_go_through_the_transform(name, capacity):
+  """`prefill(decode_steps=R)`: those free slots are for decoding through
+  the transform, so a budget-keeping policy needs none of them."""
+  transform = FACTORIES[name]()
+  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
+                           capacity=T + R, decode_steps=R)
+  assert cache.capacity == capacity
+  _, num, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
+                             max_new_tokens=R, transform=transform)
+  assert (np.asarray(num) == R).all() and not cache_overflowed(out)
+  with pytest.raises(ValueError, match="decode_steps"):
+    kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
+                  capacity=T + R, decode_steps=R + 1)
+
+
+def test_replace_makes_a_new_value():
+  """A transform, scorer or codec changed with `_replace` never equals the
+  one it came from (a jitted entry would reuse the wrong program)."""
+  t = compress.snapkv(0.5)
+  assert t._replace(name="mine") != t and t._replace(spec=t.spec) == t
+  assert compress.h2o(0.5)._replace(every=4) != compress.h2o(0.5)
+  s = compress.snapkv_scorer()
+  assert s._replace(score=None) != s and s == compress.snapkv_scorer()
+  c = compress.fp8_codec()
+  assert c._replace(decode=None) != c and c == compress.fp8_codec()
+  assert compress.uniform(4) != compress.uniform(2)
+  with pytest.raises(ValueError, match="bits=2.0 is not supported"):
+    compress.uniform(2.0)
+
+
+def test_chain_is_bounded_only_if_it_keeps_a_budget_to_the_end():
+  h2o, snap = compress.h2o(0.5), compress.snapkv(0.5, window_size=8)
+  assert compress.chain(snap, h2o).bounded
+  assert compress.chain(h2o, compress.uniform(4)).bounded
+  # SnapKV after H2O compacts to its own smaller budget with no decode
+  # headroom: decoding needs room for every step.
+  assert not compress.chain(h2o, snap).bounded
+
+
+@pytest.mark.parametrize("name", DECODE_TIME)
+def test_decode_time_policy_returns_to_its_budget_after_a_question(name):
+  transform = FACTORIES[name]()
+  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
+                           capacity=T + R)
+  _, fed, _ = kvjax.forward(PARAMS, MORE[:, :R], cache, config=CONFIG)
+  assert (np.asarray(fed.valid.sum(-1)) == 20 + R).all()
+  _, _, out = kvjax.decode(PARAMS, fed, MORE[:, R], config=CONFIG,
+                           max_new_tokens=3 * R, transform=transform)
+  assert not cache_overflowed(out)
+  assert (np.asarray(out.valid.sum(-1)) == 20).all()  # the budget again

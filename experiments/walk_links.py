@@ -4,9 +4,9 @@ For the default sweep's 2-hop walk rows (context 512, 32 rows, the sweep's
 seed), compresses the kvjax-tiny cache as the sweep does and prints, per
 layer, the share of (row, kv head) pairs that still hold the value token of
 link 1 (`x1 -> x2`) and of link 2 (`x2 -> y`), next to the sweep's accuracy
-on those rows. Output: results/probes/walk_links.txt.
+on those rows. The committed output is results/probes/walk_links.txt.
 
-  PYTHONPATH=. python results/probes/walk_links.py
+  python -m experiments.walk_links > results/probes/walk_links.txt
 """
 
 import numpy as np
