@@ -255,13 +255,16 @@ def check_cache_dtype(cache_dtype) -> str | None:
 
 
 def check_cache(cache, config: ModelConfig, batch: int | None = None,
-                name: str = "cache") -> KVCache:
+                name: str = "cache", read_device: bool = True) -> KVCache:
   """The cache must be a `KVCache` laid out for `config`.
 
   Checks the slot bookkeeping `pos` [L, B, K, S] against the config's L and
   K (and `batch`), and plain payloads k / v [L, B, K, S, H] against its
   head_dim and the floating `CACHE_DTYPES`. Coded payloads (`CodedKV`,
-  `TailedKV`) are checked through `pos` only. Static: runs under jit too.
+  `TailedKV`) are checked through `pos` only. These are static: they run
+  under jit too. With `read_device` (and a concrete cache) it also refuses
+  a cache that already overflowed; `decode_step` passes False so that a
+  step never waits on the device.
   """
   if not isinstance(cache, KVCache):
     raise TypeError(f"{name} must be a kvjax KVCache (kvjax.init_cache or "
@@ -304,7 +307,8 @@ def check_cache(cache, config: ModelConfig, batch: int | None = None,
                        "are CodedKV).")
   # A cache that already lost writes (a user's jitted loop ran past its
   # capacity) must not be compressed or extended as if whole.
-  check_no_overflow(cache, f"{name} (given)")
+  if read_device:
+    check_no_overflow(cache, f"{name} (given)")
   return cache
 
 

@@ -227,8 +227,8 @@ def prefill(
   checks.check_transform(transform, "prefill")
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   capacity = checks.check_capacity(capacity, T, f"the {T}-token prompt")
-  if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or (
-      not 0 <= decode_steps <= capacity - T):
+  if isinstance(decode_steps, bool) or not isinstance(
+      decode_steps, (int, np.integer)) or not 0 <= decode_steps <= capacity - T:
     raise ValueError(f"decode_steps must be an int in [0, capacity - T = "
                      f"{capacity - T}], got {decode_steps!r}.")
   cache_dtype = checks.check_cache_dtype(cache_dtype)
@@ -454,7 +454,7 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
     (next [B] int32, logits [B, V] float32, cache).
   """
   checks.check_config(config)
-  checks.check_cache(cache, config)
+  checks.check_cache(cache, config, read_device=False)
   token = checks.check_step_tokens(token, config, cache.batch_size,
                                    read_device=False)
   checks.check_params(params, config)

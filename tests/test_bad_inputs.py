@@ -424,5 +424,10 @@ def test_decode_step_leaves_the_overflow_flag_to_the_caller():
   token, _, cache = _decode_step(cache=cache)
   token, _, over = _decode_step(token=token, cache=cache)  # no room: dropped
   assert kvjax.cache.cache_overflowed(over)
+  # decode_step never reads the device to check (a loop runs ahead) ...
+  _decode_step(token=token, cache=over)
   with pytest.raises(ValueError, match="my loop: cache overflow"):
     checks.check_no_overflow(over, "my loop")
+  # ... but the entries that do read it refuse a cache that lost writes.
+  with pytest.raises(ValueError, match=r"cache \(given\): cache overflow"):
+    kvjax.forward(PARAMS, token[:, None], over, config=CONFIG)

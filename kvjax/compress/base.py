@@ -280,7 +280,7 @@ def chain(*transforms: KVTransform) -> KVTransform:
   # decode headroom).
   first = next((i for i, t in enumerate(transforms) if t.bounded), None)
   bounded = first is not None and all(
-      t.bounded or (t.bits is not None and not t.every)
+      t.bounded or (t.bits is not None and not t.every) or t == identity()
       for t in transforms[first:]) and all(
           t.bounded for t in transforms if t.every)
   return KVTransform(init=init, apply=apply, slots=slots, needs=needs,

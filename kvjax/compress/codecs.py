@@ -455,7 +455,10 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     """Quantizes the oldest R tail entries of rows whose tail holds R or
     more into the code region, and shifts the rest of their tail down."""
     sc = cache.k.code_slots
-    full = cache.end >= sc + R  # [B]
+    # A full block moves only where the code region has room for it; else
+    # the window keeps filling, and a write past it is an overflow that
+    # `forward` reports (nothing is flushed into the void).
+    full = (cache.end >= sc + R) & (qend + R <= sc)  # [B]
     shift = lambda x: jnp.where(
         full.reshape((1, -1) + (1,) * (x.ndim - 2)),
         jnp.concatenate([x[:, :, :, R:], jnp.zeros_like(x[:, :, :, :R])],
@@ -474,11 +477,7 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     tail_pos = jnp.where(full[None, :, None, None], jnp.concatenate(
         [tail_pos[..., R:], jnp.full_like(tail_pos[..., :R], -1)], -1),
                          tail_pos)
-    # A block past the code region cannot be stored: `end` then exceeds
-    # the capacity, which `cache_overflowed` and the entries report.
-    lost = full & (qend + R > sc)
     end = jnp.where(full, cache.end - R, cache.end)
-    end = jnp.where(lost, cache.capacity + 1, end)
     cache = cache._replace(
         k=flushed(cache.k, key_axis), v=flushed(cache.v, value_axis),
         pos=jnp.concatenate([pos, tail_pos], -1),

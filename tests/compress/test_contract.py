@@ -362,3 +362,20 @@ def test_decode_time_policy_returns_to_its_budget_after_a_question(name):
                            max_new_tokens=3 * R, transform=transform)
   assert not cache_overflowed(out)
   assert (np.asarray(out.valid.sum(-1)) == 20).all()  # the budget again
+
+
+def test_kivi_decode_room_is_its_code_region_and_its_window():
+  """Decoding through KIVI fills the free code slots (a block at a time)
+  and then the window; `decode` admits exactly that many steps and
+  refuses one more before running."""
+  transform = compress.kivi(2, group_size=4, residual=4)
+  _, cache = kvjax.prefill(PARAMS, TOKENS[:, :4], config=CONFIG,
+                           transform=transform, capacity=8, decode_steps=4)
+  assert cache.k.code_slots == 8 and cache.capacity == 12
+  _, num, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
+                             max_new_tokens=8, transform=transform)
+  assert (np.asarray(num) == 8).all() and not cache_overflowed(out)
+  assert (np.asarray(out.valid).sum(-1) == 12).all()  # nothing lost
+  with pytest.raises(ValueError, match="needs 1 more slots"):
+    kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG, max_new_tokens=9,
+                 transform=transform)
