@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import contextlib
+import json
 
 import jax
 import pytest
@@ -27,6 +28,21 @@ def _count_compiles():
 def count_compiles():
   """`with count_compiles() as c: ...` then `c["n"]` compilations."""
   return _count_compiles
+
+
+@pytest.fixture
+def update_json():
+  """`update_json(path, change)` rewrites a JSON object file with the keys
+  of the dict `change` set (a config.json edited to test a refusal)."""
+
+  def update(path, change):
+    with open(path) as f:
+      data = json.load(f)
+    data.update(change)
+    with open(path, "w") as f:
+      json.dump(data, f)
+
+  return update
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -123,14 +123,9 @@ def test_restore_checks_the_given_config(saved):
      r"implies bfloat16\[128\]"),
 ])
 def test_config_json_not_matching_params_raises(saved, tmp_path, capfd,
-                                                change, match):
+                                                update_json, change, match):
   path = _copy(saved, tmp_path)
-  cfg_path = os.path.join(path, "config.json")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  cfg.update(change)
-  with open(cfg_path, "w") as f:
-    json.dump(cfg, f)
+  update_json(os.path.join(path, "config.json"), change)
   with pytest.raises(ValueError, match=r"params/ does not match its "
                      rf"config.json: .*{match}"):
     checkpoint.restore(path)

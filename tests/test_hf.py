@@ -206,14 +206,9 @@ def test_inconsistent_header_entry_raises(tmp_path):
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)),
      "unsupported rope type 'yarn'"),
 ])
-def test_unsupported_config_raises(tmp_path, change, match):
+def test_unsupported_config_raises(tmp_path, update_json, change, match):
   _, _, path = _export(tmp_path)
-  cfg_path = os.path.join(path, "config.json")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  cfg.update(change)
-  with open(cfg_path, "w") as f:
-    json.dump(cfg, f)
+  update_json(os.path.join(path, "config.json"), change)
   with pytest.raises(ValueError, match=match):
     hf.load_pretrained(path)
 
