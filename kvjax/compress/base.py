@@ -127,6 +127,11 @@ def _spec_eq(self, other) -> bool:
   return self.spec == other.spec
 
 
+def _spec_ne(self, other) -> bool:
+  eq = _spec_eq(self, other)
+  return eq if eq is NotImplemented else not eq
+
+
 def _spec_hash(self) -> int:
   return hash(self.spec) if self.spec is not None else id(self)
 
@@ -198,11 +203,8 @@ class KVTransform(NamedTuple):
   spec: Hashable = None
 
   __eq__ = _spec_eq
+  __ne__ = _spec_ne
   __hash__ = _spec_hash
-
-  def __ne__(self, other):
-    eq = self.__eq__(other)
-    return eq if eq is NotImplemented else not eq
 
 
 KVTransform._replace = replace_dropping("spec")

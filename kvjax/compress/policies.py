@@ -49,12 +49,10 @@ class Scorer(NamedTuple):
   name: str = "scorer"
   spec: Any = None
 
+  # Value equality, as KVTransform's (see `base.by_value`).
   __eq__ = base._spec_eq  # pylint: disable=protected-access
+  __ne__ = base._spec_ne  # pylint: disable=protected-access
   __hash__ = base._spec_hash  # pylint: disable=protected-access
-
-  def __ne__(self, other):
-    eq = self.__eq__(other)
-    return eq if eq is NotImplemented else not eq
 
 
 Scorer._replace = replace_dropping("spec")
