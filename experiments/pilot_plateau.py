@@ -8,7 +8,7 @@ Prints, every 100 steps, the mean train answer accuracy of the last 100
 steps and the seconds so far. AdamW, warmup 30 steps, then a constant rate
 (WSD with a 100-step decay at the very end). Results: plateau.md.
 
-  PYTHONPATH=. python results/train/pilot_plateau.py --d_model=64 \
+  python -m experiments.pilot_plateau --d_model=64 \
       --num_layers=2 --num_heads=2 --num_kv_heads=2 --head_dim=32 \
       --mlp_dim=128 --seed=0 --steps=1200
 """

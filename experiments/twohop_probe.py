@@ -6,12 +6,11 @@ middle node x2 (the first lookup's result); and, per layer and head, the
 attention of the answering query to the links' key and value slots, to
 the question's x1 and to BOS.
 
-  PYTHONPATH=. python results/train/twohop_probe.py \
+  python -m experiments.twohop_probe \
       --workdir=/tmp/kvjax-twohop --preset=twohop --context_len=64
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -20,14 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))))
-from experiments.configs import train as train_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kvjax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kvjax.analysis import residual  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kvjax.cache import init_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kvjax.tasks import generators  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kvjax.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.configs import train as train_configs
+from kvjax import model as model_lib
+from kvjax.analysis import residual
+from kvjax.cache import init_cache
+from kvjax.tasks import generators
+from kvjax.train import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Train workdir.",
                                required=True)
