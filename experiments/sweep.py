@@ -51,6 +51,7 @@ import kvjax
 from kvjax import compress
 from kvjax import model as model_lib
 from kvjax.analysis import graph as graph_lib
+from kvjax.attention import resolve_backend
 from kvjax.analysis import support as support_lib
 from kvjax.cache import coded_share, kv_bytes, logical_bytes
 from kvjax.tasks import generators, scoring
@@ -169,6 +170,10 @@ def validate_config(cfg) -> None:
           if field == "methods" else f"config.{field} is empty.")
   if not _split(cfg.ratios, float, "ratios"):
     raise ValueError("config.ratios is empty.")
+  try:
+    resolve_backend(cfg.backend)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.backend={cfg.backend!r}: {e}") from None
 
 
 def plan_units(cfg) -> list[dict[str, Any]]:
@@ -270,7 +275,8 @@ def run_tag(cfg, params) -> str:
                 context_len=cfg.context_len,
                 mqar_pairs=cfg.mqar_pairs, num_examples=cfg.num_examples,
                 seed=cfg.seed, confidence=cfg.confidence,
-                graph_eps=cfg.graph_eps)
+                graph_eps=cfg.graph_eps,
+                backend=resolve_backend(cfg.backend).value)
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest(
   )[:10]
 
@@ -297,21 +303,23 @@ def read_results(path: str) -> list[dict[str, Any]]:
 # Per-task data: batch, uncompressed reference, prefill attention graph.
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture"))
-def _question(params, cache, question, mask, *, config,
+@functools.partial(jax.jit, static_argnames=("config", "capture", "backend"))
+def _question(params, cache, question, mask, *, config, backend,
               capture=("attn_probs",)):
   """Teacher-forced question on a (compressed) cache, with attention."""
   logits, cache, aux = model_lib.forward(params, question, cache,
                                          config=config, token_mask=mask,
-                                         capture=capture)
+                                         capture=capture, backend=backend)
   return logits, aux, cache.pos, cache.valid, cache.end
 
 
-def _ask(params, cache, question, mask, *, config, capture=("attn_probs",)):
+def _ask(params, cache, question, mask, *, config, backend,
+         capture=("attn_probs",)):
   """`_question`, refusing a cache the question did not fit into (under
   jit the writes past capacity would be dropped: the question lost)."""
   logits, aux, pos, valid, end = _question(params, cache, question, mask,
-                                           config=config, capture=capture)
+                                           config=config, backend=backend,
+                                           capture=capture)
   most = int(np.max(np.asarray(end)))
   if most > cache.capacity:
     raise ValueError(f"the question needs {most} cache slots, the compressed "
@@ -320,23 +328,23 @@ def _ask(params, cache, question, mask, *, config, capture=("attn_probs",)):
   return logits, aux, pos, valid
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _prefill(params, context, *, config, capacity):
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "backend"))
+def _prefill(params, context, *, config, capacity, backend):
   """The uncompressed prefill and what every transform may observe."""
   cache = kvjax.init_cache(config, context.shape[0], capacity)
   _, cache, aux = model_lib.forward(params, context, cache, config=config,
-                                    capture=_OBSERVED)
+                                    capture=_OBSERVED, backend=backend)
   return cache, aux
 
 
 _OBSERVED = ("q", "q_pre_rope", "attn_mass")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _prefill_probs(params, tokens, *, config, capacity):
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "backend"))
+def _prefill_probs(params, tokens, *, config, capacity, backend):
   cache = kvjax.init_cache(config, tokens.shape[0], capacity)
   _, cache, aux = model_lib.forward(params, tokens, cache, config=config,
-                                    capture=("attn_probs",))
+                                    capture=("attn_probs",), backend=backend)
   return aux["attn_probs"], cache.pos, cache.valid
 
 
@@ -371,15 +379,17 @@ class TaskData:
     self.targets = self.batch.critical_positions
 
     self.config, self.params = config, params
+    self.backend = resolve_backend(cfg.backend)
     # One prefill serves every unit: agnostic transforms observe the end of
     # the context, aware ones the question's own queries.
     self.cache, self.context_observed = _prefill(params, self.context,
-                                                 config=config, capacity=T)
+                                                 config=config, capacity=T,
+                                                 backend=self.backend)
     B = self.context.shape[0]
     self.context_pos = jnp.broadcast_to(jnp.arange(L), (B, L))
     self.context_mask = jnp.ones((B, L), bool)
     logits, aux, _, _ = _ask(params, self.cache, self.question, self.qmask,
-                             config=config,
+                             config=config, backend=self.backend,
                              capture=("q", "q_pre_rope", "attn_probs"))
     probs = aux["attn_probs"]
     self.logits = np.asarray(logits)
@@ -407,7 +417,8 @@ class TaskData:
     B = self.context.shape[0]
     for i in range(0, B, rows):
       probs, pos, valid = _prefill_probs(self.params, self.context[i:i + rows],
-                                         config=self.config, capacity=self.L)
+                                         config=self.config, capacity=self.L,
+                                         backend=self.backend)
       n = probs.shape[1]
       qpos = np.broadcast_to(np.arange(self.L), (n, self.L))
       parts.append(graph_lib.token_graph(
@@ -472,7 +483,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     return refuse(f"{codec} stored none of the kept entries coded (all in "
                   "its full-precision window): not a compressed unit.")
   logits, aux, pos, valid = _ask(td.params, cache, td.question, td.qmask,
-                                 config=td.config)
+                                 config=td.config, backend=td.backend)
   probs = aux["attn_probs"]
   logits = np.asarray(logits)
   seconds = time.perf_counter() - t0

@@ -124,11 +124,21 @@ class CodedKV:
     """[L, B, K, S, H] float32 entries of a whole cache's payload."""
     return jax.vmap(self.codec.decode)(self.slots, self.shared)
 
-  def write(self, x: Array, rows: Array, slots: Array) -> "CodedKV":
-    """Encodes x [B, T, K, H] (one layer) into slots [B, T] of rows [B, 1]."""
+  def write(self, x: Array, rows: Array, slots: Array,
+            layer: Array | None = None) -> "CodedKV":
+    """Encodes x [B, T, K, H] into slots [B, T] of rows [B, 1].
+
+    With `layer` ([] int32, may be traced) the payload is L-stacked and
+    only that layer's slots are written, in place; without it the payload
+    is one layer's.
+    """
+    shared = self.shared if layer is None else jax.tree.map(
+        lambda a: a[layer], self.shared)
     enc = self.codec.encode(jnp.swapaxes(x.astype(jnp.float32), 1, 2),
-                            self.shared)  # [B, K, T, X]
-    new = {name: self.slots[name].at[rows, :, slots].set(
+                            shared)  # [B, K, T, X]
+    at = (lambda a: a.at[rows, :, slots]) if layer is None else (
+        lambda a: a.at[layer, rows, :, slots])
+    new = {name: at(self.slots[name]).set(
         jnp.swapaxes(enc[name], 1, 2).astype(self.slots[name].dtype),
         mode="drop") for name in self.slots}
     return CodedKV(new, self.shared, self.codec)
@@ -176,14 +186,19 @@ class TailedKV:
     return jnp.concatenate([self.code.decode(),
                             self.tail.astype(jnp.float32)], axis=-2)
 
-  def write(self, x: Array, rows: Array, slots: Array) -> "TailedKV":
+  def write(self, x: Array, rows: Array, slots: Array,
+            layer: Array | None = None) -> "TailedKV":
+    """As `CodedKV.write`: slots in the tail go there, the others to the
+    code region (when its codec encodes one entry at a time)."""
     sc, r = self.code_slots, self.tail.shape[-2]
     in_tail = (slots >= sc) & (slots < sc + r)
-    tail = self.tail.at[rows, :, jnp.where(in_tail, slots - sc, r)].set(
-        x.astype(self.tail.dtype), mode="drop")
+    tail_slots = jnp.where(in_tail, slots - sc, r)
+    at = (lambda a: a.at[rows, :, tail_slots]) if layer is None else (
+        lambda a: a.at[layer, rows, :, tail_slots])
+    tail = at(self.tail).set(x.astype(self.tail.dtype), mode="drop")
     code = self.code
     if code.codec.encode is not None:
-      code = code.write(x, rows, jnp.where(in_tail, sc, slots))
+      code = code.write(x, rows, jnp.where(in_tail, sc, slots), layer)
     return TailedKV(code, tail)
 
   def gather(self, idx: Array):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import checks
+from kvjax.attention import Backend, resolve_backend
 from kvjax import model as model_lib
 from kvjax.cache import KVCache, init_cache
 from kvjax.compress import base as compress_base
@@ -179,7 +180,7 @@ def prefill(
     capacity: int | None = None,
     prompt_lengths: Array | None = None,
     cache_dtype: Any = None,
-    backend: str = "xla",
+    backend: Backend | str = Backend.AUTO,
     prefill_chunk: int | None = None,
     decode_steps: int = 0,
     **extra,
@@ -200,7 +201,8 @@ def prefill(
       through the transform, the rest (the reserve) for `forward`.
     prompt_lengths: [B] true prompt lengths (None: all T).
     cache_dtype: key/value dtype (default: the model dtype).
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
     prefill_chunk: run the prompt through the model `prefill_chunk` tokens
       at a time (long prompts: bounds attention's [T, S] scores to
       [prefill_chunk, S]); None: in one call.
@@ -237,7 +239,8 @@ def prefill(
   logits, cache = _prefill(params, jnp.asarray(tokens, jnp.int32),
                            prompt_lengths, transform, extra, config=config,
                            capacity=capacity, cache_dtype=cache_dtype,
-                           backend=backend, prefill_chunk=prefill_chunk,
+                           backend=resolve_backend(backend),
+                           prefill_chunk=prefill_chunk,
                            decode_steps=decode_steps)
   checks.check_no_overflow(cache, "prefill")
   return logits, cache
@@ -248,18 +251,13 @@ def prefill(
 def _compress_observing(params, cache, observe, token_mask, observe_mask,
                         transform, extra, *, config, reserve, backend,
                         live_bound):
-  needs = tuple(transform.needs)
-  capture = tuple(n for n in needs if n in ("q", "q_pre_rope", "attn_probs"))
-  if "attn_mass" in needs and "attn_probs" not in capture:
-    capture += ("attn_probs",)
+  # As in prefill: what a prefill-phase transform reads (the mass of the
+  # observed queries only, not of e.g. teacher-forced answers; never the
+  # [T, S] probabilities).
+  capture = tuple(n for n in transform.needs if n in _PREFILL_CAPTURES)
   _, _, aux = model_lib.forward(params, observe, cache, config=config,
                                 token_mask=token_mask, capture=capture,
-                                backend=backend)
-  if "attn_mass" in needs:
-    # Mass of the observed queries only (the forward's own attn_mass sums
-    # every real token, e.g. teacher-forced answers too).
-    aux["attn_mass"] = jnp.einsum("lbnts,bt->lbns", aux["attn_probs"],
-                                  observe_mask.astype(jnp.float32))
+                                backend=backend, mass_mask=observe_mask)
   positions = (cache.length[:, None]
                + jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1)
   # The transform sees the cache as it was before `observe` ran: the
@@ -348,7 +346,7 @@ def compress_observing(
     token_mask: Array | None = None,
     observe_mask: Array | None = None,
     reserve: int | None = None,
-    backend: str = "xla",
+    backend: Backend | str = Backend.AUTO,
     **extra,
 ) -> KVCache:
   """Question-aware compression of a prefilled cache (jitted).
@@ -372,7 +370,8 @@ def compress_observing(
       `token_mask`); must be a subset of `token_mask`.
     reserve: free slots left after a compacting transform (a Python int;
       default T, room to feed `observe` afterwards).
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
     **extra: passed to the transform.
 
   Returns:
@@ -409,7 +408,8 @@ def compress_observing(
   reserve = T if reserve is None else checks.check_reserve(reserve)
   out = _compress_observing(params, cache, jnp.asarray(observe, jnp.int32),
                             token_mask, observe_mask, transform, extra,
-                            config=config, reserve=reserve, backend=backend,
+                            config=config, reserve=reserve,
+                            backend=resolve_backend(backend),
                             live_bound=_live_bound(cache))
   checks.check_no_overflow(out, "compress_observing")
   return out
@@ -427,7 +427,8 @@ def _decode_step(params, token, cache, rng, *, config, temperature, top_k,
 
 def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
                 config: ModelConfig, temperature: float = 0.0,
-                top_k: int | None = None, backend: str = "xla"):
+                top_k: int | None = None,
+                backend: Backend | str = Backend.AUTO):
   """One jitted decode step: feeds token [B], samples the next.
 
   Meant for a user's own decode loop, so it never waits on the device: its
@@ -448,7 +449,8 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
     config: the model config.
     temperature: 0 for greedy, else a finite sampling temperature > 0.
     top_k: restrict sampling to the k most likely tokens.
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
 
   Returns:
     (next [B] int32, logits [B, V] float32, cache).
@@ -462,7 +464,7 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
   rng = checks.check_rng(rng)
   return _decode_step(params, jnp.asarray(token, jnp.int32), cache, rng,
                       config=config, temperature=temperature, top_k=top_k,
-                      backend=backend)
+                      backend=resolve_backend(backend))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -555,7 +557,7 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
            max_new_tokens: int, transform: compress_base.KVTransform | None
            = None, temperature: float = 0.0, top_k: int | None = None,
            rng: Array | None = None, stop_token: int | None = None,
-           pad_token: int = 0, backend: str = "xla", **extra
+           pad_token: int = 0, backend: Backend | str = Backend.AUTO, **extra
            ) -> tuple[Array, Array, KVCache]:
   """Continues decoding from a cache (e.g. one returned by `prefill`).
 
@@ -577,7 +579,8 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
     rng: PRNG key for sampling (default `jax.random.key(0)`).
     stop_token: a row stops after emitting this token.
     pad_token: fills a row after it stops.
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
     **extra: passed to the transform.
 
   Returns:
@@ -623,7 +626,7 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
       params, cache, jnp.asarray(token, jnp.int32), rng, transform, extra,
       config=config, max_new_tokens=max_new_tokens, temperature=temperature,
       top_k=top_k, stop_token=stop_token, pad_token=pad_token,
-      backend=backend)
+      backend=resolve_backend(backend))
   checks.check_no_overflow(cache, "decode")
   return out, num, cache
 
@@ -642,7 +645,7 @@ def generate(
     pad_token: int = 0,
     capacity: int | None = None,
     cache_dtype: Any = None,
-    backend: str = "xla",
+    backend: Backend | str = Backend.AUTO,
     transform: compress_base.KVTransform | None = None,
     prefill_chunk: int | None = None,
     **extra,
@@ -663,7 +666,8 @@ def generate(
     capacity: cache slots; defaults to T + max_new_tokens - 1, the least
       that fits (the last sampled token is never fed back).
     cache_dtype: key/value dtype (default: the model dtype).
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
     transform: a `kvjax.compress` transform applied after the prompt and,
       for decode-time methods (`transform.every > 0`), every `every` decode
       steps.
@@ -713,7 +717,7 @@ def generate(
                   max_new_tokens=max_new_tokens, capacity=capacity,
                   temperature=temperature, top_k=top_k,
                   stop_token=stop_token, pad_token=pad_token,
-                  cache_dtype=cache_dtype, backend=backend,
+                  cache_dtype=cache_dtype, backend=resolve_backend(backend),
                   prefill_chunk=prefill_chunk)
   checks.check_no_overflow(out.cache, "generate")
   return out

@@ -166,45 +166,53 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def write_slots(
-    layer_cache: tuple[Array, Array, Array, Array],  # k, v [B,K,S,H]; pos, valid [B,K,S]
+    # k, v [L, B, K, S, H] (or coded payloads); pos, valid [L, B, K, S]
+    layer_cache: tuple[Any, Any, Array, Array],
     k: Array,  # [B, T, K, H]
     v: Array,  # [B, T, K, H]
     positions: Array,  # [B, T]
     slots: Array,  # [B, T] target slot per token; S (out of range) = skip
-) -> tuple[Array, Array, Array, Array]:
-  """Scatters new entries into one layer's cache; out-of-range slots drop."""
+    *,
+    layer: Array,  # [] int32 layer to write (may be traced)
+) -> tuple[Any, Any, Array, Array]:
+  """Scatters new entries into one layer of the L-stacked cache leaves, in
+  place (only the written slots move); out-of-range slots drop."""
   ck, cv, cpos, cvalid = layer_cache
   B, T, K, _ = k.shape
   rows = jnp.arange(B)[:, None]  # [B, 1]
-  # Advanced indices (rows, slots) around a slice put [B, T] first: the
-  # updates are [B, T, K, H] and [B, T, K]. Coded payloads encode first.
+  # Advanced indices (layer, rows, slots) around a slice put [B, T] first:
+  # the updates are [B, T, K, H] and [B, T, K]. Coded payloads encode first.
   def put(c, x):
     if is_coded(c):
-      return c.write(x, rows, slots)
-    return c.at[rows, :, slots].set(x.astype(c.dtype), mode="drop")
+      return c.write(x, rows, slots, layer)
+    return c.at[layer, rows, :, slots].set(x.astype(c.dtype), mode="drop")
   ck, cv = put(ck, k), put(cv, v)
   pos_btk = jnp.broadcast_to(positions[:, :, None], (B, T, K))
-  cpos = cpos.at[rows, :, slots].set(pos_btk.astype(jnp.int32), mode="drop")
-  cvalid = cvalid.at[rows, :, slots].set(True, mode="drop")
+  cpos = cpos.at[layer, rows, :, slots].set(pos_btk.astype(jnp.int32),
+                                            mode="drop")
+  cvalid = cvalid.at[layer, rows, :, slots].set(True, mode="drop")
   return ck, cv, cpos, cvalid
 
 
 def decoder_layer(
     x: Array,  # [B, T, D]
     p: Params,  # one layer's params (no L axis)
-    layer_cache: tuple[Array, Array, Array, Array],
+    layer_cache: tuple[Any, Any, Array, Array],  # L-stacked k, v, pos, valid
     *,
     positions: Array,  # [B, T]
     slots: Array,  # [B, T]
     config: ModelConfig,
     inv_freq: np.ndarray,
-    backend: str,
+    backend: attention_lib.Backend | str,
     capture: tuple[str, ...],
-    layer: Array | int | None = None,  # [] int32 layer index (for intervene)
+    layer: Array | int,  # [] int32 layer index (traced inside the scan)
     intervene: Intervene | None = None,
-) -> tuple[Array, tuple[Array, Array, Array, Array], dict[str, Array]]:
+    mass_weights: Array | None = None,  # [B, T] queries "attn_mass" sums
+) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
+  The cache leaves are the whole model's (L-stacked); the block writes its
+  new entries into layer `layer` in place and attends over that layer.
   `intervene(layer, "attn_out" | "mlp_out", write)`, when given, replaces
   each write just before it is added to the residual (see `forward`); the
   captured "attn_out" / "mlp_out" are the replaced writes.
@@ -228,11 +236,18 @@ def decoder_layer(
     captured["q_pre_rope"] = q
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
-  layer_cache = write_slots(layer_cache, k, v, positions, slots)
-  ck, cv, cpos, cvalid = layer_cache
-  out, probs = attention_lib.attention(
-      q, ck, cv, q_pos=positions, k_pos=cpos, k_valid=cvalid,
-      sliding_window=c.sliding_window, backend=backend)  # out [B, T, N, H]
+  layer = jnp.asarray(layer, jnp.int32)
+  layer_cache = write_slots(layer_cache, k, v, positions, slots, layer=layer)
+  view = attention_lib.LayerView(*layer_cache, layer)
+  backend = attention_lib.resolve_backend(backend)
+  # The reference materializes probabilities anyway: its mass comes from
+  # them; the engine's from a second pass against the LSE.
+  want_probs = "attn_probs" in capture or (
+      "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE)
+  att = attention_lib.cached_attention(
+      q, view, q_pos=positions, sliding_window=c.sliding_window,
+      backend=backend, return_probs=want_probs)
+  out, probs = att.out, att.probs  # out [B, T, N, H]
   attn_out = jnp.einsum("btnh,nhd->btd", out, p["wo"])  # [B, T, D]
   if c.o_bias:
     attn_out = attn_out + p["bo"]
@@ -254,10 +269,15 @@ def decoder_layer(
     if name in capture:
       captured[name] = value
   if "attn_mass" in capture:
-    # Padding queries get slot S (out of range); S from `cpos`, as a coded
-    # payload (CodedKV / TailedKV) has no array shape.
-    q_live = (slots < cpos.shape[-1]).astype(probs.dtype)  # [B, T]
-    captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
+    # Default: every written query (padding queries get slot S).
+    q_live = (slots < view.pos.shape[-1] if mass_weights is None
+              else mass_weights).astype(jnp.float32)  # [B, T]
+    if probs is not None:
+      captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
+    else:
+      captured["attn_mass"] = attention_lib.attention_mass(
+          q, view, att.lse, q_live, q_pos=positions,
+          sliding_window=c.sliding_window)
   return x, layer_cache, captured
 
 
@@ -305,8 +325,9 @@ def forward(
     positions: Array | None = None,
     token_mask: Array | None = None,
     capture: tuple[str, ...] = (),
-    backend: str = "xla",
+    backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
     intervene: Intervene | None = None,
+    mass_mask: Array | None = None,
 ) -> tuple[Array, KVCache, dict[str, Array]]:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -326,7 +347,8 @@ def forward(
       are meaningless (finite). Any layout (left or right padding) works.
     capture: static tuple of names from `CAPTURE_NAMES`; each lands in
       `aux` stacked over layers.
-    backend: attention backend (see `kvjax.attention.BACKENDS`).
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
     intervene: optional static side input (penzai style), a callable
       `intervene(layer, name, value) -> value` applied to every layer's
       attention write (`name="attn_out"`) and MLP write (`"mlp_out"`),
@@ -336,6 +358,8 @@ def forward(
       intervened ones. Under `jax.jit` mark it static (a callable is hashed
       by identity). None (the default) leaves the computation untouched.
       `kvjax.analysis.residual.intervene_writes` builds common ones.
+    mass_mask: optional [B, T] bool, the queries whose attention the
+      "attn_mass" capture sums (default: every unmasked token).
 
   Returns:
     logits: [B, T, V] float32.
@@ -354,10 +378,14 @@ def forward(
   """
   tokens = _check_forward_args(params, tokens, cache, config, positions,
                                token_mask, capture, intervene)
+  backend = attention_lib.resolve_backend(backend)
   B, T = tokens.shape
   S = cache.capacity
   if token_mask is None:
     token_mask = jnp.ones((B, T), bool)
+  if mass_mask is not None and tuple(mass_mask.shape) != (B, T):
+    raise ValueError(f"mass_mask must have shape {(B, T)}, got "
+                     f"{tuple(mass_mask.shape)}.")
   if checks.is_concrete(token_mask):
     n_host = np.asarray(token_mask).astype(bool).sum(axis=1)
     checks.check_room(cache, n_host, f"writing {int(n_host.max())} tokens",
@@ -370,26 +398,27 @@ def forward(
     positions = cache.length[:, None] + count - 1
   positions = positions.astype(jnp.int32)
   slots = jnp.where(token_mask, cache.end[:, None] + count - 1, S)  # [B, T]
+  mass_weights = token_mask if mass_mask is None else (
+      token_mask & mass_mask.astype(bool))
 
   x = params["embed"][tokens].astype(config.jnp_dtype)  # [B, T, D]
   inv_freq = rope_inv_freq(config)
 
-  def body(x, xs):
-    if intervene is None:
-      (p, layer_cache), layer = xs, None
-    else:
-      p, layer_cache, layer = xs
+  # The whole cache rides in the scan's carry: each layer writes its new
+  # entries in place and reads its own layer (no per-layer copies in or
+  # out of the scan).
+  def body(carry, xs):
+    x, layer_cache = carry
+    p, layer = xs
     x, layer_cache, captured = decoder_layer(
         x, p, layer_cache, positions=positions, slots=slots, config=config,
         inv_freq=inv_freq, backend=backend, capture=capture, layer=layer,
-        intervene=intervene)
-    return x, (layer_cache, captured)
+        intervene=intervene, mass_weights=mass_weights)
+    return (x, layer_cache), captured
 
   layer_caches = (cache.k, cache.v, cache.pos, cache.valid)
-  xs = (params["layers"], layer_caches)
-  if intervene is not None:  # the layer index rides along the scan
-    xs += (jnp.arange(config.num_layers, dtype=jnp.int32),)
-  x, (layer_caches, aux) = jax.lax.scan(body, x, xs)
+  xs = (params["layers"], jnp.arange(config.num_layers, dtype=jnp.int32))
+  (x, layer_caches), aux = jax.lax.scan(body, (x, layer_caches), xs)
   if "final_hidden" in capture:
     aux["final_hidden"] = x
   x = rms_norm(x, params["final_norm"], config.norm_eps)

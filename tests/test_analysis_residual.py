@@ -320,11 +320,11 @@ def test_jacobian_matches_finite_differences_on_tiny():
   @jax.jit
   def layer(l, x):  # [1, T, D] -> [1, T, D]
     p = jax.tree.map(lambda a: a[l], params["layers"])
-    c = (empty.k[l], empty.v[l], empty.pos[l], empty.valid[l])
+    c = (empty.k, empty.v, empty.pos, empty.valid)
     return model_lib.decoder_layer(
         x, p, c, positions=positions, slots=positions, config=config,
         inv_freq=model_lib.rope_inv_freq(config), backend="xla",
-        capture=())[0]
+        capture=(), layer=l)[0]
 
   two = lambda x: layer(1, layer(0, x))
   eps, rng = 1e-2, np.random.default_rng(3)

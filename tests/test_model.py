@@ -170,11 +170,12 @@ def test_attention_on_a_scrambled_cache_matches_contiguous():
   pos = jnp.broadcast_to(jnp.arange(S), (B, K, S))
   valid = jnp.ones((B, K, S), bool).at[:, :, 8:].set(False)
   q_pos = jnp.broadcast_to(jnp.arange(5, 8), (B, T))
-  out, _ = reference_attention(q, k, v, q_pos=q_pos, k_pos=pos, k_valid=valid)
+  out = reference_attention(q, k, v, q_pos=q_pos, k_pos=pos,
+                            k_valid=valid).out
   perm = jax.random.permutation(jax.random.key(3), S)
-  out2, _ = reference_attention(q, k[:, :, perm], v[:, :, perm], q_pos=q_pos,
-                                k_pos=pos[:, :, perm],
-                                k_valid=valid[:, :, perm])
+  out2 = reference_attention(q, k[:, :, perm], v[:, :, perm], q_pos=q_pos,
+                             k_pos=pos[:, :, perm],
+                             k_valid=valid[:, :, perm]).out
   np.testing.assert_allclose(out, out2, atol=1e-6)
   # And a direct softmax over the visible keys of query 0, head 0.
   vis = np.arange(S) <= 5

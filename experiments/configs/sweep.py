@@ -29,6 +29,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # or "random:PRESET" (random weights of a kvjax.config preset; plumbing).
   c.model = "kvjax-tiny"
   c.dtype = "float32"  # Parameter and cache dtype.
+  # Attention backend: "auto" (by platform), "xla" (blockwise) or
+  # "reference" (the definition; materializes [T, S]).
+  c.backend = "auto"
   # Method names (see experiments/sweep.py METHODS): eviction policies run
   # at every ratio > 0, quantizers once, "A+B" evicts with A then encodes
   # with B at every ratio > 0. Ratio 0 is the uncompressed model ("none").

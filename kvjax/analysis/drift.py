@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import model as model_lib
+from kvjax.attention import Backend, resolve_backend
 from kvjax.cache import init_cache
 from kvjax.config import ModelConfig
 
@@ -134,7 +135,7 @@ def cache_drift(
     *,
     prefill_len: int = 1,
     cache_dtype: Any = None,
-    backend: str = "xla",
+    backend: Backend | str = Backend.AUTO,
 ) -> CacheDrift:
   """Logit drift between cached token-by-token decode and full recompute.
 
@@ -146,7 +147,8 @@ def cache_drift(
       "float16".
     prefill_len: tokens fed in the prefill call, 1 <= prefill_len < T.
     cache_dtype: key/value dtype (default: `dtype`).
-    backend: attention backend.
+    backend: attention backend, a `kvjax.attention.Backend` or its name
+      ("auto", "reference", "xla"); AUTO picks by platform.
 
   Returns:
     A `CacheDrift` of Python floats over the T - prefill_len decoded
@@ -168,7 +170,7 @@ def cache_drift(
   cache_dtype = dtype if cache_dtype is None else jnp.dtype(cache_dtype).name
   cfg = config.replace(dtype=dtype)  # validates the dtype name
   cast = cast_params(params, dtype)
-  kw = dict(cache_dtype=cache_dtype, backend=backend)
+  kw = dict(cache_dtype=cache_dtype, backend=resolve_backend(backend))
   full = _recompute_logits(cast, tokens, config=cfg, **kw)
   cached = _cached_logits(cast, tokens, config=cfg, prefill_len=prefill_len,
                           **kw)

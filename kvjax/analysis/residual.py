@@ -658,14 +658,15 @@ def _layer_jacobian(layers, l, resid, *, config, block):
   x = resid[l].astype(jnp.float32)
   _, T, D = x.shape
   empty = init_cache(config, 1, T, dtype=jnp.float32)
-  layer_cache = (empty.k[0], empty.v[0], empty.pos[0], empty.valid[0])
+  layer_cache = (empty.k, empty.v, empty.pos, empty.valid)
   positions = jnp.arange(T, dtype=jnp.int32)[None]  # [1, T]
   inv_freq = model_lib.rope_inv_freq(config)
 
   def layer(x):  # [1, T, D] -> [1, T, D]
     y, _, _ = model_lib.decoder_layer(
         x, p, layer_cache, positions=positions, slots=positions,
-        config=config, inv_freq=inv_freq, backend="xla", capture=())
+        config=config, inv_freq=inv_freq, backend="xla", capture=(),
+        layer=l)
     return y
 
   if block == "full":

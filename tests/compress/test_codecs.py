@@ -208,9 +208,9 @@ def test_lowrank_is_exact_at_full_rank_and_scores_in_the_subspace():
   layer = jax.tree.map(lambda x: x[0], low)
   q = jax.random.normal(jax.random.key(0), (2, 2, CONFIG.num_heads, 32))
   kw = dict(q_pos=jnp.full((2, 2), 300), k_pos=layer.pos, k_valid=layer.valid)
-  out, _ = kvjax.reference_attention(q, layer.k, layer.v, **kw)
-  ref, _ = kvjax.reference_attention(q, layer.k.decode(), layer.v.decode(),
-                                     **kw)
+  out = kvjax.reference_attention(q, layer.k, layer.v, **kw).out
+  ref = kvjax.reference_attention(q, layer.k.decode(), layer.v.decode(),
+                                  **kw).out
   np.testing.assert_allclose(out, ref, atol=1e-4)
   with pytest.raises(ValueError, match="rank"):
     compress.lowrank(0)

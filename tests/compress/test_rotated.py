@@ -162,9 +162,9 @@ def test_attention_uses_code_space_scores(model, make):
   layer = jax.tree.map(lambda x: x[1], cache)  # one layer, no L axis
   q = jax.random.normal(jax.random.key(3), (2, 3, CONFIG.num_heads, 128))
   kw = dict(q_pos=jnp.full((2, 3), 63), k_pos=layer.pos, k_valid=layer.valid)
-  out, probs = kvjax.reference_attention(q, layer.k, layer.v, **kw)
-  ref, ref_probs = kvjax.reference_attention(q, layer.k.decode(),
-                                             layer.v.decode(), **kw)
+  out, _, probs = kvjax.reference_attention(q, layer.k, layer.v, **kw)
+  ref, _, ref_probs = kvjax.reference_attention(q, layer.k.decode(),
+                                                layer.v.decode(), **kw)
   np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
   np.testing.assert_allclose(out, ref, atol=1e-4)
 
