@@ -412,18 +412,35 @@ def _block_xs(run: _Run):
                                                            jnp.int32))
 
 
+def _all_visible(pos_b, valid_b, qpos, window):
+  """[] bool: does every query of qpos [B, tq] see every slot of the block
+  (no mask needed)."""
+  lo = jnp.min(qpos, axis=1)[:, None, None]  # [B, 1, 1]
+  full = valid_b & (pos_b <= lo)
+  if window is not None:
+    hi = jnp.max(qpos, axis=1)[:, None, None]
+    full &= pos_b > hi - window
+  return jnp.all(full)
+
+
 def _scan_blocks(view: LayerView, runs: list[_Run], carry, visit, qpos,
                  window):
-  """Folds `visit(carry, run, keys) -> carry` over the key blocks a query
-  of qpos [B, tq] may see, skipping the others with a `lax.cond`. Blocks
-  run inside a loop even when there is one, so a read never fuses with the
-  cache write before it (which would make XLA copy the whole buffer)."""
+  """Folds `visit(carry, run, keys, masked) -> carry` over the key blocks
+  a query of qpos [B, tq] may see, skipping the others (a `lax.switch` on
+  the block's position bounds; a block every query sees in full is visited
+  with masked=False). Blocks run inside a loop even when there is one, so
+  a read never fuses with the cache write before it (which would make XLA
+  copy the whole buffer)."""
   for run in runs:
     def step(carry, xs, run=run):
       keys = _read_keys(view, run, *xs)
-      return jax.lax.cond(
-          _any_visible(keys.pos, keys.valid, qpos, window),
-          lambda c: visit(c, run, keys), lambda c: c, carry), None
+      branch = jnp.where(
+          _all_visible(keys.pos, keys.valid, qpos, window), 2,
+          _any_visible(keys.pos, keys.valid, qpos, window).astype(jnp.int32))
+      return jax.lax.switch(branch, (
+          lambda c: c,
+          lambda c: visit(c, run, keys, True),
+          lambda c: visit(c, run, keys, False)), carry), None
     carry, _ = jax.lax.scan(step, carry, _block_xs(run))
   return carry
 
@@ -435,17 +452,21 @@ def _attend_block(view, runs, qg, qpos, scale, window):
   B, K, G, tq, H = qg.shape
   qm = qg.reshape(B, K, G * tq, H)
 
-  def visit(carry, run, keys):
+  def visit(carry, run, keys, masked):
     m, l, acc = carry
     kb, vb = _read_k(view, run, keys.offset), _read_v(view, run, keys.offset)
     s = _block_logits(qm, kb, scale).reshape(B, K, G, tq, run.size)
-    mask = _block_mask(keys.pos, keys.valid, qpos, window)
-    s = jnp.where(mask, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-    alpha = jnp.exp(m - m_safe)  # 0 where m = -inf
     vals = _block_entries(vb)
+    if masked:
+      mask = _block_mask(keys.pos, keys.valid, qpos, window)
+      s = jnp.where(mask, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+    else:  # every slot seen: the max is finite, nothing to mask
+      m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(m - m_safe)  # 0 where m = -inf
     pv = einsum_f32("bkgtn,bknh->bkgth", p.astype(vals.dtype), vals)
     return (m_new, alpha * l + jnp.sum(p, axis=-1),
             alpha[..., None] * acc + pv)
