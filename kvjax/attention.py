@@ -11,7 +11,8 @@ the [T, S] logits over the whole static capacity.
 `blockwise_attention` (the `xla` backend) computes the same function with
 an online softmax over key blocks: a block no query of the query block may
 see (beyond the live slots, after the newest query, outside a sliding
-window) is skipped by a `lax.cond` on its position bounds, so the work grows
+window) is skipped by a `lax.switch` on its position bounds (and a block
+every query sees in full skips the mask), so the work grows
 with the live, visible entries and not with the capacity. Coded caches are
 read one block at a time through their codec (scores from the codes where
 the codec has them); a `TailedKV` is two regions, read in turn. Every
@@ -260,9 +261,15 @@ def _regions(x, capacity: int) -> list[tuple[int, int, Any]]:
 def _leaf_granule(region, size: int) -> int:
   """Slots per leaf entry of a region (1, or G for KIVI's per-channel
   statistics): block offsets and sizes must be multiples of it."""
-  if isinstance(region, CodedKV):
-    return max(size // leaf.shape[3] for leaf in region.slots.values())
-  return 1
+  if not isinstance(region, CodedKV):
+    return 1
+  granule = 1
+  for leaf in region.slots.values():
+    if size % leaf.shape[3]:
+      raise ValueError(f"a {size}-slot region has a per-slot leaf of "
+                       f"{leaf.shape[3]} entries: not a whole group each.")
+    granule = max(granule, size // leaf.shape[3])
+  return granule
 
 
 class _Run(NamedTuple):
@@ -488,6 +495,16 @@ KEY_BLOCK = 512
 QUERY_BLOCK = 512
 DECODE_QUERIES = 16
 DECODE_KEY_BLOCK = 1024
+# At most this many [B, N, tq, n] scores per block (8 MB of float32, what
+# one 512 x 512 block of 8 heads holds): a larger batch or more heads get
+# proportionally fewer queries per block, so a block's scores stay in cache.
+SCORE_TILE = 1 << 21
+
+
+def _query_tile(T: int, query_block: int, key_block: int, B: int, N: int
+                ) -> int:
+  tile = max(DECODE_QUERIES, SCORE_TILE // max(B * N * key_block, 1))
+  return min(T, query_block, tile)
 
 
 def _key_block(key_block: int | None, T: int) -> int:
@@ -537,7 +554,8 @@ def cached_attention(
       for analysis only).
     key_block: slots per key block of the XLA engine (None: by T, see
       `DECODE_KEY_BLOCK`).
-    query_block: queries per query block of the XLA engine.
+    query_block: at most this many queries per query block of the XLA
+      engine (fewer for a large batch, see `SCORE_TILE`).
 
   Returns:
     An `AttentionOutput`.
@@ -560,9 +578,10 @@ def cached_attention(
       query_block < 1):
     raise ValueError(f"query_block must be a positive int, got "
                      f"{query_block!r}.")
-  runs = _plan(view, _key_block(key_block, T))
+  kb = _key_block(key_block, T)
+  runs = _plan(view, kb)
   q_pos = q_pos.astype(jnp.int32)
-  tq = min(T, query_block)
+  tq = _query_tile(T, query_block, kb, B, N)
   to_blocks = lambda qb: jnp.moveaxis(
       qb.reshape(B, -1, K, G, H), 1, 3)  # [B, T', N, H] -> [B, K, G, T', H]
   if tq == T:
@@ -634,8 +653,9 @@ def attention_mass(
   K = view.pos.shape[2]
   G = _check_heads(N, K)
   scale = H**-0.5 if scale is None else scale
-  runs = _plan(view, _key_block(key_block, T))
-  tq = min(T, query_block)
+  kb = _key_block(key_block, T)
+  runs = _plan(view, kb)
+  tq = _query_tile(T, query_block, kb, B, N)
   qs, ps = _query_blocks(q, q_pos.astype(jnp.int32), tq)
   ls, _ = _query_blocks(jnp.moveaxis(lse, 1, 2)[..., None],
                         q_pos.astype(jnp.int32), tq)  # [nq, B, tq, N, 1]

@@ -269,7 +269,7 @@ def decoder_layer(
     if name in capture:
       captured[name] = value
   if "attn_mass" in capture:
-    # Default: every written query (padding queries get slot S).
+    # The queries `forward` selected (default: every unmasked token).
     q_live = (slots < view.pos.shape[-1] if mass_weights is None
               else mass_weights).astype(jnp.float32)  # [B, T]
     if probs is not None:

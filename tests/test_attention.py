@@ -64,6 +64,21 @@ def test_blockwise_matches_reference(key_block, query_block, window):
   assert np.isinf(np.asarray(ref.lse)).any()  # the empty query is covered
 
 
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_contiguous_causal_blocks_seen_in_full(window):
+  """A fresh prefill's layout (positions = slots, all live): most blocks
+  take the unmasked branch; batch rows at other offsets."""
+  q, k, v, pos, _, _ = _random_layer(7, T=33, S=48, scrambled=False)
+  valid = jnp.ones(pos.shape, bool)
+  q_pos = jnp.stack([jnp.arange(15, 48), jnp.arange(0, 33)]).astype(jnp.int32)
+  ref = A.reference_attention(q, k, v, q_pos=q_pos, k_pos=pos, k_valid=valid,
+                              sliding_window=window)
+  got = A.cached_attention(q, A.layer_view(k, v, pos, valid), q_pos=q_pos,
+                           sliding_window=window, key_block=8, query_block=4)
+  np.testing.assert_allclose(got.out, ref.out, atol=2e-6)
+  _lse_close(got.lse, ref.lse)
+
+
 def test_query_that_sees_nothing_gives_zero_and_minus_inf():
   q, k, v, pos, valid, _ = _random_layer(1, T=3)
   q_pos = jnp.full((2, 3), -1, jnp.int32)  # before every slot
@@ -115,6 +130,68 @@ def test_attention_mass_from_lse_equals_summed_probabilities(key_block,
                           key_block=key_block, query_block=query_block)
   np.testing.assert_allclose(
       mass, jnp.einsum("bnts,bt->bns", ref.probs, weights), atol=2e-6)
+
+
+def test_mass_mask_selects_the_queries_whose_mass_is_summed():
+  config = kvjax.get_config("tiny", num_layers=2)
+  params = kvjax.init_params(config, jax.random.key(0), std=0.1)
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 1, 64)
+  token_mask = jnp.arange(12)[None] < jnp.array([[12], [9]])
+  chosen = jnp.asarray(np.random.default_rng(8).random((2, 12)) < 0.5)
+  cache = kvjax.init_cache(config, 2, 16)
+  _, _, aux = kvjax.forward(params, tokens, cache, config=config,
+                            token_mask=token_mask, mass_mask=chosen,
+                            capture=("attn_mass", "attn_probs"))
+  want = jnp.einsum("lbnts,bt->lbns", aux["attn_probs"],
+                    (chosen & token_mask).astype(jnp.float32))
+  np.testing.assert_allclose(aux["attn_mass"], want, atol=2e-6)
+  _, _, plain = kvjax.forward(params, tokens, cache, config=config,
+                              token_mask=token_mask, capture=("attn_mass",))
+  assert not np.allclose(plain["attn_mass"], aux["attn_mass"])
+  with pytest.raises(ValueError, match="mass_mask"):
+    kvjax.forward(params, tokens, cache, config=config,
+                  mass_mask=chosen[:, :5])
+
+
+CODED = {
+    "int4": lambda: compress.uniform(4),
+    "kivi": lambda: compress.kivi(2, group_size=4, residual=8),
+    "turboquant": lambda: compress.turboquant(3),
+    "lowrank": lambda: compress.lowrank(8),
+    "snapkv+kivi": lambda: compress.chain(
+        compress.snapkv(0.5, window_size=8), compress.kivi(2, 4, 8)),
+}
+
+
+@pytest.mark.parametrize("key_block", [8, 12])
+@pytest.mark.parametrize("name", sorted(CODED))
+def test_coded_layers_read_block_by_block(name, key_block):
+  """A coded layer (codec scores, per-group statistics, a code region and
+  a full-precision tail) read in many blocks, shifted last blocks
+  included, matches the reference; so does the mass pass."""
+  config = kvjax.get_config("tiny", num_layers=2)
+  params = kvjax.init_params(config, jax.random.key(0), std=0.1)
+  prompt = jax.random.randint(jax.random.key(1), (2, 60), 1, 64)
+  _, cache = kvjax.prefill(params, prompt, config=config, capacity=66,
+                           transform=CODED[name](),
+                           prompt_lengths=jnp.array([60, 45]))
+  layer = jnp.int32(1)
+  view = A.LayerView(cache.k, cache.v, cache.pos, cache.valid, layer)
+  N, H = config.num_heads, config.head_dim
+  q = jax.random.normal(jax.random.key(3), (2, 7, N, H))
+  q_pos = jnp.array([[60] * 7, [44] * 7]) - jnp.arange(7)[::-1]
+  one = jax.tree.map(lambda x: x[1], cache)
+  ref = A.reference_attention(q, one.k, one.v, q_pos=q_pos, k_pos=one.pos,
+                              k_valid=one.valid)
+  got = A.cached_attention(q, view, q_pos=q_pos, key_block=key_block,
+                           query_block=3)
+  np.testing.assert_allclose(got.out, ref.out, atol=2e-5)
+  _lse_close(got.lse, ref.lse)
+  w = jnp.ones((2, 7))
+  mass = A.attention_mass(q, view, got.lse, w, q_pos=q_pos,
+                          key_block=key_block, query_block=3)
+  np.testing.assert_allclose(
+      mass, jnp.einsum("bnts,bt->bns", ref.probs, w), atol=2e-5)
 
 
 def test_backend_is_one_typed_choice():
@@ -208,9 +285,15 @@ def test_prefill_with_mass_allocates_no_scores_over_the_cache():
         capacity=S, cache_dtype=None, backend=backend, prefill_chunk=None,
         decode_steps=0).compile().as_text()
 
-  scores = re.compile(rf"\[[0-9,]*{T},{S}\]")
-  assert scores.search(hlo(A.Backend.REFERENCE))  # the check can fail
-  assert not scores.search(hlo(A.Backend.XLA))
+  # Scores over the whole cache: a float array [..., X, S] with X >= 16
+  # rows (the engine's blocks hold at most KEY_BLOCK < S slots; the cache's
+  # own [.., K, S] bookkeeping has K rows).
+  def whole_scores(text):
+    return [m.group(0) for m in re.finditer(rf"f32\[[0-9,]*?(\d+),{S}\]",
+                                            text) if int(m.group(1)) >= 16]
+
+  assert whole_scores(hlo(A.Backend.REFERENCE))  # the check can fail
+  assert not whole_scores(hlo(A.Backend.XLA))
 
 
 def _whole_buffer_ops(text, shapes):
@@ -291,9 +374,15 @@ def test_blocks_no_query_sees_are_not_read():
   reads.clear()
   qs = jnp.asarray(r.normal(size=(B, S, N, H)), jnp.float32)
   view = A.layer_view(k, v, pos, jnp.ones_like(valid))
-  jax.block_until_ready(A.cached_attention(
-      qs, view, q_pos=pos[:, 0], key_block=16, query_block=16).out)
+  got = A.cached_attention(qs, view, q_pos=pos[:, 0], key_block=16,
+                           query_block=16)
+  jax.block_until_ready(got.out)
   assert len(reads) == 2 * 36
+  # 28 of those blocks are seen in full (no mask): the values still agree.
+  ref = A.reference_attention(qs, k.decode(), v.decode(), q_pos=pos[:, 0],
+                              k_pos=pos, k_valid=jnp.ones_like(valid))
+  np.testing.assert_allclose(got.out, ref.out, atol=2e-6)
+  _lse_close(got.lse, ref.lse)
 
 
 def test_decode_in_a_larger_cache_gives_the_same_tokens():

@@ -179,7 +179,7 @@ def cache_drift(
   else:
     ref = _recompute_logits(cast_params(params, "float32"), tokens,
                             config=config.replace(dtype="float32"),
-                            cache_dtype="float32", backend=backend)
+                            cache_dtype="float32", backend=kw["backend"])
   # [B, T', V] float64 at the decoded positions.
   full, cached, ref = (np.asarray(x[:, prefill_len:], np.float64)
                        for x in (full, cached, ref))

@@ -726,8 +726,11 @@ def oracle_future_mass(params: Any, tokens: Array, *, config: Any,
   from kvjax import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from kvjax import model as model_lib  # pylint: disable=g-import-not-at-top
   B, T = tokens.shape
+  # The mass of the queries after the context, from the engine's LSE pass
+  # (no [T, T] probabilities).
+  future = jnp.broadcast_to(jnp.arange(T) >= context_end, (B, T))
   _, _, aux = model_lib.forward(params, tokens,
                                 cache_lib.init_cache(config, B, T),
-                                config=config, capture=("attn_probs",))
-  probs = aux["attn_probs"]  # [L, B, N, T, S=T]
-  return jnp.sum(probs[:, :, :, context_end:, :context_end], axis=3)
+                                config=config, capture=("attn_mass",),
+                                mass_mask=future)
+  return aux["attn_mass"][..., :context_end]  # [L, B, N, context_end]
