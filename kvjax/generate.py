@@ -92,9 +92,11 @@ def _live_bound(cache: KVCache) -> int | None:
 
 def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
                      backend):
-  """`forward` over the prompt in chunks of `chunk` tokens (a scan), so that
-  attention never materializes more than [chunk, S] scores per head.
-  Numerically the same computation as one call (up to float order)."""
+  """`forward` over the prompt in chunks of `chunk` tokens (a scan): each
+  chunk's activations (MLP [chunk, F], logits) instead of the whole
+  prompt's; the blockwise engine skips the slots not yet written, the
+  reference backend materializes [chunk, S] scores. Numerically the same
+  computation as one call (up to float order)."""
   B, T = tokens.shape
   n = -(-T // chunk)
   pad = n * chunk - T
@@ -204,8 +206,10 @@ def prefill(
     backend: attention backend, a `kvjax.attention.Backend` or its name
       ("auto", "reference", "xla"); AUTO picks by platform.
     prefill_chunk: run the prompt through the model `prefill_chunk` tokens
-      at a time (long prompts: bounds attention's [T, S] scores to
-      [prefill_chunk, S]); None: in one call.
+      at a time (bounds the activations to [prefill_chunk, ...]; the
+      default engine needs no chunking for time or attention memory, the
+      reference backend's [T, S] scores shrink to [prefill_chunk, S]);
+      None: in one call.
     decode_steps: of the free slots, how many are for `decode(...,
       transform=transform)` steps, which run through the transform: a
       decode-time policy keeps its budget and needs none of them, KIVI
