@@ -359,12 +359,13 @@ def _block_entries(blk: _Block) -> Array:
   return blk.codec.decode(blk.enc, blk.shared)
 
 
-def _block_logits(qm: Array, blk: _Block, scale: float) -> Array:
-  """[B, K, M, n] float32 scaled logits of qm [B, K, M, H] over a block."""
+def _block_logits(qm: Array, blk: _Block) -> Array:
+  """[B, K, M, n] float32 logits of qm [B, K, M, H] over a block (the
+  engine scales the queries once, so no pass over the scores scales them;
+  codec scores are linear in q)."""
   if blk.codec is not None and blk.codec.scores is not None:
-    return blk.codec.scores(qm.astype(jnp.float32), blk.enc,
-                            blk.shared) * scale
-  return einsum_f32("bkmh,bknh->bkmn", qm, _block_entries(blk)) * scale
+    return blk.codec.scores(qm.astype(jnp.float32), blk.enc, blk.shared)
+  return einsum_f32("bkmh,bknh->bkmn", qm, _block_entries(blk))
 
 
 def _block_mask(pos_b, valid_b, qpos, window):
@@ -457,13 +458,21 @@ def _attend_block(view, runs, qg, qpos, scale, window):
   qpos [B, tq]) over the visible key blocks: (out [B, K, G, tq, H]
   float32, lse [B, K, G, tq])."""
   B, K, G, tq, H = qg.shape
-  qm = qg.reshape(B, K, G * tq, H)
+  qm = (qg.astype(jnp.float32) * scale).reshape(B, K, G * tq, H)
+  # Many queries: summing the probabilities is a pass worth folding into
+  # the dot; a decode step's few are cheaper summed than a copied block.
+  ones_column = G * tq > 4 * DECODE_QUERIES
 
   def visit(carry, run, keys, masked):
     m, l, acc = carry
     kb, vb = _read_k(view, run, keys.offset), _read_v(view, run, keys.offset)
-    s = _block_logits(qm, kb, scale).reshape(B, K, G, tq, run.size)
+    s = _block_logits(qm, kb).reshape(B, K, G, tq, run.size)
     vals = _block_entries(vb)
+    if ones_column:
+      # The softmax denominator comes out of the same dot as the output,
+      # not from another pass over the [G * tq, n] probabilities.
+      vals = jnp.concatenate(
+          [vals, jnp.ones(vals.shape[:-1] + (1,), vals.dtype)], axis=-1)
     if masked:
       mask = _block_mask(keys.pos, keys.valid, qpos, window)
       s = jnp.where(mask, s, -jnp.inf)
@@ -475,8 +484,8 @@ def _attend_block(view, runs, qg, qpos, scale, window):
       p = jnp.exp(s - m_safe[..., None])
     alpha = jnp.exp(m - m_safe)  # 0 where m = -inf
     pv = einsum_f32("bkgtn,bknh->bkgth", p.astype(vals.dtype), vals)
-    return (m_new, alpha * l + jnp.sum(p, axis=-1),
-            alpha[..., None] * acc + pv)
+    total = pv[..., H] if ones_column else jnp.sum(p, axis=-1)
+    return (m_new, alpha * l + total, alpha[..., None] * acc + pv[..., :H])
 
   init = (jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
           jnp.zeros((B, K, G, tq), jnp.float32),
@@ -675,8 +684,8 @@ def attention_mass(
         w_b = to_g(jnp.broadcast_to(wb, (B, tq, N, 1)))[..., 0]
 
         def add(acc):
-          s = _block_logits(qg.reshape(B, K, G * tq, H), kb, scale).reshape(
-              B, K, G, tq, run.size)
+          qm = (qg.astype(jnp.float32) * scale).reshape(B, K, G * tq, H)
+          s = _block_logits(qm, kb).reshape(B, K, G, tq, run.size)
           mask = _block_mask(keys.pos, keys.valid, pb, sliding_window)
           safe = jnp.where(jnp.isfinite(lse_b), lse_b, 0.0)[..., None]
           p = jnp.where(mask, jnp.exp(s - safe), 0.0)
