@@ -8,6 +8,8 @@ interpret mode needs.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -30,10 +32,30 @@ def pack_bits(codes: Array, bits: int) -> Array:
 
 
 def unpack_bits(packed: Array, bits: int, n: int) -> Array:
-  """Inverse of `pack_bits`: uint8 [..., n * bits / 8] -> uint8 [..., n]."""
+  """Inverse of `pack_bits`: uint8 [..., n * bits / 8] -> uint8 [..., n].
+
+  Each code is read from the one or two bytes holding it with static
+  shifts and masks (one elementwise pass XLA fuses into the consumer),
+  not by expanding the stream into bits first.
+  """
   if bits == 8:
     return packed
-  stream = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-  planes = stream.reshape(packed.shape[:-1] + (n, bits))
-  weights = (jnp.uint8(1) << jnp.arange(bits, dtype=jnp.uint8))
-  return jnp.sum(planes * weights, axis=-1, dtype=jnp.uint8)
+  lead = packed.shape[:-1]
+  if 8 % bits == 0:  # a byte holds 8 / bits whole codes
+    shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
+    codes = (packed[..., None] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return codes.reshape(lead + (-1,))[..., :n]
+  # Groups of lcm(bits, 8) / 8 bytes hold whole codes; a code spans at most
+  # two bytes of its group.
+  group = math.lcm(bits, 8) // 8
+  per_group = group * 8 // bits
+  words = packed.reshape(lead + (-1, group)).astype(jnp.int32)
+  codes = []
+  for i in range(per_group):
+    byte, shift = divmod(i * bits, 8)
+    word = words[..., byte]
+    if shift + bits > 8:
+      word = word | (words[..., byte + 1] << 8)
+    codes.append((word >> shift) & ((1 << bits) - 1))
+  codes = jnp.stack(codes, axis=-1).reshape(lead + (-1,))
+  return codes[..., :n].astype(jnp.uint8)
