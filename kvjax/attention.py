@@ -506,24 +506,32 @@ DECODE_QUERIES = 16
 DECODE_KEY_BLOCK = 1024
 # At most this many [B, N, tq, n] scores per block (8 MB of float32, what
 # one 512 x 512 block of 8 heads holds): a larger batch or more heads get
-# proportionally fewer queries per block, so a block's scores stay in cache.
+# smaller blocks (`_tiles`), so a block's scores stay in cache.
 SCORE_TILE = 1 << 21
 
 
-def _query_tile(T: int, query_block: int, key_block: int, B: int, N: int
-                ) -> int:
-  tile = max(DECODE_QUERIES, SCORE_TILE // max(B * N * key_block, 1))
-  return min(T, query_block, tile)
+def _tiles(key_block: int | None, query_block: int, T: int, B: int,
+           N: int) -> tuple[int, int]:
+  """(slots per key block, queries per query block).
 
-
-def _key_block(key_block: int | None, T: int) -> int:
-  if key_block is None:
-    return DECODE_KEY_BLOCK if T <= DECODE_QUERIES else KEY_BLOCK
-  if isinstance(key_block, bool) or not isinstance(key_block, int) or (
-      key_block < 1):
+  A decode step (T <= DECODE_QUERIES) reads DECODE_KEY_BLOCK slots at a
+  time. Otherwise the [B, N, tq, n] scores of a block are kept to
+  SCORE_TILE elements, as square as the query block allows (KEY_BLOCK x
+  QUERY_BLOCK at B = 1 and 8 heads, 256 x 128 at B = 8): smaller key
+  blocks keep the causal skipping that a batch would otherwise lose.
+  """
+  if key_block is not None and (isinstance(key_block, bool) or not
+                                isinstance(key_block, int) or key_block < 1):
     raise ValueError(f"key_block must be a positive int or None, got "
                      f"{key_block!r}.")
-  return key_block
+  area = max(SCORE_TILE // max(B * N, 1), 1)
+  if key_block is None:
+    if T <= DECODE_QUERIES:
+      return DECODE_KEY_BLOCK, T
+    side = 1 << max(4, math.ceil(math.log2(math.sqrt(area))))
+    key_block = min(KEY_BLOCK, side)
+  tq = min(T, query_block, max(DECODE_QUERIES, area // key_block))
+  return key_block, tq
 
 
 def _query_blocks(q, q_pos, tq):
@@ -561,8 +569,8 @@ def cached_attention(
     backend: a `Backend` or its name (AUTO resolves by platform).
     return_probs: also return the [B, N, T, S] probabilities (materialized:
       for analysis only).
-    key_block: slots per key block of the XLA engine (None: by T, see
-      `DECODE_KEY_BLOCK`).
+    key_block: slots per key block of the XLA engine (None: chosen from
+      T, B and N, see `_tiles`).
     query_block: at most this many queries per query block of the XLA
       engine (fewer for a large batch, see `SCORE_TILE`).
 
@@ -587,10 +595,9 @@ def cached_attention(
       query_block < 1):
     raise ValueError(f"query_block must be a positive int, got "
                      f"{query_block!r}.")
-  kb = _key_block(key_block, T)
+  kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
   q_pos = q_pos.astype(jnp.int32)
-  tq = _query_tile(T, query_block, kb, B, N)
   to_blocks = lambda qb: jnp.moveaxis(
       qb.reshape(B, -1, K, G, H), 1, 3)  # [B, T', N, H] -> [B, K, G, T', H]
   if tq == T:
@@ -662,9 +669,8 @@ def attention_mass(
   K = view.pos.shape[2]
   G = _check_heads(N, K)
   scale = H**-0.5 if scale is None else scale
-  kb = _key_block(key_block, T)
+  kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
-  tq = _query_tile(T, query_block, kb, B, N)
   qs, ps = _query_blocks(q, q_pos.astype(jnp.int32), tq)
   ls, _ = _query_blocks(jnp.moveaxis(lse, 1, 2)[..., None],
                         q_pos.astype(jnp.int32), tq)  # [nq, B, tq, N, 1]
