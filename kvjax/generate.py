@@ -419,20 +419,28 @@ def compress_observing(
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k",
-                                             "backend"))
-def _decode_step(params, token, cache, rng, *, config, temperature, top_k,
-                 backend):
+def _decode_step_impl(params, token, cache, rng, *, config, temperature,
+                      top_k, backend):
   logits, cache, _ = model_lib.forward(params, token[:, None], cache,
                                        config=config, backend=backend)
   logits = logits[:, 0]
   return sample_logits(logits, rng, temperature, top_k), logits, cache
 
 
+_STEP_STATIC = ("config", "temperature", "top_k", "backend")
+_decode_step = jax.jit(_decode_step_impl, static_argnames=_STEP_STATIC)
+# The same step writing into the caller's cache buffers (donated): no copy
+# of the cache per call.
+_decode_step_donating = jax.jit(_decode_step_impl,
+                                static_argnames=_STEP_STATIC,
+                                donate_argnames=("cache",))
+
+
 def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
                 config: ModelConfig, temperature: float = 0.0,
                 top_k: int | None = None,
-                backend: Backend | str = Backend.AUTO):
+                backend: Backend | str = Backend.AUTO,
+                donate_cache: bool = False):
   """One jitted decode step: feeds token [B], samples the next.
 
   Meant for a user's own decode loop, so it never waits on the device: its
@@ -455,6 +463,10 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
     top_k: restrict sampling to the k most likely tokens.
     backend: attention backend, a `kvjax.attention.Backend` or its name
       ("auto", "reference", "xla"); AUTO picks by platform.
+    donate_cache: hand the cache's buffers to the step, which writes the
+      new entries into them in place (no copy of the cache per call); the
+      `cache` passed in is then deleted, use the returned one. False: the
+      step copies the cache once per call and the input stays valid.
 
   Returns:
     (next [B] int32, logits [B, V] float32, cache).
@@ -466,9 +478,12 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
   checks.check_params(params, config)
   temperature, top_k = checks.check_sampling(temperature, top_k, config)
   rng = checks.check_rng(rng)
-  return _decode_step(params, jnp.asarray(token, jnp.int32), cache, rng,
-                      config=config, temperature=temperature, top_k=top_k,
-                      backend=resolve_backend(backend))
+  if not isinstance(donate_cache, bool):
+    raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
+  step = _decode_step_donating if donate_cache else _decode_step
+  return step(params, jnp.asarray(token, jnp.int32), cache, rng,
+              config=config, temperature=temperature, top_k=top_k,
+              backend=resolve_backend(backend))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -544,12 +559,9 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
   return out, num, cache
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "transform", "config", "max_new_tokens", "temperature", "top_k",
-    "stop_token", "pad_token", "backend"))
-def _decode(params, cache, token, rng, transform, extra, *, config,
-            max_new_tokens, temperature, top_k, stop_token, pad_token,
-            backend):
+def _decode_impl(params, cache, token, rng, transform, extra, *, config,
+                 max_new_tokens, temperature, top_k, stop_token, pad_token,
+                 backend):
   out, num, cache = _decode_loop(
       params, cache, token, rng, transform, extra, config=config,
       length=max_new_tokens + 1, temperature=temperature, top_k=top_k,
@@ -557,11 +569,19 @@ def _decode(params, cache, token, rng, transform, extra, *, config,
   return out[:, 1:], num - 1, cache
 
 
+_DECODE_STATIC = ("transform", "config", "max_new_tokens", "temperature",
+                  "top_k", "stop_token", "pad_token", "backend")
+_decode = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC)
+_decode_donating = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC,
+                           donate_argnames=("cache",))
+
+
 def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
            max_new_tokens: int, transform: compress_base.KVTransform | None
            = None, temperature: float = 0.0, top_k: int | None = None,
            rng: Array | None = None, stop_token: int | None = None,
-           pad_token: int = 0, backend: Backend | str = Backend.AUTO, **extra
+           pad_token: int = 0, backend: Backend | str = Backend.AUTO,
+           donate_cache: bool = False, **extra
            ) -> tuple[Array, Array, KVCache]:
   """Continues decoding from a cache (e.g. one returned by `prefill`).
 
@@ -585,6 +605,10 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
     pad_token: fills a row after it stops.
     backend: attention backend, a `kvjax.attention.Backend` or its name
       ("auto", "reference", "xla"); AUTO picks by platform.
+    donate_cache: hand the cache's buffers to the call, which decodes into
+      them in place; the `cache` passed in is then deleted, use the
+      returned one. False: the call copies the cache once (the loop itself
+      always updates its copy in place) and the input stays valid.
     **extra: passed to the transform.
 
   Returns:
@@ -626,7 +650,10 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
     checks.warn_past_context(most + max_new_tokens, config,
                              f"cache length {most} + max_new_tokens "
                              f"{max_new_tokens}")
-  out, num, cache = _decode(
+  if not isinstance(donate_cache, bool):
+    raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
+  run = _decode_donating if donate_cache else _decode
+  out, num, cache = run(
       params, cache, jnp.asarray(token, jnp.int32), rng, transform, extra,
       config=config, max_new_tokens=max_new_tokens, temperature=temperature,
       top_k=top_k, stop_token=stop_token, pad_token=pad_token,

@@ -340,6 +340,33 @@ def test_compiled_decode_updates_the_cache_in_place():
   assert not inside, inside
   # The check sees whole-buffer writes: the entry's copies of the input.
   assert [o[1] for o in ops].count("copy") == 4, ops
+  # Donated, the cache is decoded into the caller's buffers: no copy at all.
+  donated = generate_lib._decode_donating.lower(
+      params, cache, jnp.zeros((1,), jnp.int32), jax.random.key(0), None, {},
+      config=config, max_new_tokens=4, temperature=0.0, top_k=None,
+      stop_token=None, pad_token=0, backend=A.Backend.XLA
+  ).compile().as_text()
+  assert not _whole_buffer_ops(donated, shapes)
+
+
+def test_donated_decode_writes_into_the_callers_buffers():
+  config = kvjax.get_config("tiny", num_layers=1)
+  params = kvjax.init_params(config, jax.random.key(0), std=0.1)
+  prompt = jax.random.randint(jax.random.key(3), (2, 12), 1,
+                              config.vocab_size)
+  logits, cache = kvjax.prefill(params, prompt, config=config, capacity=24)
+  first = jnp.argmax(logits[:, -1], -1)
+  want = kvjax.decode(params, cache, first, config=config, max_new_tokens=5)
+  got = kvjax.decode(params, cache, first, config=config, max_new_tokens=5,
+                     donate_cache=True)
+  np.testing.assert_array_equal(got[0], want[0])
+  assert cache.k.is_deleted()  # donated: the input is gone
+  token, _, step = kvjax.decode_step(params, first, got[2], jax.random.key(0),
+                                     config=config, donate_cache=True)
+  assert got[2].k.is_deleted() and not step.k.is_deleted()
+  with pytest.raises(TypeError, match="donate_cache"):
+    kvjax.decode_step(params, first, step, jax.random.key(0), config=config,
+                      donate_cache=1)
 
 
 def test_blocks_no_query_sees_are_not_read():
