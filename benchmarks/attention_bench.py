@@ -595,7 +595,7 @@ def main(argv):
   transformers.logging.disable_progress_bar()
   torch.set_num_threads(s.threads)
   busy = ""
-  if load_before[0] + s.threads > os.cpu_count() + 0.5:
+  if load_before[0] + s.threads > os.cpu_count() + 1.0:
     busy = (f"1-minute load average {load_before[0]:.2f} + {s.threads} "
             f"threads exceed the {os.cpu_count()} CPUs: other work shares "
             "them, so timings are slow and noisy (torch's worst: its OpenMP "
