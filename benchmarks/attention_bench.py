@@ -77,6 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_time
 import kvjax
 from kvjax import compress
 from kvjax import hf
@@ -161,17 +162,6 @@ def limit_threads(threads: int) -> None:
     os.sched_setaffinity(0, cpus[:threads])
 
 
-def _median_time(fn, repeats):
-  """(median seconds of `repeats` timed calls after a warm-up, last result)."""
-  out = fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
 def _tokens(batch, length, seed=0):
   return np.random.default_rng(seed).integers(0, _VOCAB, (batch, length))
 
@@ -214,7 +204,7 @@ def kvjax_prefill(params, config, tokens, repeats):
   tokens = jnp.asarray(tokens, jnp.int32)
   run = lambda: jax.block_until_ready(
       kvjax.prefill(params, tokens, config=config))
-  t, (logits, _) = _median_time(run, repeats)
+  t, (logits, _) = median_time(run, repeats)
   return t, np.asarray(logits[:, -1])
 
 
@@ -245,7 +235,7 @@ def kvjax_decode(params, config, tokens, *, steps, repeats, capacity,
         prefill_chunk=prefill_chunk))
 
   if time_prefill:
-    t_prefill, (logits, cache) = _median_time(prefill, repeats)
+    t_prefill, (logits, cache) = median_time(prefill, repeats)
   else:
     t_prefill, (logits, cache) = None, prefill()
   first = logits[:, -1].argmax(-1).astype(jnp.int32)
@@ -256,7 +246,7 @@ def kvjax_decode(params, config, tokens, *, steps, repeats, capacity,
         params, cache, first, config=config, max_new_tokens=steps,
         transform=during))
 
-  t_decode, _ = _median_time(decode, repeats)
+  t_decode, _ = median_time(decode, repeats)
   return t_prefill, t_decode / steps * 1e3
 
 
@@ -265,7 +255,7 @@ def kvjax_generate(params, config, prompts, new, repeats):
   prompts = jnp.asarray(prompts, jnp.int32)
   run = lambda: jax.block_until_ready(
       kvjax.generate(params, prompts, config=config, max_new_tokens=new))
-  t, out = _median_time(run, repeats)
+  t, out = median_time(run, repeats)
   assert out.tokens.shape == (prompts.shape[0], new), out.tokens.shape
   return prompts.shape[0] * new / t
 
@@ -283,7 +273,7 @@ def hf_prefill(model, tokens, repeats):
     with torch.no_grad():
       return model(ids, use_cache=True)
 
-  t, out = _median_time(run, repeats)
+  t, out = median_time(run, repeats)
   return t, out.logits[:, -1].numpy()
 
 
@@ -317,7 +307,7 @@ def hf_decode(model, tokens, *, steps, repeats, make_press=None,
           out = model(ids, past_key_values=cache, use_cache=True)
     return cache, out.logits[:, -1].argmax(-1, keepdim=True)
 
-  t_prefill = _median_time(prefill, repeats)[0] if time_prefill else None
+  t_prefill = median_time(prefill, repeats)[0] if time_prefill else None
 
   def decode():  # seconds of the loop alone; the cache grows in place
     cache, tok = prefill()
@@ -348,7 +338,7 @@ def hf_generate(model, prompts, new, repeats):
           input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
           min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
 
-  t, out = _median_time(run, repeats)
+  t, out = median_time(run, repeats)
   assert out.shape == (ids.shape[0], ids.shape[1] + new), out.shape
   return ids.shape[0] * new / t
 

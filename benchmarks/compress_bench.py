@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_time
 import kvjax
 from kvjax import compress
 from kvjax import hf
@@ -69,17 +70,6 @@ def _methods(ratio):
   }
 
 
-def _median_time(fn, repeats):
-  """(median seconds of `repeats` timed calls after a warm-up, last result)."""
-  out = fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
-
-
 def bench_kvjax(params, config, tokens, transform, steps, repeats):
   tokens = jnp.asarray(tokens, jnp.int32)
   T = tokens.shape[1]
@@ -94,7 +84,7 @@ def bench_kvjax(params, config, tokens, transform, steps, repeats):
                         decode_steps=steps)
     return jax.block_until_ready(out)
 
-  t_prefill, (logits, cache) = _median_time(prefill, repeats)
+  t_prefill, (logits, cache) = median_time(prefill, repeats)
   kv, logical = kvjax.kv_bytes(cache), kvjax.logical_bytes(cache)
   first = logits[:, -1].argmax(-1).astype(jnp.int32)
 
@@ -103,7 +93,7 @@ def bench_kvjax(params, config, tokens, transform, steps, repeats):
         params, cache, first, config=config, max_new_tokens=steps,
         transform=transform))
 
-  t_decode, _ = _median_time(decode, repeats)
+  t_decode, _ = median_time(decode, repeats)
   return t_prefill, t_decode / steps, kv / T, logical / T
 
 
@@ -123,7 +113,7 @@ def bench_kvpress(model, tokens, make_press, steps, repeats):
           out = model(ids, past_key_values=cache)
     state["cache"], state["logits"] = cache, out.logits
 
-  t_prefill, _ = _median_time(prefill, repeats)
+  t_prefill, _ = median_time(prefill, repeats)
   kv = sum(l.keys.nbytes + l.values.nbytes for l in state["cache"].layers)
 
   def decode():
