@@ -207,7 +207,7 @@ def decoder_layer(
     capture: tuple[str, ...],
     layer: Array | int,  # [] int32 layer index (traced inside the scan)
     intervene: Intervene | None = None,
-    mass_weights: Array | None = None,  # [B, T] queries "attn_mass" sums
+    mass_weights: Array | None = None,  # [B, T] bool: "attn_mass" queries
 ) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
@@ -269,9 +269,12 @@ def decoder_layer(
     if name in capture:
       captured[name] = value
   if "attn_mass" in capture:
-    # The queries `forward` selected (default: every unmasked token).
-    q_live = (slots < view.pos.shape[-1] if mass_weights is None
-              else mass_weights).astype(jnp.float32)  # [B, T]
+    # Written queries (padding and dropped writes get slot S), narrowed to
+    # `mass_weights` when given.
+    q_live = slots < view.pos.shape[-1]  # [B, T]
+    if mass_weights is not None:
+      q_live &= mass_weights.astype(bool)
+    q_live = q_live.astype(jnp.float32)
     if probs is not None:
       captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
     else:
@@ -398,8 +401,7 @@ def forward(
     positions = cache.length[:, None] + count - 1
   positions = positions.astype(jnp.int32)
   slots = jnp.where(token_mask, cache.end[:, None] + count - 1, S)  # [B, T]
-  mass_weights = token_mask if mass_mask is None else (
-      token_mask & mass_mask.astype(bool))
+  mass_weights = None if mass_mask is None else mass_mask.astype(bool)
 
   x = params["embed"][tokens].astype(config.jnp_dtype)  # [B, T, D]
   inv_freq = rope_inv_freq(config)
