@@ -458,7 +458,8 @@ def _attend_block(view, runs, qg, qpos, scale, window):
   qpos [B, tq]) over the visible key blocks: (out [B, K, G, tq, H]
   float32, lse [B, K, G, tq])."""
   B, K, G, tq, H = qg.shape
-  qm = (qg.astype(jnp.float32) * scale).reshape(B, K, G * tq, H)
+  # In the queries' dtype: a bf16 cache keeps its bf16 x bf16 -> f32 dot.
+  qm = (qg * scale).astype(qg.dtype).reshape(B, K, G * tq, H)
   # Many queries: summing the probabilities is a pass worth folding into
   # the dot; a decode step's few are cheaper summed than a copied block.
   ones_column = G * tq > 4 * DECODE_QUERIES
@@ -527,7 +528,7 @@ def _tiles(key_block: int | None, query_block: int, T: int, B: int,
   area = max(SCORE_TILE // max(B * N, 1), 1)
   if key_block is None:
     if T <= DECODE_QUERIES:
-      return DECODE_KEY_BLOCK, T
+      return DECODE_KEY_BLOCK, min(T, query_block)
     side = 1 << max(4, math.ceil(math.log2(math.sqrt(area))))
     key_block = min(KEY_BLOCK, side)
   tq = min(T, query_block, max(DECODE_QUERIES, area // key_block))
@@ -690,7 +691,7 @@ def attention_mass(
         w_b = to_g(jnp.broadcast_to(wb, (B, tq, N, 1)))[..., 0]
 
         def add(acc):
-          qm = (qg.astype(jnp.float32) * scale).reshape(B, K, G * tq, H)
+          qm = (qg * scale).astype(qg.dtype).reshape(B, K, G * tq, H)
           s = _block_logits(qm, kb).reshape(B, K, G, tq, run.size)
           mask = _block_mask(keys.pos, keys.valid, pb, sliding_window)
           safe = jnp.where(jnp.isfinite(lse_b), lse_b, 0.0)[..., None]

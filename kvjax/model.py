@@ -362,7 +362,8 @@ def forward(
       by identity). None (the default) leaves the computation untouched.
       `kvjax.analysis.residual.intervene_writes` builds common ones.
     mass_mask: optional [B, T] bool, the queries whose attention the
-      "attn_mass" capture sums (default: every unmasked token).
+      "attn_mass" capture sums (default: every token written to the
+      cache; the mask narrows that).
 
   Returns:
     logits: [B, T, V] float32.

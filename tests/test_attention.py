@@ -79,6 +79,35 @@ def test_contiguous_causal_blocks_seen_in_full(window):
   _lse_close(got.lse, ref.lse)
 
 
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 2e-6),
+                                        (jnp.bfloat16, 3e-2)])
+def test_many_queries_per_block_in_each_dtype(dtype, atol):
+  """G * tq > 64: the softmax denominator comes out of the PV dot (a ones
+  column); with a bf16 cache the dot stays bf16 x bf16 -> f32."""
+  q, k, v, pos, valid, q_pos = _random_layer(9, T=40, S=96)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  ref = A.reference_attention(q, k, v, q_pos=q_pos, k_pos=pos, k_valid=valid)
+  got = A.cached_attention(q, A.layer_view(k, v, pos, valid), q_pos=q_pos,
+                           key_block=32)
+  assert got.out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(got.out, np.float32),
+                             np.asarray(ref.out, np.float32), atol=atol)
+  fin = np.isfinite(np.asarray(ref.lse))
+  np.testing.assert_allclose(np.asarray(got.lse)[fin],
+                             np.asarray(ref.lse)[fin], atol=10 * atol)
+
+
+def test_block_sizes_follow_batch_heads_and_the_caller():
+  assert A._tiles(None, 512, 8192, 1, 8) == (512, 512)
+  kb, tq = A._tiles(None, 512, 512, 8, 8)  # a batch: smaller, square tiles
+  assert kb * tq * 8 * 8 <= A.SCORE_TILE and kb < 512 and tq < 512
+  assert A._tiles(None, 512, 1, 8, 8) == (A.DECODE_KEY_BLOCK, 1)
+  assert A._tiles(None, 4, 9, 1, 8)[1] == 4  # query_block is a maximum
+  assert A._tiles(64, 512, 1000, 1, 8) == (64, 512)
+  with pytest.raises(ValueError, match="key_block"):
+    A._tiles(0, 512, 10, 1, 8)
+
+
 def test_query_that_sees_nothing_gives_zero_and_minus_inf():
   q, k, v, pos, valid, _ = _random_layer(1, T=3)
   q_pos = jnp.full((2, 3), -1, jnp.int32)  # before every slot
