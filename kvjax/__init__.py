@@ -6,7 +6,8 @@ from kvjax import pretrained
 from kvjax.attention import (AttentionOutput, Backend, cached_attention,
                              reference_attention)
 from kvjax.cache import KVCache, init_cache, kv_bytes, logical_bytes
-from kvjax.config import ModelConfig, RopeScaling, get_config
+from kvjax.config import (AttentionGeometry, ModelConfig, RopeScaling,
+                          get_config)
 from kvjax.generate import (GenerateOutput, compress_cache,
                             compress_observing, decode, decode_step,
                             generate, prefill)

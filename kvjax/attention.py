@@ -37,7 +37,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import CodedKV, TailedKV, is_coded
+from kvjax.cache import (CodedKV, KVCache, TailedKV, check_layer, is_coded,
+                         plain_head_dim)
 
 Array = jax.Array
 
@@ -247,6 +248,24 @@ def layer_view(k, v, k_pos, k_valid) -> LayerView:
   payloads without an L axis): adds L = 1 (a free reshape)."""
   add = lambda x: jax.tree.map(lambda a: a[None], x)
   return LayerView(add(k), add(v), k_pos[None], k_valid[None], jnp.int32(0))
+
+
+def _as_view(view, layer) -> LayerView:
+  """A `LayerView` of a (KVCache, layer) pair or of a LayerView."""
+  if isinstance(view, LayerView):
+    if layer is not None:
+      raise ValueError("layer must be None with a LayerView (it names its "
+                       "own layer).")
+    return view
+  if isinstance(view, KVCache):
+    if layer is None:
+      raise ValueError("cached_attention over a KVCache needs the layer to "
+                       "read: cached_attention(q, cache, layer, ...).")
+    check_layer(layer, view.num_layers)
+    return LayerView(view.k, view.v, view.pos, view.valid,
+                     jnp.asarray(layer, jnp.int32))
+  raise TypeError("cached_attention reads a KVCache (with layer=) or a "
+                  f"LayerView, got {type(view).__name__}.")
 
 
 def _regions(x, capacity: int) -> list[tuple[int, int, Any]]:
@@ -549,7 +568,8 @@ def _query_blocks(q, q_pos, tq):
 
 def cached_attention(
     q: Array,  # [B, T, N, H]
-    view: LayerView,
+    view: "LayerView | KVCache",
+    layer: int | Array | None = None,
     *,
     q_pos: Array,  # [B, T]
     scale: float | None = None,
@@ -562,9 +582,14 @@ def cached_attention(
   """Attention of queries q over one layer of a cache, read in place.
 
   Args:
-    q: [B, T, N, H] queries (RoPE applied); N a multiple of K.
-    view: the layer (`LayerView`; `layer_view` wraps single-layer arrays).
-    q_pos: [B, T] int32 query positions.
+    q: [B, T, N, H] queries (RoPE applied); N a multiple of K, query head
+      n reading kv head n // (N / K).
+    view: a `KVCache` (plain, compacted or coded) with `layer`, or a
+      `LayerView` (`layer_view` wraps single-layer arrays).
+    layer: the layer of a `KVCache` to read (an int or [] int32, may be
+      traced); must be None with a `LayerView`.
+    q_pos: [B, T] int32 query positions: a query at p sees the valid slots
+      with pos <= p (and p - pos < sliding_window).
     scale: logit scale; defaults to 1/sqrt(H).
     sliding_window: optional window length.
     backend: a `Backend` or its name (AUTO resolves by platform).
@@ -579,9 +604,19 @@ def cached_attention(
     An `AttentionOutput`.
   """
   backend = resolve_backend(backend)
+  view = _as_view(view, layer)
+  H_cache = plain_head_dim(view.k)
+  if getattr(q, "ndim", None) != 4 or q.shape[0] != view.pos.shape[1] or (
+      H_cache is not None and q.shape[-1] != H_cache):
+    raise ValueError(f"q must be [B={view.pos.shape[1]}, T, N, "
+                     f"H={H_cache or 'head_dim'}], got "
+                     f"{getattr(q, 'shape', q)}.")
   B, T, N, H = q.shape
   K = view.pos.shape[2]
   G = _check_heads(N, K)
+  if tuple(q_pos.shape) != (B, T):
+    raise ValueError(f"q_pos must be [B={B}, T={T}], got "
+                     f"{tuple(q_pos.shape)}.")
   scale = H**-0.5 if scale is None else scale
   if backend is Backend.REFERENCE:
     kl, vl = _layer_of(view.k, view.layer), _layer_of(view.v, view.layer)

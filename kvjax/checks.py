@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import KVCache, TailedKV, cache_overflowed, is_coded
-from kvjax.config import ModelConfig
+from kvjax.config import AttentionGeometry, ModelConfig, as_geometry
 
 Array = jax.Array
 
@@ -254,12 +254,24 @@ def check_cache_dtype(cache_dtype) -> str | None:
   return name
 
 
-def check_cache(cache, config: ModelConfig, batch: int | None = None,
-                name: str = "cache", read_device: bool = True) -> KVCache:
+def check_geometry(config) -> AttentionGeometry:
+  """`config` must be a `ModelConfig` or an `AttentionGeometry` (TypeError
+  otherwise); returns the geometry."""
+  if not isinstance(config, (ModelConfig, AttentionGeometry)):
+    raise TypeError("config must be a kvjax ModelConfig or the "
+                    "AttentionGeometry of your own model, got "
+                    f"{_describe(config)}.")
+  return as_geometry(config)
+
+
+def check_cache(cache, config: ModelConfig | AttentionGeometry,
+                batch: int | None = None, name: str = "cache",
+                read_device: bool = True) -> KVCache:
   """The cache must be a `KVCache` laid out for `config`.
 
-  Checks the slot bookkeeping `pos` [L, B, K, S] against the config's L and
-  K (and `batch`), and plain payloads k / v [L, B, K, S, H] against its
+  Checks the slot bookkeeping `pos` [L, B, K, S] against the config's L
+  (not for an `AttentionGeometry`, which has none) and K (and `batch`),
+  and plain payloads k / v [L, B, K, S, H] against its
   head_dim and the floating `CACHE_DTYPES`. Coded payloads (`CodedKV`,
   `TailedKV`) are checked through `pos` only. These are static: they run
   under jit too. With `read_device` (and a concrete cache) it also refuses
@@ -269,13 +281,14 @@ def check_cache(cache, config: ModelConfig, batch: int | None = None,
   if not isinstance(cache, KVCache):
     raise TypeError(f"{name} must be a kvjax KVCache (kvjax.init_cache or "
                     f"prefill), got {type(cache).__name__}.")
-  L, K, H = config.num_layers, config.num_kv_heads, config.head_dim
+  L = getattr(config, "num_layers", None)  # None: a geometry
+  K, H = config.num_kv_heads, config.head_dim
   pos_shape = tuple(getattr(cache.pos, "shape", ()))
   if len(pos_shape) != 4:
     raise ValueError(f"{name}.pos must have shape [L, B, K, S], got "
                      f"{pos_shape}.")
   l, b, k, s = pos_shape
-  if l != L:
+  if L is not None and l != L:
     raise ValueError(f"{name} has {l} layers, config has num_layers={L}.")
   if k != K:
     raise ValueError(f"{name} has {k} kv heads, config has "
@@ -393,8 +406,10 @@ def check_no_overflow(cache: KVCache, entry: str) -> None:
 # Transforms and sampling.
 
 
-def check_transform(transform, entry: str, required: bool = False) -> None:
-  """`transform` must be a `KVTransform` (or None unless `required`)."""
+def check_transform(transform, entry: str, required: bool = False,
+                    extra: dict | None = None) -> None:
+  """`transform` must be a `KVTransform` (or None unless `required`), and
+  every `extra` keyword argument one it declares (`transform.extras`)."""
   # Imported here: kvjax.compress imports kvjax.model, which imports this.
   from kvjax.compress import base  # pylint: disable=g-import-not-at-top
   if transform is None and not required:
@@ -405,6 +420,13 @@ def check_transform(transform, entry: str, required: bool = False) -> None:
                     "kvjax.compress factory (e.g. "
                     "kvjax.compress.snapkv(ratio=0.5)), got "
                     f"{_describe(transform)}.")
+  declared = () if transform is None else transform.extras
+  unknown = sorted(set(extra or ()) - set(declared))
+  if unknown:
+    who = ("no transform is given" if transform is None else
+           f"{transform.name} declares {declared or 'none'}")
+    raise ValueError(f"{entry}: extra argument(s) {unknown} reach no "
+                     f"transform ({who}).")
 
 
 def check_sampling(temperature, top_k, config: ModelConfig

@@ -10,6 +10,7 @@ argument of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -52,6 +53,97 @@ class RopeScaling:
           "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
           f"{self.low_freq_factor}, {self.high_freq_factor}."
       )
+
+
+def _check_attention(cfg, owner: str) -> None:
+  """Validates the attention fields of an `AttentionGeometry` or a
+  `ModelConfig` (`owner` names it in messages); integer fields become
+  Python ints."""
+  for field in ("num_heads", "num_kv_heads", "head_dim"):
+    value = getattr(cfg, field)
+    if not isinstance(value, numbers.Integral) or isinstance(
+        value, bool) or value <= 0:
+      raise ValueError(f"{owner}.{field} must be a positive int, got "
+                       f"{value!r}.")
+    object.__setattr__(cfg, field, int(value))
+  if cfg.num_heads % cfg.num_kv_heads:
+    raise ValueError(
+        f"{owner}.num_heads={cfg.num_heads} must be a multiple of "
+        f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention).")
+  if cfg.head_dim % 2:
+    raise ValueError(f"{owner}.head_dim={cfg.head_dim} must be even for "
+                     "rotary embeddings.")
+  window = cfg.sliding_window
+  if window is not None and (not isinstance(window, numbers.Integral) or
+                             isinstance(window, bool) or window <= 0):
+    raise ValueError(f"{owner}.sliding_window must be None or a positive "
+                     f"int, got {window!r}.")
+  if not isinstance(cfg.rope_theta, numbers.Real) or isinstance(
+      cfg.rope_theta, bool) or not cfg.rope_theta > 0:
+    raise ValueError(f"{owner}.rope_theta must be a positive number, got "
+                     f"{cfg.rope_theta!r}.")
+  if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling,
+                                                     RopeScaling):
+    raise TypeError(f"{owner}.rope_scaling must be a RopeScaling or None, "
+                    f"got {type(cfg.rope_scaling).__name__}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGeometry:
+  """What the cache, the transforms and the analysis need of a model.
+
+  A model kvjax did not build describes its attention with this alone;
+  `ModelConfig.geometry` gives it for kvjax's own decoder. The conventions
+  every part of kvjax assumes (`kvjax.cache` checks the cheap ones):
+
+  - keys are stored after RoPE, rotate-half layout (`kvjax.model.apply_rope`:
+    the head dimension splits into halves x1, x2 rotated as
+    (x1 cos - x2 sin, x2 cos + x1 sin)), queries get the same rotation;
+  - query heads are grouped consecutively onto kv heads: query head n
+    reads kv head n // G, G = num_heads // num_kv_heads;
+  - `pos[l, b, k, s]` is the original token position held by slot s
+    (-1 when empty) and `valid[l, b, k, s]` whether it may receive
+    attention; a query at position p sees slot s iff valid and pos <= p
+    (and p - pos < sliding_window with a window).
+
+  Attributes:
+    num_heads: N, query heads.
+    num_kv_heads: K, key/value heads (N % K == 0).
+    head_dim: H (even: RoPE rotates pairs).
+    rope_theta: RoPE base (used by methods that rotate, e.g. Expected
+      Attention's future queries).
+    rope_scaling: optional `RopeScaling`.
+    sliding_window: None for full attention.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int | None = None
+
+  def __post_init__(self):
+    _check_attention(self, "AttentionGeometry")
+
+  @property
+  def group_size(self) -> int:
+    """G = N / K query heads per kv head."""
+    return self.num_heads // self.num_kv_heads
+
+
+def as_geometry(x: "AttentionGeometry | ModelConfig") -> AttentionGeometry:
+  """The `AttentionGeometry` of a geometry or a `ModelConfig`.
+
+  Raises:
+    TypeError: for anything else.
+  """
+  if isinstance(x, AttentionGeometry):
+    return x
+  if isinstance(x, ModelConfig):
+    return x.geometry
+  raise TypeError("expected a kvjax AttentionGeometry or ModelConfig, got "
+                  f"{type(x).__name__}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,34 +194,28 @@ class ModelConfig:
   name: str = "custom"
 
   def __post_init__(self):
-    for field in ("vocab_size", "d_model", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "mlp_dim"):
+    for field in ("vocab_size", "d_model", "num_layers", "mlp_dim"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{field} must be a positive int, got "
                          f"{value!r}.")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
-          f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
-    if self.head_dim % 2:
-      raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even "
-                       "for rotary embeddings.")
     if self.dtype not in _DTYPES:
       raise ValueError(f"ModelConfig.dtype={self.dtype!r}; allowed: "
                        f"{_DTYPES}.")
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError("ModelConfig.sliding_window must be None or > 0, got "
-                       f"{self.sliding_window}.")
-    if self.rope_scaling is not None and not isinstance(
-        self.rope_scaling, RopeScaling):
-      raise TypeError("ModelConfig.rope_scaling must be a RopeScaling or "
-                      f"None, got {type(self.rope_scaling).__name__}.")
+    _check_attention(self, "ModelConfig")
 
   @property
   def group_size(self) -> int:
     """G = N / K query heads per kv head."""
     return self.num_heads // self.num_kv_heads
+
+  @property
+  def geometry(self) -> AttentionGeometry:
+    """The attention geometry (heads, head dim, RoPE, window)."""
+    return AttentionGeometry(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling, sliding_window=self.sliding_window)
 
   @property
   def jnp_dtype(self) -> Any:

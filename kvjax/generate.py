@@ -20,7 +20,7 @@ from kvjax.attention import Backend, resolve_backend
 from kvjax import model as model_lib
 from kvjax.cache import KVCache, init_cache
 from kvjax.compress import base as compress_base
-from kvjax.config import ModelConfig
+from kvjax.config import AttentionGeometry, ModelConfig, as_geometry
 
 Array = jax.Array
 
@@ -40,6 +40,67 @@ class GenerateOutput(NamedTuple):
   num_generated: Array
   cache: KVCache
   prompt_logits: Array
+
+
+class PrefillOutput(NamedTuple):
+  """What `prefill` returns.
+
+  Attributes:
+    logits: [B, T, V] float32 logits of the prompt.
+    cache: the (compressed) cache.
+  """
+
+  logits: Array
+  cache: KVCache
+
+
+class StepOutput(NamedTuple):
+  """What `decode_step` returns.
+
+  Attributes:
+    token: [B] int32 sampled next token.
+    logits: [B, V] float32 logits of the step.
+    cache: the extended cache.
+  """
+
+  token: Array
+  logits: Array
+  cache: KVCache
+
+
+class DecodeOutput(NamedTuple):
+  """What `decode` returns.
+
+  Attributes:
+    tokens: [B, max_new_tokens] int32 generated tokens (`pad_token` after
+      a row's stop token).
+    num_generated: [B] int32 tokens generated per row, stop token included.
+    cache: the cache after the last step.
+  """
+
+  tokens: Array
+  num_generated: Array
+  cache: KVCache
+
+
+class DecodeState(NamedTuple):
+  """The carry of the decode `lax.while_loop`.
+
+  Attributes:
+    step: [] int32, the column of `tokens` the step fills.
+    tokens: [B, length] int32; column 0 is the first fed token.
+    cache: the cache.
+    done: [B] bool, rows that emitted the stop token.
+    num_generated: [B] int32 tokens per row so far (column 0 included).
+    rng: the PRNG key.
+  """
+
+  step: Array
+  tokens: Array
+  cache: KVCache
+  done: Array
+  num_generated: Array
+  rng: Array
 
 
 def sample_logits(logits: Array, rng: Array, temperature: float = 0.0,
@@ -69,16 +130,13 @@ def _prompt_mask(tokens: Array, prompt_lengths: Array) -> Array:
   return jnp.arange(T)[None, :] < prompt_lengths[:, None]
 
 
-_PREFILL_CAPTURES = ("q", "q_pre_rope", "attn_mass")
-
-
 def _context(phase, step, positions, mask, aux, reserve, config,
              live_bound=None, decode_reserve=0):
   return compress_base.CompressContext(
-      phase=phase, step=step, q_pos=positions, q_mask=mask, q=aux.get("q"),
-      q_pre_rope=aux.get("q_pre_rope"), attn_mass=aux.get("attn_mass"),
-      attn_probs=aux.get("attn_probs"), reserve=reserve, config=config,
-      live_bound=live_bound, decode_reserve=decode_reserve)
+      phase=phase, step=step, q_pos=positions, q_mask=mask, reserve=reserve,
+      geometry=as_geometry(config), live_bound=live_bound,
+      decode_reserve=decode_reserve,
+      **{name: aux.get(name) for name in model_lib.COMPRESS_TAPS})
 
 
 def _live_bound(cache: KVCache) -> int | None:
@@ -133,7 +191,7 @@ def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
   cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(tokens, prompt_lengths)
   capture = () if transform is None else tuple(
-      n for n in transform.needs if n in _PREFILL_CAPTURES)
+      n for n in transform.needs if n in model_lib.PREFILL_TAPS)
   if prefill_chunk and T > prefill_chunk:
     logits, cache, aux = _chunked_forward(params, tokens, cache, mask,
                                           capture, prefill_chunk, config,
@@ -157,7 +215,8 @@ def _apply_transform(cache, transform, extra, positions, mask, observed,
   ctx = _context("prefill", jnp.int32(0), positions, mask, observed, reserve,
                  config, live_bound=live_bound,
                  decode_reserve=decode_reserve)
-  new, state = transform.apply(cache, transform.init(cache), ctx, **extra)
+  new, state = transform.apply(cache, transform.init(cache), ctx,
+                               **compress_base.extras_for(transform, extra))
   return new._replace(state=state)
 
 
@@ -186,7 +245,7 @@ def prefill(
     prefill_chunk: int | None = None,
     decode_steps: int = 0,
     **extra,
-) -> tuple[Array, KVCache]:
+) -> PrefillOutput:
   """Runs the prompt through an empty cache, then compresses it (jitted).
 
   Question-agnostic compression: pass the context alone, then feed the
@@ -218,7 +277,8 @@ def prefill(
     **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
-    logits [B, T, V] float32 and the (compressed) cache.
+    A `PrefillOutput`: logits [B, T, V] float32 and the (compressed)
+    cache.
 
   Raises:
     TypeError / ValueError: bad arguments (see `kvjax.checks`): tokens,
@@ -230,7 +290,8 @@ def prefill(
   tokens = checks.check_tokens(tokens, config)
   B, T = tokens.shape
   checks.check_params(params, config)
-  checks.check_transform(transform, "prefill")
+  checks.check_transform(transform, "prefill",
+                         extra=extra)
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   capacity = checks.check_capacity(capacity, T, f"the {T}-token prompt")
   if isinstance(decode_steps, bool) or not isinstance(
@@ -247,7 +308,7 @@ def prefill(
                            prefill_chunk=prefill_chunk,
                            decode_steps=decode_steps)
   checks.check_no_overflow(cache, "prefill")
-  return logits, cache
+  return PrefillOutput(logits, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("transform", "config", "reserve",
@@ -258,7 +319,7 @@ def _compress_observing(params, cache, observe, token_mask, observe_mask,
   # As in prefill: what a prefill-phase transform reads (the mass of the
   # observed queries only, not of e.g. teacher-forced answers; never the
   # [T, S] probabilities).
-  capture = tuple(n for n in transform.needs if n in _PREFILL_CAPTURES)
+  capture = tuple(n for n in transform.needs if n in model_lib.PREFILL_TAPS)
   _, _, aux = model_lib.forward(params, observe, cache, config=config,
                                 token_mask=token_mask, capture=capture,
                                 backend=backend, mass_mask=observe_mask)
@@ -282,7 +343,7 @@ def compress_cache(
     cache: KVCache,
     transform: compress_base.KVTransform,
     *,
-    config: ModelConfig,
+    config: ModelConfig | AttentionGeometry,
     observed: dict[str, Array],
     positions: Array,
     mask: Array,
@@ -300,7 +361,8 @@ def compress_cache(
   Args:
     cache: the prefilled cache to compress.
     transform: the compression.
-    config: the model config.
+    config: the model config, or the `kvjax.AttentionGeometry` of a model
+      kvjax did not build.
     observed: the captures of the observed queries that the transform needs
       (`transform.needs` among "q", "q_pre_rope" [L, B, T, N, H],
       "attn_mass" [L, B, N, S] over this cache's slots).
@@ -318,11 +380,12 @@ def compress_cache(
       bad shapes; and a write past the cache's capacity (checked after the
       call).
   """
-  checks.check_config(config)
+  checks.check_geometry(config)
   checks.check_cache(cache, config)
-  checks.check_transform(transform, "compress_cache", required=True)
+  checks.check_transform(transform, "compress_cache", required=True,
+                         extra=extra)
   missing = [n for n in transform.needs
-             if n in _PREFILL_CAPTURES and n not in observed]
+             if n in model_lib.PREFILL_TAPS and n not in observed]
   if missing:
     raise ValueError(f"observed lacks {missing}, which {transform.name} "
                      f"needs; capture them with forward(capture=...).")
@@ -332,9 +395,9 @@ def compress_cache(
     raise ValueError(f"positions {positions.shape} and mask {mask.shape} must "
                      f"both be [B={cache.batch_size}, T].")
   reserve = checks.check_reserve(reserve)
-  observed = {k: v for k, v in observed.items() if k in _PREFILL_CAPTURES}
+  observed = {k: v for k, v in observed.items() if k in model_lib.PREFILL_TAPS}
   out = _compress_cache(cache, observed, positions.astype(jnp.int32),
-                        mask.astype(bool), transform, extra, config=config,
+                        mask.astype(bool), transform, extra, config=as_geometry(config),
                         reserve=reserve, live_bound=_live_bound(cache))
   checks.check_no_overflow(out, "compress_cache")
   return out
@@ -392,7 +455,8 @@ def compress_observing(
   checks.check_cache(cache, config)
   if transform is None:
     raise ValueError("compress_observing needs a transform, got None.")
-  checks.check_transform(transform, "compress_observing", required=True)
+  checks.check_transform(transform, "compress_observing", required=True,
+                         extra=extra)
   observe = checks.check_tokens(observe, config, name="observe",
                                 batch=cache.batch_size)
   checks.check_params(params, config)
@@ -424,7 +488,8 @@ def _decode_step_impl(params, token, cache, rng, *, config, temperature,
   logits, cache, _ = model_lib.forward(params, token[:, None], cache,
                                        config=config, backend=backend)
   logits = logits[:, 0]
-  return sample_logits(logits, rng, temperature, top_k), logits, cache
+  return StepOutput(sample_logits(logits, rng, temperature, top_k), logits,
+                    cache)
 
 
 _STEP_STATIC = ("config", "temperature", "top_k", "backend")
@@ -440,7 +505,7 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
                 config: ModelConfig, temperature: float = 0.0,
                 top_k: int | None = None,
                 backend: Backend | str = Backend.AUTO,
-                donate_cache: bool = False):
+                donate_cache: bool = False) -> StepOutput:
   """One jitted decode step: feeds token [B], samples the next.
 
   Meant for a user's own decode loop, so it never waits on the device: its
@@ -469,7 +534,8 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
       step copies the cache once per call and the input stays valid.
 
   Returns:
-    (next [B] int32, logits [B, V] float32, cache).
+    A `StepOutput`: the next token [B] int32, the step's logits [B, V]
+    float32 and the cache.
   """
   checks.check_config(config)
   checks.check_cache(cache, config, read_device=False)
@@ -516,7 +582,8 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
                  length, temperature, top_k, stop_token, pad_token, backend):
   """The `lax.while_loop` decode: out[:, 0] = first; each step feeds the
   previous token and samples the next, applying a decode-time transform
-  every `transform.every` steps. Returns (out [B, length], num [B], cache)."""
+  every `transform.every` steps. Returns a `DecodeOutput` of `length`
+  columns (column 0 is `first`)."""
   B = first.shape[0]
   decode_transform = transform is not None and transform.every > 0
   capture = tuple(transform.needs) if decode_transform else ()
@@ -525,11 +592,10 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
   done = first == stop
   num = jnp.ones((B,), jnp.int32)
 
-  def cond(carry):
-    step, _, _, done, _, _ = carry
-    return (step < length) & ~jnp.all(done)
+  def cond(carry: DecodeState):
+    return (carry.step < length) & ~jnp.all(carry.done)
 
-  def body(carry):
+  def body(carry: DecodeState) -> DecodeState:
     step, out, cache, done, num, rng = carry
     token = out[:, step - 1]
     live = ~done[:, None]
@@ -541,7 +607,9 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
       ctx = _context("decode", step, positions, live, aux, 0, config)
 
       def compress(cache):
-        new, state = transform.apply(cache, cache.state, ctx, **extra)
+        new, state = transform.apply(cache, cache.state, ctx,
+                                     **compress_base.extras_for(transform,
+                                                                extra))
         return new._replace(state=state)
 
       cache = jax.lax.cond(step % transform.every == 0, compress,
@@ -552,11 +620,11 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
     out = out.at[:, step].set(nxt)
     num = num + (~done).astype(jnp.int32)
     done = done | (nxt == stop)
-    return step + 1, out, cache, done, num, rng
+    return DecodeState(step + 1, out, cache, done, num, rng)
 
-  carry = (jnp.int32(1), out, cache, done, num, rng)
-  _, out, cache, _, num, _ = jax.lax.while_loop(cond, body, carry)
-  return out, num, cache
+  carry = DecodeState(jnp.int32(1), out, cache, done, num, rng)
+  final = jax.lax.while_loop(cond, body, carry)
+  return DecodeOutput(final.tokens, final.num_generated, final.cache)
 
 
 def _decode_impl(params, cache, token, rng, transform, extra, *, config,
@@ -566,7 +634,7 @@ def _decode_impl(params, cache, token, rng, transform, extra, *, config,
       params, cache, token, rng, transform, extra, config=config,
       length=max_new_tokens + 1, temperature=temperature, top_k=top_k,
       stop_token=stop_token, pad_token=pad_token, backend=backend)
-  return out[:, 1:], num - 1, cache
+  return DecodeOutput(out[:, 1:], num - 1, cache)
 
 
 _DECODE_STATIC = ("transform", "config", "max_new_tokens", "temperature",
@@ -582,7 +650,7 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
            rng: Array | None = None, stop_token: int | None = None,
            pad_token: int = 0, backend: Backend | str = Backend.AUTO,
            donate_cache: bool = False, **extra
-           ) -> tuple[Array, Array, KVCache]:
+           ) -> DecodeOutput:
   """Continues decoding from a cache (e.g. one returned by `prefill`).
 
   Feeds `token` [B], then generates `max_new_tokens` per row in one jitted
@@ -612,7 +680,8 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
     **extra: passed to the transform.
 
   Returns:
-    (tokens [B, max_new_tokens], num_generated [B], cache).
+    A `DecodeOutput`: tokens [B, max_new_tokens], num_generated [B] and
+    the cache.
 
   Raises:
     TypeError / ValueError: bad arguments (see `kvjax.checks`), or a cache
@@ -626,7 +695,11 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
   checks.check_cache(cache, config)
   token = checks.check_step_tokens(token, config, cache.batch_size)
   checks.check_params(params, config)
-  checks.check_transform(transform, "decode")
+  checks.check_transform(transform, "decode",
+                         extra=extra)
+  if extra and not transform.every:
+    raise ValueError(f"decode: {transform.name} acts at prefill only, so "
+                     f"the extra argument(s) {sorted(extra)} reach nothing.")
   temperature, top_k = checks.check_sampling(temperature, top_k, config)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
   stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
@@ -659,7 +732,7 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
       top_k=top_k, stop_token=stop_token, pad_token=pad_token,
       backend=resolve_backend(backend))
   checks.check_no_overflow(cache, "decode")
-  return out, num, cache
+  return DecodeOutput(out, num, cache)
 
 
 def generate(
@@ -727,7 +800,8 @@ def generate(
                                       name="prompt_tokens")
   B, T = prompt_tokens.shape
   checks.check_params(params, config)
-  checks.check_transform(transform, "generate")
+  checks.check_transform(transform, "generate",
+                         extra=extra)
   # Always an array, so calls with and without lengths share one compile.
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   temperature, top_k = checks.check_sampling(temperature, top_k, config)

@@ -12,7 +12,7 @@ heads, K kv heads, G = N/K, H head dim, D model dim, F MLP dim, V vocab.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import numpy as np
 
 from kvjax import attention as attention_lib
 from kvjax import checks
-from kvjax.cache import KVCache, is_coded
+from kvjax.cache import KVCache, next_entries, write_slots
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -37,25 +37,78 @@ Params = dict[str, Any]
 #   final_norm [D]
 #   lm_head    [D, V]                                 (unless tied)
 
+class Tap(NamedTuple):
+  """A named point of the decoder that can be captured and, where marked,
+  replaced (penzai's `SaveIntermediate` and intervention in one list).
+
+  Attributes:
+    name: the name `capture=` and `intervene` use.
+    shape: the captured array's shape (stacked over layers where L leads).
+    doc: what it is.
+    replaceable: `intervene(layer, name, value)` may replace it (the
+      per-layer points, before anything reads them).
+    compress: where a compression transform may read it (`needs`):
+      "prefill" (the observed queries of prefill and `compress_observing`,
+      and decode), "decode" (decode steps only: one query, cheap), or ""
+      (never).
+  """
+
+  name: str
+  shape: str
+  doc: str
+  replaceable: bool = False
+  compress: str = ""
+
+
+TAPS = (
+    Tap("resid", "[L, B, T, D]", "residual stream entering each layer",
+        replaceable=True),
+    Tap("q_pre_rope", "[L, B, T, N, H]", "queries before RoPE",
+        replaceable=True, compress="prefill"),
+    Tap("q", "[L, B, T, N, H]", "queries after RoPE", replaceable=True,
+        compress="prefill"),
+    Tap("k", "[L, B, T, K, H]", "new keys after RoPE (what the cache "
+        "stores)", replaceable=True),
+    Tap("v", "[L, B, T, K, H]", "new values", replaceable=True),
+    Tap("attn_probs", "[L, B, N, T, S]", "attention probabilities over the "
+        "cache slots (materialized)", compress="decode"),
+    Tap("attn_mass", "[L, B, N, S]", "attention summed over the written "
+        "(or `mass_mask`) queries, per slot", compress="prefill"),
+    Tap("attn_out", "[L, B, T, D]", "attention write into the residual",
+        replaceable=True),
+    Tap("mlp_out", "[L, B, T, D]", "MLP write into the residual",
+        replaceable=True),
+    Tap("final_hidden", "[B, T, D]", "residual after the last layer"),
+    Tap("final_norm", "[B, T, D]", "final normed hidden state (LM head "
+        "input)"),
+)
+CAPTURE_NAMES = tuple(t.name for t in TAPS)
+INTERVENE_NAMES = tuple(t.name for t in TAPS if t.replaceable)
+# What a compression transform may read (`KVTransform.needs`): the fields
+# of `kvjax.compress.CompressContext`, and the subset prefill captures.
+COMPRESS_TAPS = tuple(t.name for t in TAPS if t.compress)
+PREFILL_TAPS = tuple(t.name for t in TAPS if t.compress == "prefill")
+
 # intervene(layer, name, value) -> value: a static side input of `forward`
-# that may replace a layer's write into the residual. `layer` is the [] int32
-# layer index (traced inside the layer scan), `name` is "attn_out" or
-# "mlp_out", `value` the [B, T, D] write; the result must keep its shape.
+# that may replace any tap of `INTERVENE_NAMES`. `layer` is the [] int32
+# layer index (traced inside the layer scan), `name` the tap, `value` its
+# per-layer array (e.g. [B, T, D] for "attn_out"); the result must keep
+# its shape and dtype.
 Intervene = Callable[[Array, str, Array], Array]
 
-CAPTURE_NAMES = (
-    "resid",  # [L, B, T, D] residual stream entering each layer
-    "attn_out",  # [L, B, T, D] attention write into the residual
-    "mlp_out",  # [L, B, T, D] MLP write into the residual
-    "attn_probs",  # [L, B, N, T, S] attention probabilities over cache slots
-    "attn_mass",  # [L, B, N, S] attention summed over the (unmasked) queries
-    "q",  # [L, B, T, N, H] queries after RoPE
-    "k",  # [L, B, T, K, H] new keys after RoPE
-    "v",  # [L, B, T, K, H] new values
-    "q_pre_rope",  # [L, B, T, N, H] queries before RoPE
-    "final_hidden",  # [B, T, D] residual after the last layer
-    "final_norm",  # [B, T, D] final normed hidden state (LM head input)
-)
+
+class ForwardOutput(NamedTuple):
+  """What `forward` returns (unpacks as `logits, cache, aux`).
+
+  Attributes:
+    logits: [B, T, V] float32.
+    cache: the updated `KVCache` (same treedef and shapes).
+    aux: dict of the captured taps, by name.
+  """
+
+  logits: Array
+  cache: KVCache
+  aux: dict[str, Array]
 
 
 # ----------------------------------------------------------------------------
@@ -165,35 +218,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def write_slots(
-    # k, v [L, B, K, S, H] (or coded payloads); pos, valid [L, B, K, S]
-    layer_cache: tuple[Any, Any, Array, Array],
-    k: Array,  # [B, T, K, H]
-    v: Array,  # [B, T, K, H]
-    positions: Array,  # [B, T]
-    slots: Array,  # [B, T] target slot per token; S (out of range) = skip
-    *,
-    layer: Array,  # [] int32 layer to write (may be traced)
-) -> tuple[Any, Any, Array, Array]:
-  """Scatters new entries into one layer of the L-stacked cache leaves, in
-  place (only the written slots move); out-of-range slots drop."""
-  ck, cv, cpos, cvalid = layer_cache
-  B, T, K, _ = k.shape
-  rows = jnp.arange(B)[:, None]  # [B, 1]
-  # Advanced indices (layer, rows, slots) around a slice put [B, T] first:
-  # the updates are [B, T, K, H] and [B, T, K]. Coded payloads encode first.
-  def put(c, x):
-    if is_coded(c):
-      return c.write(x, rows, slots, layer)
-    return c.at[layer, rows, :, slots].set(x.astype(c.dtype), mode="drop")
-  ck, cv = put(ck, k), put(cv, v)
-  pos_btk = jnp.broadcast_to(positions[:, :, None], (B, T, K))
-  cpos = cpos.at[layer, rows, :, slots].set(pos_btk.astype(jnp.int32),
-                                            mode="drop")
-  cvalid = cvalid.at[layer, rows, :, slots].set(True, mode="drop")
-  return ck, cv, cpos, cvalid
-
-
 def decoder_layer(
     x: Array,  # [B, T, D]
     p: Params,  # one layer's params (no L axis)
@@ -213,14 +237,30 @@ def decoder_layer(
 
   The cache leaves are the whole model's (L-stacked); the block writes its
   new entries into layer `layer` in place and attends over that layer.
-  `intervene(layer, "attn_out" | "mlp_out", write)`, when given, replaces
-  each write just before it is added to the residual (see `forward`); the
-  captured "attn_out" / "mlp_out" are the replaced writes.
+  Every tap of `TAPS` passes through `tap`: `intervene(layer, name,
+  value)`, when given, may replace it there, and `capture` records it
+  after any replacement.
   """
   c = config
   captured = {}
-  if "resid" in capture:
-    captured["resid"] = x
+  layer = jnp.asarray(layer, jnp.int32)
+
+  def tap(name: str, value: Array) -> Array:
+    if intervene is not None:
+      new = intervene(layer, name, value)
+      if getattr(new, "shape", None) != value.shape or (
+          getattr(new, "dtype", None) != value.dtype):
+        raise ValueError(
+            f"intervene must return the tap's shape and dtype: {name} is "
+            f"{value.dtype}{list(value.shape)}, got "
+            f"{getattr(new, 'dtype', type(new).__name__)}"
+            f"{list(getattr(new, 'shape', ()))}.")
+      value = new
+    if name in capture:
+      captured[name] = value
+    return value
+
+  x = tap("resid", x)
 
   # Attention.
   h = rms_norm(x, p["attn_norm"], c.norm_eps)  # [B, T, D]
@@ -232,11 +272,10 @@ def decoder_layer(
   if c.qk_norm:
     q = rms_norm(q, p["q_norm"], c.norm_eps)
     k = rms_norm(k, p["k_norm"], c.norm_eps)
-  if "q_pre_rope" in capture:
-    captured["q_pre_rope"] = q
-  q = apply_rope(q, positions, inv_freq)
-  k = apply_rope(k, positions, inv_freq)
-  layer = jnp.asarray(layer, jnp.int32)
+  q = tap("q_pre_rope", q)
+  q = tap("q", apply_rope(q, positions, inv_freq))
+  k = tap("k", apply_rope(k, positions, inv_freq))
+  v = tap("v", v)
   layer_cache = write_slots(layer_cache, k, v, positions, slots, layer=layer)
   view = attention_lib.LayerView(*layer_cache, layer)
   backend = attention_lib.resolve_backend(backend)
@@ -248,26 +287,20 @@ def decoder_layer(
       q, view, q_pos=positions, sliding_window=c.sliding_window,
       backend=backend, return_probs=want_probs)
   out, probs = att.out, att.probs  # out [B, T, N, H]
+  if "attn_probs" in capture:
+    captured["attn_probs"] = probs
   attn_out = jnp.einsum("btnh,nhd->btd", out, p["wo"])  # [B, T, D]
   if c.o_bias:
     attn_out = attn_out + p["bo"]
-  if intervene is not None:
-    attn_out = intervene(layer, "attn_out", attn_out)
-  x = x + attn_out
+  x = x + tap("attn_out", attn_out)
 
   # MLP (SwiGLU).
   h = rms_norm(x, p["mlp_norm"], c.norm_eps)
   gate = jnp.einsum("btd,df->btf", h, p["w_gate"])  # [B, T, F]
   up = jnp.einsum("btd,df->btf", h, p["w_up"])  # [B, T, F]
   mlp_out = jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
-  if intervene is not None:
-    mlp_out = intervene(layer, "mlp_out", mlp_out)
-  x = x + mlp_out
+  x = x + tap("mlp_out", mlp_out)
 
-  for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out),
-                      ("attn_probs", probs), ("q", q), ("k", k), ("v", v)):
-    if name in capture:
-      captured[name] = value
   if "attn_mass" in capture:
     # Written queries (padding and dropped writes get slot S), narrowed to
     # `mass_weights` when given.
@@ -331,7 +364,7 @@ def forward(
     backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
     intervene: Intervene | None = None,
     mass_mask: Array | None = None,
-) -> tuple[Array, KVCache, dict[str, Array]]:
+) -> ForwardOutput:
   """Runs the decoder on new tokens, reading and extending the cache.
 
   The same function does prefill (T > 1, usually on an empty cache) and
@@ -353,12 +386,17 @@ def forward(
     backend: attention backend, a `kvjax.attention.Backend` or its name
       ("auto", "reference", "xla"); AUTO picks by platform.
     intervene: optional static side input (penzai style), a callable
-      `intervene(layer, name, value) -> value` applied to every layer's
-      attention write (`name="attn_out"`) and MLP write (`"mlp_out"`),
-      [B, T, D] each, just before it is added to the residual. `layer` is
+      `intervene(layer, name, value) -> value` applied at every tap of
+      `INTERVENE_NAMES` of every layer (the residual entering it, queries
+      before and after RoPE, the new keys and values before they are
+      written, the attention and MLP writes before they are added to the
+      residual; shapes in `TAPS`) and returning its replacement (same
+      shape and dtype, else ValueError); it is called for every one of
+      those names, so filter on `name` and return `value` unchanged for the
+      others. `layer` is
       the [] int32 layer index, a tracer inside the layer scan, so select
-      layers with `jnp.where`, not Python `if`. Captured writes are the
-      intervened ones. Under `jax.jit` mark it static (a callable is hashed
+      layers with `jnp.where`, not Python `if`; `name` is static, so a
+      Python `if` on it is fine. Captured taps are the intervened ones. Under `jax.jit` mark it static (a callable is hashed
       by identity). None (the default) leaves the computation untouched.
       `kvjax.analysis.residual.intervene_writes` builds common ones.
     mass_mask: optional [B, T] bool, the queries whose attention the
@@ -366,9 +404,9 @@ def forward(
       cache; the mask narrows that).
 
   Returns:
-    logits: [B, T, V] float32.
-    cache: the updated cache (same treedef and shapes).
-    aux: dict of the captured arrays.
+    A `ForwardOutput` (unpacks as `logits, cache, aux`): logits [B, T, V]
+    float32, the updated cache (same treedef and shapes), and the dict of
+    captured taps.
 
   Raises:
     TypeError / ValueError: (checks shared with the other entries, see
@@ -395,13 +433,8 @@ def forward(
     checks.check_room(cache, n_host, f"writing {int(n_host.max())} tokens",
                       "Build the cache with a larger `capacity` (prompt "
                       "length + new tokens) or compress it first.")
-  token_mask = token_mask.astype(bool)
-  count = jnp.cumsum(token_mask.astype(jnp.int32), axis=1)  # [B, T]
-  n_new = count[:, -1]  # [B]
-  if positions is None:
-    positions = cache.length[:, None] + count - 1
-  positions = positions.astype(jnp.int32)
-  slots = jnp.where(token_mask, cache.end[:, None] + count - 1, S)  # [B, T]
+  new = next_entries(cache, token_mask, positions)
+  positions, slots, n_new = new  # [B, T], [B, T] (S: not written), [B]
   mass_weights = None if mass_mask is None else mass_mask.astype(bool)
 
   x = params["embed"][tokens].astype(config.jnp_dtype)  # [B, T, D]
@@ -431,4 +464,4 @@ def forward(
   k, v, pos, valid = layer_caches
   cache = cache._replace(k=k, v=v, pos=pos, valid=valid,
                          end=cache.end + n_new, length=cache.length + n_new)
-  return logits, cache, aux
+  return ForwardOutput(logits, cache, aux)

@@ -363,8 +363,7 @@ def _leaky(mode):
   room asked for decoding; "no_evict" claims to keep a budget during
   decode (every step, `bounded`) but never frees a slot."""
 
-  def apply(cache, state, ctx, **extra):
-    del extra
+  def apply(cache, state, ctx):
     if ctx.phase != "prefill":
       return cache, state
     if mode == "overrun":
@@ -374,7 +373,7 @@ def _leaky(mode):
     return cache, state
 
   return compress.KVTransform(init=lambda cache: (), apply=apply,
-                              slots=lambda live: live,
+                              keeps=lambda live: live,
                               every=1 if mode == "no_evict" else 0,
                               bounded=mode == "no_evict",
                               name=f"leaky_{mode}")

@@ -263,3 +263,31 @@ def test_init_out_std_sets_only_the_residual_output_matrices():
                              atol=1e-6)
   with pytest.raises(ValueError, match="out_std"):
     model_lib.init_params(cfg, key, out_std=-1.0)
+
+
+def test_one_tap_list_serves_capture_intervention_and_compression():
+  """Every replaceable tap of `TAPS` can be replaced by `intervene`, the
+  capture shows the replacement, and the compression context is derived
+  from the same list."""
+  config, params, tokens = _setup("llama", T=6)
+  names = tuple(t.name for t in model_lib.TAPS)
+  assert names == model_lib.CAPTURE_NAMES and len(set(names)) == len(names)
+  fields = kvjax.compress.CompressContext._fields
+  assert set(model_lib.COMPRESS_TAPS) <= set(fields)
+  for name in model_lib.INTERVENE_NAMES:
+
+    def fill(layer, tap, value, name=name):
+      return jnp.full_like(value, 0.5) if tap == name else value
+
+    cache = kvjax.init_cache(config, 2, 6)
+    plain = kvjax.forward(params, tokens, cache, config=config)
+    out = kvjax.forward(params, tokens, cache, config=config,
+                        capture=(name,), intervene=fill)
+    np.testing.assert_array_equal(out.aux[name], 0.5)
+    assert not np.allclose(out.logits, plain.logits), name
+    if name == "k":  # replaced before the write: the cache stores it
+      np.testing.assert_array_equal(out.cache.k, 0.5)
+  with pytest.raises(ValueError, match="shape and dtype: v is"):
+    kvjax.forward(params, tokens, kvjax.init_cache(config, 2, 6),
+                  config=config,
+                  intervene=lambda l, n, v: v[:, :, :1] if n == "v" else v)

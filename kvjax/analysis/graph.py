@@ -7,7 +7,7 @@ compression slots hold arbitrary positions in any order, and different
 slots to positions before comparing anything. Query head n reads kv head
 n // (N // K).
 
-Definitions (see ../shared/REFERENCES.md, "Diagnostics"):
+Definitions:
 
 * **Evicted everywhere**: a real position (>= 0) is evicted everywhere when
   no (layer, kv head) holds it in a valid slot; **evicted at layer l** when

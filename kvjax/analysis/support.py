@@ -1,6 +1,6 @@
 """Active support and head consensus of attention probabilities.
 
-Definitions (see ../shared/REFERENCES.md, "Diagnostics"):
+Definitions:
 
 * **Active support** of one attention row (one query of one head) at share
   `q`: the size of the smallest set of keys holding at least `q` of the

@@ -1,9 +1,9 @@
 """The compression-transform interface, `chain`, and physical compaction.
 
 A transform follows optax: a NamedTuple of pure functions built by a
-factory. `init(cache) -> state`; `apply(cache, state, ctx, **extra) ->
+factory. `init(cache) -> state`; `apply(cache, state, ctx, *, <extras>) ->
 (cache, state)`. Besides the functions it carries static facts the caller
-needs before tracing: which captures of the forward pass it reads (`needs`),
+needs before tracing: which taps of the forward pass it reads (`needs`),
 whether it also acts during decode (`every`, in decode steps; 0 = prefill
 only), and `slots`, the static number of entries per (layer, row, head) it
 may keep given how many were live before (so the compacted cache has a
@@ -23,6 +23,7 @@ A transform that would compress nothing for its input raises `Degenerate`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import math
@@ -32,17 +33,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import model as model_lib
 from kvjax.cache import CodedKV, KVCache, is_coded, replace_dropping
 
 Array = jax.Array
 
-# Names a transform may list in `needs`; prefill/decode then fill the
-# matching field of `CompressContext` (others stay None).
-CONTEXT_FIELDS = ("q", "q_pre_rope", "attn_mass", "attn_probs")
+# Names a transform may list in `needs`: the taps of `kvjax.model.TAPS` a
+# transform may read. Prefill/decode fill the matching fields of
+# `CompressContext` (others stay None).
+CONTEXT_FIELDS = model_lib.COMPRESS_TAPS
+
+_CONTEXT_FIELDS = (
+    ("phase", None), ("step", None), ("q_pos", None), ("q_mask", None),
+    *((name, None) for name in CONTEXT_FIELDS),
+    ("rng", None), ("reserve", 0), ("geometry", None), ("live_bound", None),
+    ("decode_reserve", 0),
+)
 
 
-class CompressContext(NamedTuple):
+class CompressContext(collections.namedtuple(
+    "CompressContext", [n for n, _ in _CONTEXT_FIELDS],
+    defaults=[d for _, d in _CONTEXT_FIELDS[4:]])):
   """What a transform may read when it is applied.
+
+  Its tap fields are `kvjax.model.TAPS` readable by transforms
+  (`CONTEXT_FIELDS`), so a tap added there reaches transforms here.
 
   Attributes:
     phase: "prefill" or "decode" (a Python string: static).
@@ -51,16 +66,17 @@ class CompressContext(NamedTuple):
     q_mask: [B, T] bool, False for padding tokens.
     q: [L, B, T, N, H] queries after RoPE (if needed).
     q_pre_rope: [L, B, T, N, H] queries before RoPE (if needed).
+    attn_probs: [L, B, N, T, S] attention probabilities (decode only, if
+      needed).
     attn_mass: [L, B, N, S] attention of this pass's queries summed over
       queries, per slot (if needed).
-    attn_probs: [L, B, N, T, S] attention probabilities (if needed).
     rng: a PRNG key.
     reserve: free slots to leave after compression for entries written by
       `forward` without this transform seeing them (the question), a
       Python int: static. Every transform leaves at least this many, and
       exactly this many for the fullest row where its layout allows (see
       `KVTransform`).
-    config: the model's `ModelConfig` (static; rope, head counts).
+    geometry: the model's `kvjax.AttentionGeometry` (static; heads, RoPE).
     live_bound: static upper bound on the live entries per (layer, row, kv
       head) of the cache being compressed (the prompt width at prefill);
       compacted capacities are computed from it. None: the capacity.
@@ -70,19 +86,7 @@ class CompressContext(NamedTuple):
       codec that flushes a window into a coded region does.
   """
 
-  phase: str
-  step: Array
-  q_pos: Array
-  q_mask: Array
-  q: Array | None = None
-  q_pre_rope: Array | None = None
-  attn_mass: Array | None = None
-  attn_probs: Array | None = None
-  rng: Array | None = None
-  reserve: int = 0
-  config: Any = None
-  live_bound: int | None = None
-  decode_reserve: int = 0
+  __slots__ = ()
 
 
 def live_bound(cache: KVCache, ctx: CompressContext) -> int:
@@ -165,12 +169,16 @@ class KVTransform(NamedTuple):
 
   Attributes:
     init: (cache) -> state.
-    apply: (cache, state, ctx, **extra) -> (cache, state).
-    slots: (live) -> upper bound on live entries per (layer, row, head)
+    apply: (cache, state, ctx, *, <extras>) -> (cache, state); it receives
+      exactly the keyword arguments named in `extras`.
+    keeps: (live) -> upper bound on live entries per (layer, row, head)
       after `apply`, given `live` before (a Python int). `chain` passes it
       on as the next member's `ctx.live_bound`, so it must never
       under-count (a KIVI after it flags the overflow if it does).
     needs: names from `CONTEXT_FIELDS` the transform reads.
+    extras: names of the extra keyword-only inputs `apply` takes (the
+      oracle's `future_mass`); the entries pass each transform only the
+      ones it declares and refuse one that no transform declares.
     every: act at decode every `every` steps (0: prefill only).
     bits: (head_dim) -> (key bits, value bits) stored per element, overhead
       included (None for a tensor kept in full precision), or None for
@@ -194,12 +202,13 @@ class KVTransform(NamedTuple):
 
   init: Callable[[KVCache], Any]
   apply: Callable[..., tuple[KVCache, Any]]
-  slots: Callable[[int], int]
+  keeps: Callable[[int], int]
   needs: tuple[str, ...] = ()
   every: int = 0
   bits: Callable[[int], float] | None = None
   name: str = "transform"
   bounded: bool = False
+  extras: tuple[str, ...] = ()
   spec: Hashable = None
 
   __eq__ = _spec_eq
@@ -210,20 +219,26 @@ class KVTransform(NamedTuple):
 KVTransform._replace = replace_dropping("spec")
 
 
+def extras_for(transform: KVTransform, extra: dict[str, Any]
+               ) -> dict[str, Any]:
+  """The entries of `extra` that `transform` declares in `extras`."""
+  return {name: extra[name] for name in transform.extras if name in extra}
+
+
 @by_value
 def identity() -> KVTransform:
   """A transform that changes nothing (the uncompressed baseline)."""
   return KVTransform(init=lambda cache: (),
-                     apply=lambda cache, state, ctx, **extra: (cache, state),
-                     slots=lambda live: live, name="identity")
+                     apply=lambda cache, state, ctx: (cache, state),
+                     keeps=lambda live: live, name="identity")
 
 
 @by_value
 def chain(*transforms: KVTransform) -> KVTransform:
   """Applies transforms in order (e.g. evict, then quantize).
 
-  The state is the tuple of the members' states; `extra` keyword arguments
-  reach every member, which ignores those it does not know. Each member
+  The state is the tuple of the members' states; each extra keyword
+  argument reaches the members that declare it (`extras`). Each member
   sees the context's `live_bound` narrowed by the members before it.
   """
   for t in transforms:
@@ -252,17 +267,17 @@ def chain(*transforms: KVTransform) -> KVTransform:
       if ctx.phase == "decode" and t.every > 1:  # each at its own cadence
         cache, s = jax.lax.cond(
             ctx.step % t.every == 0,
-            lambda c, s_, t=t: t.apply(c, s_, ctx, **extra),
+            lambda c, s_, t=t: t.apply(c, s_, ctx, **extras_for(t, extra)),
             lambda c, s_: (c, s_), cache, s)
       else:
-        cache, s = t.apply(cache, s, ctx, **extra)
+        cache, s = t.apply(cache, s, ctx, **extras_for(t, extra))
       new_state.append(s)
-      ctx = ctx._replace(live_bound=t.slots(bound))
+      ctx = ctx._replace(live_bound=t.keeps(bound))
     return cache, tuple(new_state)
 
-  def slots(live):
+  def keeps(live):
     for t in transforms:
-      live = t.slots(live)
+      live = t.keeps(live)
     return live
 
   def bits(head_dim):
@@ -285,10 +300,11 @@ def chain(*transforms: KVTransform) -> KVTransform:
       t.bounded or (t.bits is not None and not t.every) or t == identity()
       for t in transforms[first:]) and all(
           t.bounded for t in transforms if t.every)
-  return KVTransform(init=init, apply=apply, slots=slots, needs=needs,
+  extras = tuple(sorted({n for t in transforms for n in t.extras}))
+  return KVTransform(init=init, apply=apply, keeps=keeps, needs=needs,
                      every=every, bits=bits if has_bits else None,
                      name="+".join(t.name for t in transforms),
-                     bounded=bounded)
+                     bounded=bounded, extras=extras)
 
 
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ payload's physical bytes match it.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -203,8 +203,7 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
   if key_codec is None and value_codec is None:
     raise ValueError("quantize needs a key_codec or a value_codec.")
 
-  def apply(cache, state, ctx, **extra):
-    del extra
+  def apply(cache, state, ctx):
     if ctx.phase != "prefill":  # new entries are encoded as they are written
       return cache, state
     if is_coded(cache.k) or is_coded(cache.v):
@@ -231,7 +230,7 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
 
   label = name or "quantize"
   return base.KVTransform(init=lambda cache: (), apply=apply,
-                          slots=lambda live: live, bits=bits, name=label)
+                          keeps=lambda live: live, bits=bits, name=label)
 
 
 @base.by_value
@@ -263,8 +262,8 @@ def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
     return windowed_quantize(bits, group_size or 32, residual, axis, axis)
   make = lambda h: int_codec(bits, group_size, h)
   return quantize(make if keys else None, make if values else None,
-                  name=f"int{bits}" + (f"/g{group_size}" if group_size
-                                       else ""))
+                  name=f"int{bits}" if group_size == 32 else
+                  f"int{bits}_g{group_size or 'all'}")
 
 
 @base.by_value
@@ -315,6 +314,17 @@ def _scatter_rows(leaf: Array, start: Array, block: Array, active: Array,
   rows = jnp.arange(B)[:, None]
   upd = jnp.moveaxis(jnp.moveaxis(block, 1, 0), 3, 1)  # [B, W, L, K, ...]
   return leaf.at[:, rows, :, idx].set(upd.astype(leaf.dtype), mode="drop")
+
+
+class KIVIState(NamedTuple):
+  """State of `kivi`.
+
+  Attributes:
+    code_end: [B] int32 first free slot of each row's code region (the
+      next block flushed from the window lands there).
+  """
+
+  code_end: jax.Array
 
 
 @base.by_value
@@ -449,11 +459,12 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
         pos=jnp.concatenate([code_pos, tail_pos], -1),
         valid=jnp.concatenate([code_valid, tail_valid], -1),
         end=new_end.astype(jnp.int32))
-    return cache, q.astype(jnp.int32)
+    return cache, KIVIState(q.astype(jnp.int32))
 
-  def flush(cache, qend):
+  def flush(cache, state):
     """Quantizes the oldest R tail entries of rows whose tail holds R or
     more into the code region, and shifts the rest of their tail down."""
+    qend = state.code_end
     sc = cache.k.code_slots
     # A full block moves only where the code region has room for it; else
     # the window keeps filling, and a write past it is an overflow that
@@ -483,17 +494,17 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
         pos=jnp.concatenate([pos, tail_pos], -1),
         valid=jnp.concatenate([valid, shift(tail_valid)], -1),
         end=end.astype(jnp.int32))
-    return cache, jnp.where(full, qend + R, qend).astype(jnp.int32)
+    return cache, KIVIState(jnp.where(full, qend + R, qend).astype(jnp.int32))
 
-  def apply(cache, state, ctx, **extra):
-    del extra
+  def apply(cache, state, ctx):
     if ctx.phase == "prefill":
       return prefill(cache, ctx)
     return flush(cache, state)
 
   return base.KVTransform(
-      init=lambda cache: jnp.zeros(cache.pos.shape[1:2], jnp.int32),
-      apply=apply, slots=lambda live: live, every=1,
+      init=lambda cache: KIVIState(jnp.zeros(cache.pos.shape[1:2],
+                                             jnp.int32)),
+      apply=apply, keeps=lambda live: live, every=1,
       bits=lambda h: (codec(key_axis, h).bits(h),
                       codec(value_axis, h).bits(h)),
       name=label)

@@ -6,8 +6,9 @@ A `Scorer` maps (cache, ctx) to scores [L, B, K, S] (higher = kept first).
 varies it by head. Selection compacts the cache physically (see
 `base.compact`).
 
-Definitions follow ../shared/REFERENCES.md and NVIDIA kvpress
-(`kvpress/presses/*`), which the peer tests compare against. Where kvjax
+Definitions follow each method's paper (cited where the scorer is
+defined below) and NVIDIA kvpress (`kvpress/presses/*`), which the peer
+tests (`tests/compress/test_kvpress_parity.py`) compare against. Where kvjax
 differs, the factory's docstring says so.
 
 Budgets: `ratio` is the fraction of entries removed, per (layer, row, kv
@@ -36,17 +37,20 @@ class Scorer(NamedTuple):
   """Scores cache slots for eviction.
 
   Attributes:
-    score: (cache, ctx) -> [L, B, K, S] float32; higher is kept first.
-      Invalid slots may get any value (selection ignores them).
+    score: (cache, ctx, *, <extras>) -> [L, B, K, S] float32; higher is
+      kept first. Invalid slots may get any value (selection ignores them).
     needs: `CompressContext` fields it reads.
+    extras: the extra keyword-only inputs `score` takes (the policy built
+      on it declares them, see `KVTransform.extras`).
     name: a label.
     spec: value identity set by `base.by_value` (equal factory arguments:
       equal scorers).
   """
 
-  score: Callable[[KVCache, base.CompressContext], Array]
+  score: Callable[..., Array]
   needs: tuple[str, ...] = ()
   name: str = "scorer"
+  extras: tuple[str, ...] = ()
   spec: Any = None
 
   # Value equality, as KVTransform's (see `base.by_value`).
@@ -259,7 +263,6 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
     raise ValueError(f"epsilon must be a finite float >= 0, got {epsilon!r}.")
 
   def score(cache, ctx):
-    config = ctx.config
     qpr = ctx.q_pre_rope.astype(jnp.float32)  # [L, B, T, N, H]
     use = ctx.q_mask & (ctx.q_pos >= n_sink)  # [B, T]
     count = jnp.maximum(jnp.sum(use, axis=1), 1).astype(jnp.float32)  # [B]
@@ -272,7 +275,7 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
     # run after a prefilled context, so count from their positions).
     length = jnp.max(jnp.where(ctx.q_mask, ctx.q_pos, -1), axis=1) + 1  # [B]
     future = length[:, None] + jnp.arange(n_future_positions)  # [B, P]
-    freqs = future[..., None].astype(jnp.float32) * rope_inv_freq(config)
+    freqs = future[..., None].astype(jnp.float32) * rope_inv_freq(ctx.geometry)
     angles = jnp.concatenate([freqs, freqs], -1)  # [B, P, H]
     half = H // 2
     rot_half = jnp.block([[jnp.zeros((half, half)), -jnp.eye(half)],
@@ -326,14 +329,14 @@ def oracle_scorer() -> Scorer:
   on each slot, e.g. from `oracle_future_mass`.
   """
 
-  def score(cache, ctx, future_mass=None):
+  def score(cache, ctx, *, future_mass=None):
     del ctx
     if future_mass is None:
       raise ValueError("the oracle needs future_mass=[L, B, N, S] (see "
                        "kvjax.compress.oracle_future_mass).")
     return _group_mean(future_mass.astype(jnp.float32), cache.pos.shape[2])
 
-  return Scorer(score, (), "oracle")
+  return Scorer(score, (), "oracle", extras=("future_mass",))
 
 
 # ----------------------------------------------------------------------------
@@ -344,12 +347,6 @@ def _free(ctx: base.CompressContext) -> int:
   """Free slots a prefill-only policy leaves: the reserve for `forward`,
   and room for the decode steps run after it (it never evicts again)."""
   return ctx.reserve + ctx.decode_reserve
-
-
-def _score(scorer, cache, ctx, extra):
-  if scorer.name == "oracle":
-    return scorer.score(cache, ctx, **extra)
-  return scorer.score(cache, ctx)
 
 
 @base.by_value
@@ -370,14 +367,14 @@ def scored_policy(scorer: Scorer, ratio: float | None = None,
       return cache, state
     n = base.n_keep(base.live_counts(cache), ratio, budget, cache.capacity)
     capacity = base.static_keep(base.live_bound(cache, ctx), ratio, budget)
-    scores = _score(scorer, cache, ctx, extra)
+    scores = scorer.score(cache, ctx, **extra)
     cache, _ = base.evict(cache, scores, n, capacity + _free(ctx))
     return cache, state
 
   return base.KVTransform(
       init=lambda cache: (), apply=apply,
-      slots=lambda live: base.static_keep(live, ratio, budget),
-      needs=scorer.needs, name=name or scorer.name)
+      keeps=lambda live: base.static_keep(live, ratio, budget),
+      needs=scorer.needs, extras=scorer.extras, name=name or scorer.name)
 
 
 @base.by_value
@@ -415,6 +412,30 @@ def oracle(ratio=None, budget=None) -> base.KVTransform:
   return scored_policy(oracle_scorer(), ratio, budget)
 
 
+class BudgetState(NamedTuple):
+  """State of a decode-time policy (StreamingLLM, TOVA).
+
+  Attributes:
+    budget: [B] int32 entries each row keeps per (layer, kv head) at
+      decode: the prefill budget.
+  """
+
+  budget: Array
+
+
+class H2OState(NamedTuple):
+  """State of `h2o`.
+
+  Attributes:
+    budget: [B] int32 entries each row keeps per (layer, kv head).
+    mass: [L, B, K, S] float32 attention accumulated by each slot's entry
+      over every query so far (moves with its entry on compaction).
+  """
+
+  budget: Array
+  mass: Array
+
+
 def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
                    protect_recent: int = 0) -> base.KVTransform:
   """A policy that compresses at prefill and keeps a fixed budget during
@@ -425,10 +446,11 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
     raise ValueError(f"every must be an int >= 1, got {every!r}.")
 
   def init(cache):
-    return jnp.zeros(cache.pos.shape[1:2], jnp.int32)  # [B] budget per row
+    return BudgetState(jnp.zeros(cache.pos.shape[1:2], jnp.int32))
 
   def apply(cache, state, ctx, **extra):
-    scores = _score(scorer, cache, ctx, extra)
+    scores = scorer.score(cache, ctx, **extra)
+    budget_row = state.budget  # [B]
     if protect_recent:
       newest = jnp.max(cache.pos, axis=-1, keepdims=True)
       scores = jnp.where(cache.pos > newest - protect_recent, _BIG, scores)
@@ -440,22 +462,23 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
       cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
              + ctx.reserve + every)
       cache, _ = base.evict(cache, scores, n, cap)
-      return cache, jnp.max(n, axis=(0, 2))
+      return cache, BudgetState(jnp.max(n, axis=(0, 2)))
     # Decode: keep each row's budget; the capacity does not change.
-    sort = lambda c: base.evict(c, scores, state[None, :, None],
+    sort = lambda c: base.evict(c, scores, budget_row[None, :, None],
                                 c.capacity)[0]
     if every == 1:  # one in, one out: O(S) swap-remove, no sort
       live = jnp.max(base.live_counts(cache), axis=(0, 2))
-      one = lambda c: base.evict_one(c, scores, live > state)[0]
+      one = lambda c: base.evict_one(c, scores, live > budget_row)[0]
       # Entries fed by `forward` since the last step (a question) put a row
       # more than one over: back to the budget in one sort.
-      return jax.lax.cond(jnp.any(live > state + 1), sort, one, cache), state
+      return jax.lax.cond(jnp.any(live > budget_row + 1), sort, one,
+                          cache), state
     return sort(cache), state
 
   return base.KVTransform(
       init=init, apply=apply,
-      slots=lambda live: base.static_keep(live, ratio, budget),
-      needs=scorer.needs, every=every, name=name, bounded=True)
+      keeps=lambda live: base.static_keep(live, ratio, budget),
+      needs=scorer.needs, extras=scorer.extras, every=every, name=name, bounded=True)
 
 
 @base.by_value
@@ -501,8 +524,8 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
                      f"{recent_fraction!r}.")
 
   def init(cache):
-    return (jnp.zeros(cache.pos.shape[1:2], jnp.int32),  # [B] budget
-            jnp.zeros(cache.pos.shape, jnp.float32))  # [L, B, K, S] mass
+    return H2OState(jnp.zeros(cache.pos.shape[1:2], jnp.int32),
+                    jnp.zeros(cache.pos.shape, jnp.float32))
 
   def select(cache, acc, n, capacity):
     n_recent = jnp.floor(n * recent_fraction).astype(jnp.int32)  # [L,B,K]
@@ -515,8 +538,7 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
     acc = jnp.where(cache.valid, jnp.take_along_axis(acc, idx, axis=-1), 0.0)
     return cache, acc
 
-  def apply(cache, state, ctx, **extra):
-    del extra
+  def apply(cache, state, ctx):
     budget_row, acc = state
     K = cache.pos.shape[2]
     mass = _group_mean(ctx.attn_mass, K)  # [L, B, K, S]
@@ -526,7 +548,7 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
       cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
              + ctx.reserve + every)  # see _decode_policy
       cache, acc = select(cache, mass, n, cap)
-      return cache, (jnp.max(n, axis=(0, 2)), acc)
+      return cache, H2OState(jnp.max(n, axis=(0, 2)), acc)
     acc = acc + mass
 
     def sort(cache, acc):
@@ -535,7 +557,7 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
 
     if every > 1:
       cache, acc = sort(cache, acc)
-      return cache, (budget_row, acc)
+      return cache, H2OState(budget_row, acc)
     live = jnp.max(base.live_counts(cache), axis=(0, 2))
 
     def one(cache, acc):  # one in, one out: O(S), no sort
@@ -555,11 +577,11 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
     # step): back to the budget in one sort.
     cache, acc = jax.lax.cond(jnp.any(live > budget_row + 1), sort, one,
                               cache, acc)
-    return cache, (budget_row, acc)
+    return cache, H2OState(budget_row, acc)
 
   return base.KVTransform(
       init=init, apply=apply,
-      slots=lambda live: base.static_keep(live, ratio, budget),
+      keeps=lambda live: base.static_keep(live, ratio, budget),
       needs=("attn_mass",), every=every, name="h2o", bounded=True)
 
 
@@ -609,22 +631,21 @@ def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
     return int(np.max(b))
 
   def apply(cache, state, ctx, **extra):
-    del extra
     if ctx.phase != "prefill":
       return cache, state
     L = cache.num_layers
     live = jnp.max(base.live_counts(cache), axis=(0, 2))  # [B]
     n = pyramid_budgets(live, ratio, L, window_size, beta)[:, :, None]
     cap = static_cap(base.live_bound(cache, ctx), L)
-    cache, _ = base.evict(cache, scorer.score(cache, ctx), n,
+    cache, _ = base.evict(cache, scorer.score(cache, ctx, **extra), n,
                           cap + _free(ctx))
     return cache, state
 
   return base.KVTransform(
       init=lambda cache: (), apply=apply,
       # Layer 0 keeps the most; a static bound without knowing L:
-      slots=lambda live: min(live, 2 * base.static_keep(live, ratio, None)),
-      needs=scorer.needs, name="pyramidkv")
+      keeps=lambda live: min(live, 2 * base.static_keep(live, ratio, None)),
+      needs=scorer.needs, extras=scorer.extras, name="pyramidkv")
 
 
 @base.by_value
@@ -660,7 +681,7 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
       n_safe = jnp.where(n > 0, jnp.maximum(n_safe, 1), 0)
     return n_safe
 
-  def slots(live):
+  def sizes(live):
     n = base.static_keep(live, ratio, None)
     n_safe = int(n * alpha_safeguard)
     if alpha_safeguard > 0:
@@ -673,7 +694,7 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
     L, B, K, S = cache.pos.shape
     live = base.live_counts(cache)  # [L, B, K]
     n = base.n_keep(live, ratio, None, cache.capacity)
-    scores = jnp.where(cache.valid, _score(scorer, cache, ctx, extra),
+    scores = jnp.where(cache.valid, scorer.score(cache, ctx, **extra),
                        -jnp.inf)
     safe = base.keep_top(scores, safe_count(n), cache.valid)
     scores = jnp.where(safe, jnp.finfo(jnp.float32).max, scores)
@@ -681,18 +702,18 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
     flat_valid = cache.valid.reshape(L, B, 1, K * S)
     keep = base.keep_top(scores.reshape(L, B, 1, K * S), total[..., None],
                          flat_valid).reshape(L, B, K, S)
-    s_live, s_n, s_safe = slots(base.live_bound(cache, ctx))
+    s_live, s_n, s_safe = sizes(base.live_bound(cache, ctx))
     cap = min(s_live, K * s_n - (K - 1) * s_safe)
     cache, _ = base.compact(cache, keep, cap + _free(ctx))
     return cache, state
 
-  def slots_bound(live):
+  def keeps(live):
     # Without K the tight bound is unknown; a head may keep all it had.
     return live
 
   return base.KVTransform(init=lambda cache: (), apply=apply,
-                          slots=slots_bound, needs=scorer.needs,
-                          name=f"adakv({scorer.name})")
+                          keeps=keeps, needs=scorer.needs, extras=scorer.extras,
+                          name=f"adakv_{scorer.name}")
 
 
 SCORERS = {

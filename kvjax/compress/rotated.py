@@ -387,7 +387,7 @@ def qjl(projections: int = 256, value_bits: int = 2, value_group: int = 32,
   qjl_codec(projections, 8, seed)  # validates the argument early
   return quantize(lambda h: qjl_codec(projections, h, seed),
                   lambda h: int_codec(value_bits, min(value_group, h), h),
-                  name=f"qjl{projections}")
+                  name="qjl" if projections == 256 else f"qjl{projections}")
 
 
 # ----------------------------------------------------------------------------

@@ -75,12 +75,17 @@ FACTORIES = {**POLICIES, **CODECS, **OTHER}
 VARIABLE = ("kivi", "windowed_quantize", "chain", "adakv")
 
 
+# A shape stand-in for each extra input a transform may declare.
+EXTRA_INPUTS = {
+    # The oracle's future mass over `slots` cache slots.
+    "future_mass": lambda slots: jnp.ones(
+        (CONFIG.num_layers, 2, CONFIG.num_heads, slots)),
+}
+
+
 def _extra(transform, slots):
-  """The oracle's future mass over `slots` cache slots (a shape stand-in)."""
-  if "oracle" not in transform.name:
-    return {}
-  return dict(future_mass=jnp.ones((CONFIG.num_layers, 2, CONFIG.num_heads,
-                                    slots)))
+  """Stand-ins for the extra inputs `transform` declares."""
+  return {name: EXTRA_INPUTS[name](slots) for name in transform.extras}
 
 
 def test_every_exported_factory_is_covered():

@@ -143,7 +143,7 @@ def test_h2o_accumulated_attention_moves_with_entries():
       phase="prefill", step=jnp.int32(0),
       q_pos=jnp.broadcast_to(jnp.arange(T0), (2, T0)),
       q_mask=jnp.ones((2, T0), bool), attn_mass=aux["attn_mass"], reserve=0,
-      config=CONFIG, live_bound=T0)
+      geometry=CONFIG.geometry, live_bound=T0)
   cache, state = transform.apply(full, transform.init(full), ctx)
   cache = cache._replace(state=state)
   token = tokens[:, -1]
@@ -162,7 +162,7 @@ def test_h2o_accumulated_attention_moves_with_entries():
     cache, state = transform.apply(cache, cache.state, ctx)
     cache = cache._replace(state=state)
     token = (token + 7) % CONFIG.vocab_size
-    _, acc = state
+    acc = state.mass
     acc, p, v = np.asarray(acc), np.asarray(cache.pos), np.asarray(
         cache.valid)
     assert (v.sum(-1) == 24).all()  # the budget holds
@@ -226,7 +226,7 @@ def test_chain_composes_and_identity_is_a_no_op():
   two = compress.chain(compress.snapkv(0.5, window_size=16),
                        compress.knorm(0.5))
   _, cache = _prefill(two)
-  assert cache.capacity == 40 and two.slots(160) == 40
+  assert cache.capacity == 40 and two.keeps(160) == 40
   assert two.name == "snapkv+knorm"
 
 

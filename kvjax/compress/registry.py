@@ -1,0 +1,115 @@
+"""One name per compression method: the table every experiment, benchmark
+and test builds transforms from.
+
+A method string names one eviction policy ("snapkv"), one codec ("kivi2"),
+or a policy then a codec joined by "+" ("snapkv+kivi2", which builds
+`chain(snapkv(ratio), kivi(2))`). Each name is the `.name` of the transform
+it builds (a chain's name joins its members' names with "+"), so the method
+of a results row is the name of the transform that computed it.
+
+  transform = registry.build("snapkv+kivi2", ratio=0.75)
+  registry.POLICY_NAMES  # ("snapkv", "h2o", ...): take a ratio
+  registry.CODEC_NAMES   # ("kivi2", "kivi4", ...): take none
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, Mapping
+
+from kvjax.compress import base
+from kvjax.compress import codecs
+from kvjax.compress import policies
+from kvjax.compress import rotated
+
+SEPARATOR = "+"  # "policy+codec"
+
+# Eviction policies: name -> (ratio, the share of entries removed) ->
+# transform.
+POLICIES: Mapping[str, Callable[[float], base.KVTransform]] = (
+    types.MappingProxyType({
+        "snapkv": policies.snapkv,
+        "h2o": policies.h2o,
+        "streaming_llm": policies.streaming_llm,
+        "tova": policies.tova,
+        "adakv_snapkv": lambda ratio: policies.adakv("snapkv", ratio),
+        "pyramidkv": policies.pyramidkv,
+        "knorm": policies.knorm,
+        "expected_attention": policies.expected_attention,
+        "random": policies.random,
+        "oracle": policies.oracle,  # needs the `future_mass` extra input
+    }))
+# Codecs: name -> () -> transform (the bits are part of the name).
+CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType({
+    "kivi2": lambda: codecs.kivi(2),
+    "kivi4": lambda: codecs.kivi(4),
+    "int4": lambda: codecs.uniform(4),
+    "fp8": codecs.fp8,
+    "turboquant2": lambda: rotated.turboquant(2),
+    "turboquant3": lambda: rotated.turboquant(3),
+    "qjl": rotated.qjl,
+    "polarquant": rotated.polarquant,
+    "lowrank16": lambda: codecs.lowrank(16),
+})
+POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
+
+
+def _allowed() -> str:
+  return (f"a policy {sorted(POLICY_NAMES)}, a codec {sorted(CODEC_NAMES)}, "
+          f"or 'policy{SEPARATOR}codec'")
+
+
+def parse(method: str) -> tuple[str | None, str | None]:
+  """The (policy, codec) names of `method`, None where it has none.
+
+  Raises:
+    ValueError: `method` is not a policy, a codec or 'policy+codec' of
+      registered names (the message lists the allowed names).
+  """
+  if not isinstance(method, str):
+    raise ValueError(f"method must be a string, got {method!r}; allowed: "
+                     f"{_allowed()}.")
+  if SEPARATOR in method:
+    policy, codec = method.split(SEPARATOR, 1)
+    if policy not in POLICIES or codec not in CODECS:
+      raise ValueError(f"method {method!r}: compose a policy "
+                       f"{sorted(POLICY_NAMES)} with a codec "
+                       f"{sorted(CODEC_NAMES)} as "
+                       f"'policy{SEPARATOR}codec'.")
+    return policy, codec
+  if method in POLICIES:
+    return method, None
+  if method in CODECS:
+    return None, method
+  raise ValueError(f"unknown method {method!r}; allowed: {_allowed()}.")
+
+
+def build(method: str, ratio: float | None = None) -> base.KVTransform:
+  """The transform `method` names, its policy at eviction `ratio`.
+
+  Transforms compare by value: building the same method and ratio twice
+  gives equal transforms, so a jitted entry compiles once for both.
+
+  Args:
+    method: a name of `POLICY_NAMES` or `CODEC_NAMES`, or 'policy+codec'.
+    ratio: the share of entries a policy removes, in [0, 1); a codec alone
+      takes none (None or 0).
+
+  Returns:
+    The transform; its `.name` is `method`.
+
+  Raises:
+    ValueError: an unknown method (naming the allowed ones), a policy
+      without a ratio, or a ratio > 0 for a codec alone.
+  """
+  policy, codec = parse(method)
+  if policy is None:
+    if ratio:
+      raise ValueError(f"method {method!r} is a codec: it takes no ratio, "
+                       f"got {ratio!r}.")
+    return CODECS[codec]()
+  if ratio is None:
+    raise ValueError(f"method {method!r} evicts: give its ratio.")
+  evict = POLICIES[policy](ratio)
+  return evict if codec is None else base.chain(evict, CODECS[codec]())
