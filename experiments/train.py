@@ -1,9 +1,12 @@
 """Trains a model on the synthetic task suite (kvjax-tiny by default).
 
-Checkpoints (orbax) and metrics (JSONL) go to --workdir; rerunning the same
-command resumes from the latest checkpoint. At the end the model is
-evaluated on held-out seeds and, with --export, written in Hugging Face
-safetensors layout plus a training.json record.
+The ml_collections config (experiments/configs/train.py) becomes a typed
+`kvjax.train.TrainConfig` here (`train_config`), the only thing the library
+sees; its dict form is written to --workdir/config.json. Checkpoints (orbax)
+and metrics (JSONL) go to --workdir; rerunning the same command resumes from
+the latest checkpoint. At the end the model is evaluated on held-out seeds
+and, with --export, written in Hugging Face safetensors layout plus a
+training.json record.
 
   # kvjax-tiny (the shipped checkpoint: 17,600 steps in three WSD cycles
   # on the 2-core CPU; see kvjax/assets/kvjax-tiny/training.json and the
@@ -36,14 +39,14 @@ import platform
 import sys
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
+from experiments import plotting
 from kvjax import hf
-from kvjax.train import evaluate
-from kvjax.train import loop
+from kvjax.train import evaluate, loop
+from kvjax.train.config import EvalConfig, TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/train.py", lock_config=True)
@@ -67,6 +70,15 @@ _COMPARE = flags.DEFINE_string(
     "loss curves + markdown table) into the first one's parent and exit.")
 
 
+def train_config(cfg) -> TrainConfig:
+  """The typed config of the ml_collections train config `cfg`.
+
+  Raises:
+    ValueError: a bad field (named in the message).
+  """
+  return TrainConfig.from_dict(json.loads(cfg.to_json()))
+
+
 def _machine() -> str:
   return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU "
           f"cores visible, jax {jax.__version__} on "
@@ -78,22 +90,14 @@ def train_seconds(metrics_path: str) -> float:
   seconds_per_step times the steps since the previous logged row); steps
   redone after a resume are counted once."""
   total, last = 0.0, 0
-  for line in open(metrics_path):
-    row = json.loads(line)
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  for row in rows:
     if "seconds_per_step" in row:
       total += row["seconds_per_step"] * (row["step"] - last)
     if "loss" in row:
       last = row["step"] if "seconds_per_step" in row else last
   return total
-
-
-def _smooth(values, window):
-  out, acc = [], []
-  for v in values:
-    acc.append(v)
-    acc = acc[-window:]
-    out.append(sum(acc) / len(acc))
-  return out
 
 
 def compare(workdirs):
@@ -103,58 +107,58 @@ def compare(workdirs):
   the outputs go to the parent directory of the first workdir as
   `comparison.png` and `comparison.md`.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
   out_dir = os.path.dirname(os.path.abspath(workdirs[0]))
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   table, tasks = [], None
   for workdir in workdirs:
-    cfg = json.load(open(os.path.join(workdir, "config.json")))
-    rows = [json.loads(line) for line in open(
-        os.path.join(workdir, "metrics.jsonl")) if line.strip()]
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = TrainConfig.from_dict(json.load(f))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if "loss" in r]
     steps = [r["step"] for r in rows]
-    label = cfg["optimizer"]
-    axes[0].plot(steps, _smooth([r["loss"] for r in rows], 10), label=label)
-    axes[1].plot(steps, _smooth([r["accuracy"] for r in rows], 10),
+    label = config.optimizer.name
+    axes[0].plot(steps, plotting.smooth([r["loss"] for r in rows], 10),
                  label=label)
-    scores = json.load(open(os.path.join(workdir, "eval.json")))
+    axes[1].plot(steps, plotting.smooth([r["accuracy"] for r in rows], 10),
+                 label=label)
+    with open(os.path.join(workdir, "eval.json")) as f:
+      scores = json.load(f)
     seconds = train_seconds(os.path.join(workdir, "metrics.jsonl"))
     final_loss = sum(r["loss"] for r in rows[-25:]) / len(rows[-25:])
     for context, accs in scores.items():
       tasks = tasks or list(accs)
-      table.append((label, context, accs, final_loss, seconds, cfg))
+      table.append((label, context, accs, final_loss, seconds, config))
   axes[0].set(xlabel="step", ylabel="answer-token loss (smoothed)",
               yscale="log")
   axes[1].set(xlabel="step", ylabel="answer-token accuracy (train, smoothed)")
-  for ax in axes:
-    ax.legend()
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "comparison.png"), dpi=120)
+  plotting.grid(*axes)
+  plotting.save(fig, os.path.join(out_dir, "comparison.png"))
   lines = ["| optimizer | context | train loss (last 25 steps) | "
            "train seconds | "
            + " | ".join(tasks) + " |",
            "|---|---|---|---|" + "---|" * len(tasks)]
-  for label, context, accs, loss, seconds, cfg in table:
+  for label, context, accs, loss, seconds, _ in table:
     lines.append(f"| {label} | {context} | {loss:.4f} | {seconds:.0f} | "
                  + " | ".join(f"{accs[t]:.3f}" for t in tasks) + " |")
-  cfg = table[0][5]
+  config = table[0][5]
+  opt, ev = config.optimizer, config.evaluation
   header = (
-      f"# AdamW vs Muon split\n\nSame model ({cfg['model']}), same data "
-      f"stream (seed {cfg['seed']}), {rows[-1]['step']} steps each "
-      f"(of a {cfg['total_steps']}-step schedule: warmup "
-      f"{cfg['warmup_steps']}, "
-      + (f"constant, cosine decay over the last {cfg['decay_steps']}"
-         if cfg.get("decay_steps") else "cosine")
+      f"# AdamW vs Muon split\n\nSame model ({config.to_dict()['model']}), "
+      f"same data stream (seed {config.seed}), {rows[-1]['step']} steps each "
+      f"(of a {config.total_steps}-step schedule: warmup "
+      f"{opt.warmup_steps}, "
+      + (f"constant, cosine decay over the last {opt.decay_steps}"
+         if opt.decay_steps else "cosine")
       + "), phases "
-      f"{cfg['data']['phases']}, {cfg['data']['tokens_per_step']} tokens "
+      f"{[p.to_dict() for p in config.data.phases]}, "
+      f"{config.data.mixture.tokens_per_step} tokens "
       "per step where a phase does not set its own. Accuracy: held-out seed "
-      f"{cfg['eval_seed']}, {cfg['eval_examples']} rows per task; mqar with "
-      f"{cfg['eval_mqar_pairs']} pairs. Learning rates: "
-      + "; ".join(f"{r[0]}: lr {r[5]['learning_rate']}"
-                  + (f", AdamW-half lr {r[5]['adam_learning_rate']}"
+      f"{ev.seed}, {ev.num_examples} rows per task; mqar with "
+      f"{ev.mqar_pairs} pairs. Learning rates: "
+      + "; ".join(f"{r[0]}: lr {r[5].optimizer.learning_rate}"
+                  + (f", AdamW-half lr {r[5].optimizer.adam_learning_rate}"
                      if r[0] == "muon_split" else "")
                   for r in table[::max(1, len(table) // len(workdirs))])
       + ". Loss curves: comparison.png.\n\n")
@@ -163,24 +167,25 @@ def compare(workdirs):
   print(header + "\n".join(lines))
 
 
-def evaluate_export(export_dir, cfg):
+def evaluate_export(export_dir: str, evaluation: EvalConfig):
   """Evaluates an exported model and merges the result into training.json."""
   config, params = hf.load_pretrained(export_dir)
   t0 = time.time()
   scores = evaluate.evaluate_suite(
-      params, config, context_lens=tuple(cfg.eval_context_lens),
-      num_examples=cfg.eval_examples, seed=cfg.eval_seed,
-      batch_size=max(1, 16 * 512 // max(cfg.eval_context_lens)),
-      mqar_pairs=cfg.eval_mqar_pairs,
+      params, config, context_lens=evaluation.context_lens,
+      num_examples=evaluation.num_examples, seed=evaluation.seed,
+      batch_size=max(1, 16 * 512 // max(evaluation.context_lens)),
+      mqar_pairs=evaluation.mqar_pairs,
       progress=lambda line: print(line, flush=True))
   path = os.path.join(export_dir, "training.json")
-  record = json.load(open(path))
+  with open(path) as f:
+    record = json.load(f)
   ev = record["eval"]
   ev.setdefault("num_examples_by_context", {
       k: ev["num_examples"] for k in ev["accuracy"]})
   for context, accs in scores.items():
     ev["accuracy"][str(context)] = accs
-    ev["num_examples_by_context"][str(context)] = cfg.eval_examples
+    ev["num_examples_by_context"][str(context)] = evaluation.num_examples
   ev.setdefault("extra_eval_seconds", 0.0)
   ev["extra_eval_seconds"] += round(time.time() - t0, 1)
   ev.setdefault("extra_eval_commands", []).append(
@@ -195,32 +200,33 @@ def main(argv):
   if _COMPARE.value:
     compare(_COMPARE.value.split(","))
     return
-  cfg = _CONFIG.value
+  config = train_config(_CONFIG.value)
   if _EVALUATE_EXPORT.value:
-    evaluate_export(_EVALUATE_EXPORT.value, cfg)
+    evaluate_export(_EVALUATE_EXPORT.value, config.evaluation)
     return
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
+    json.dump(config.to_dict(), f, indent=2)
   wall_path = os.path.join(workdir, "wall_seconds.json")
-  wall = json.load(open(wall_path)) if os.path.exists(wall_path) else {
-      "train_seconds": 0.0}
+  wall = {"train_seconds": 0.0}
+  if os.path.exists(wall_path):
+    with open(wall_path) as f:
+      wall = json.load(f)
   t0 = time.time()
-  state = loop.train(cfg, workdir, stop_after=_STOP_AFTER.value)
+  state = loop.train(config, workdir, stop_after=_STOP_AFTER.value)
   wall["train_seconds"] += time.time() - t0
   with open(wall_path, "w") as f:
     json.dump(wall, f)
-  if int(state.step) < cfg.total_steps and not _EVAL_AT_STOP.value:
+  if int(state.step) < config.total_steps and not _EVAL_AT_STOP.value:
     print(f"stopped at step {int(state.step)}; rerun to resume.")
     return
 
-  config = loop.model_config_from(cfg)
+  ev = config.evaluation
   t1 = time.time()
   scores = evaluate.evaluate_suite(
-      state.params, config, context_lens=tuple(cfg.eval_context_lens),
-      num_examples=cfg.eval_examples, seed=cfg.eval_seed,
-      mqar_pairs=cfg.eval_mqar_pairs,
+      state.params, config.model, context_lens=ev.context_lens,
+      num_examples=ev.num_examples, seed=ev.seed, mqar_pairs=ev.mqar_pairs,
       progress=lambda line: print(line, flush=True))
   eval_seconds = time.time() - t1
   with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -228,12 +234,12 @@ def main(argv):
   print(json.dumps(scores, indent=2))
 
   if _EXPORT.value:
-    hf.save_pretrained(_EXPORT.value, state.params, config)
+    hf.save_pretrained(_EXPORT.value, state.params, config.model)
     record = {
-        "name": config.name,
+        "name": config.model.name,
         "command": "python -m experiments.train "
                    + " ".join(sys.argv[1:]),
-        "config": json.loads(cfg.to_json()),
+        "config": config.to_dict(),
         "steps": int(state.step),
         "train_wall_seconds": round(wall["train_seconds"], 1),
         "train_step_seconds": round(train_seconds(
@@ -241,8 +247,8 @@ def main(argv):
         "eval_wall_seconds": round(eval_seconds, 1),
         "machine": _machine(),
         "finished_utc": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds"),
-        "eval": {"seed": cfg.eval_seed, "num_examples": cfg.eval_examples,
+            datetime.UTC).isoformat(timespec="seconds"),
+        "eval": {"seed": ev.seed, "num_examples": ev.num_examples,
                  "accuracy": {str(k): v for k, v in scores.items()}},
     }
     with open(os.path.join(_EXPORT.value, "training.json"), "w") as f:

@@ -4,22 +4,30 @@ The commands that use it (kvjax-tiny, the AdamW vs Muon comparison, a
 smoke run) are listed in `experiments/train.py`'s docstring.
 
 The argument after ':' picks a preset ("tiny" default, "compare",
-"twohop", "smoke");
-any field can then be overridden with --config.<field>=<value>.
+"twohop", "smoke"); any field can then be overridden with
+--config.<field>=<value>. The job turns this ConfigDict into a typed
+`kvjax.train.TrainConfig` (`TrainConfig.from_dict`), which checks every
+field and documents what each one means: the optimizer fields below are
+`OptimizerConfig`'s (`optimizer` its name, `lr_restarts` its restarts),
+the `eval_*` fields `EvalConfig`'s, `data` is a `DataConfig` (phases, and
+the `Mixture` fields every phase starts from) and `model` a
+`kvjax.ModelConfig`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 TASKS_ALL = {"mqar": 0.35, "needle": 0.15, "multihop": 0.2,
              "overwrite": 0.15, "abstention": 0.15}
 
 
 def _phase(until, context_lens, mqar_pairs, **overrides):
+  """A `kvjax.train.Phase` as a ConfigDict."""
   p = ml_collections.ConfigDict()
   p.until = until  # The phase covers steps below this (exclusive).
-  p.context_lens = context_lens  # Context L drawn uniformly per step.
+  p.context_lens = context_lens  # One drawn uniformly per step.
   p.mqar_pairs = mqar_pairs  # mqar num_pairs drawn per step in this phase.
-  for name, value in overrides.items():  # Any other data field, e.g.
+  for name, value in overrides.items():  # Any other Mixture field, e.g.
     p[name] = value  # tokens_per_step, task_fractions, multihop_hops.
   return p
 
@@ -88,6 +96,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # total_steps, so the run can be lengthened).
   c.decay_steps = 1500
   c.init_std = 0.02  # Std of the normal init of matrices.
+  # Std of the residual-output matrices (wo, w_down); None: init_std.
+  c.init_out_std = config_dict.placeholder(float)
   c.total_steps = 17600  # Updates in all.
   # Steps where a new WSD cycle starts (warm up again, constant, decay), so
   # a finished run can be continued without changing its earlier rates.
@@ -98,7 +108,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0  # Init and data seed (data of step s = f(seed, s)).
   c.loss_on = "answers"  # "answers" (answer tokens) | "all" (every token).
 
-  # Data: the task suite; see kvjax/train/data.py.
+  # Data: the task suite (kvjax.train.DataConfig; kvjax.train.Mixture
+  # documents every field a phase may override).
   d = c.data = ml_collections.ConfigDict()
   # Curriculum. Copy rows first: pure MQAR sits on its elimination plateau
   # (0.52 at 4 pairs, answering with an unrevealed context value) for
@@ -137,12 +148,13 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
               _phase(17600, [512, 512, 512, 768], [16, 32],
                      task_fractions=dict(TASKS_WALK), tokens_per_step=4096,
                      multihop_hops=[1, 2, 2, 3, 4], multihop_walk=True)]
-  d.tokens_per_step = 2048  # Rows per step = tokens_per_step // L.
+  d.tokens_per_step = 2048  # Rows per step = tokens_per_step // context.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
   d.mqar_pairs = [8, 16, 24, 32]  # Default mqar num_pairs (phases override).
   d.mqar_placements = ["prefix", "scattered"]  # mqar placement per step.
   d.copy_fraction = 0.0  # Share of copy rows (a training aid; phases set it).
-  # Multi-hop aids (see kvjax/train/data.py; the "twohop" preset uses them).
+  # Multi-hop aids (kvjax.train.data.chain_batch, the lens loss; the
+  # "twohop" preset uses them).
   d.chain_fraction = 0.0  # Share of chain rows.
   d.chain_count = 4  # At most this many chains per chain row.
   d.chain_hops = [1, 2]  # Links per chain, drawn per chain.

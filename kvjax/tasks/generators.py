@@ -14,9 +14,10 @@ Five tasks, one token layout, one batch type:
   abstention  facts as in `needle`, but the queried key is absent; the answer
               is the dedicated UNKNOWN token.
 
-Token layout (L = `context_len`, the same for every row of a task)::
+Token layout (`context_len` tokens of context, BOS included, the same for
+every row of a task; c = context_len in the positions below)::
 
-  position  0     1 .. L-1                 L      L+1  L+2   L+3
+  position  0     1 .. c-1                 c      c+1  c+2   c+3
   token     BOS   context: facts + filler  QUERY  key  ARROW answer
 
   mqar:     BOS   k v pairs + filler       QUERY  k_1 v_1 k_2 v_2 ... k_q v_q
@@ -35,7 +36,7 @@ Token layout (L = `context_len`, the same for every row of a task)::
   The question tokens proper are `question_mask(batch)`: the positions in
   `[context_end, lengths)` that are no answer and follow from none.
 * Evaluating under compression: prefill `tokens[:, :context_end]` (the same
-  L in every row, mixtures included), compress the cache, feed
+  context_len in every row, mixtures included), compress the cache, feed
   `tokens[:, context_end:]` in one teacher-forced call and read the answers
   with `scoring.predictions_from_logits(batch, logits,
   offset=batch.context_end)`.
@@ -234,15 +235,33 @@ def _check_vocab(vocab) -> Vocab:
   return vocab
 
 
+class ContextTooShortError(ValueError):
+  """The context cannot hold the facts a task's parameters ask for.
+
+  Attributes:
+    task: the task name.
+    context_len: the context length asked for.
+    minimum: the shortest context_len the task accepts with its parameters
+      (`min_context_len`).
+  """
+
+  def __init__(self, task: str, context_len: int, minimum: int, what: str):
+    super().__init__(
+        f"context_len={context_len} is too short for {task} with {what}: "
+        f"it needs context_len >= {minimum} (BOS + the facts)."
+    )
+    self.task = task
+    self.context_len = context_len
+    self.minimum = minimum
+
+
 def _check_fits(task: str, context_len: int, num_facts: int, fact_width: int,
                 what: str):
   minimum = 1 + num_facts * fact_width
   if context_len < minimum:
-    raise ValueError(
-        f"context_len={context_len} is too short for {task} with {what}: "
-        f"BOS + {num_facts} facts of {fact_width} tokens need "
-        f"context_len >= {minimum}."
-    )
+    raise ContextTooShortError(
+        task, context_len, minimum,
+        f"{what} ({num_facts} facts of {fact_width} tokens)")
 
 
 def _check_ids(task: str, needed: int, available: int, kind: str, what: str):
@@ -281,7 +300,8 @@ def _filler_before(rng, batch_size: int, num_facts: int,
 def _fact_starts(rng, batch_size: int, num_facts: int, fact_width: int,
                  context_len: int, pinned_depth: float | None = None
                  ) -> np.ndarray:
-  """[B, n] start positions of non-overlapping facts in tokens[1:L].
+  """[B, n] start positions of non-overlapping facts in
+  tokens[1:context_len].
 
   Columns are facts in random position order. With `pinned_depth`, fact 0
   has round(depth * num_filler) filler tokens before it (depth 0: first
@@ -682,7 +702,7 @@ def mqar(batch_size: int, *, seed, context_len: int, num_pairs: int = 8,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 1 + 2 * q.
+    context_len: context tokens including BOS; T = context_len + 1 + 2 q.
     num_pairs: key-value pairs in the context.
     num_queries: q, pairs queried (default: all, as in Zoology); the others
       are distractors.
@@ -712,7 +732,7 @@ def needle(batch_size: int, *, seed, context_len: int,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 4.
+    context_len: context tokens including BOS; T = context_len + 4.
     num_distractors: facts besides the needle (distinct keys and values).
     depth: fraction of the context's filler tokens placed before the
       needle, in [0, 1] (0: first fact after BOS, 1: last fact before the
@@ -763,8 +783,8 @@ def multihop(batch_size: int, *, seed, context_len: int,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 4 (latent) or
-      L + 2 + 2 k (walk).
+    context_len: context tokens including BOS; T = context_len + 4
+      (latent) or context_len + 2 + 2 k (walk).
     hops: k in 1..4, or a sequence of such values: each row then draws its
       k uniformly (rows with different k differ in C, and for walks in T
       and A, padded).
@@ -798,7 +818,7 @@ def overwrite(batch_size: int, *, seed, context_len: int, num_writes: int = 2,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 4.
+    context_len: context tokens including BOS; T = context_len + 4.
     num_writes: assignments of the queried key, >= 2.
     num_distractors: facts about other keys, each assigned once.
     vocab: the vocabulary.
@@ -825,7 +845,7 @@ def abstention(batch_size: int, *, seed, context_len: int,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, context tokens including BOS; T = L + 4.
+    context_len: context tokens including BOS; T = context_len + 4.
     num_distractors: facts in the context (none about the queried key).
     vocab: the vocabulary.
 
@@ -885,7 +905,7 @@ def make_batch(task: str, batch_size: int, *, seed, context_len: int,
     task: one of TASK_NAMES.
     batch_size: B.
     seed: int or tuple of ints, e.g. (base_seed, step).
-    context_len: L, context tokens including BOS.
+    context_len: context tokens including BOS.
     **params: the task's parameters (see `default_params(task)`).
 
   Returns:
@@ -897,6 +917,30 @@ def make_batch(task: str, batch_size: int, *, seed, context_len: int,
   """
   _check_params(_check_task(task), params)
   return TASKS[task](batch_size, seed=seed, context_len=context_len, **params)
+
+
+def min_context_len(task: str, **params) -> int:
+  """The shortest `context_len` that `make_batch(task, ...)` accepts.
+
+  Args:
+    task: one of TASK_NAMES.
+    **params: the task's parameters (see `default_params(task)`).
+
+  Returns:
+    1 + the context tokens the task's facts take (BOS + facts).
+
+  Raises:
+    ValueError: unknown task or bad parameter value.
+    TypeError: parameter not accepted by the task or of the wrong type.
+  """
+  _check_params(_check_task(task), params)
+  params = dict(params)
+  vocab = _check_vocab(params.pop("vocab", VOCAB))
+  try:  # The builders check the fit before drawing anything (no rows here).
+    _BUILDERS[task](_make_rng(0, task), 0, 1, vocab, **params)
+  except ContextTooShortError as e:
+    return e.minimum
+  return 1
 
 
 def make_example(task: str, *, seed, context_len: int,
@@ -920,7 +964,7 @@ def make_mixture_batch(batch_size: int, *, seed, context_len: int,
   Args:
     batch_size: B.
     seed: int or tuple of ints.
-    context_len: L, shared by every task.
+    context_len: context tokens including BOS, shared by every task.
     weights: task name -> non-negative weight; None is uniform over
       TASK_NAMES. Tasks left out get weight 0.
     task_params: task name -> parameters for that task, layered over

@@ -1,5 +1,8 @@
-"""Training on the synthetic task suite: losses, optimizers, loop, eval."""
+"""Training on the synthetic task suite: typed config, data, losses,
+optimizers, loop, eval."""
 
+from kvjax.train.config import (DataConfig, EvalConfig, Mixture,
+                                OptimizerConfig, Phase, TrainConfig)
 from kvjax.train.data import model_inputs, task_batch
 from kvjax.train.evaluate import evaluate_batch, evaluate_suite, evaluate_task
 from kvjax.train.loop import (TrainState, init_state, loss_fn,

@@ -3,7 +3,8 @@
 `make_train_step` builds a jitted `(state, arrays) -> (state, metrics)` that
 runs a teacher-forced `kvjax.forward` on a fresh cache (capacity T), takes
 the cross-entropy on the answer tokens (or all tokens) and applies an optax
-update. `train` drives it over the task stream of `kvjax.train.data`:
+update. `train(config, workdir)` drives it over the task stream of
+`kvjax.train.data`, as a `kvjax.train.config.TrainConfig` describes:
 
 * the batch of step s is a pure function of (seed, s), so the data position
   is the step;
@@ -22,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import tqdm
@@ -37,7 +38,7 @@ from kvjax.config import ModelConfig
 from kvjax.tasks import TASK_NAMES
 from kvjax.train import data as data_lib
 from kvjax.train import losses
-from kvjax.train import optimizers
+from kvjax.train.config import TrainConfig
 
 Array = jax.Array
 
@@ -152,24 +153,6 @@ def make_train_step(config: ModelConfig, optimizer
   return jax.jit(step_fn, donate_argnums=0)
 
 
-def model_config_from(cfg: Mapping[str, Any]) -> ModelConfig:
-  """The ModelConfig described by a train config's `model` field."""
-  return ModelConfig(**{k: v for k, v in dict(cfg["model"]).items()})
-
-
-def optimizer_from(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-  """The optimizer described by a train config."""
-  return optimizers.make_optimizer(
-      cfg["optimizer"], learning_rate=cfg["learning_rate"],
-      adam_learning_rate=cfg.get("adam_learning_rate") or None,
-      total_steps=cfg["total_steps"], warmup_steps=cfg["warmup_steps"],
-      weight_decay=cfg["weight_decay"], b1=cfg["b1"], b2=cfg["b2"],
-      grad_clip=cfg["grad_clip"] or None,
-      final_lr_fraction=cfg["final_lr_fraction"],
-      decay_steps=cfg.get("decay_steps", 0),
-      restarts=tuple(cfg.get("lr_restarts", ())))
-
-
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
   if not os.path.exists(path):
     return []
@@ -182,48 +165,47 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= last_step]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, path)
 
 
-def train(cfg: Mapping[str, Any], workdir: str, *,
+def train(config: TrainConfig, workdir: str, *,
           stop_after: int | None = None,
           eval_fn: Callable[[Any, int], dict[str, Any]] | None = None,
           progress: bool = True) -> TrainState:
-  """Trains (or resumes training) a model described by `cfg` in `workdir`.
+  """Trains (or resumes training) the run `config` in `workdir`.
 
   Args:
-    cfg: a train config (see `experiments/configs/train.py`): `model`,
-      `data`, optimizer fields, `total_steps`, `seed`, `loss_on`,
-      `log_every`, `checkpoint_every`, `eval_every`, `max_checkpoints`.
+    config: the run (model, data, optimizer, steps, seed, bookkeeping).
     workdir: where `checkpoints/` and `metrics.jsonl` live; an existing
       checkpoint there is resumed.
     stop_after: stop (after checkpointing) once this many steps are done,
-      as if killed there; None runs to `total_steps`.
-    eval_fn: optional `(params, step) -> dict` called every `eval_every`
-      steps and at the end; its result is logged with the metrics.
+      as if killed there; None runs to `config.total_steps`.
+    eval_fn: optional `(params, step) -> dict` called every
+      `config.evaluation.every` steps (if > 0) and at the end; its result
+      is logged with the metrics.
     progress: show a tqdm bar.
 
   Returns:
     The final TrainState.
 
   Raises:
-    ValueError: a bad config value.
+    TypeError: `config` is not a TrainConfig.
   """
-  if cfg["total_steps"] <= 0:
-    raise ValueError(f"total_steps must be > 0, got {cfg['total_steps']}.")
-  config = model_config_from(cfg)
-  optimizer = optimizer_from(cfg)
-  step_fn = make_train_step(config, optimizer)
-  data_config = cfg["data"]
+  if not isinstance(config, TrainConfig):
+    raise TypeError(f"train takes a kvjax.train.TrainConfig (e.g. "
+                    f"TrainConfig.from_dict(...)), got "
+                    f"{type(config).__name__}.")
+  model_config = config.model
+  optimizer = config.optimizer.make(config.total_steps)
+  step_fn = make_train_step(model_config, optimizer)
   os.makedirs(workdir, exist_ok=True)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-  state = init_state(config, optimizer, cfg["seed"], cfg["init_std"],
-                     cfg.get("init_out_std"))
+  state = init_state(model_config, optimizer, config.seed, config.init_std,
+                     config.init_out_std)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg["max_checkpoints"], create=True)
+      max_to_keep=config.max_checkpoints, create=True)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
   latest = manager.latest_step()
@@ -234,8 +216,9 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
     state = TrainState(**restored)
     _truncate_metrics(metrics_path, int(state.step))
   start = int(state.step)
-  end = cfg["total_steps"] if stop_after is None else min(
-      cfg["total_steps"], stop_after)
+  total = config.total_steps
+  end = total if stop_after is None else min(total, stop_after)
+  eval_every = config.evaluation.every
 
   def save(state):
     manager.save(int(state.step), args=ocp.args.StandardSave(
@@ -247,17 +230,14 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
   pending = []
   with open(metrics_path, "a") as log:
     for step in range(start, end):
-      batch = data_lib.task_batch(data_config, cfg["seed"], step)
-      lens_weight = data_lib.phase_value(
-          data_config, data_lib.phase_of(data_config, step), "lens_weight",
-          0.0)
-      arrays = data_lib.model_inputs(batch, cfg["loss_on"],
-                                     float(lens_weight))
+      batch = data_lib.task_batch(config.data, config.seed, step)
+      arrays = data_lib.model_inputs(
+          batch, config.loss_on, config.data.mixture_at(step).lens_weight)
       state, metrics = step_fn(state, arrays)
       done = step + 1
       pending.append((done, int(batch.context_end[0]),
                       batch.tokens.shape[0], metrics))
-      if done % cfg["log_every"] == 0 or done == end:
+      if done % config.log_every == 0 or done == end:
         jax.block_until_ready(state.params)
         now = time.perf_counter()
         for s, context_len, batch_size, m in pending:
@@ -275,13 +255,13 @@ def train(cfg: Mapping[str, Any], workdir: str, *,
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
         pending, t_last = [], now
       bar.update(1)
-      if eval_fn is not None and cfg["eval_every"] and (
-          done % cfg["eval_every"] == 0 or done == cfg["total_steps"]):
+      if eval_fn is not None and eval_every and (
+          done % eval_every == 0 or done == total):
         row = {"step": done, "eval": eval_fn(state.params, done)}
         log.write(json.dumps(row) + "\n")
         log.flush()
         t_last = time.perf_counter()
-      if done % cfg["checkpoint_every"] == 0 or done == end:
+      if done % config.checkpoint_every == 0 or done == end:
         save(state)
   bar.close()
   manager.wait_until_finished()

@@ -11,7 +11,9 @@ orthogonalized on its own.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
@@ -21,10 +23,13 @@ OPTIMIZERS = ("adamw", "muon_split")
 
 # Param layout: see kvjax/model.py. Axis 0 is L (a batch axis for Muon).
 MUON_DIMENSION_NUMBERS = {
-    "wq": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),  # D -> N,H
-    "wk": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),  # D -> K,H
-    "wv": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),  # D -> K,H
-    "wo": MuonDimensionNumbers(reduction_axis=(1, 2), output_axis=3),  # N,H -> D
+    # [L, D, N, H]: D -> N,H
+    "wq": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),
+    # [L, D, K, H]: D -> K,H
+    "wk": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),
+    "wv": MuonDimensionNumbers(reduction_axis=1, output_axis=(2, 3)),
+    # [L, N, H, D]: N,H -> D
+    "wo": MuonDimensionNumbers(reduction_axis=(1, 2), output_axis=3),
     "w_gate": MuonDimensionNumbers(reduction_axis=1, output_axis=2),  # D -> F
     "w_up": MuonDimensionNumbers(reduction_axis=1, output_axis=2),  # D -> F
     "w_down": MuonDimensionNumbers(reduction_axis=1, output_axis=2),  # F -> D
@@ -88,13 +93,13 @@ def warmup_stable_decay(peak: float, total_steps: int, warmup_steps: int,
   """
   restarts = tuple(int(r) for r in restarts)
   bounds = (0, *restarts, total_steps)
-  if restarts and any(b >= e for b, e in zip(bounds[:-1], bounds[1:])):
+  if restarts and any(b >= e for b, e in itertools.pairwise(bounds)):
     raise ValueError(f"restarts must increase inside (0, total_steps="
                      f"{total_steps}), got {restarts!r}.")
   # The first cycle warms up from 0, a restarted one from the decayed rate.
   cycles = [_one_cycle(peak, e - b, warmup_steps, decay_steps, final_fraction,
                        0.0 if i == 0 else final_fraction * peak)
-            for i, (b, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+            for i, (b, e) in enumerate(itertools.pairwise(bounds))]
   return cycles[0] if not restarts else optax.join_schedules(
       cycles, boundaries=list(restarts))
 

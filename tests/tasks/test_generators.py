@@ -331,17 +331,17 @@ def test_multihop_mixed_hops_pads_critical_positions():
 def test_multihop_walk_asks_every_node_after_the_start(hops):
   latent = _batch("multihop", hops=hops)
   batch = _batch("multihop", hops=hops, walk=True)
-  L = CONTEXT_LEN
-  assert batch.tokens.shape == (BATCH, L + 2 + 2 * hops)
+  c = CONTEXT_LEN
+  assert batch.tokens.shape == (BATCH, c + 2 + 2 * hops)
   assert batch.answers.shape == (BATCH, hops)
   # The same context, links and end as the latent question.
-  np.testing.assert_array_equal(batch.tokens[:, :L + 2],
-                                latent.tokens[:, :L + 2])
+  np.testing.assert_array_equal(batch.tokens[:, :c + 2],
+                                latent.tokens[:, :c + 2])
   np.testing.assert_array_equal(batch.critical_positions,
                                 latent.critical_positions)
   np.testing.assert_array_equal(batch.answers[:, -1], latent.answers[:, 0])
   np.testing.assert_array_equal(batch.answer_positions[0],
-                                L + 3 + 2 * np.arange(hops))
+                                c + 3 + 2 * np.arange(hops))
   assert (batch.tokens[:, batch.answer_positions[0] - 1] == ARROW).all()
   rows = np.arange(BATCH)[:, None]
   np.testing.assert_array_equal(batch.tokens[rows, batch.answer_positions],
@@ -373,20 +373,20 @@ def test_multihop_mixed_walks_pad_tokens_and_answers():
 
 
 def test_question_mask_is_the_question_before_any_answer():
-  L = CONTEXT_LEN
+  c = CONTEXT_LEN
   walk = _batch("multihop", hops=3, walk=True)
   expected = np.zeros_like(walk.loss_mask)
-  expected[:, L:L + 3] = True  # QUERY x1 ARROW, not `x2 ARROW x3 ARROW y`
+  expected[:, c:c + 3] = True  # QUERY x1 ARROW, not `x2 ARROW x3 ARROW y`
   np.testing.assert_array_equal(tasks.question_mask(walk), expected)
   mqar = _batch("mqar", num_pairs=4)
   expected = np.zeros_like(mqar.loss_mask)
-  expected[:, L] = True
-  expected[:, L + 1::2] = True  # every queried key
+  expected[:, c] = True
+  expected[:, c + 1::2] = True  # every queried key
   np.testing.assert_array_equal(tasks.question_mask(mqar), expected)
   for task in ("needle", "overwrite", "abstention"):
     batch = _batch(task)
     expected = np.zeros_like(batch.loss_mask)
-    expected[:, L:L + 3] = True
+    expected[:, c:c + 3] = True
     np.testing.assert_array_equal(tasks.question_mask(batch), expected)
   mixed = tasks.question_mask(tasks.concat_batches([walk, mqar]))
   width = walk.tokens.shape[1]

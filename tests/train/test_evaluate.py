@@ -9,6 +9,9 @@ import pytest
 import kvjax
 from kvjax import tasks
 from kvjax.cache import KVCache
+from kvjax.tasks import generators
+from kvjax.tasks import suite as suite_lib
+from kvjax.tasks.suite import SUITE
 from kvjax.train import evaluate
 
 CONFIG = kvjax.ModelConfig(vocab_size=512, d_model=32, num_layers=2,
@@ -39,7 +42,7 @@ def test_prefill_then_question_matches_one_forward():
     assert scores[name].num_answers == expected[name].num_answers
 
 
-# kvjax-tiny answers mqar at L = 128 perfectly uncompressed (128 of 128
+# kvjax-tiny answers mqar at context 128 perfectly uncompressed (128 of 128
 # answers on the batches below), so a cache_fn that takes the context away
 # must show; chance among the 16 context values is 0.06.
 TINY_L, TINY_PAIRS, TINY_ROWS = 128, 16, 8
@@ -123,8 +126,33 @@ def test_evaluate_task_and_suite_shapes():
   out = evaluate.evaluate_suite(params, CONFIG, context_lens=(40,),
                                 num_examples=4, batch_size=4, mqar_pairs=4)
   assert set(out) == {40}
-  assert set(out[40]) == {name for name, _, _ in evaluate.SUITE}
+  assert list(out[40]) == [name for name, _, _ in SUITE]
   assert all(0.0 <= v <= 1.0 for v in out[40].values())
+
+
+def test_suite_entries_that_do_not_fit_a_context_get_nan():
+  """min_context_len decides which entries a context holds (no error
+  message is parsed); the others are scored."""
+  out = evaluate.evaluate_suite(_params(), CONFIG, context_lens=(20,),
+                                num_examples=2, batch_size=2, mqar_pairs=4)
+  for name, task, params in SUITE:
+    params = dict(params, **({"num_pairs": 4} if task == "mqar" else {}))
+    fits = generators.min_context_len(task, **params) <= 20
+    assert np.isnan(out[20][name]) != fits, (name, out[20][name])
+  assert np.isnan(out[20]["multihop_k3"])  # 28 tokens of facts
+  assert not np.isnan(out[20]["needle"])  # 13
+
+
+@pytest.mark.parametrize("entry", SUITE, ids=lambda e: e.name)
+def test_min_context_len_is_the_shortest_context_a_task_accepts(entry):
+  shortest = generators.min_context_len(entry.task, **entry.params)
+  generators.make_batch(entry.task, 1, seed=0, context_len=shortest,
+                        **entry.params)
+  with pytest.raises(generators.ContextTooShortError) as info:
+    generators.make_batch(entry.task, 1, seed=0, context_len=shortest - 1,
+                          **entry.params)
+  assert info.value.minimum == shortest
+  assert isinstance(info.value, ValueError)  # what callers caught before
 
 
 def test_mixed_context_lengths_raise():
@@ -133,3 +161,18 @@ def test_mixed_context_lengths_raise():
       tasks.make_batch("needle", 2, seed=0, context_len=24)])
   with pytest.raises(ValueError, match="context_end"):
     evaluate.evaluate_batch(_params(), CONFIG, batch)
+
+
+def test_suite_order_is_the_seed_order():
+  """Rows of an entry are seeded by its index: the table may only grow."""
+  assert suite_lib.SUITE_NAMES == (
+      "mqar", "needle", "overwrite", "abstention", "multihop_k1",
+      "multihop_k2", "multihop_k3", "multihop_k4", "multihop_k2_latent")
+  index, entry = suite_lib.suite_entry("multihop_k2")
+  assert index == 5 and entry == ("multihop_k2", "multihop",
+                                  {"hops": 2, "walk": True})
+  assert evaluate.SUITE is SUITE
+  with pytest.raises(TypeError):
+    entry.params["hops"] = 3  # read-only: copy with dict(params)
+  with pytest.raises(ValueError, match="unknown suite entry 'k2'"):
+    suite_lib.suite_entry("k2")

@@ -10,30 +10,41 @@ import pytest
 
 import kvjax
 from kvjax.train import data, loop, losses
+from kvjax.train.config import (DataConfig, Mixture, OptimizerConfig, Phase,
+                                TrainConfig)
+
+MIXTURE = Mixture(
+    tokens_per_step=160,
+    task_fractions={"mqar": 1, "needle": 1, "multihop": 1, "overwrite": 1,
+                    "abstention": 1},
+    mqar_pairs=(2, 4), mqar_placements=("prefix", "scattered"),
+    multihop_hops=(1, 2), overwrite_distractors=1, needle_distractors=1,
+    abstention_distractors=1, multihop_distractor_chains=1)
+DATA = DataConfig(phases=(Phase(until=3, context_lens=(24,)),
+                          Phase(until=100, context_lens=(24, 32))),
+                  mixture=MIXTURE)
 
 
-def _cfg(optimizer="muon_split", total_steps=6):
-  return {
-      "model": dict(vocab_size=512, d_model=32, num_layers=1, num_heads=2,
-                    num_kv_heads=1, head_dim=16, mlp_dim=64),
-      "optimizer": optimizer, "learning_rate": 0.01,
-      "adam_learning_rate": 3e-3, "weight_decay": 0.01, "b1": 0.9,
-      "b2": 0.95, "grad_clip": 1.0, "warmup_steps": 2,
-      "final_lr_fraction": 0.1, "init_std": 0.02,
-      "total_steps": total_steps, "seed": 3, "loss_on": "answers",
-      "data": {"phases": [{"until": 3, "context_lens": [24]},
-                          {"until": 100, "context_lens": [24, 32]}],
-               "tokens_per_step": 160,
-               "task_fractions": {"mqar": 1, "needle": 1, "multihop": 1,
-                                  "overwrite": 1, "abstention": 1},
-               "mqar_pairs": [2, 4], "mqar_placements": ["prefix",
-                                                         "scattered"],
-               "multihop_hops": [1, 2], "overwrite_distractors": 1,
-               "needle_distractors": 1, "abstention_distractors": 1,
-               "multihop_distractor_chains": 1},
-      "log_every": 2, "checkpoint_every": 2, "max_checkpoints": 2,
-      "eval_every": 0,
-  }
+def _cfg(optimizer="muon_split", total_steps=6) -> TrainConfig:
+  return TrainConfig(
+      model=kvjax.ModelConfig(vocab_size=512, d_model=32, num_layers=1,
+                              num_heads=2, num_kv_heads=1, head_dim=16,
+                              mlp_dim=64),
+      data=DATA,
+      optimizer=OptimizerConfig(
+          name=optimizer, learning_rate=0.01, adam_learning_rate=3e-3,
+          weight_decay=0.01, warmup_steps=2),
+      total_steps=total_steps, seed=3, log_every=2, checkpoint_every=2)
+
+
+def _jsonl(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _data(**changes) -> DataConfig:
+  """DATA with the mixture's fields changed."""
+  return DATA.replace(mixture=MIXTURE.replace(**changes))
 
 
 def test_weighted_cross_entropy_matches_numpy():
@@ -54,7 +65,7 @@ def test_weighted_cross_entropy_matches_numpy():
 
 
 def test_loss_on_answers_or_all():
-  batch = data.task_batch(_cfg()["data"], 0, 0)
+  batch = data.task_batch(DATA, 0, 0)
   answers = data.model_inputs(batch, "answers")["weights"]
   every = data.model_inputs(batch, "all")["weights"]
   np.testing.assert_array_equal(answers, batch.loss_mask[:, 1:])
@@ -64,35 +75,40 @@ def test_loss_on_answers_or_all():
 
 
 def test_data_is_a_pure_function_of_seed_and_step():
-  d = _cfg()["data"]
+  d = DATA
   a, b, c = (data.task_batch(d, 0, 5), data.task_batch(d, 0, 5),
              data.task_batch(d, 0, 6))
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert a.tokens.shape != c.tokens.shape or not np.array_equal(
       a.tokens, c.tokens)
-  # Fixed width per context: T = L + 1 + 2 * max(mqar_pairs).
+  # Fixed width per context: T = context_len + 1 + 2 * max(mqar_pairs).
   assert data.task_batch(d, 0, 0).tokens.shape[1] == 24 + 1 + 8
 
 
 def test_copy_rows_repeat_the_sequence_and_mark_the_second_copy():
-  d = dict(_cfg()["data"], copy_fraction=0.2, tokens_per_step=360)
+  d = _data(copy_fraction=0.2, tokens_per_step=360)
   batch = data.task_batch(d, 0, 1)  # 360 // 24 = 15 rows, 3 copy rows
   rows = np.flatnonzero(batch.task_ids == data.COPY_TASK_ID)
   assert len(rows) == 3 and batch.tokens.shape[0] == 15
   for r in rows:
-    t, L = batch.tokens[r], int(batch.context_end[r])
-    n = int(batch.lengths[r]) - L - 1
-    assert 2 <= n <= 8 and t[L] == kvjax.tasks.vocab.QUERY  # 8 = 2 * 4 pairs
-    copy = t[L + 1:L + 1 + n]
+    t, c = batch.tokens[r], int(batch.context_end[r])  # c: context_len
+    n = int(batch.lengths[r]) - c - 1
+    assert 2 <= n <= 8 and t[c] == kvjax.tasks.vocab.QUERY  # 8 = 2 * 4 pairs
+    copy = t[c + 1:c + 1 + n]
     assert len(set(copy.tolist())) == n  # distinct ids
-    starts = [i for i in range(1, L - n + 1)
+    starts = [i for i in range(1, c - n + 1)
               if np.array_equal(t[i:i + n], copy)]
     assert len(starts) == 1  # s sits once in the context
     assert batch.loss_mask[r].sum() == n - 1
-    assert batch.loss_mask[r, L + 2:L + 1 + n].all()
-  assert not data.task_batch(_cfg()["data"], 0, 1).task_ids.min() < 0
+    assert batch.loss_mask[r, c + 2:c + 1 + n].all()
+  assert not data.task_batch(DATA, 0, 1).task_ids.min() < 0
   with pytest.raises(ValueError, match="copy_fraction"):
-    data.task_batch(dict(d, copy_fraction=1.0), 0, 1)
+    MIXTURE.replace(copy_fraction=1.0)
+  # A split that rounds to no task rows is caught when drawn.
+  few = _data(copy_fraction=0.3, chain_fraction=0.3, chain_hops=(1,),
+              tokens_per_step=48)  # 2 rows, each fraction rounds to one
+  with pytest.raises(ValueError, match="no task rows"):
+    data.task_batch(few, 0, 1)
 
 
 def _follow(facts, node):
@@ -172,29 +188,30 @@ def test_chain_rows_with_key_ends_and_their_lens_mask():
 
 
 def test_chain_rows_in_the_stream():
-  d = dict(_cfg()["data"], chain_fraction=0.2, copy_fraction=0.2,
-           chain_count=2, chain_hops=[2], tokens_per_step=360)
+  d = _data(chain_fraction=0.2, copy_fraction=0.2, chain_count=2,
+            chain_hops=(2,), tokens_per_step=360)
   batch = data.task_batch(d, 0, 1)  # 15 rows: 3 copy, 3 chain, 9 tasks
   assert (batch.task_ids == data.CHAIN_TASK_ID).sum() == 3
   assert (batch.task_ids == data.COPY_TASK_ID).sum() == 3
-  # Questions fit the stream's width: T = L + 1 + 2 * 4 = 33 holds 2.
+  # Questions fit the stream's width: T = 24 + 1 + 2 * 4 = 33 holds 2.
   assert batch.tokens.shape[1] == 24 + 1 + 8
   rows = batch.task_ids == data.CHAIN_TASK_ID
   assert (batch.loss_mask[rows].sum(axis=1) == 2).all()
   with pytest.raises(ValueError, match="chain_fraction"):
-    data.task_batch(dict(d, chain_fraction=0.8), 0, 1)
-  # chain_count is a cap: L = 24 holds 3 chains of 2 links (3 * 6 < 24).
-  capped = data.task_batch(dict(d, chain_count=10), 0, 1)
+    d.mixture.replace(chain_fraction=0.8)
+  # chain_count is a cap: a context of 24 holds 3 chains of 2 links.
+  capped = data.task_batch(d.replace(mixture=d.mixture.replace(
+      chain_count=10)), 0, 1)
   for r in np.flatnonzero(capped.task_ids == data.CHAIN_TASK_ID):
     t = capped.tokens[r]
-    L = int(capped.context_end[r])
-    assert L == 24
-    assert (t[:L] == kvjax.tasks.vocab.ARROW).sum() == 3 * 2
+    context_len = int(capped.context_end[r])
+    assert context_len == 24
+    assert (t[:context_len] == kvjax.tasks.vocab.ARROW).sum() == 3 * 2
 
 
 def test_lens_mask_keeps_one_lookup_answers():
-  d = dict(_cfg()["data"], copy_fraction=0.2, chain_fraction=0.2,
-           chain_count=2, chain_hops=[2], tokens_per_step=360)
+  d = _data(copy_fraction=0.2, chain_fraction=0.2, chain_count=2,
+            chain_hops=(2,), tokens_per_step=360)
   batch = data.task_batch(d, 0, 1)
   mask = data.lens_mask(batch)
   names = kvjax.tasks.TASK_NAMES
@@ -221,19 +238,22 @@ def test_lens_mask_keeps_one_lookup_answers():
 
 
 def test_walk_phases_pad_to_the_longest_walk():
-  d = dict(_cfg()["data"], mqar_pairs=[4], multihop_hops=[4],
-           multihop_walk=True, task_fractions={"multihop": 1.0})
-  assert data.padded_length(d, 64) == 64 + 2 + 2 * 4
-  batch = data.task_batch(d, 0, 1, context_len=64)
+  walks = MIXTURE.replace(mqar_pairs=(4,), multihop_hops=(4,),
+                          multihop_walk=True,
+                          task_fractions={"multihop": 1.0})
+  assert data.padded_length(walks, 64) == 64 + 2 + 2 * 4
+  d = DataConfig(phases=(Phase(until=100, context_lens=(64,)),),
+                 mixture=walks)
+  batch = data.task_batch(d, 0, 1)
   assert batch.tokens.shape[1] == 74 and batch.answers.shape[1] == 4
-  assert data.padded_length(dict(d, multihop_walk=False), 64) == 64 + 9
+  assert data.padded_length(walks.replace(multihop_walk=False),
+                            64) == 64 + 9
 
 
 def test_lens_loss_is_the_readout_cross_entropy_before_the_last_layer():
-  cfg = dict(_cfg(), model=dict(_cfg()["model"], num_layers=2))
-  config = loop.model_config_from(cfg)
+  config = _cfg().model.replace(num_layers=2)
   params = kvjax.model.init_params(config, jax.random.key(0))
-  batch = data.task_batch(cfg["data"], 0, 1)
+  batch = data.task_batch(DATA, 0, 1)
   plain = data.model_inputs(batch)
   arrays = data.model_inputs(batch, lens_weight=0.25)
   loss0, _ = loop.loss_fn(params, plain, config=config)
@@ -258,12 +278,11 @@ def test_lens_loss_is_the_readout_cross_entropy_before_the_last_layer():
 
 def test_train_step_learns_and_compiles_once():
   cfg = _cfg()
-  config = loop.model_config_from(cfg)
-  opt = loop.optimizer_from(dict(cfg, total_steps=40))
+  config = cfg.model
+  opt = cfg.optimizer.make(total_steps=40)
   state = loop.init_state(config, opt, 0)
   step = loop.make_train_step(config, opt)
-  arrays = data.model_inputs(data.task_batch(cfg["data"], 0, 0,
-                                             context_len=24))
+  arrays = data.model_inputs(data.task_batch(DATA, 0, 0, context_len=24))
   first = None
   for _ in range(15):
     state, metrics = step(state, arrays)
@@ -280,26 +299,24 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   # restarts from step 2 with a metrics row for step 3 already written,
   # which must be dropped and redone.
   part_dir = str(tmp_path / "part")
-  loop.train(dict(cfg, checkpoint_every=2), part_dir, stop_after=3,
+  loop.train(cfg.replace(checkpoint_every=2), part_dir, stop_after=3,
              progress=False)
   # Simulate a kill between checkpoints: drop the step-3 checkpoint.
   ckpts = os.path.join(part_dir, "checkpoints")
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(os.path.join(ckpts, "3"))
   resumed = loop.train(cfg, part_dir, progress=False)
-  assert int(resumed.step) == int(full.step) == cfg["total_steps"]
+  assert int(resumed.step) == int(full.step) == cfg.total_steps
   for a, b in zip(jax.tree.leaves(full.params),
                   jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(full.opt_state),
                   jax.tree.leaves(resumed.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  rows = [json.loads(l) for l in open(os.path.join(part_dir,
-                                                   "metrics.jsonl"))]
+  rows = _jsonl(os.path.join(part_dir, "metrics.jsonl"))
   steps = [r["step"] for r in rows]
   assert steps == sorted(set(steps)) == list(range(1, 7))
-  full_rows = [json.loads(l) for l in open(
-      str(tmp_path / "full" / "metrics.jsonl"))]
+  full_rows = _jsonl(tmp_path / "full" / "metrics.jsonl")
   assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
 
 
@@ -307,9 +324,11 @@ def test_a_restart_continues_a_finished_run_as_if_planned(tmp_path):
   # A finished 6-step WSD run, continued by a second cycle (lr_restarts),
   # ends where the two-cycle config run from scratch ends.
   cfg = _cfg("adamw")
-  one_shape = dict(cfg["data"], phases=[{"until": 100, "context_lens": [24]}])
-  first = dict(cfg, data=one_shape, decay_steps=2, checkpoint_every=3)
-  both = dict(first, total_steps=10, lr_restarts=(6,))
+  one_shape = DATA.replace(phases=(Phase(until=100, context_lens=(24,)),))
+  first = cfg.replace(data=one_shape, checkpoint_every=3,
+                      optimizer=cfg.optimizer.replace(decay_steps=2))
+  both = first.replace(total_steps=10, optimizer=first.optimizer.replace(
+      restarts=(6,)))
   loop.train(first, str(tmp_path / "cont"), progress=False)
   continued = loop.train(both, str(tmp_path / "cont"), progress=False)
   scratch = loop.train(both, str(tmp_path / "scratch"), progress=False)
@@ -336,9 +355,29 @@ def test_per_task_accuracy_counts_answers_of_each_task():
   assert float(out["n/needle"]) == 0
 
 
+def test_train_takes_a_typed_config_only(tmp_path):
+  with pytest.raises(TypeError, match="TrainConfig"):
+    loop.train(_cfg().to_dict(), str(tmp_path), progress=False)
+
+
+def test_a_phase_override_applies_during_its_phase_only():
+  d = DATA.replace(phases=(
+      Phase(until=3, context_lens=(24,),
+            overrides={"task_fractions": {"needle": 1.0},
+                       "copy_fraction": 0.2}),
+      Phase(until=100, context_lens=(24,))))
+  assert d.mixture_at(2).task_fractions == (("needle", 1.0),)
+  assert d.mixture_at(3) == d.mixture_at(1000) == MIXTURE
+  early, late = data.task_batch(d, 0, 2), data.task_batch(d, 0, 3)
+  names = kvjax.tasks.TASK_NAMES
+  assert set(early.task_ids.tolist()) == {names.index("needle"),
+                                         data.COPY_TASK_ID}
+  assert set(late.task_ids.tolist()) == set(range(len(names)))
+
+
 def test_metrics_rows_carry_per_task_accuracy(tmp_path):
   loop.train(_cfg("adamw", total_steps=3), str(tmp_path), progress=False)
-  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  rows = _jsonl(tmp_path / "metrics.jsonl")
   for row in rows:
     tasks = [k for k in row if k.startswith("acc/")]
     assert tasks and not any(k.startswith("n/") for k in row)

@@ -10,20 +10,25 @@ import sys
 import numpy as np
 import pytest
 
-from kvjax import hf
+from experiments import train as train_job
+from experiments.configs import train as train_configs
+from kvjax import hf, pretrained
+from kvjax.tasks.suite import SUITE
 from kvjax.train import evaluate
-from kvjax.train import loop
+from kvjax.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-from experiments.configs import train as train_configs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.mark.parametrize("preset", train_configs.PRESETS)
 def test_presets_build_and_their_phases_cover_the_run(preset):
   cfg = train_configs.get_config(preset)
-  loop.optimizer_from(cfg.to_dict())  # schedule arguments are consistent
+  # The typed config checks every field, the schedule against total_steps
+  # and that every phase's rows fit its contexts; its dict form reads back.
+  config = train_job.train_config(cfg)
+  assert TrainConfig.from_dict(json.loads(json.dumps(
+      config.to_dict()))) == config
   untils = [int(p.until) for p in cfg.data.phases]
   assert untils == sorted(untils) and len(set(untils)) == len(untils)
   assert untils[-1] >= cfg.total_steps
@@ -42,18 +47,39 @@ def test_unknown_preset_raises():
     train_configs.get_config("huge")
 
 
-def _run(*args, cwd):
-  env = dict(os.environ, PYTHONPATH=ROOT)
+def test_the_shipped_record_is_the_tiny_preset():
+  """kvjax-tiny's training.json still reads as a TrainConfig: the preset
+  that reproduces it."""
+  record = pretrained.training_record("kvjax-tiny")
+  assert TrainConfig.from_dict(record["config"]) == train_job.train_config(
+      train_configs.get_config("tiny"))
+
+
+def test_a_bad_override_names_the_field():
+  cfg = train_configs.get_config("smoke")
+  cfg.data.copy_fraction = 1.5
+  with pytest.raises(ValueError, match=r"Mixture\.copy_fraction=1\.5"):
+    train_job.train_config(cfg)
+
+
+def _run(*args):
+  """`python -m experiments.train` from the repository root."""
   result = subprocess.run(
       [sys.executable, "-m", "experiments.train",
-       f"--config={ROOT}/experiments/configs/train.py:smoke", *args],
-      cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+       "--config=experiments/configs/train.py:smoke", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
 
+def _json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
 def _loss_rows(workdir):
-  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  with open(workdir / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
   return [r for r in rows if "loss" in r]
 
 
@@ -66,28 +92,28 @@ def _cells(lines, start):
 def test_smoke_run_trains_evaluates_exports_and_compares(tmp_path):
   cfg = train_configs.get_config("smoke")
   (context,) = cfg.eval_context_lens
-  suite_names = [name for name, _, _ in evaluate.SUITE]
+  suite_names = [name for name, _, _ in SUITE]
   runs, scores = {}, {}
   for optimizer in ("adamw", "muon_split"):
     workdir = tmp_path / optimizer
     args = [f"--workdir={workdir}", f"--config.optimizer={optimizer}"]
     if optimizer == "adamw":
       args.append(f"--export={tmp_path / 'export'}")
-    _run(*args, cwd=ROOT)
+    _run(*args)
     runs[optimizer] = workdir
     # metrics.jsonl: one row per step run, on the smoke phase's batches.
     rows = _loss_rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
     (phase,) = cfg.data.phases
     assert {(r["context_len"], r["batch_size"]) for r in rows} == {
-        (L, cfg.data.tokens_per_step // L) for L in phase.context_lens}
+        (c, cfg.data.tokens_per_step // c) for c in phase.context_lens}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     # Every step draws a new batch, so compare means of five: both
     # optimizers take the loss from ln 512 = 6.24 down by 0.2-0.35 in 20
     # steps; without updates it stays within batch noise (~0.05).
     loss = [r["loss"] for r in rows]
     assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.1, (optimizer, loss)
-    scores[optimizer] = json.load(open(workdir / "eval.json"))
+    scores[optimizer] = _json(workdir / "eval.json")
     assert list(scores[optimizer]) == [str(context)]
     accuracy = scores[optimizer][str(context)]
     assert list(accuracy) == suite_names
@@ -99,25 +125,25 @@ def test_smoke_run_trains_evaluates_exports_and_compares(tmp_path):
   # 0.0, and 0.0 on the other entries, so abstention alone tells them apart.
   config, params = hf.load_pretrained(str(tmp_path / "export"))
   assert config.d_model == 64 and config.num_layers == 2
-  suite = [e for e in evaluate.SUITE if e[0] == "abstention"]
+  suite = [e for e in SUITE if e.name == "abstention"]
   recomputed = evaluate.evaluate_suite(
       params, config, context_lens=(context,), num_examples=cfg.eval_examples,
       seed=cfg.eval_seed, mqar_pairs=cfg.eval_mqar_pairs, suite=suite)
   assert recomputed[context] == {
       name: scores["adamw"][str(context)][name] for name, _, _ in suite}
-  record = json.load(open(tmp_path / "export" / "training.json"))
+  record = _json(tmp_path / "export" / "training.json")
+  assert TrainConfig.from_dict(record["config"]) == train_job.train_config(
+      cfg)  # the smoke preset runs adamw
   assert record["steps"] == cfg.total_steps
   assert record["eval"]["accuracy"] == scores["adamw"]
   assert record["eval"]["seed"] == cfg.eval_seed
   assert record["eval"]["num_examples"] == cfg.eval_examples
 
-  env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run([sys.executable, "-m", "experiments.train",
                   f"--compare={runs['adamw']},{runs['muon_split']}"],
-                 cwd=ROOT, env=env, check=True, capture_output=True,
-                 timeout=600)
+                 cwd=ROOT, check=True, capture_output=True, timeout=600)
   # comparison.md: one row per run with its last-25-step loss and eval.json.
-  lines = open(tmp_path / "comparison.md").read().splitlines()
+  lines = (tmp_path / "comparison.md").read_text().splitlines()
   header = _cells(lines, "| optimizer |")
   assert header[4:] == suite_names
   for optimizer, workdir in runs.items():
