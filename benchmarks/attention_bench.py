@@ -81,6 +81,7 @@ from benchmarks.timing import median_time
 import kvjax
 from kvjax import compress
 from kvjax import hf
+from kvjax.compress import registry
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["512", "2048", "8192"],
                               "Prefill prompt lengths.")
@@ -566,11 +567,10 @@ def _methods():
     pass
   return {
       "none": (None, None),
-      "snapkv0.9": (compress.snapkv(0.9), press),
-      "kivi2": (compress.kivi(bits=2), None),
-      "turboquant3": (compress.turboquant(bits=3), None),
-      "snapkv0.9+kivi2": (compress.chain(compress.snapkv(0.9),
-                                         compress.kivi(bits=2)), None),
+      "snapkv0.9": (registry.build("snapkv", 0.9), press),
+      "kivi2": (registry.build("kivi2"), None),
+      "turboquant3": (registry.build("turboquant3"), None),
+      "snapkv0.9+kivi2": (registry.build("snapkv+kivi2", 0.9), None),
   }
 
 

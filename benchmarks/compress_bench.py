@@ -30,8 +30,8 @@ import numpy as np
 
 from benchmarks.timing import median_time
 import kvjax
-from kvjax import compress
 from kvjax import hf
+from kvjax.compress import registry
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["2048", "8192"], "Prompt lengths.")
 _DECODE = flags.DEFINE_integer("decode_steps", 32, "Decode steps timed.")
@@ -47,27 +47,32 @@ _THREADS = flags.DEFINE_integer(
     "on a shared machine; both frameworks get the same number).")
 
 
+# Registry methods timed (kvjax.compress.registry names), policies at --ratio.
+METHODS = ("snapkv", "streaming_llm", "knorm", "tova", "expected_attention",
+           "pyramidkv", "adakv_snapkv", "kivi2", "turboquant3",
+           "snapkv+kivi2")
+
+
 def _methods(ratio):
-  """name -> (kvjax transform, kvpress press factory or None)."""
+  """name -> (kvjax transform, kvpress press factory or None); "none" is
+  the uncompressed model."""
   import kvpress  # pylint: disable=g-import-not-at-top
   r = ratio
-  return {
-      "none": (None, None),
-      "snapkv": (compress.snapkv(r), lambda: kvpress.SnapKVPress(r)),
-      "streaming_llm": (compress.streaming_llm(r),
-                        lambda: kvpress.StreamingLLMPress(r)),
-      "knorm": (compress.knorm(r), lambda: kvpress.KnormPress(r)),
-      "tova": (compress.tova(r), lambda: kvpress.TOVAPress(r)),
-      "expected_attention": (compress.expected_attention(r),
-                             lambda: kvpress.ExpectedAttentionPress(r)),
-      "pyramidkv": (compress.pyramidkv(r), lambda: kvpress.PyramidKVPress(r)),
-      "adakv(snapkv)": (compress.adakv("snapkv", r), lambda: kvpress.AdaKVPress(
-          kvpress.SnapKVPress(r))),
-      "kivi2": (compress.kivi(2), None),
-      "turboquant3": (compress.turboquant(3), None),
-      "snapkv+kivi2": (compress.chain(compress.snapkv(r), compress.kivi(2)),
-                       None),
+  presses = {
+      "snapkv": lambda: kvpress.SnapKVPress(r),
+      "streaming_llm": lambda: kvpress.StreamingLLMPress(r),
+      "knorm": lambda: kvpress.KnormPress(r),
+      "tova": lambda: kvpress.TOVAPress(r),
+      "expected_attention": lambda: kvpress.ExpectedAttentionPress(r),
+      "pyramidkv": lambda: kvpress.PyramidKVPress(r),
+      "adakv_snapkv": lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(r)),
   }
+  out = {"none": (None, None)}
+  for name in METHODS:
+    policy, _ = registry.parse(name)
+    out[name] = (registry.build(name, r if policy else None),
+                 presses.get(name))
+  return out
 
 
 def bench_kvjax(params, config, tokens, transform, steps, repeats):

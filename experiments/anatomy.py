@@ -21,17 +21,17 @@ import os
 import time
 
 from absl import app
-import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from experiments import common
+from experiments import plotting
 import kvjax
 from kvjax.analysis import drift
 from kvjax.analysis import residual
 from kvjax.tasks import generators
-from kvjax.train import evaluate
+from kvjax.tasks import suite
 
 
 def _floats(x):
@@ -39,14 +39,15 @@ def _floats(x):
 
 
 def _task_batch(cfg):
-  names = [n for n, _, _ in evaluate.SUITE]
-  if cfg.task not in names:
-    raise ValueError(f"config.task={cfg.task!r}; allowed: {names}.")
-  _, task, params = evaluate.SUITE[names.index(cfg.task)]
-  params = dict(params)
-  if task == "mqar":
+  if cfg.task not in suite.SUITE_NAMES:
+    raise ValueError(f"config.task={cfg.task!r}; allowed: "
+                     f"{list(suite.SUITE_NAMES)}.")
+  _, entry = suite.suite_entry(cfg.task)
+  params = dict(entry.params)
+  if entry.task == "mqar":
     params["num_pairs"] = int(cfg.mqar_pairs)
-  return generators.make_batch(task, int(cfg.num_examples), seed=int(cfg.seed),
+  return generators.make_batch(entry.task, int(cfg.num_examples),
+                               seed=int(cfg.seed),
                                context_len=int(cfg.context_len), **params)
 
 
@@ -136,16 +137,13 @@ def report(cfg) -> dict:
     d = drift.cache_drift(params, config, tokens[:2, :m], dtype)
     out["drift"][dtype] = {k: (float(v) if not isinstance(v, str) else v)
                            for k, v in d._asdict().items()
-                           if not isinstance(v, (type(None),))
-                           and np.ndim(v) == 0}
+                           if v is not None and np.ndim(v) == 0}
   return out
 
 
 def plot(rep: dict, workdir: str) -> None:
   """Writes anatomy.png (four panels) and interventions.png."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
 
   L = rep["num_layers"]
   fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -187,9 +185,7 @@ def plot(rep: dict, workdir: str) -> None:
   ax.set_xlabel("layer")
   ax.set_title("LM-head null space; Jacobian non-normality")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "anatomy.png"), dpi=120)
-  plt.close(fig)
+  plotting.save(fig, os.path.join(workdir, "anatomy.png"))
 
   rows = rep["interventions"]
   labels = sorted({(r["mode"], r["scale"]) for r in rows},
@@ -211,9 +207,7 @@ def plot(rep: dict, workdir: str) -> None:
                         for m, s in labels], rotation=30)
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "interventions.png"), dpi=120)
-  plt.close(fig)
+  plotting.save(fig, os.path.join(workdir, "interventions.png"))
 
 
 def main(argv):

@@ -12,54 +12,72 @@ steps and the seconds so far. AdamW, warmup 30 steps, then a constant rate
       --num_layers=2 --num_heads=2 --num_kv_heads=2 --head_dim=32 \
       --mlp_dim=128 --seed=0 --steps=1200
 """
-import argparse
+
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 import kvjax
 from kvjax import tasks
 from kvjax.train import data, loop, optimizers
 
-parser = argparse.ArgumentParser()
-for name, default in [("d_model", 64), ("num_layers", 3), ("num_heads", 2),
-                      ("num_kv_heads", 2), ("head_dim", 32), ("mlp_dim", 128),
-                      ("seed", 0), ("steps", 1500), ("num_pairs", 4),
-                      ("context_len", 17), ("rows", 64), ("num_queries", 0)]:
-  parser.add_argument(f"--{name}", type=int, default=default)
-for name, default in [("lr", 3e-3), ("init_std", 0.02), ("rope_theta", 1e4)]:
-  parser.add_argument(f"--{name}", type=float, default=default)
-parser.add_argument("--init_out_std", type=float, default=None)
-parser.add_argument("--qkv_bias", action="store_true")
-parser.add_argument("--optimizer", default="adamw")
-parser.add_argument("--copy", action="store_true",
-                    help="copy rows (kvjax.train.data.copy_batch) instead")
-args = parser.parse_args()
+_D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 3, "Layers.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 2, "Query heads.")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key-value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 32, "Head dimension.")
+_MLP_DIM = flags.DEFINE_integer("mlp_dim", 128, "MLP hidden width.")
+_SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
+_STEPS = flags.DEFINE_integer("steps", 1500, "Training steps.")
+_NUM_PAIRS = flags.DEFINE_integer("num_pairs", 4, "MQAR key-value pairs.")
+_CONTEXT_LEN = flags.DEFINE_integer("context_len", 17, "Context tokens.")
+_ROWS = flags.DEFINE_integer("rows", 64, "Rows per step.")
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 0,
+                                    "MQAR queries (0: every key).")
+_LR = flags.DEFINE_float("lr", 3e-3, "Learning rate.")
+_INIT_STD = flags.DEFINE_float("init_std", 0.02, "Init std of the weights.")
+_INIT_OUT_STD = flags.DEFINE_float(
+    "init_out_std", None, "Init std of the output projections (default: "
+    "init_std).")
+_ROPE_THETA = flags.DEFINE_float("rope_theta", 1e4, "RoPE base.")
+_QKV_BIAS = flags.DEFINE_bool("qkv_bias", False, "Biases on q, k and v.")
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adamw", "Optimizer name.")
+_COPY = flags.DEFINE_bool(
+    "copy", False, "Copy rows (kvjax.train.data.copy_batch) instead.")
 
-config = kvjax.ModelConfig(
-    vocab_size=512, d_model=args.d_model, num_layers=args.num_layers,
-    num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-    head_dim=args.head_dim, mlp_dim=args.mlp_dim, tie_embeddings=True,
-    qkv_bias=args.qkv_bias, rope_theta=args.rope_theta)
-opt = optimizers.make_optimizer(args.optimizer, learning_rate=args.lr,
-                                adam_learning_rate=3e-3,
-                                total_steps=args.steps, warmup_steps=30,
-                                decay_steps=100)
-state = loop.init_state(config, opt, args.seed, init_std=args.init_std,
-                        init_out_std=args.init_out_std)
-step = loop.make_train_step(config, opt)
-accs, start = [], time.time()
-for i in range(args.steps):
-  if args.copy:
-    batch = data.copy_batch(args.rows, args.context_len,
-                            seed=(5 + args.seed, i))
-  else:
-    batch = tasks.make_batch("mqar", args.rows, seed=(5 + args.seed, i),
-                             context_len=args.context_len,
-                             num_pairs=args.num_pairs,
-                             num_queries=args.num_queries or None)
-  state, metrics = step(state, data.model_inputs(batch))
-  accs.append(float(metrics["accuracy"]))
-  if (i + 1) % 100 == 0:
-    print(i + 1, round(float(np.mean(accs[-100:])), 3),
-          round(time.time() - start), flush=True)
+
+def main(argv):
+  del argv
+  config = kvjax.ModelConfig(
+      vocab_size=512, d_model=_D_MODEL.value, num_layers=_NUM_LAYERS.value,
+      num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
+      head_dim=_HEAD_DIM.value, mlp_dim=_MLP_DIM.value, tie_embeddings=True,
+      qkv_bias=_QKV_BIAS.value, rope_theta=_ROPE_THETA.value)
+  opt = optimizers.make_optimizer(_OPTIMIZER.value, learning_rate=_LR.value,
+                                  adam_learning_rate=3e-3,
+                                  total_steps=_STEPS.value, warmup_steps=30,
+                                  decay_steps=100)
+  state = loop.init_state(config, opt, _SEED.value, init_std=_INIT_STD.value,
+                          init_out_std=_INIT_OUT_STD.value)
+  step = loop.make_train_step(config, opt)
+  accs, start = [], time.time()
+  for i in range(_STEPS.value):
+    seed = (5 + _SEED.value, i)
+    if _COPY.value:
+      batch = data.copy_batch(_ROWS.value, _CONTEXT_LEN.value, seed=seed)
+    else:
+      batch = tasks.make_batch("mqar", _ROWS.value, seed=seed,
+                               context_len=_CONTEXT_LEN.value,
+                               num_pairs=_NUM_PAIRS.value,
+                               num_queries=_NUM_QUERIES.value or None)
+    state, metrics = step(state, data.model_inputs(batch))
+    accs.append(float(metrics["accuracy"]))
+    if (i + 1) % 100 == 0:
+      print(i + 1, round(float(np.mean(accs[-100:])), 3),
+            round(time.time() - start), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

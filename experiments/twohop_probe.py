@@ -10,6 +10,7 @@ the question's x1 and to BOS.
       --workdir=/tmp/kvjax-twohop --preset=twohop --context_len=64
 """
 
+import json
 import os
 
 from absl import app
@@ -25,6 +26,7 @@ from kvjax.analysis import residual
 from kvjax.cache import init_cache
 from kvjax.tasks import generators
 from kvjax.train import loop
+from kvjax.train.config import TrainConfig
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Train workdir.",
                                required=True)
@@ -35,9 +37,11 @@ _ROWS = flags.DEFINE_integer("rows", 64, "Rows per hop count.")
 
 
 def main(_):
-  cfg = train_configs.get_config(_PRESET.value).to_dict()
-  config = loop.model_config_from(cfg)
-  state = loop.init_state(config, loop.optimizer_from(cfg), 0)
+  train_config = TrainConfig.from_dict(json.loads(
+      train_configs.get_config(_PRESET.value).to_json()))
+  config = train_config.model
+  state = loop.init_state(
+      config, train_config.optimizer.make(train_config.total_steps), 0)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(_WORKDIR.value, "checkpoints")))
   step = _STEP.value if _STEP.value is not None else manager.latest_step()

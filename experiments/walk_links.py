@@ -9,10 +9,13 @@ on those rows. The committed output is results/probes/walk_links.txt.
   python -m experiments.walk_links > results/probes/walk_links.txt
 """
 
+from absl import app
 import numpy as np
 
-from experiments import common, sweep
+from experiments import common
 from experiments.configs import sweep as sweep_config
+from experiments.sweeps import units
+from experiments.sweeps.task_data import TaskData
 
 UNITS = (("agnostic", "snapkv", 0.5), ("agnostic", "snapkv", 0.9),
          ("agnostic", "expected_attention", 0.9),
@@ -20,18 +23,19 @@ UNITS = (("agnostic", "snapkv", 0.5), ("agnostic", "snapkv", 0.9),
          ("aware", "expected_attention", 0.9), ("aware", "adakv_snapkv", 0.9))
 
 
-def main():
+def main(argv):
+  del argv
   cfg = sweep_config.get_config()
   config, params = common.load_model(cfg.model)
-  td = sweep.TaskData(cfg, config, params, "multihop_k2")
+  td = TaskData(cfg, config, params, "multihop_k2")
   values = td.targets[:, 1::2]  # [B, 2] value slots of link 1 and link 2
   print("mode | method | ratio | accuracy | "
         + " | ".join(f"layer {l}: link 1, link 2"
                      for l in range(config.num_layers)))
   for mode, method, ratio in UNITS:
     unit = dict(method=method, ratio=ratio, task="multihop_k2", mode=mode)
-    row = sweep.run_unit(cfg, td, unit)
-    cache = sweep.compress_unit(td, unit)
+    row = units.run_unit(cfg, td, unit)
+    cache = units.compress_unit(td, unit)
     pos, valid = np.asarray(cache.pos), np.asarray(cache.valid)  # [L,B,K,S]
     held = ((pos[..., None] == values[None, :, None, None, :])
             & valid[..., None]).any(axis=3)  # [L, B, K, 2]
@@ -41,4 +45,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -15,6 +15,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     raise ValueError(f"preset={preset!r}; allowed: default, smoke.")
   c = ml_collections.ConfigDict()
   # "kvjax-tiny", "hf:PATH" or "random:PRESET" (see experiments/common.py).
+  # The rows are kvjax's private task ids whatever the model: on hf:PATH
+  # they are arbitrary tokens, so the logit lens' answer accuracy means
+  # nothing there (the geometry of the residual stream still holds). The
+  # sweep writes the tasks as the checkpoint's text (its config.tokens).
   c.model = "kvjax-tiny"
   c.dtype = "float32"  # Parameter dtype of the analysed model.
   c.task = "mqar"  # A kvjax.train.evaluate.SUITE entry.

@@ -5,6 +5,8 @@
   python -m experiments.sweep --config.model=hf:/path/to/llama \\
       --config.workdir=/tmp/sweep-llama           # any supported checkpoint
   python -m experiments.sweep --config=experiments/configs/sweep.py:full
+  python -m experiments.sweep --config.model=hf:/path/to/checkpoint \\
+      --config.tokens=raw       # no tokenizer.json: arbitrary token ids
 
 The argument after ':' picks a preset: "default" (8 eviction methods, 2
 quantizers and one eviction + quantization composition at ratios
@@ -12,6 +14,10 @@ quantizers and one eviction + quantization composition at ratios
 minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests), or
 "full" (every method, more rows, every task; for an accelerator). Any field
 can be overridden with --config.<field>=<value>.
+
+On hf:PATH the tasks are written as words and encoded by the checkpoint's
+own tokenizer.json (`kvjax.tasks.text`); context_len counts the tasks'
+positions (words), the rows record the context in tokens.
 """
 
 import ml_collections
@@ -29,6 +35,12 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # or "random:PRESET" (random weights of a kvjax.config preset; plumbing).
   c.model = "kvjax-tiny"
   c.dtype = "float32"  # Parameter and cache dtype.
+  # What the model reads: "auto" (kvjax-tiny and random:PRESET the tasks'
+  # private ids, hf:PATH the tasks written as text and encoded by PATH's
+  # tokenizer.json), "text" (that, hf:PATH only) or "raw" (the private ids
+  # 0..511; on hf:PATH arbitrary tokens: a warning, and every row says
+  # "tokens": "raw"). hf:PATH without tokenizer.json is refused unless raw.
+  c.tokens = "auto"
   # Attention backend: "auto" (by platform), "xla" (blockwise) or
   # "reference" (the definition; materializes [T, S]).
   c.backend = "auto"
@@ -41,7 +53,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # Task suite entries (kvjax.train.evaluate.SUITE names).
   c.tasks = "mqar,needle,multihop_k2,overwrite,abstention"
   c.modes = "agnostic,aware"  # Question-agnostic / question-aware.
-  c.context_len = 512  # Context tokens (BOS included) of every task row.
+  # Context positions (BOS included) of every task row; on text, words
+  # (rows record the tokenized context_len).
+  c.context_len = 512
   c.mqar_pairs = 32  # Key-value pairs of mqar.
   c.num_examples = 32  # Rows per task (one batch).
   c.seed = 2024  # Held-out task seed (kvjax-tiny trained on others).

@@ -71,7 +71,16 @@ class TaskScore(NamedTuple):
   num_examples: int
 
 
-def predictions_from_logits(batch: TaskBatch, logits, *, offset=0
+
+def _check_unknown(unknown) -> None:
+  """`unknown` (the abstention answer's id) must be an int >= 0."""
+  if isinstance(unknown, bool) or not isinstance(
+      unknown, (int, np.integer)) or unknown < 0:
+    raise ValueError(f"unknown must be a token id (an int >= 0), got "
+                     f"{unknown!r}.")
+
+def predictions_from_logits(batch: TaskBatch, logits, *, offset=0,
+                            unknown: int = UNKNOWN
                             ) -> tuple[np.ndarray, np.ndarray]:
   """Greedy answers and their confidence from next-token logits.
 
@@ -85,6 +94,9 @@ def predictions_from_logits(batch: TaskBatch, logits, *, offset=0
     batch: the TaskBatch the logits were computed on.
     logits: [B, T', V] array (numpy or jax, any float dtype).
     offset: int or [B] ints, the input position of `logits[:, 0]`.
+    unknown: the id of the abstention answer (UNKNOWN; for a batch in a
+      checkpoint's ids, `kvjax.tasks.text.TextBatch.unknown_id`), which V
+      must also cover.
 
   Returns:
     predicted_tokens: [B, A] int32 argmax ids, PAD in padded slots.
@@ -106,11 +118,12 @@ def predictions_from_logits(batch: TaskBatch, logits, *, offset=0
   valid_answers = batch.answers[batch.answer_positions >= 0]
   largest = max(int(np.max(batch.tokens, initial=0)),
                 int(np.max(valid_answers, initial=0)))
-  needed = max(UNKNOWN, largest) + 1
+  _check_unknown(unknown)
+  needed = max(int(unknown), largest) + 1
   if logits.shape[-1] < needed:
     raise ValueError(
         f"logits have vocabulary size V={logits.shape[-1]}, but the batch "
-        f"needs V >= {needed} (UNKNOWN={UNKNOWN}; largest token or answer "
+        f"needs V >= {needed} (UNKNOWN={unknown}; largest token or answer "
         f"id in the batch: {largest}); were the logits computed over the "
         "task vocabulary?")
   offset = np.broadcast_to(np.asarray(offset, dtype=np.int64), (batch_size,))
@@ -178,7 +191,8 @@ def _walk_units(walks, correct, abstained, confident, valid):
 
 
 def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
-          threshold: float = 0.5) -> dict[str, TaskScore]:
+          threshold: float = 0.5,
+          unknown: int = UNKNOWN) -> dict[str, TaskScore]:
   """Accuracy, abstention and hallucination rates per task.
 
   Definitions (per unit: an answer slot, or a whole multihop row judged at
@@ -200,6 +214,10 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
     confidence: None or [B, A] (or [B] when A == 1) floats in [0, 1].
     threshold: confidence at or above which a prediction is confident, in
       [0, 1].
+    unknown: the id that means "abstain": UNKNOWN for the private ids; for
+      a batch in a checkpoint's ids (`kvjax.tasks.text`), its
+      `TextBatch.unknown_id`, else the abstention and hallucination rates
+      compare predictions with an arbitrary token.
 
   Returns:
     Dict task name -> TaskScore for every task present in the batch, in
@@ -246,7 +264,8 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
     confident = confidence >= threshold
 
   correct = predicted == answers
-  abstained = predicted == UNKNOWN
+  _check_unknown(unknown)
+  abstained = predicted == int(unknown)
   walks = batch.task_ids == TASK_NAMES.index("multihop")
   if walks.any() and answers.shape[1] > 1:
     correct, abstained, confident, valid = _walk_units(

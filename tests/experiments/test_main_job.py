@@ -7,7 +7,8 @@ import sys
 
 from kvjax import kv_bytes as kvjax_bytes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 def test_readme_library_example_runs():

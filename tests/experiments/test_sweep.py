@@ -1,15 +1,26 @@
-"""experiments/sweep.py: units, resume after a kill, rows, summary, figures."""
+"""experiments/sweep.py and experiments/sweeps/: units, resume after a kill,
+rows, summary, figures."""
 
+import glob
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from experiments import common
-from experiments import sweep
 from experiments.configs import sweep as sweep_config
+from experiments.sweeps import figures
+from experiments.sweeps import loop
+from experiments.sweeps import plan
+from experiments.sweeps import report
+from experiments.sweeps import store
+from experiments.sweeps import units
+from experiments.sweeps.task_data import TaskData
+from kvjax import compress
+from kvjax.tasks import suite
 
 
 def _cfg(workdir, **overrides):
@@ -29,7 +40,7 @@ def _cfg(workdir, **overrides):
 def test_plan_units_and_bad_names():
   cfg = _cfg("/tmp/unused", methods="snapkv,kivi2,snapkv+kivi2",
              ratios="0,0.5,0.9", tasks="needle,mqar")
-  units = sweep.plan_units(cfg)
+  units = plan.plan_units(cfg)
   keys = [(u["method"], u["ratio"], u["task"], u["mode"]) for u in units]
   assert len(keys) == len(set(keys))
   # none once per task (agnostic only); snapkv and the composition at each
@@ -40,32 +51,35 @@ def test_plan_units_and_bad_names():
   assert ("snapkv", 0.0, "mqar", "agnostic") not in keys
   for field, value, match in (("methods", "snapkv,bogus", "unknown method"),
                               ("ratios", "0.5,1.0", "ratios"),
-                              ("tasks", "needle,chess", "unknown task"),
+                              ("tasks", "needle,chess",
+                               "unknown suite entry"),
                               ("modes", "agnostic,psychic", "unknown mode")):
     with pytest.raises(ValueError, match=match):
-      sweep.plan_units(_cfg("/tmp/unused", **{field: value}))
-  with pytest.raises(ValueError, match="policy\\+quantizer"):
-    sweep.method_transform("kivi2+snapkv", 0.5)
+      plan.plan_units(_cfg("/tmp/unused", **{field: value}))
+  with pytest.raises(ValueError, match="policy\\+codec"):
+    plan.method_transform("kivi2+snapkv", 0.5)
+  with pytest.raises(ValueError, match="unknown method 'none'"):
+    plan.plan_units(_cfg("/tmp/unused", methods="none,snapkv"))
 
 
 def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
   cfg = _cfg(tmp_path, stop_after_units=3)
-  rows = sweep.run(cfg)
+  rows = loop.run(cfg)
   assert len(rows) == 3
   path = os.path.join(tmp_path, "results.jsonl")
   # A kill in the middle of a write leaves a torn last line.
   with open(path, "a") as f:
     f.write('{"key": "torn')
   cfg.stop_after_units = 0
-  rows = sweep.run(cfg)
-  units = sweep.plan_units(cfg)
+  rows = loop.run(cfg)
+  units = plan.plan_units(cfg)
   keys = [r["key"] for r in rows]
   assert len(keys) == len(units) == len(set(keys))
   with open(path) as f:
     lines = f.read().splitlines()
   assert len(lines) == len(units)  # the torn line is gone, nothing doubled
   # A rerun finds everything done and adds nothing.
-  assert len(sweep.run(cfg)) == len(units)
+  assert len(loop.run(cfg)) == len(units)
   with open(path) as f:
     assert len(f.read().splitlines()) == len(units)
   by = {(r["method"], r["ratio"], r["mode"]): r for r in rows}
@@ -99,7 +113,7 @@ def test_every_default_method_runs_once(tmp_path):
   codecs store every kept entry coded but KIVI's window."""
   cfg = _cfg(tmp_path, methods=sweep_config.get_config().methods,
              ratios="0,0.5", context_len=256)
-  rows = sweep.run(cfg)
+  rows = loop.run(cfg)
   assert len(rows) == 1 + 2 * 11
   by = {(r["method"], r["mode"]): r for r in rows}
   none = by[("none", "agnostic")]
@@ -131,7 +145,7 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path):
     cfg = _cfg(workdir)
     cfg[field] = value
     with pytest.raises(ValueError, match=match):
-      sweep.run(cfg)
+      loop.run(cfg)
     assert not workdir.exists(), field
 
 
@@ -147,19 +161,19 @@ def test_changed_code_reruns_every_unit(tmp_path, monkeypatch):
   """Rows computed by other code are never reused: a changed transform
   definition gives a new run tag, so every unit runs again."""
   policies = tmp_path / "policies.py"
-  policies.write_text(open(sweep.compress.policies.__file__).read())
-  files = sweep.code_files()
-  monkeypatch.setattr(sweep, "code_files",
+  policies.write_text(open(compress.policies.__file__).read())
+  files = store.code_files()
+  monkeypatch.setattr(store, "code_files",
                       lambda: [f for f in files if "policies" not in f] +
                       [str(policies)])
   cfg = _cfg(tmp_path / "w", methods="snapkv", ratios="0,0.5")
-  first = sweep.run(cfg)
-  assert len(sweep.run(cfg)) == len(first)  # nothing new: all done
+  first = loop.run(cfg)
+  assert len(loop.run(cfg)) == len(first)  # nothing new: all done
   path = tmp_path / "w" / "results.jsonl"
   assert len(path.read_text().splitlines()) == len(first)
   policies.write_text(policies.read_text().replace(
       "_BIG = 1e30", "_BIG = 1e29"))  # a changed definition
-  rerun = sweep.run(cfg)
+  rerun = loop.run(cfg)
   assert len(rerun) == len(first)
   assert {r["key"].split("|")[0] for r in rerun}.isdisjoint(
       {r["key"].split("|")[0] for r in first})
@@ -181,7 +195,7 @@ def test_summary_collapse_and_pearson():
                        logical_bytes_per_token=100 * (1 - ratio)))
   rows.append(dict(method="kivi2", ratio=0.0, task="a", mode="aware",
                    status="refused", reason="never fills a block"))
-  text, facts = sweep.summarize(rows)
+  text, facts = report.summarize(rows)
   assert facts["refused"] == [("aware", "kivi2", 0.0)]
   assert "- aware kivi2 0: never fills a block" in text
   assert facts["collapse_ratio"] == {"agnostic/snapkv": 0.9}
@@ -195,7 +209,7 @@ def test_aware_units_observe_only_the_question_proper():
   not the walk's later tokens (they would name the next link)."""
   cfg = _cfg("/tmp/unused", tasks="multihop_k2", context_len=40)
   config, params = common.load_model(cfg.model)
-  td = sweep.TaskData(cfg, config, params, "multihop_k2")
+  td = TaskData(cfg, config, params, "multihop_k2")
   observed = np.asarray(td.observe_mask)  # [B, T - L]
   assert observed.shape == (2, td.Tq)
   np.testing.assert_array_equal(observed[:, :3], True)
@@ -208,12 +222,95 @@ def test_aware_units_observe_only_the_question_proper():
 def test_run_tag_follows_the_weights_and_the_task_definitions(monkeypatch):
   """Rows of other weights or other task definitions are never reused."""
   cfg = _cfg("/tmp/unused")
-  _, params = common.load_model(cfg.model)
-  tag = sweep.run_tag(cfg, params)
-  assert sweep.run_tag(cfg, params) == tag
+  config, params = common.load_model(cfg.model)
+  tag = store.run_tag(cfg, config, params)
+  assert store.run_tag(cfg, config, params) == tag
   retrained = jax.tree.map(lambda x: x * 1.01, params)
-  assert sweep.run_tag(cfg, retrained) != tag
-  suite = [(n, t, dict(p, num_distractors=5) if n == "needle" else p)
-           for n, t, p in sweep.evaluate.SUITE]
-  monkeypatch.setattr(sweep.evaluate, "SUITE", tuple(suite))
-  assert sweep.run_tag(cfg, params) != tag
+  assert store.run_tag(cfg, config, retrained) != tag
+  # Same weights, another architecture setting (e.g. an edited config.json).
+  assert store.run_tag(cfg, config.replace(rope_theta=5e4), params) != tag
+  changed = [e._replace(params=dict(e.params, num_distractors=5))
+             if e.name == "needle" else e for e in suite.SUITE]
+  monkeypatch.setattr(suite, "SUITE", tuple(changed))
+  assert store.run_tag(cfg, config, params) != tag
+
+
+def test_code_fingerprint_covers_every_module_that_computes_a_row():
+  """A sweep module is either hashed into the run tag or only reads rows
+  (a new module must be put in one group or the other)."""
+  hashed = {os.path.relpath(f, store.ROOT) for f in store.code_files()}
+  modules = {os.path.relpath(f, store.ROOT) for f in glob.glob(
+      os.path.join(store.ROOT, "experiments", "sweeps", "*.py"))}
+  reads_rows = {f"experiments/sweeps/{n}.py"
+                for n in ("__init__", "store", "report", "figures")}
+  assert modules - reads_rows <= hashed
+  assert not reads_rows & hashed
+  assert {"experiments/common.py", "kvjax/compress/registry.py",
+          "kvjax/tasks/suite.py", "kvjax/compress/policies.py"} <= hashed
+  # Every repository module the sweep loads (directly or not) is hashed,
+  # unless it only reads rows.
+  import experiments.sweep  # pylint: disable=g-import-not-at-top,unused-import
+  loaded = {os.path.relpath(m.__file__, store.ROOT)
+            for m in list(sys.modules.values())
+            if getattr(m, "__file__", None) and os.path.abspath(
+                m.__file__).startswith(store.ROOT + os.sep)}
+  loaded = {f for f in loaded if f.startswith(("kvjax/", "experiments/"))
+            and not f.startswith("experiments/configs/")}
+  reads_only = reads_rows | {"experiments/sweep.py",
+                             "experiments/__init__.py",
+                             "experiments/plotting.py", "kvjax/nn/__init__.py"}
+  assert loaded - reads_only <= hashed, sorted(loaded - reads_only - hashed)
+
+
+def test_extra_inputs_follow_the_transforms_declaration():
+  """The oracle declares `future_mass` (`KVTransform.extras`); it gets the
+  question's attention, a transform declaring nothing gets nothing, and
+  one needing an input the sweep lacks is refused with its name."""
+  cfg = _cfg("/tmp/unused", context_len=72)
+  config, params = common.load_model(cfg.model)
+  td = TaskData(cfg, config, params, "needle")
+  oracle = plan.method_transform("oracle", 0.5)
+  assert set(units.extra_inputs(td, oracle)) == {"future_mass"}
+  assert units.extra_inputs(
+      td, plan.method_transform("oracle+kivi2", 0.5)).keys() == {
+          "future_mass"}
+  assert units.extra_inputs(td, plan.method_transform("snapkv", 0.5)) == {}
+  needy = compress.snapkv(0.5)._replace(extras=("crystal_ball",))
+  with pytest.raises(ValueError, match="crystal_ball"):
+    units.extra_inputs(td, needy)
+  for mode in plan.MODES:
+    row = units.run_unit(cfg, td, dict(method="oracle", ratio=0.5,
+                                       task="needle", mode=mode))
+    assert row["status"] == "ok" and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_figures_from_rows(tmp_path):
+  rows = [dict(method="none", ratio=0.0, task="a", mode="agnostic",
+               accuracy=1.0, hallucination_rate=0.0, ger=0.0,
+               physical_bytes_per_token=100.0,
+               logical_bytes_per_token=100.0)]
+  for mode in plan.MODES:
+    for ratio, ger in ((0.5, 0.1), (0.75, 0.3), (0.9, 0.7)):
+      rows.append(dict(rows[0], method="snapkv", ratio=ratio, mode=mode,
+                       accuracy=1 - ger, hallucination_rate=ger / 2, ger=ger,
+                       logical_bytes_per_token=100 * (1 - ratio)))
+  support = dict(share=0.9, bin_edges=[1, 2, 4], histogram=[[3, 1], [2, 2]],
+                 median_per_layer=[1.0, 2.0])
+  figures.plot(rows, support, str(tmp_path))
+  for name in figures.FILES:
+    assert (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("methods", "snapkv,snapkv", "lists \\['snapkv'\\] more than once"),
+    ("ratios", "0.5,0.50", "lists \\['0.5'\\] more than once"),
+    ("tasks", "needle,needle", "more than once"),
+    ("methods", "h2o+kivi2", "h2o\\+kivi2 at ratio 0.5 cannot be built"),
+])
+def test_plan_refuses_repeated_units_and_refused_compositions(field, value,
+                                                              match):
+  """A repeated value would run and average its units twice; a chain that
+  `chain` refuses would fail mid-sweep after rows were written."""
+  cfg = _cfg("/tmp/unused", **{field: value})
+  with pytest.raises(ValueError, match=match):
+    plan.plan_units(cfg)

@@ -1,0 +1,90 @@
+"""Runs or resumes a sweep: plan the units, skip those already stored, run
+the rest (each row appended as it finishes), then write the summary, the
+facts and the figures.
+
+Every row says what the model read (`tokens.Tokens.row_fields`: "tokens"
+is "text" with the tokenizer's hash, or "raw") and `context_len`, the
+context in the model's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import tqdm
+
+from experiments import common
+from experiments.sweeps import figures
+from experiments.sweeps import metrics
+from experiments.sweeps import plan
+from experiments.sweeps import report
+from experiments.sweeps import store
+from experiments.sweeps import tokens as tokens_lib
+from experiments.sweeps import units
+from experiments.sweeps.task_data import TaskData
+
+
+def run(cfg) -> list[dict[str, Any]]:
+  """Runs (or resumes) the sweep of `cfg`; returns every row of this run
+  (every row of the workdir's results file with this run's tag).
+
+  Raises:
+    ValueError: a bad config (before anything is written: an hf:PATH
+      without tokenizer.json among them, unless config.tokens=raw), or
+      task rows the model cannot read (raw ids past its vocabulary, text
+      the tokenizer cannot map; before any row is written).
+  """
+  planned = plan.plan_units(cfg)
+  path = os.path.join(cfg.workdir, "results.jsonl")
+  config, params = common.load_model(cfg.model, cfg.dtype)
+  tokens = tokens_lib.load(cfg)
+  tag = store.run_tag(cfg, config, params)
+  done = {r["key"] for r in store.read_results(path)}
+  todo = [u for u in planned if store.unit_key(u, tag) not in done]
+  print(f"sweep: {len(planned)} units, {len(planned) - len(todo)} already "
+        f"in {path}, model {cfg.model} ({config.num_layers} layers), "
+        f"{tokens.describe()}", flush=True)
+  task_data = {}
+
+  def task(name):
+    if name not in task_data:
+      task_data[name] = TaskData(cfg, config, params, name, tokens)
+    return task_data[name]
+
+  limit = int(cfg.stop_after_units) or len(todo)
+  compiled = set()
+  # Every task is built (and so checked) before the first row is written.
+  for name in sorted({u["task"] for u in todo[:limit]}):
+    task(name)
+  os.makedirs(cfg.workdir, exist_ok=True)
+  for unit in tqdm.tqdm(todo[:limit], desc="sweep", dynamic_ncols=True):
+    td = task(unit["task"])
+    # Text tasks may differ in shape: each shape compiles its own program.
+    program = (unit["method"], unit["ratio"], unit["mode"], td.L, td.T)
+    row = units.run_unit(cfg, td, unit)
+    row.update(key=store.unit_key(unit, tag), model=cfg.model,
+               context_len=td.L, **tokens.row_fields(),
+               includes_compile=program not in compiled)
+    compiled.add(program)
+    store.append_row(path, row)
+  # This config's units only (the workdir may hold other methods' rows).
+  keys = {store.unit_key(u, tag) for u in planned}
+  rows = [r for r in store.read_results(path) if r["key"] in keys]
+  if len(todo) > limit:
+    print(f"stopped after {limit} units; rerun to resume.")
+    return rows
+  for name in plan.parse_list(cfg.tasks):
+    task(name)
+  support = metrics.active_support(task_data, float(cfg.support_share))
+  text = report.write(cfg, rows, support)
+  if cfg.plots:
+    figures.plot(rows, support, cfg.workdir)
+  print(text)
+  if report.refused(rows):
+    print(f"{len(report.refused(rows))} units refused by their transform "
+          "(listed above and in summary.md).")
+  print("active support (median keys for "
+        f"{cfg.support_share:g} of the mass) per layer: "
+        f"{support['median_per_layer']}")
+  return rows
