@@ -22,12 +22,14 @@ def load_model(spec: str, dtype: str = "float32"):
   if spec.startswith("hf:"):
     return hf.load_pretrained(spec[3:], dtype=dtype)
   if spec.startswith("random:"):
-    config = kvjax.get_config(spec[len("random:"):]).replace(dtype=dtype)
+    config = kvjax.get_config(spec[len("random:") :]).replace(dtype=dtype)
     return config, kvjax.init_params(config, jax.random.key(0), std=0.1)
   if spec in pretrained.MODELS:
     return pretrained.load(spec, dtype=dtype)
-  raise ValueError(f"model={spec!r}; allowed: {list(pretrained.MODELS)}, "
-                   "'hf:PATH', 'random:PRESET'.")
+  raise ValueError(
+    f"model={spec!r}; allowed: {list(pretrained.MODELS)}, "
+    "'hf:PATH', 'random:PRESET'."
+  )
 
 
 def check_config_overrides(argv: list[str], config) -> None:
@@ -36,7 +38,9 @@ def check_config_overrides(argv: list[str], config) -> None:
   fields = set(config.keys())
   for arg in argv[1:]:
     if arg.startswith("--config."):
-      name = arg[len("--config."):].split("=", 1)[0].split(".", 1)[0]
+      name = arg[len("--config.") :].split("=", 1)[0].split(".", 1)[0]
       if name not in fields:
-        sys.exit(f"error: --config.{name}: no such config field; allowed: "
-                 f"{', '.join(sorted(fields))}.")
+        sys.exit(
+          f"error: --config.{name}: no such config field; allowed: "
+          f"{', '.join(sorted(fields))}."
+        )

@@ -34,33 +34,53 @@ _STEPS = flags.DEFINE_integer("steps", 1500, "Training steps.")
 _NUM_PAIRS = flags.DEFINE_integer("num_pairs", 4, "MQAR key-value pairs.")
 _CONTEXT_LEN = flags.DEFINE_integer("context_len", 17, "Context tokens.")
 _ROWS = flags.DEFINE_integer("rows", 64, "Rows per step.")
-_NUM_QUERIES = flags.DEFINE_integer("num_queries", 0,
-                                    "MQAR queries (0: every key).")
+_NUM_QUERIES = flags.DEFINE_integer(
+  "num_queries", 0, "MQAR queries (0: every key)."
+)
 _LR = flags.DEFINE_float("lr", 3e-3, "Learning rate.")
 _INIT_STD = flags.DEFINE_float("init_std", 0.02, "Init std of the weights.")
 _INIT_OUT_STD = flags.DEFINE_float(
-    "init_out_std", None, "Init std of the output projections (default: "
-    "init_std).")
+  "init_out_std",
+  None,
+  "Init std of the output projections (default: init_std).",
+)
 _ROPE_THETA = flags.DEFINE_float("rope_theta", 1e4, "RoPE base.")
 _QKV_BIAS = flags.DEFINE_bool("qkv_bias", False, "Biases on q, k and v.")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adamw", "Optimizer name.")
 _COPY = flags.DEFINE_bool(
-    "copy", False, "Copy rows (kvjax.train.data.copy_batch) instead.")
+  "copy", False, "Copy rows (kvjax.train.data.copy_batch) instead."
+)
 
 
 def main(argv):
   del argv
   config = kvjax.ModelConfig(
-      vocab_size=512, d_model=_D_MODEL.value, num_layers=_NUM_LAYERS.value,
-      num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_KV_HEADS.value,
-      head_dim=_HEAD_DIM.value, mlp_dim=_MLP_DIM.value, tie_embeddings=True,
-      qkv_bias=_QKV_BIAS.value, rope_theta=_ROPE_THETA.value)
-  opt = optimizers.make_optimizer(_OPTIMIZER.value, learning_rate=_LR.value,
-                                  adam_learning_rate=3e-3,
-                                  total_steps=_STEPS.value, warmup_steps=30,
-                                  decay_steps=100)
-  state = loop.init_state(config, opt, _SEED.value, init_std=_INIT_STD.value,
-                          init_out_std=_INIT_OUT_STD.value)
+    vocab_size=512,
+    d_model=_D_MODEL.value,
+    num_layers=_NUM_LAYERS.value,
+    num_heads=_NUM_HEADS.value,
+    num_kv_heads=_NUM_KV_HEADS.value,
+    head_dim=_HEAD_DIM.value,
+    mlp_dim=_MLP_DIM.value,
+    tie_embeddings=True,
+    qkv_bias=_QKV_BIAS.value,
+    rope_theta=_ROPE_THETA.value,
+  )
+  opt = optimizers.make_optimizer(
+    _OPTIMIZER.value,
+    learning_rate=_LR.value,
+    adam_learning_rate=3e-3,
+    total_steps=_STEPS.value,
+    warmup_steps=30,
+    decay_steps=100,
+  )
+  state = loop.init_state(
+    config,
+    opt,
+    _SEED.value,
+    init_std=_INIT_STD.value,
+    init_out_std=_INIT_OUT_STD.value,
+  )
   step = loop.make_train_step(config, opt)
   accs, start = [], time.time()
   for i in range(_STEPS.value):
@@ -68,15 +88,23 @@ def main(argv):
     if _COPY.value:
       batch = data.copy_batch(_ROWS.value, _CONTEXT_LEN.value, seed=seed)
     else:
-      batch = tasks.make_batch("mqar", _ROWS.value, seed=seed,
-                               context_len=_CONTEXT_LEN.value,
-                               num_pairs=_NUM_PAIRS.value,
-                               num_queries=_NUM_QUERIES.value or None)
+      batch = tasks.make_batch(
+        "mqar",
+        _ROWS.value,
+        seed=seed,
+        context_len=_CONTEXT_LEN.value,
+        num_pairs=_NUM_PAIRS.value,
+        num_queries=_NUM_QUERIES.value or None,
+      )
     state, metrics = step(state, data.model_inputs(batch))
     accs.append(float(metrics["accuracy"]))
     if (i + 1) % 100 == 0:
-      print(i + 1, round(float(np.mean(accs[-100:])), 3),
-            round(time.time() - start), flush=True)
+      print(
+        i + 1,
+        round(float(np.mean(accs[-100:])), 3),
+        round(time.time() - start),
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def pyplot():
     ImportError: matplotlib is not installed (`pip install kvjax[plot]`).
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -49,7 +51,7 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     raise ValueError(f"window={window}: must be >= 1.")
   out = []
   for i in range(len(values)):
-    last = values[max(0, i - window + 1):i + 1]
+    last = values[max(0, i - window + 1) : i + 1]
     out.append(sum(last) / len(last))
   return out
 

@@ -64,6 +64,8 @@ if __name__ == "__main__":
   # Defined here, not at import, so tests can import several mains.
   common.check_config_overrides(sys.argv, sweep_config.get_config())
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs", "sweep.py"),
-      "Sweep config (see experiments/configs/sweep.py).")
+    "config",
+    os.path.join(os.path.dirname(__file__), "configs", "sweep.py"),
+    "Sweep config (see experiments/configs/sweep.py).",
+  )
   app.run(main)

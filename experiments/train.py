@@ -49,25 +49,41 @@ from kvjax.train import evaluate, loop
 from kvjax.train.config import EvalConfig, TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/train.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/kvjax-train",
-                               "Checkpoints, metrics.jsonl, eval.json.")
+  "config", "experiments/configs/train.py", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "/tmp/kvjax-train", "Checkpoints, metrics.jsonl, eval.json."
+)
 _EXPORT = flags.DEFINE_string(
-    "export", "", "If set, write the trained model (HF safetensors) and "
-    "training.json to this directory.")
+  "export",
+  "",
+  "If set, write the trained model (HF safetensors) and "
+  "training.json to this directory.",
+)
 _STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", None, "Stop after this many steps (as if killed); "
-    "rerun to resume.")
+  "stop_after",
+  None,
+  "Stop after this many steps (as if killed); rerun to resume.",
+)
 _EVAL_AT_STOP = flags.DEFINE_bool(
-    "eval_at_stop", False, "Evaluate (and export) even when --stop_after "
-    "ended the run before total_steps.")
+  "eval_at_stop",
+  False,
+  "Evaluate (and export) even when --stop_after "
+  "ended the run before total_steps.",
+)
 _EVALUATE_EXPORT = flags.DEFINE_string(
-    "evaluate_export", "", "Evaluate the exported model in this directory "
-    "at config.eval_context_lens (config.eval_examples rows each), merge "
-    "the accuracies into its training.json and exit.")
+  "evaluate_export",
+  "",
+  "Evaluate the exported model in this directory "
+  "at config.eval_context_lens (config.eval_examples rows each), merge "
+  "the accuracies into its training.json and exit.",
+)
 _COMPARE = flags.DEFINE_string(
-    "compare", "", "Comma-separated workdirs: write a comparison (PNG of "
-    "loss curves + markdown table) into the first one's parent and exit.")
+  "compare",
+  "",
+  "Comma-separated workdirs: write a comparison (PNG of "
+  "loss curves + markdown table) into the first one's parent and exit.",
+)
 
 
 def train_config(cfg) -> TrainConfig:
@@ -80,9 +96,11 @@ def train_config(cfg) -> TrainConfig:
 
 
 def _machine() -> str:
-  return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU "
-          f"cores visible, jax {jax.__version__} on "
-          f"{jax.default_backend()}")
+  return (
+    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU "
+    f"cores visible, jax {jax.__version__} on "
+    f"{jax.default_backend()}"
+  )
 
 
 def train_seconds(metrics_path: str) -> float:
@@ -119,10 +137,12 @@ def compare(workdirs):
     rows = [r for r in rows if "loss" in r]
     steps = [r["step"] for r in rows]
     label = config.optimizer.name
-    axes[0].plot(steps, plotting.smooth([r["loss"] for r in rows], 10),
-                 label=label)
-    axes[1].plot(steps, plotting.smooth([r["accuracy"] for r in rows], 10),
-                 label=label)
+    axes[0].plot(
+      steps, plotting.smooth([r["loss"] for r in rows], 10), label=label
+    )
+    axes[1].plot(
+      steps, plotting.smooth([r["accuracy"] for r in rows], 10), label=label
+    )
     with open(os.path.join(workdir, "eval.json")) as f:
       scores = json.load(f)
     seconds = train_seconds(os.path.join(workdir, "metrics.jsonl"))
@@ -130,38 +150,52 @@ def compare(workdirs):
     for context, accs in scores.items():
       tasks = tasks or list(accs)
       table.append((label, context, accs, final_loss, seconds, config))
-  axes[0].set(xlabel="step", ylabel="answer-token loss (smoothed)",
-              yscale="log")
+  axes[0].set(
+    xlabel="step", ylabel="answer-token loss (smoothed)", yscale="log"
+  )
   axes[1].set(xlabel="step", ylabel="answer-token accuracy (train, smoothed)")
   plotting.grid(*axes)
   plotting.save(fig, os.path.join(out_dir, "comparison.png"))
-  lines = ["| optimizer | context | train loss (last 25 steps) | "
-           "train seconds | "
-           + " | ".join(tasks) + " |",
-           "|---|---|---|---|" + "---|" * len(tasks)]
+  lines = [
+    "| optimizer | context | train loss (last 25 steps) | "
+    "train seconds | " + " | ".join(tasks) + " |",
+    "|---|---|---|---|" + "---|" * len(tasks),
+  ]
   for label, context, accs, loss, seconds, _ in table:
-    lines.append(f"| {label} | {context} | {loss:.4f} | {seconds:.0f} | "
-                 + " | ".join(f"{accs[t]:.3f}" for t in tasks) + " |")
+    lines.append(
+      f"| {label} | {context} | {loss:.4f} | {seconds:.0f} | "
+      + " | ".join(f"{accs[t]:.3f}" for t in tasks)
+      + " |"
+    )
   config = table[0][5]
   opt, ev = config.optimizer, config.evaluation
   header = (
-      f"# AdamW vs Muon split\n\nSame model ({config.to_dict()['model']}), "
-      f"same data stream (seed {config.seed}), {rows[-1]['step']} steps each "
-      f"(of a {config.total_steps}-step schedule: warmup "
-      f"{opt.warmup_steps}, "
-      + (f"constant, cosine decay over the last {opt.decay_steps}"
-         if opt.decay_steps else "cosine")
-      + "), phases "
-      f"{[p.to_dict() for p in config.data.phases]}, "
-      f"{config.data.mixture.tokens_per_step} tokens "
-      "per step where a phase does not set its own. Accuracy: held-out seed "
-      f"{ev.seed}, {ev.num_examples} rows per task; mqar with "
-      f"{ev.mqar_pairs} pairs. Learning rates: "
-      + "; ".join(f"{r[0]}: lr {r[5].optimizer.learning_rate}"
-                  + (f", AdamW-half lr {r[5].optimizer.adam_learning_rate}"
-                     if r[0] == "muon_split" else "")
-                  for r in table[::max(1, len(table) // len(workdirs))])
-      + ". Loss curves: comparison.png.\n\n")
+    f"# AdamW vs Muon split\n\nSame model ({config.to_dict()['model']}), "
+    f"same data stream (seed {config.seed}), {rows[-1]['step']} steps each "
+    f"(of a {config.total_steps}-step schedule: warmup "
+    f"{opt.warmup_steps}, "
+    + (
+      f"constant, cosine decay over the last {opt.decay_steps}"
+      if opt.decay_steps
+      else "cosine"
+    )
+    + "), phases "
+    f"{[p.to_dict() for p in config.data.phases]}, "
+    f"{config.data.mixture.tokens_per_step} tokens "
+    "per step where a phase does not set its own. Accuracy: held-out seed "
+    f"{ev.seed}, {ev.num_examples} rows per task; mqar with "
+    f"{ev.mqar_pairs} pairs. Learning rates: "
+    + "; ".join(
+      f"{r[0]}: lr {r[5].optimizer.learning_rate}"
+      + (
+        f", AdamW-half lr {r[5].optimizer.adam_learning_rate}"
+        if r[0] == "muon_split"
+        else ""
+      )
+      for r in table[:: max(1, len(table) // len(workdirs))]
+    )
+    + ". Loss curves: comparison.png.\n\n"
+  )
   with open(os.path.join(out_dir, "comparison.md"), "w") as f:
     f.write(header + "\n".join(lines) + "\n")
   print(header + "\n".join(lines))
@@ -172,24 +206,30 @@ def evaluate_export(export_dir: str, evaluation: EvalConfig):
   config, params = hf.load_pretrained(export_dir)
   t0 = time.time()
   scores = evaluate.evaluate_suite(
-      params, config, context_lens=evaluation.context_lens,
-      num_examples=evaluation.num_examples, seed=evaluation.seed,
-      batch_size=max(1, 16 * 512 // max(evaluation.context_lens)),
-      mqar_pairs=evaluation.mqar_pairs,
-      progress=lambda line: print(line, flush=True))
+    params,
+    config,
+    context_lens=evaluation.context_lens,
+    num_examples=evaluation.num_examples,
+    seed=evaluation.seed,
+    batch_size=max(1, 16 * 512 // max(evaluation.context_lens)),
+    mqar_pairs=evaluation.mqar_pairs,
+    progress=lambda line: print(line, flush=True),
+  )
   path = os.path.join(export_dir, "training.json")
   with open(path) as f:
     record = json.load(f)
   ev = record["eval"]
-  ev.setdefault("num_examples_by_context", {
-      k: ev["num_examples"] for k in ev["accuracy"]})
+  ev.setdefault(
+    "num_examples_by_context", {k: ev["num_examples"] for k in ev["accuracy"]}
+  )
   for context, accs in scores.items():
     ev["accuracy"][str(context)] = accs
     ev["num_examples_by_context"][str(context)] = evaluation.num_examples
   ev.setdefault("extra_eval_seconds", 0.0)
   ev["extra_eval_seconds"] += round(time.time() - t0, 1)
   ev.setdefault("extra_eval_commands", []).append(
-      "python -m experiments.train " + " ".join(sys.argv[1:]))
+    "python -m experiments.train " + " ".join(sys.argv[1:])
+  )
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   print(json.dumps(scores, indent=2))
@@ -225,9 +265,14 @@ def main(argv):
   ev = config.evaluation
   t1 = time.time()
   scores = evaluate.evaluate_suite(
-      state.params, config.model, context_lens=ev.context_lens,
-      num_examples=ev.num_examples, seed=ev.seed, mqar_pairs=ev.mqar_pairs,
-      progress=lambda line: print(line, flush=True))
+    state.params,
+    config.model,
+    context_lens=ev.context_lens,
+    num_examples=ev.num_examples,
+    seed=ev.seed,
+    mqar_pairs=ev.mqar_pairs,
+    progress=lambda line: print(line, flush=True),
+  )
   eval_seconds = time.time() - t1
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump({str(k): v for k, v in scores.items()}, f, indent=2)
@@ -236,20 +281,24 @@ def main(argv):
   if _EXPORT.value:
     hf.save_pretrained(_EXPORT.value, state.params, config.model)
     record = {
-        "name": config.model.name,
-        "command": "python -m experiments.train "
-                   + " ".join(sys.argv[1:]),
-        "config": config.to_dict(),
-        "steps": int(state.step),
-        "train_wall_seconds": round(wall["train_seconds"], 1),
-        "train_step_seconds": round(train_seconds(
-            os.path.join(workdir, "metrics.jsonl")), 1),
-        "eval_wall_seconds": round(eval_seconds, 1),
-        "machine": _machine(),
-        "finished_utc": datetime.datetime.now(
-            datetime.UTC).isoformat(timespec="seconds"),
-        "eval": {"seed": ev.seed, "num_examples": ev.num_examples,
-                 "accuracy": {str(k): v for k, v in scores.items()}},
+      "name": config.model.name,
+      "command": "python -m experiments.train " + " ".join(sys.argv[1:]),
+      "config": config.to_dict(),
+      "steps": int(state.step),
+      "train_wall_seconds": round(wall["train_seconds"], 1),
+      "train_step_seconds": round(
+        train_seconds(os.path.join(workdir, "metrics.jsonl")), 1
+      ),
+      "eval_wall_seconds": round(eval_seconds, 1),
+      "machine": _machine(),
+      "finished_utc": datetime.datetime.now(datetime.UTC).isoformat(
+        timespec="seconds"
+      ),
+      "eval": {
+        "seed": ev.seed,
+        "num_examples": ev.num_examples,
+        "accuracy": {str(k): v for k, v in scores.items()},
+      },
     }
     with open(os.path.join(_EXPORT.value, "training.json"), "w") as f:
       json.dump(record, f, indent=2)

@@ -17,10 +17,15 @@ from experiments.configs import sweep as sweep_config
 from experiments.sweeps import units
 from experiments.sweeps.task_data import TaskData
 
-UNITS = (("agnostic", "snapkv", 0.5), ("agnostic", "snapkv", 0.9),
-         ("agnostic", "expected_attention", 0.9),
-         ("aware", "snapkv", 0.5), ("aware", "snapkv", 0.9),
-         ("aware", "expected_attention", 0.9), ("aware", "adakv_snapkv", 0.9))
+UNITS = (
+  ("agnostic", "snapkv", 0.5),
+  ("agnostic", "snapkv", 0.9),
+  ("agnostic", "expected_attention", 0.9),
+  ("aware", "snapkv", 0.5),
+  ("aware", "snapkv", 0.9),
+  ("aware", "expected_attention", 0.9),
+  ("aware", "adakv_snapkv", 0.9),
+)
 
 
 def main(argv):
@@ -29,19 +34,23 @@ def main(argv):
   config, params = common.load_model(cfg.model)
   td = TaskData(cfg, config, params, "multihop_k2")
   values = td.targets[:, 1::2]  # [B, 2] value slots of link 1 and link 2
-  print("mode | method | ratio | accuracy | "
-        + " | ".join(f"layer {l}: link 1, link 2"
-                     for l in range(config.num_layers)))
+  print(
+    "mode | method | ratio | accuracy | "
+    + " | ".join(f"layer {l}: link 1, link 2" for l in range(config.num_layers))
+  )
   for mode, method, ratio in UNITS:
     unit = dict(method=method, ratio=ratio, task="multihop_k2", mode=mode)
     row = units.run_unit(cfg, td, unit)
     cache = units.compress_unit(td, unit)
     pos, valid = np.asarray(cache.pos), np.asarray(cache.valid)  # [L,B,K,S]
-    held = ((pos[..., None] == values[None, :, None, None, :])
-            & valid[..., None]).any(axis=3)  # [L, B, K, 2]
+    held = (
+      (pos[..., None] == values[None, :, None, None, :]) & valid[..., None]
+    ).any(axis=3)  # [L, B, K, 2]
     shares = held.mean(axis=(1, 2))  # [L, 2]
-    print(f"{mode} | {method} | {ratio} | {row['accuracy']:.2f} | "
-          + " | ".join(f"{a:.2f}, {b:.2f}" for a, b in shares))
+    print(
+      f"{mode} | {method} | {ratio} | {row['accuracy']:.2f} | "
+      + " | ".join(f"{a:.2f}, {b:.2f}" for a, b in shares)
+    )
 
 
 if __name__ == "__main__":

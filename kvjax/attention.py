@@ -37,8 +37,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache import (CodedKV, KVCache, TailedKV, check_layer, is_coded,
-                         plain_head_dim)
+from kvjax.cache import (
+  CodedKV,
+  KVCache,
+  TailedKV,
+  check_layer,
+  is_coded,
+  plain_head_dim,
+)
 
 Array = jax.Array
 
@@ -71,11 +77,14 @@ def resolve_backend(backend: Backend | str) -> Backend:
       backend = Backend(backend)
     except ValueError:
       raise ValueError(
-          f"backend must be one of {[b.value for b in Backend]} (or a "
-          f"kvjax.attention.Backend), got {backend!r}.") from None
+        f"backend must be one of {[b.value for b in Backend]} (or a "
+        f"kvjax.attention.Backend), got {backend!r}."
+      ) from None
   if not isinstance(backend, Backend):
-    raise TypeError(f"backend must be a kvjax.attention.Backend or its name, "
-                    f"got {type(backend).__name__}.")
+    raise TypeError(
+      f"backend must be a kvjax.attention.Backend or its name, "
+      f"got {type(backend).__name__}."
+    )
   if backend is Backend.AUTO:
     return _AUTO.get(jax.default_backend(), Backend.XLA)
   return backend
@@ -116,10 +125,10 @@ def _entries(x):
 
 
 def attention_mask(
-    q_pos: Array,  # [B, T] int32
-    k_pos: Array,  # [B, K, S] int32
-    k_valid: Array,  # [B, K, S] bool
-    sliding_window: int | None = None,
+  q_pos: Array,  # [B, T] int32
+  k_pos: Array,  # [B, K, S] int32
+  k_valid: Array,  # [B, K, S] bool
+  sliding_window: int | None = None,
 ) -> Array:
   """[B, K, 1, T, S] bool: may query t attend to slot s of kv head k."""
   q = q_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
@@ -144,8 +153,12 @@ def _dense_logits(qg, k, scale):
     # q.k from the codes: the codec transforms the query once instead of
     # decoding every key.
     q_bk = jnp.moveaxis(qg, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
-    return k.codec.scores(q_bk.reshape(B, K, G * T, H), k.slots,
-                          k.shared).reshape(B, K, G, T, -1) * scale
+    return (
+      k.codec.scores(q_bk.reshape(B, K, G * T, H), k.slots, k.shared).reshape(
+        B, K, G, T, -1
+      )
+      * scale
+    )
   return einsum_f32("btkgh,bksh->bkgts", qg, _entries(k)) * scale
 
 
@@ -155,15 +168,15 @@ def _lse_of(m: Array, l: Array) -> Array:
 
 
 def reference_attention(
-    q: Array,  # [B, T, N, H]
-    k: Array,  # [B, K, S, H]
-    v: Array,  # [B, K, S, H]
-    *,
-    q_pos: Array,  # [B, T]
-    k_pos: Array,  # [B, K, S]
-    k_valid: Array,  # [B, K, S]
-    scale: float | None = None,
-    sliding_window: int | None = None,
+  q: Array,  # [B, T, N, H]
+  k: Array,  # [B, K, S, H]
+  v: Array,  # [B, K, S, H]
+  *,
+  q_pos: Array,  # [B, T]
+  k_pos: Array,  # [B, K, S]
+  k_valid: Array,  # [B, K, S]
+  scale: float | None = None,
+  sliding_window: int | None = None,
 ) -> AttentionOutput:
   """Causal grouped-query attention of T queries over S cache slots: the
   definition.
@@ -207,15 +220,14 @@ def reference_attention(
   return AttentionOutput(out, lse, probs.reshape(B, N, T, -1))
 
 
-def merge_attention(a: AttentionOutput, b: AttentionOutput
-                    ) -> AttentionOutput:
+def merge_attention(a: AttentionOutput, b: AttentionOutput) -> AttentionOutput:
   """Attention over the union of two disjoint key sets from the partial
   results over each (weights exp(lse_i - lse)); an empty part (LSE -inf)
   weighs 0. `probs` are not merged (None)."""
   lse = jnp.logaddexp(a.lse, b.lse)  # [B, N, T]
   safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
   w = lambda x: jnp.moveaxis(jnp.exp(x.lse - safe), 1, 2)[..., None]
-  out = (w(a) * a.out.astype(jnp.float32) + w(b) * b.out.astype(jnp.float32))
+  out = w(a) * a.out.astype(jnp.float32) + w(b) * b.out.astype(jnp.float32)
   return AttentionOutput(out.astype(a.out.dtype), lse)
 
 
@@ -254,18 +266,24 @@ def _as_view(view, layer) -> LayerView:
   """A `LayerView` of a (KVCache, layer) pair or of a LayerView."""
   if isinstance(view, LayerView):
     if layer is not None:
-      raise ValueError("layer must be None with a LayerView (it names its "
-                       "own layer).")
+      raise ValueError(
+        "layer must be None with a LayerView (it names its own layer)."
+      )
     return view
   if isinstance(view, KVCache):
     if layer is None:
-      raise ValueError("cached_attention over a KVCache needs the layer to "
-                       "read: cached_attention(q, cache, layer, ...).")
+      raise ValueError(
+        "cached_attention over a KVCache needs the layer to "
+        "read: cached_attention(q, cache, layer, ...)."
+      )
     check_layer(layer, view.num_layers)
-    return LayerView(view.k, view.v, view.pos, view.valid,
-                     jnp.asarray(layer, jnp.int32))
-  raise TypeError("cached_attention reads a KVCache (with layer=) or a "
-                  f"LayerView, got {type(view).__name__}.")
+    return LayerView(
+      view.k, view.v, view.pos, view.valid, jnp.asarray(layer, jnp.int32)
+    )
+  raise TypeError(
+    "cached_attention reads a KVCache (with layer=) or a "
+    f"LayerView, got {type(view).__name__}."
+  )
 
 
 def _regions(x, capacity: int) -> list[tuple[int, int, Any]]:
@@ -285,8 +303,10 @@ def _leaf_granule(region, size: int) -> int:
   granule = 1
   for leaf in region.slots.values():
     if size % leaf.shape[3]:
-      raise ValueError(f"a {size}-slot region has a per-slot leaf of "
-                       f"{leaf.shape[3]} entries: not a whole group each.")
+      raise ValueError(
+        f"a {size}-slot region has a per-slot leaf of "
+        f"{leaf.shape[3]} entries: not a whole group each."
+      )
     granule = max(granule, size // leaf.shape[3])
   return granule
 
@@ -324,8 +344,9 @@ def _plan(view: LayerView, block: int) -> list[_Run]:
     vs, vn, vreg = next(r for r in vr if r[0] <= a < r[0] + r[1])
     g = math.lcm(_leaf_granule(kreg, kn), _leaf_granule(vreg, vn))
     if (a - ks) % g or (a - vs) % g or (b - a) % g:
-      raise ValueError(f"slots [{a}, {b}) do not align with the payload's "
-                       f"{g}-slot groups.")
+      raise ValueError(
+        f"slots [{a}, {b}) do not align with the payload's {g}-slot groups."
+      )
     size = min(b - a, max(g, (block // g) * g))
     full, rest = divmod(b - a, size)
     offsets = [a + i * size for i in range(full)]
@@ -333,8 +354,9 @@ def _plan(view: LayerView, block: int) -> list[_Run]:
     if rest:
       offsets.append(b - size)
       lows.append(a + full * size)
-    runs.append(_Run(size, tuple(offsets), tuple(lows), kreg, ks, kn, vreg,
-                     vs, vn))
+    runs.append(
+      _Run(size, tuple(offsets), tuple(lows), kreg, ks, kn, vreg, vs, vn)
+    )
   return runs
 
 
@@ -347,8 +369,8 @@ def _slice_slots(leaf: Array, layer: Array, start, size: int) -> Array:
 
 def _layer_of(tree, layer: Array):
   return jax.tree.map(
-      lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False),
-      tree)
+    lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), tree
+  )
 
 
 class _Block(NamedTuple):
@@ -361,8 +383,7 @@ class _Block(NamedTuple):
   codec: Any = None
 
 
-def _fetch(region, region_size: int, layer: Array, offset, size: int
-           ) -> _Block:
+def _fetch(region, region_size: int, layer: Array, offset, size: int) -> _Block:
   if isinstance(region, CodedKV):
     enc = {}
     for name, leaf in region.slots.items():
@@ -425,18 +446,19 @@ def _read_keys(view: LayerView, run: _Run, offset, low) -> _Keys:
 
 
 def _read_k(view: LayerView, run: _Run, offset) -> _Block:
-  return _fetch(run.k_region, run.k_slots, view.layer, offset - run.k_start,
-                run.size)
+  return _fetch(
+    run.k_region, run.k_slots, view.layer, offset - run.k_start, run.size
+  )
 
 
 def _read_v(view: LayerView, run: _Run, offset) -> _Block:
-  return _fetch(run.v_region, run.v_slots, view.layer, offset - run.v_start,
-                run.size)
+  return _fetch(
+    run.v_region, run.v_slots, view.layer, offset - run.v_start, run.size
+  )
 
 
 def _block_xs(run: _Run):
-  return (jnp.asarray(run.offsets, jnp.int32), jnp.asarray(run.lows,
-                                                           jnp.int32))
+  return (jnp.asarray(run.offsets, jnp.int32), jnp.asarray(run.lows, jnp.int32))
 
 
 def _all_visible(pos_b, valid_b, qpos, window):
@@ -450,8 +472,7 @@ def _all_visible(pos_b, valid_b, qpos, window):
   return jnp.all(full)
 
 
-def _scan_blocks(view: LayerView, runs: list[_Run], carry, visit, qpos,
-                 window):
+def _scan_blocks(view: LayerView, runs: list[_Run], carry, visit, qpos, window):
   """Folds `visit(carry, run, keys, masked) -> carry` over the key blocks
   a query of qpos [B, tq] may see, skipping the others (a `lax.switch` on
   the block's position bounds; a block every query sees in full is visited
@@ -459,15 +480,24 @@ def _scan_blocks(view: LayerView, runs: list[_Run], carry, visit, qpos,
   a read never fuses with the cache write before it (which would make XLA
   copy the whole buffer)."""
   for run in runs:
+
     def step(carry, xs, run=run):
       keys = _read_keys(view, run, *xs)
       branch = jnp.where(
-          _all_visible(keys.pos, keys.valid, qpos, window), 2,
-          _any_visible(keys.pos, keys.valid, qpos, window).astype(jnp.int32))
-      return jax.lax.switch(branch, (
+        _all_visible(keys.pos, keys.valid, qpos, window),
+        2,
+        _any_visible(keys.pos, keys.valid, qpos, window).astype(jnp.int32),
+      )
+      return jax.lax.switch(
+        branch,
+        (
           lambda c: c,
           lambda c: visit(c, run, keys, True),
-          lambda c: visit(c, run, keys, False)), carry), None
+          lambda c: visit(c, run, keys, False),
+        ),
+        carry,
+      ), None
+
     carry, _ = jax.lax.scan(step, carry, _block_xs(run))
   return carry
 
@@ -492,7 +522,8 @@ def _attend_block(view, runs, qg, qpos, scale, window):
       # The softmax denominator comes out of the same dot as the output,
       # not from another pass over the [G * tq, n] probabilities.
       vals = jnp.concatenate(
-          [vals, jnp.ones(vals.shape[:-1] + (1,), vals.dtype)], axis=-1)
+        [vals, jnp.ones(vals.shape[:-1] + (1,), vals.dtype)], axis=-1
+      )
     if masked:
       mask = _block_mask(keys.pos, keys.valid, qpos, window)
       s = jnp.where(mask, s, -jnp.inf)
@@ -507,9 +538,11 @@ def _attend_block(view, runs, qg, qpos, scale, window):
     total = pv[..., H] if ones_column else jnp.sum(p, axis=-1)
     return (m_new, alpha * l + total, alpha[..., None] * acc + pv[..., :H])
 
-  init = (jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
-          jnp.zeros((B, K, G, tq), jnp.float32),
-          jnp.zeros((B, K, G, tq, H), jnp.float32))
+  init = (
+    jnp.full((B, K, G, tq), -jnp.inf, jnp.float32),
+    jnp.zeros((B, K, G, tq), jnp.float32),
+    jnp.zeros((B, K, G, tq, H), jnp.float32),
+  )
   m, l, acc = _scan_blocks(view, runs, init, visit, qpos, window)
   out = acc / jnp.where(l > 0, l, 1.0)[..., None]
   return out, _lse_of(m, l)
@@ -530,8 +563,9 @@ DECODE_KEY_BLOCK = 1024
 SCORE_TILE = 1 << 21
 
 
-def _tiles(key_block: int | None, query_block: int, T: int, B: int,
-           N: int) -> tuple[int, int]:
+def _tiles(
+  key_block: int | None, query_block: int, T: int, B: int, N: int
+) -> tuple[int, int]:
   """(slots per key block, queries per query block).
 
   A decode step (T <= DECODE_QUERIES) reads DECODE_KEY_BLOCK slots at a
@@ -540,10 +574,14 @@ def _tiles(key_block: int | None, query_block: int, T: int, B: int,
   QUERY_BLOCK at B = 1 and 8 heads, 256 x 128 at B = 8): smaller key
   blocks keep the causal skipping that a batch would otherwise lose.
   """
-  if key_block is not None and (isinstance(key_block, bool) or not
-                                isinstance(key_block, int) or key_block < 1):
-    raise ValueError(f"key_block must be a positive int or None, got "
-                     f"{key_block!r}.")
+  if key_block is not None and (
+    isinstance(key_block, bool)
+    or not isinstance(key_block, int)
+    or key_block < 1
+  ):
+    raise ValueError(
+      f"key_block must be a positive int or None, got {key_block!r}."
+    )
   area = max(SCORE_TILE // max(B * N, 1), 1)
   if key_block is None:
     if T <= DECODE_QUERIES:
@@ -567,17 +605,17 @@ def _query_blocks(q, q_pos, tq):
 
 
 def cached_attention(
-    q: Array,  # [B, T, N, H]
-    view: "LayerView | KVCache",
-    layer: int | Array | None = None,
-    *,
-    q_pos: Array,  # [B, T]
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    backend: Backend | str = Backend.AUTO,
-    return_probs: bool = False,
-    key_block: int | None = None,
-    query_block: int = QUERY_BLOCK,
+  q: Array,  # [B, T, N, H]
+  view: "LayerView | KVCache",
+  layer: int | Array | None = None,
+  *,
+  q_pos: Array,  # [B, T]
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  backend: Backend | str = Backend.AUTO,
+  return_probs: bool = False,
+  key_block: int | None = None,
+  query_block: int = QUERY_BLOCK,
 ) -> AttentionOutput:
   """Attention of queries q over one layer of a cache, read in place.
 
@@ -606,46 +644,63 @@ def cached_attention(
   backend = resolve_backend(backend)
   view = _as_view(view, layer)
   H_cache = plain_head_dim(view.k)
-  if getattr(q, "ndim", None) != 4 or q.shape[0] != view.pos.shape[1] or (
-      H_cache is not None and q.shape[-1] != H_cache):
-    raise ValueError(f"q must be [B={view.pos.shape[1]}, T, N, "
-                     f"H={H_cache or 'head_dim'}], got "
-                     f"{getattr(q, 'shape', q)}.")
+  if (
+    getattr(q, "ndim", None) != 4
+    or q.shape[0] != view.pos.shape[1]
+    or (H_cache is not None and q.shape[-1] != H_cache)
+  ):
+    raise ValueError(
+      f"q must be [B={view.pos.shape[1]}, T, N, "
+      f"H={H_cache or 'head_dim'}], got "
+      f"{getattr(q, 'shape', q)}."
+    )
   B, T, N, H = q.shape
   K = view.pos.shape[2]
   G = _check_heads(N, K)
   if tuple(q_pos.shape) != (B, T):
-    raise ValueError(f"q_pos must be [B={B}, T={T}], got "
-                     f"{tuple(q_pos.shape)}.")
+    raise ValueError(f"q_pos must be [B={B}, T={T}], got {tuple(q_pos.shape)}.")
   scale = H**-0.5 if scale is None else scale
   if backend is Backend.REFERENCE:
     kl, vl = _layer_of(view.k, view.layer), _layer_of(view.v, view.layer)
     res = reference_attention(
-        q, kl, vl, q_pos=q_pos, k_pos=_layer_of(view.pos, view.layer),
-        k_valid=_layer_of(view.valid, view.layer), scale=scale,
-        sliding_window=sliding_window)
+      q,
+      kl,
+      vl,
+      q_pos=q_pos,
+      k_pos=_layer_of(view.pos, view.layer),
+      k_valid=_layer_of(view.valid, view.layer),
+      scale=scale,
+      sliding_window=sliding_window,
+    )
     return res if return_probs else res._replace(probs=None)
   if backend is not Backend.XLA:
     raise ValueError(f"backend {backend} is not available in this build.")
-  if isinstance(query_block, bool) or not isinstance(query_block, int) or (
-      query_block < 1):
-    raise ValueError(f"query_block must be a positive int, got "
-                     f"{query_block!r}.")
+  if (
+    isinstance(query_block, bool)
+    or not isinstance(query_block, int)
+    or (query_block < 1)
+  ):
+    raise ValueError(
+      f"query_block must be a positive int, got {query_block!r}."
+    )
   kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
   q_pos = q_pos.astype(jnp.int32)
   to_blocks = lambda qb: jnp.moveaxis(
-      qb.reshape(B, -1, K, G, H), 1, 3)  # [B, T', N, H] -> [B, K, G, T', H]
+    qb.reshape(B, -1, K, G, H), 1, 3
+  )  # [B, T', N, H] -> [B, K, G, T', H]
   if tq == T:
-    out, lse = _attend_block(view, runs, to_blocks(q), q_pos, scale,
-                             sliding_window)
+    out, lse = _attend_block(
+      view, runs, to_blocks(q), q_pos, scale, sliding_window
+    )
   else:
     qs, ps = _query_blocks(q, q_pos, tq)
 
     def one(_, xs):
       qb, pb = xs
-      return None, _attend_block(view, runs, to_blocks(qb), pb, scale,
-                                 sliding_window)
+      return None, _attend_block(
+        view, runs, to_blocks(qb), pb, scale, sliding_window
+      )
 
     _, (out, lse) = jax.lax.scan(one, None, (qs, ps))
     # [nq, B, K, G, tq, ...] -> [B, K, G, nq * tq, ...][..., :T]
@@ -655,13 +710,15 @@ def cached_attention(
   lse = lse.reshape(B, N, T)
   probs = None
   if return_probs:
-    probs = attention_probs(q, view, lse, q_pos=q_pos, scale=scale,
-                            sliding_window=sliding_window)
+    probs = attention_probs(
+      q, view, lse, q_pos=q_pos, scale=scale, sliding_window=sliding_window
+    )
   return AttentionOutput(out, lse, probs)
 
 
-def attention_probs(q, view: LayerView, lse, *, q_pos, scale=None,
-                    sliding_window=None) -> Array:
+def attention_probs(
+  q, view: LayerView, lse, *, q_pos, scale=None, sliding_window=None
+) -> Array:
   """[B, N, T, S] float32 probabilities exp(logit - lse) over the whole
   layer (materialized; what `capture=("attn_probs",)` asks for)."""
   B, T, N, H = q.shape
@@ -670,8 +727,12 @@ def attention_probs(q, view: LayerView, lse, *, q_pos, scale=None,
   scale = H**-0.5 if scale is None else scale
   kl = _layer_of(view.k, view.layer)
   logits = _dense_logits(q.reshape(B, T, K, G, H), kl, scale)
-  mask = attention_mask(q_pos, _layer_of(view.pos, view.layer),
-                        _layer_of(view.valid, view.layer), sliding_window)
+  mask = attention_mask(
+    q_pos,
+    _layer_of(view.pos, view.layer),
+    _layer_of(view.valid, view.layer),
+    sliding_window,
+  )
   lse_g = lse.reshape(B, K, G, T)[..., None]
   safe = jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)
   probs = jnp.where(mask, jnp.exp(logits - safe), 0.0)
@@ -679,16 +740,16 @@ def attention_probs(q, view: LayerView, lse, *, q_pos, scale=None,
 
 
 def attention_mass(
-    q: Array,  # [B, T, N, H]
-    view: LayerView,
-    lse: Array,  # [B, N, T]
-    weights: Array,  # [B, T]
-    *,
-    q_pos: Array,  # [B, T]
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    key_block: int | None = None,
-    query_block: int = QUERY_BLOCK,
+  q: Array,  # [B, T, N, H]
+  view: LayerView,
+  lse: Array,  # [B, N, T]
+  weights: Array,  # [B, T]
+  *,
+  q_pos: Array,  # [B, T]
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  key_block: int | None = None,
+  query_block: int = QUERY_BLOCK,
 ) -> Array:
   """Per-slot attention mass sum_t weights[t] * p[t, s], [B, N, S] float32,
   from the queries' LSE in a second blockwise pass (as flash attention's
@@ -708,13 +769,16 @@ def attention_mass(
   kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
   qs, ps = _query_blocks(q, q_pos.astype(jnp.int32), tq)
-  ls, _ = _query_blocks(jnp.moveaxis(lse, 1, 2)[..., None],
-                        q_pos.astype(jnp.int32), tq)  # [nq, B, tq, N, 1]
-  ws, _ = _query_blocks(weights.astype(jnp.float32)[..., None, None], q_pos,
-                        tq)  # [nq, B, tq, 1, 1]
+  ls, _ = _query_blocks(
+    jnp.moveaxis(lse, 1, 2)[..., None], q_pos.astype(jnp.int32), tq
+  )  # [nq, B, tq, N, 1]
+  ws, _ = _query_blocks(
+    weights.astype(jnp.float32)[..., None, None], q_pos, tq
+  )  # [nq, B, tq, 1, 1]
   to_g = lambda x: jnp.moveaxis(x.reshape(B, tq, K, G, -1), 1, 3)
   outs = []
   for run in runs:
+
     def per_key_block(_, xs, run=run):
       keys = _read_keys(view, run, *xs)
       kb = _read_k(view, run, keys.offset)
@@ -743,17 +807,33 @@ def attention_mass(
     _, mass = jax.lax.scan(per_key_block, None, _block_xs(run))
     # [count, B, K, G, size]: each block's slots from its low mark on.
     for i, (o, lo) in enumerate(zip(run.offsets, run.lows)):
-      outs.append(mass[i, ..., lo - o:])
+      outs.append(mass[i, ..., lo - o :])
   return jnp.concatenate(outs, axis=-1).reshape(B, N, -1)
 
 
-def attention(q, k, v, *, q_pos, k_pos, k_valid, scale=None,
-              sliding_window=None, backend: Backend | str = Backend.AUTO,
-              return_probs: bool = False) -> AttentionOutput:
+def attention(
+  q,
+  k,
+  v,
+  *,
+  q_pos,
+  k_pos,
+  k_valid,
+  scale=None,
+  sliding_window=None,
+  backend: Backend | str = Backend.AUTO,
+  return_probs: bool = False,
+) -> AttentionOutput:
   """Attention over single-layer arrays ([B, K, S, H] or coded layer
   payloads) with the chosen backend; the same contract as
   `reference_attention` (`probs` only with `return_probs`)."""
   view = layer_view(k, v, k_pos, k_valid)
-  return cached_attention(q, view, q_pos=q_pos, scale=scale,
-                          sliding_window=sliding_window, backend=backend,
-                          return_probs=return_probs)
+  return cached_attention(
+    q,
+    view,
+    q_pos=q_pos,
+    scale=scale,
+    sliding_window=sliding_window,
+    backend=backend,
+    return_probs=return_probs,
+  )

@@ -37,8 +37,9 @@ def replace_dropping(field: str):
     if unknown:
       raise ValueError(f"got unexpected field names: {unknown}")
     kwargs.setdefault(field, type(self)._field_defaults[field])
-    return type(self)._make([kwargs.get(f, v)
-                             for f, v in zip(self._fields, self)])
+    return type(self)._make(
+      [kwargs.get(f, v) for f, v in zip(self._fields, self)]
+    )
 
   return _replace
 
@@ -101,8 +102,9 @@ class CodedKV:
     codec: the static `Codec`.
   """
 
-  def __init__(self, slots: dict[str, Array], shared: dict[str, Array],
-               codec: Codec):
+  def __init__(
+    self, slots: dict[str, Array], shared: dict[str, Array], codec: Codec
+  ):
     self.slots, self.shared, self.codec = slots, shared, codec
 
   def tree_flatten(self):
@@ -124,30 +126,45 @@ class CodedKV:
     """[L, B, K, S, H] float32 entries of a whole cache's payload."""
     return jax.vmap(self.codec.decode)(self.slots, self.shared)
 
-  def write(self, x: Array, rows: Array, slots: Array,
-            layer: Array | None = None) -> "CodedKV":
+  def write(
+    self, x: Array, rows: Array, slots: Array, layer: Array | None = None
+  ) -> "CodedKV":
     """Encodes x [B, T, K, H] into slots [B, T] of rows [B, 1].
 
     With `layer` ([] int32, may be traced) the payload is L-stacked and
     only that layer's slots are written, in place; without it the payload
     is one layer's.
     """
-    shared = self.shared if layer is None else jax.tree.map(
-        lambda a: a[layer], self.shared)
-    enc = self.codec.encode(jnp.swapaxes(x.astype(jnp.float32), 1, 2),
-                            shared)  # [B, K, T, X]
-    at = (lambda a: a.at[rows, :, slots]) if layer is None else (
-        lambda a: a.at[layer, rows, :, slots])
-    new = {name: at(self.slots[name]).set(
+    shared = (
+      self.shared
+      if layer is None
+      else jax.tree.map(lambda a: a[layer], self.shared)
+    )
+    enc = self.codec.encode(
+      jnp.swapaxes(x.astype(jnp.float32), 1, 2), shared
+    )  # [B, K, T, X]
+    at = (
+      (lambda a: a.at[rows, :, slots])
+      if layer is None
+      else (lambda a: a.at[layer, rows, :, slots])
+    )
+    new = {
+      name: at(self.slots[name]).set(
         jnp.swapaxes(enc[name], 1, 2).astype(self.slots[name].dtype),
-        mode="drop") for name in self.slots}
+        mode="drop",
+      )
+      for name in self.slots
+    }
     return CodedKV(new, self.shared, self.codec)
 
   def gather(self, idx: Array) -> "CodedKV":
     """Gathers slots along S with idx [L, B, K, S'] (compaction)."""
-    new = {name: jnp.take_along_axis(
-        leaf, idx.reshape(idx.shape + (1,) * (leaf.ndim - 4)), axis=3)
-           for name, leaf in self.slots.items()}
+    new = {
+      name: jnp.take_along_axis(
+        leaf, idx.reshape(idx.shape + (1,) * (leaf.ndim - 4)), axis=3
+      )
+      for name, leaf in self.slots.items()
+    }
     return CodedKV(new, self.shared, self.codec)
 
 
@@ -183,18 +200,23 @@ class TailedKV:
     return code.slots["codes"].shape[-2]
 
   def decode(self) -> Array:
-    return jnp.concatenate([self.code.decode(),
-                            self.tail.astype(jnp.float32)], axis=-2)
+    return jnp.concatenate(
+      [self.code.decode(), self.tail.astype(jnp.float32)], axis=-2
+    )
 
-  def write(self, x: Array, rows: Array, slots: Array,
-            layer: Array | None = None) -> "TailedKV":
+  def write(
+    self, x: Array, rows: Array, slots: Array, layer: Array | None = None
+  ) -> "TailedKV":
     """As `CodedKV.write`: slots in the tail go there, the others to the
     code region (when its codec encodes one entry at a time)."""
     sc, r = self.code_slots, self.tail.shape[-2]
     in_tail = (slots >= sc) & (slots < sc + r)
     tail_slots = jnp.where(in_tail, slots - sc, r)
-    at = (lambda a: a.at[rows, :, tail_slots]) if layer is None else (
-        lambda a: a.at[layer, rows, :, tail_slots])
+    at = (
+      (lambda a: a.at[rows, :, tail_slots])
+      if layer is None
+      else (lambda a: a.at[layer, rows, :, tail_slots])
+    )
     tail = at(self.tail).set(x.astype(self.tail.dtype), mode="drop")
     code = self.code
     if code.codec.encode is not None:
@@ -202,9 +224,11 @@ class TailedKV:
     return TailedKV(code, tail)
 
   def gather(self, idx: Array):
-    raise ValueError("a cache with a quantized region and a residual window "
-                     "cannot be compacted: evict before quantizing (chain "
-                     "the policy first).")
+    raise ValueError(
+      "a cache with a quantized region and a residual window "
+      "cannot be compacted: evict before quantizing (chain "
+      "the policy first)."
+    )
 
 
 def is_coded(x) -> bool:
@@ -250,9 +274,15 @@ class KVCache(NamedTuple):
     return self.pos.shape[0]
 
   @classmethod
-  def from_dense(cls, k: Array, v: Array, lengths: Array | None = None, *,
-                 positions: Array | None = None,
-                 capacity: int | None = None) -> "KVCache":
+  def from_dense(
+    cls,
+    k: Array,
+    v: Array,
+    lengths: Array | None = None,
+    *,
+    positions: Array | None = None,
+    capacity: int | None = None,
+  ) -> "KVCache":
     """A cache holding a model's own keys and values.
 
     Args:
@@ -279,8 +309,10 @@ class KVCache(NamedTuple):
     """
     k, v = jnp.asarray(k), jnp.asarray(v)
     if k.ndim != 5 or k.shape != v.shape:
-      raise ValueError("k and v must both be [L, B, T, K, H], got "
-                       f"{tuple(k.shape)} and {tuple(v.shape)}.")
+      raise ValueError(
+        "k and v must both be [L, B, T, K, H], got "
+        f"{tuple(k.shape)} and {tuple(v.shape)}."
+      )
     L, B, T, K, H = k.shape
     S = T if capacity is None else capacity
     if isinstance(S, bool) or not isinstance(S, (int, np.integer)) or S < T:
@@ -298,24 +330,37 @@ class KVCache(NamedTuple):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     positions = jnp.asarray(positions).astype(jnp.int32)
     if positions.shape != (B, T):
-      raise ValueError(f"positions must be [B={B}, T={T}], got "
-                       f"{tuple(positions.shape)}.")
+      raise ValueError(
+        f"positions must be [B={B}, T={T}], got {tuple(positions.shape)}."
+      )
     live = jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
     if not isinstance(positions, jax.core.Tracer) and not isinstance(
-        lengths, jax.core.Tracer):
+      lengths, jax.core.Tracer
+    ):
       if (np.asarray(positions)[np.asarray(live)] < 0).any():
-        raise ValueError("positions of live entries must be >= 0 (-1 "
-                         "marks an empty slot).")
+        raise ValueError(
+          "positions of live entries must be >= 0 (-1 marks an empty slot)."
+        )
     pad = [(0, 0)] * 3 + [(0, S - T)]  # the slot axis of [L, B, K, S]
     to_slots = lambda x: jnp.pad(jnp.swapaxes(x, 2, 3), pad + [(0, 0)])
     pos = jnp.where(live, positions, -1)  # [B, T]
-    pos = jnp.pad(jnp.broadcast_to(pos[None, :, None], (L, B, K, T)), pad,
-                  constant_values=-1)  # [L, B, K, S]
+    pos = jnp.pad(
+      jnp.broadcast_to(pos[None, :, None], (L, B, K, T)),
+      pad,
+      constant_values=-1,
+    )  # [L, B, K, S]
     valid = jnp.pad(jnp.broadcast_to(live[None, :, None], (L, B, K, T)), pad)
-    length = jnp.max(jnp.where(live, positions, -1), axis=1,
-                     initial=-1) + 1  # [B]
-    return cls(k=to_slots(k), v=to_slots(v), pos=pos, valid=valid,
-               end=lengths, length=length.astype(jnp.int32))
+    length = (
+      jnp.max(jnp.where(live, positions, -1), axis=1, initial=-1) + 1
+    )  # [B]
+    return cls(
+      k=to_slots(k),
+      v=to_slots(v),
+      pos=pos,
+      valid=valid,
+      end=lengths,
+      length=length.astype(jnp.int32),
+    )
 
   def to_dense(self) -> "DenseKV":
     """Every slot as plain arrays in the [L, B, S, K, H] layout of
@@ -323,15 +368,22 @@ class KVCache(NamedTuple):
     region and full-precision tail in slot order). Slots are per (layer,
     row, kv head): after eviction each head holds its own positions, so
     read `pos` and `valid` with them."""
+
     def dense(x):
       if isinstance(x, TailedKV):
-        x = jnp.concatenate([x.code.decode_layers(),
-                             x.tail.astype(jnp.float32)], axis=-2)
+        x = jnp.concatenate(
+          [x.code.decode_layers(), x.tail.astype(jnp.float32)], axis=-2
+        )
       elif isinstance(x, CodedKV):
         x = x.decode_layers()
       return jnp.swapaxes(x, 2, 3)
-    return DenseKV(dense(self.k), dense(self.v), jnp.swapaxes(self.pos, 2, 3),
-                   jnp.swapaxes(self.valid, 2, 3))
+
+    return DenseKV(
+      dense(self.k),
+      dense(self.v),
+      jnp.swapaxes(self.pos, 2, 3),
+      jnp.swapaxes(self.valid, 2, 3),
+    )
 
 
 class DenseKV(NamedTuple):
@@ -355,30 +407,33 @@ class DenseKV(NamedTuple):
 
 
 def write_slots(
-    # k, v [L, B, K, S, H] (or coded payloads); pos, valid [L, B, K, S]
-    layer_cache: tuple[Any, Any, Array, Array],
-    k: Array,  # [B, T, K, H]
-    v: Array,  # [B, T, K, H]
-    positions: Array,  # [B, T]
-    slots: Array,  # [B, T] target slot per token; S (out of range) = skip
-    *,
-    layer: Array,  # [] int32 layer to write (may be traced)
+  # k, v [L, B, K, S, H] (or coded payloads); pos, valid [L, B, K, S]
+  layer_cache: tuple[Any, Any, Array, Array],
+  k: Array,  # [B, T, K, H]
+  v: Array,  # [B, T, K, H]
+  positions: Array,  # [B, T]
+  slots: Array,  # [B, T] target slot per token; S (out of range) = skip
+  *,
+  layer: Array,  # [] int32 layer to write (may be traced)
 ) -> tuple[Any, Any, Array, Array]:
   """Scatters new entries into one layer of the L-stacked cache leaves, in
   place (only the written slots move); out-of-range slots drop."""
   ck, cv, cpos, cvalid = layer_cache
   B, T, K, _ = k.shape
   rows = jnp.arange(B)[:, None]  # [B, 1]
+
   # Advanced indices (layer, rows, slots) around a slice put [B, T] first:
   # the updates are [B, T, K, H] and [B, T, K]. Coded payloads encode first.
   def put(c, x):
     if is_coded(c):
       return c.write(x, rows, slots, layer)
     return c.at[layer, rows, :, slots].set(x.astype(c.dtype), mode="drop")
+
   ck, cv = put(ck, k), put(cv, v)
   pos_btk = jnp.broadcast_to(positions[:, :, None], (B, T, K))
-  cpos = cpos.at[layer, rows, :, slots].set(pos_btk.astype(jnp.int32),
-                                            mode="drop")
+  cpos = cpos.at[layer, rows, :, slots].set(
+    pos_btk.astype(jnp.int32), mode="drop"
+  )
   cvalid = cvalid.at[layer, rows, :, slots].set(True, mode="drop")
   return ck, cv, cpos, cvalid
 
@@ -398,8 +453,9 @@ class NewEntries(NamedTuple):
   count: Array
 
 
-def next_entries(cache: KVCache, token_mask: Array,
-                 positions: Array | None = None) -> NewEntries:
+def next_entries(
+  cache: KVCache, token_mask: Array, positions: Array | None = None
+) -> NewEntries:
   """Slots and positions of the next tokens, token_mask [B, T] bool:
   unmasked tokens go to slots `end[b]` onwards and get positions
   `length[b]` onwards unless `positions` ([B, T]) says otherwise."""
@@ -408,8 +464,9 @@ def next_entries(cache: KVCache, token_mask: Array,
   if positions is None:
     positions = cache.length[:, None] + cum - 1
   slots = jnp.where(token_mask, cache.end[:, None] + cum - 1, cache.capacity)
-  return NewEntries(positions.astype(jnp.int32), slots.astype(jnp.int32),
-                    cum[:, -1])
+  return NewEntries(
+    positions.astype(jnp.int32), slots.astype(jnp.int32), cum[:, -1]
+  )
 
 
 def plain_head_dim(x) -> int | None:
@@ -425,8 +482,11 @@ def check_layer(layer, num_layers: int) -> None:
   clips)."""
   if isinstance(layer, jax.core.Tracer):
     return
-  if isinstance(layer, bool) or np.ndim(layer) != 0 or not np.issubdtype(
-      np.asarray(layer).dtype, np.integer):
+  if (
+    isinstance(layer, bool)
+    or np.ndim(layer) != 0
+    or not np.issubdtype(np.asarray(layer).dtype, np.integer)
+  ):
     raise TypeError(f"layer must be an int, got {layer!r}.")
   if not 0 <= int(layer) < num_layers:
     raise ValueError(f"layer must be in [0, {num_layers}), got {layer!r}.")
@@ -437,41 +497,59 @@ def _check_entries(cache: KVCache, k, v, token_mask, positions, all_layers):
   want = "[L, B, T, K, H]" if all_layers else "[B, T, K, H]"
   nd = 5 if all_layers else 4
   if getattr(k, "ndim", None) != nd or getattr(v, "shape", None) != k.shape:
-    raise ValueError(f"k and v must both be {want}, got "
-                     f"{getattr(k, 'shape', k)} and {getattr(v, 'shape', v)}.")
+    raise ValueError(
+      f"k and v must both be {want}, got "
+      f"{getattr(k, 'shape', k)} and {getattr(v, 'shape', v)}."
+    )
   L, B, K, S = cache.pos.shape
   lead = (L, B) if all_layers else (B,)
   H = plain_head_dim(cache.k)
-  if tuple(k.shape[:len(lead)]) != lead or k.shape[-2] != K or (
-      H is not None and k.shape[-1] != H):
-    raise ValueError(f"k has shape {tuple(k.shape)}; this cache needs "
-                     f"{want} with {'L=%d, ' % L if all_layers else ''}"
-                     f"B={B}, K={K}" + (f", H={H}." if H else "."))
+  if (
+    tuple(k.shape[: len(lead)]) != lead
+    or k.shape[-2] != K
+    or (H is not None and k.shape[-1] != H)
+  ):
+    raise ValueError(
+      f"k has shape {tuple(k.shape)}; this cache needs "
+      f"{want} with {'L=%d, ' % L if all_layers else ''}"
+      f"B={B}, K={K}" + (f", H={H}." if H else ".")
+    )
   T = k.shape[-3]
   if token_mask is None:
     token_mask = jnp.ones((B, T), bool)
   if tuple(token_mask.shape) != (B, T):
-    raise ValueError(f"token_mask must be [B={B}, T={T}], got "
-                     f"{tuple(token_mask.shape)}.")
+    raise ValueError(
+      f"token_mask must be [B={B}, T={T}], got {tuple(token_mask.shape)}."
+    )
   if positions is not None and tuple(positions.shape) != (B, T):
-    raise ValueError(f"positions must be [B={B}, T={T}], got "
-                     f"{tuple(positions.shape)}.")
-  concrete = not any(isinstance(x, jax.core.Tracer)
-                     for x in (token_mask, cache.end))
+    raise ValueError(
+      f"positions must be [B={B}, T={T}], got {tuple(positions.shape)}."
+    )
+  concrete = not any(
+    isinstance(x, jax.core.Tracer) for x in (token_mask, cache.end)
+  )
   if concrete:
     need = np.asarray(token_mask).astype(bool).sum(1)
     room = cache.capacity - np.asarray(cache.end)
     if (need > room).any():
       b = int(np.argmax(need - room))
-      raise ValueError(f"cache capacity exceeded: row {b} writes "
-                       f"{int(need[b])} entries into {int(room[b])} free "
-                       f"slots (capacity {cache.capacity}).")
+      raise ValueError(
+        f"cache capacity exceeded: row {b} writes "
+        f"{int(need[b])} entries into {int(room[b])} free "
+        f"slots (capacity {cache.capacity})."
+      )
   return jnp.asarray(token_mask).astype(bool)
 
 
-def write(cache: KVCache, k: Array, v: Array, *, layer: int | Array,
-          positions: Array | None = None,
-          token_mask: Array | None = None) -> KVCache:
+def write(
+  cache: KVCache,
+  k: Array,
+  v: Array,
+  *,
+  layer: int | Array,
+  positions: Array | None = None,
+  token_mask: Array | None = None,
+) -> KVCache:
   """Writes one layer's entries for the next tokens, in place; the
   counters do not move (call `advance` once after the last layer).
 
@@ -502,8 +580,13 @@ def write(cache: KVCache, k: Array, v: Array, *, layer: int | Array,
   mask = _check_entries(cache, k, v, token_mask, positions, False)
   new = next_entries(cache, mask, positions)
   k_, v_, pos, valid = write_slots(
-      (cache.k, cache.v, cache.pos, cache.valid), k, v, new.positions,
-      new.slots, layer=jnp.asarray(layer, jnp.int32))
+    (cache.k, cache.v, cache.pos, cache.valid),
+    k,
+    v,
+    new.positions,
+    new.slots,
+    layer=jnp.asarray(layer, jnp.int32),
+  )
   return cache._replace(k=k_, v=v_, pos=pos, valid=valid)
 
 
@@ -514,9 +597,14 @@ def advance(cache: KVCache, token_mask: Array) -> KVCache:
   return cache._replace(end=cache.end + n, length=cache.length + n)
 
 
-def append(cache: KVCache, k: Array, v: Array, *,
-           positions: Array | None = None,
-           token_mask: Array | None = None) -> KVCache:
+def append(
+  cache: KVCache,
+  k: Array,
+  v: Array,
+  *,
+  positions: Array | None = None,
+  token_mask: Array | None = None,
+) -> KVCache:
   """Writes every layer's entries for the next tokens and advances.
 
   Args:
@@ -533,26 +621,34 @@ def append(cache: KVCache, k: Array, v: Array, *,
 
   def body(leaves, xs):
     kl, vl, layer = xs
-    return write_slots(leaves, kl, vl, new.positions, new.slots,
-                       layer=layer), None
+    return write_slots(
+      leaves, kl, vl, new.positions, new.slots, layer=layer
+    ), None
 
   leaves, _ = jax.lax.scan(
-      body, (cache.k, cache.v, cache.pos, cache.valid),
-      (k, v, jnp.arange(k.shape[0], dtype=jnp.int32)))
+    body,
+    (cache.k, cache.v, cache.pos, cache.valid),
+    (k, v, jnp.arange(k.shape[0], dtype=jnp.int32)),
+  )
   k_, v_, pos, valid = leaves
-  return cache._replace(k=k_, v=v_, pos=pos, valid=valid,
-                        end=cache.end + new.count,
-                        length=cache.length + new.count)
+  return cache._replace(
+    k=k_,
+    v=v_,
+    pos=pos,
+    valid=valid,
+    end=cache.end + new.count,
+    length=cache.length + new.count,
+  )
 
 
 def init_cache(
-    config: ModelConfig | AttentionGeometry,
-    batch_size: int,
-    capacity: int,
-    dtype: Any = None,
-    sharding: Any = None,
-    *,
-    num_layers: int | None = None,
+  config: ModelConfig | AttentionGeometry,
+  batch_size: int,
+  capacity: int,
+  dtype: Any = None,
+  sharding: Any = None,
+  *,
+  num_layers: int | None = None,
 ) -> KVCache:
   """Returns an empty cache with `capacity` slots per layer, row and kv head.
 
@@ -579,26 +675,29 @@ def init_cache(
     raise ValueError(f"capacity must be a positive int, got {capacity!r}.")
   if isinstance(config, AttentionGeometry):
     if num_layers is None or dtype is None:
-      raise ValueError("init_cache with an AttentionGeometry needs "
-                       "num_layers= and dtype=.")
+      raise ValueError(
+        "init_cache with an AttentionGeometry needs num_layers= and dtype=."
+      )
     L = num_layers
   elif isinstance(config, ModelConfig):
     L = config.num_layers if num_layers is None else num_layers
     dtype = dtype or config.dtype
   else:
-    raise TypeError("config must be a ModelConfig or AttentionGeometry, got "
-                    f"{type(config).__name__}.")
+    raise TypeError(
+      "config must be a ModelConfig or AttentionGeometry, got "
+      f"{type(config).__name__}."
+    )
   if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L <= 0:
     raise ValueError(f"num_layers must be a positive int, got {L!r}.")
   dtype = jnp.dtype(dtype)
   B, K, S, H = batch_size, config.num_kv_heads, capacity, config.head_dim
   cache = KVCache(
-      k=jnp.zeros((L, B, K, S, H), dtype),
-      v=jnp.zeros((L, B, K, S, H), dtype),
-      pos=jnp.full((L, B, K, S), -1, jnp.int32),
-      valid=jnp.zeros((L, B, K, S), bool),
-      end=jnp.zeros((B,), jnp.int32),
-      length=jnp.zeros((B,), jnp.int32),
+    k=jnp.zeros((L, B, K, S, H), dtype),
+    v=jnp.zeros((L, B, K, S, H), dtype),
+    pos=jnp.full((L, B, K, S), -1, jnp.int32),
+    valid=jnp.zeros((L, B, K, S), bool),
+    end=jnp.zeros((B,), jnp.int32),
+    length=jnp.zeros((B,), jnp.int32),
   )
   if sharding is not None:
     cache = jax.device_put(cache, sharding)
@@ -614,8 +713,12 @@ def kv_bytes(cache: KVCache) -> int:
 
 
 def _tree_bytes(tree) -> int:
-  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(
+      np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+      for x in jax.tree.leaves(tree)
+    )
+  )
 
 
 def payload_bytes(cache: KVCache) -> int:
@@ -651,7 +754,7 @@ def logical_bytes(cache: KVCache) -> int:
     for leaves, start, count in _regions(x, cache.capacity):
       per_slot_leaves.append(leaves)
       slots = int(np.prod(valid.shape[:-1])) * count
-      live = int(valid[..., start:start + count].sum())
+      live = int(valid[..., start : start + count].sum())
       total += _tree_bytes(leaves) * live / max(slots, 1)
   shared = payload_bytes(cache) - _tree_bytes(per_slot_leaves)
   return int(round(total)) + shared
@@ -666,7 +769,7 @@ def coded_share(cache: KVCache) -> tuple[float, float]:
   out = []
   for x in (cache.k, cache.v):
     if isinstance(x, TailedKV):
-      out.append(int(valid[..., :x.code_slots].sum()) / n)
+      out.append(int(valid[..., : x.code_slots].sum()) / n)
     else:
       out.append(1.0 if is_coded(x) else 0.0)
   return tuple(out)

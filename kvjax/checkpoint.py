@@ -48,23 +48,29 @@ def save(path: str, params: Any, config: ModelConfig) -> None:
   expected = jax.tree.map(lambda s: (s.shape, s.dtype), param_shapes(config))
   got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
   if expected != got:
-    raise ValueError("params do not match config: expected "
-                     f"{expected}, got {got}.")
+    raise ValueError(
+      f"params do not match config: expected {expected}, got {got}."
+    )
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config.to_dict(), f, indent=2)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "params"), params)
   # Written once orbax has finished, so it lists every file orbax wrote.
-  manifest = {"format": _MANIFEST_FORMAT,
-              "files": {rel: {"bytes": size, "crc32": crc}
-                        for rel, (size, crc) in _file_digests(path).items()}}
+  manifest = {
+    "format": _MANIFEST_FORMAT,
+    "files": {
+      rel: {"bytes": size, "crc32": crc}
+      for rel, (size, crc) in _file_digests(path).items()
+    },
+  }
   with open(os.path.join(path, _MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
 
 
-def restore(path: str, config: ModelConfig | None = None
-            ) -> tuple[ModelConfig, Any]:
+def restore(
+  path: str, config: ModelConfig | None = None
+) -> tuple[ModelConfig, Any]:
   """Reads a checkpoint written by `save`.
 
   Args:
@@ -92,24 +98,32 @@ def restore(path: str, config: ModelConfig | None = None
     with open(cfg_path) as f:
       stored = ModelConfig.from_dict(json.load(f))
   except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError.
-    raise ValueError(f"checkpoint {path!r}: config.json is not a valid "
-                     f"ModelConfig ({type(e).__name__}: {e}).") from None
+    raise ValueError(
+      f"checkpoint {path!r}: config.json is not a valid "
+      f"ModelConfig ({type(e).__name__}: {e})."
+    ) from None
   if config is not None:
     if not isinstance(config, ModelConfig):
-      raise TypeError(f"config must be a ModelConfig or None, got "
-                      f"{type(config).__name__}.")
-    diffs = [f"{f.name}: saved {getattr(stored, f.name)!r}, given "
-             f"{getattr(config, f.name)!r}"
-             for f in dataclasses.fields(ModelConfig)
-             if f.name not in _LABEL_FIELDS
-             and getattr(stored, f.name) != getattr(config, f.name)]
+      raise TypeError(
+        f"config must be a ModelConfig or None, got {type(config).__name__}."
+      )
+    diffs = [
+      f"{f.name}: saved {getattr(stored, f.name)!r}, given "
+      f"{getattr(config, f.name)!r}"
+      for f in dataclasses.fields(ModelConfig)
+      if f.name not in _LABEL_FIELDS
+      and getattr(stored, f.name) != getattr(config, f.name)
+    ]
     if diffs:
-      raise ValueError(f"checkpoint {path!r} was saved with a different "
-                       f"config; differing fields: {'; '.join(diffs)}.")
+      raise ValueError(
+        f"checkpoint {path!r} was saved with a different "
+        f"config; differing fields: {'; '.join(diffs)}."
+      )
   params_dir = os.path.join(path, "params")
   if not os.path.isdir(params_dir):
-    raise ValueError(f"checkpoint {path!r} is incomplete: no params/ "
-                     "directory.")
+    raise ValueError(
+      f"checkpoint {path!r} is incomplete: no params/ directory."
+    )
   _check_files(path)
   expected = param_shapes(stored)
   with ocp.StandardCheckpointer() as ckptr:
@@ -117,19 +131,23 @@ def restore(path: str, config: ModelConfig | None = None
       item = ckptr.metadata(params_dir).item_metadata
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(
-          f"checkpoint {path!r} is corrupt or incomplete: orbax cannot read "
-          f"the metadata of params/ ({_short(e)}).") from None
+        f"checkpoint {path!r} is corrupt or incomplete: orbax cannot read "
+        f"the metadata of params/ ({_short(e)})."
+      ) from None
     stored_tree = getattr(item, "tree", None)
     if stored_tree is None:
-      raise ValueError(f"checkpoint {path!r} is corrupt or incomplete: "
-                       "params/ has no orbax tree metadata.")
+      raise ValueError(
+        f"checkpoint {path!r} is corrupt or incomplete: "
+        "params/ has no orbax tree metadata."
+      )
     _check_tree(path, stored_tree, expected)
     try:
       params = ckptr.restore(params_dir, expected)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(
-          f"checkpoint {path!r} is corrupt or incomplete: orbax cannot read "
-          f"params/ ({_short(e)}).") from None
+        f"checkpoint {path!r} is corrupt or incomplete: orbax cannot read "
+        f"params/ ({_short(e)})."
+      ) from None
   return stored, params
 
 
@@ -152,8 +170,7 @@ def _file_digests(path: str) -> dict[str, tuple[int, int]]:
   for dirpath, _, names in os.walk(root):
     for name in names:
       full = os.path.join(dirpath, name)
-      out[os.path.relpath(full, path)] = (os.path.getsize(full),
-                                          _crc32(full))
+      out[os.path.relpath(full, path)] = (os.path.getsize(full), _crc32(full))
   return dict(sorted(out.items()))
 
 
@@ -174,14 +191,19 @@ def _check_files(path: str) -> None:
     with open(manifest_path) as f:
       manifest = json.load(f)
     fmt = manifest["format"]
-    files = {rel: (int(v["bytes"]), int(v["crc32"]))
-             for rel, v in manifest["files"].items()}
+    files = {
+      rel: (int(v["bytes"]), int(v["crc32"]))
+      for rel, v in manifest["files"].items()
+    }
   except (ValueError, TypeError, KeyError, AttributeError) as e:
-    raise ValueError(f"checkpoint {path!r}: {_MANIFEST} is unreadable "
-                     f"({_short(e)}).") from None
+    raise ValueError(
+      f"checkpoint {path!r}: {_MANIFEST} is unreadable ({_short(e)})."
+    ) from None
   if fmt != _MANIFEST_FORMAT:
-    raise ValueError(f"checkpoint {path!r}: {_MANIFEST} has format {fmt!r}; "
-                     f"this kvjax reads format {_MANIFEST_FORMAT}.")
+    raise ValueError(
+      f"checkpoint {path!r}: {_MANIFEST} has format {fmt!r}; "
+      f"this kvjax reads format {_MANIFEST_FORMAT}."
+    )
   problems = []
   for rel, (size, crc) in files.items():
     full = os.path.join(path, rel)
@@ -192,30 +214,46 @@ def _check_files(path: str) -> None:
     if got != size:
       problems.append(f"{rel} has {got} bytes, expected {size}")
     elif _crc32(full) != crc:
-      problems.append(f"{rel} has the right size but different content "
-                      "(CRC-32 mismatch)")
+      problems.append(
+        f"{rel} has the right size but different content (CRC-32 mismatch)"
+      )
   if problems:
-    raise ValueError(f"checkpoint {path!r} is corrupt or incomplete: "
-                     f"{'; '.join(problems)}.")
+    raise ValueError(
+      f"checkpoint {path!r} is corrupt or incomplete: {'; '.join(problems)}."
+    )
 
 
 def _check_tree(path: str, stored_tree: Any, expected: Any) -> None:
   """Compares orbax's stored leaves with the tree config.json implies."""
+
   def flat(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p, simple=True, separator="/"):
-            (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+    return {
+      jax.tree_util.keystr(p, simple=True, separator="/"): (
+        tuple(x.shape),
+        str(x.dtype),
+      )
+      for p, x in leaves
+    }
+
   try:
     got = flat(stored_tree)
   except AttributeError as e:  # A leaf without shape/dtype.
-    raise ValueError(f"checkpoint {path!r}: params/ holds a tree that is not "
-                     f"a params tree ({_short(e)}).") from None
+    raise ValueError(
+      f"checkpoint {path!r}: params/ holds a tree that is not "
+      f"a params tree ({_short(e)})."
+    ) from None
   want = flat(expected)
   problems = [f"{k} is missing" for k in want if k not in got]
   problems += [f"{k} is not expected" for k in got if k not in want]
-  problems += [f"{k} is {got[k][1]}{list(got[k][0])}, config.json implies "
-               f"{want[k][1]}{list(want[k][0])}"
-               for k in want if k in got and got[k] != want[k]]
+  problems += [
+    f"{k} is {got[k][1]}{list(got[k][0])}, config.json implies "
+    f"{want[k][1]}{list(want[k][0])}"
+    for k in want
+    if k in got and got[k] != want[k]
+  ]
   if problems:
-    raise ValueError(f"checkpoint {path!r}: params/ does not match its "
-                     f"config.json: {'; '.join(problems)}.")
+    raise ValueError(
+      f"checkpoint {path!r}: params/ does not match its "
+      f"config.json: {'; '.join(problems)}."
+    )

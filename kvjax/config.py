@@ -41,17 +41,17 @@ class RopeScaling:
   def __post_init__(self):
     if self.rope_type not in ("linear", "llama3"):
       raise ValueError(
-          f"rope_scaling.rope_type={self.rope_type!r} is not supported; "
-          "allowed: 'linear', 'llama3' (or no scaling)."
+        f"rope_scaling.rope_type={self.rope_type!r} is not supported; "
+        "allowed: 'linear', 'llama3' (or no scaling)."
       )
     if self.factor <= 0:
       raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}.")
     if self.rope_type == "llama3" and not (
-        0 < self.low_freq_factor < self.high_freq_factor
+      0 < self.low_freq_factor < self.high_freq_factor
     ):
       raise ValueError(
-          "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
-          f"{self.low_freq_factor}, {self.high_freq_factor}."
+        "rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+        f"{self.low_freq_factor}, {self.high_freq_factor}."
       )
 
 
@@ -61,31 +61,48 @@ def _check_attention(cfg, owner: str) -> None:
   Python ints."""
   for field in ("num_heads", "num_kv_heads", "head_dim"):
     value = getattr(cfg, field)
-    if not isinstance(value, numbers.Integral) or isinstance(
-        value, bool) or value <= 0:
-      raise ValueError(f"{owner}.{field} must be a positive int, got "
-                       f"{value!r}.")
+    if (
+      not isinstance(value, numbers.Integral)
+      or isinstance(value, bool)
+      or value <= 0
+    ):
+      raise ValueError(
+        f"{owner}.{field} must be a positive int, got {value!r}."
+      )
     object.__setattr__(cfg, field, int(value))
   if cfg.num_heads % cfg.num_kv_heads:
     raise ValueError(
-        f"{owner}.num_heads={cfg.num_heads} must be a multiple of "
-        f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention).")
+      f"{owner}.num_heads={cfg.num_heads} must be a multiple of "
+      f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention)."
+    )
   if cfg.head_dim % 2:
-    raise ValueError(f"{owner}.head_dim={cfg.head_dim} must be even for "
-                     "rotary embeddings.")
+    raise ValueError(
+      f"{owner}.head_dim={cfg.head_dim} must be even for rotary embeddings."
+    )
   window = cfg.sliding_window
-  if window is not None and (not isinstance(window, numbers.Integral) or
-                             isinstance(window, bool) or window <= 0):
-    raise ValueError(f"{owner}.sliding_window must be None or a positive "
-                     f"int, got {window!r}.")
-  if not isinstance(cfg.rope_theta, numbers.Real) or isinstance(
-      cfg.rope_theta, bool) or not cfg.rope_theta > 0:
-    raise ValueError(f"{owner}.rope_theta must be a positive number, got "
-                     f"{cfg.rope_theta!r}.")
-  if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling,
-                                                     RopeScaling):
-    raise TypeError(f"{owner}.rope_scaling must be a RopeScaling or None, "
-                    f"got {type(cfg.rope_scaling).__name__}.")
+  if window is not None and (
+    not isinstance(window, numbers.Integral)
+    or isinstance(window, bool)
+    or window <= 0
+  ):
+    raise ValueError(
+      f"{owner}.sliding_window must be None or a positive int, got {window!r}."
+    )
+  if (
+    not isinstance(cfg.rope_theta, numbers.Real)
+    or isinstance(cfg.rope_theta, bool)
+    or not cfg.rope_theta > 0
+  ):
+    raise ValueError(
+      f"{owner}.rope_theta must be a positive number, got {cfg.rope_theta!r}."
+    )
+  if cfg.rope_scaling is not None and not isinstance(
+    cfg.rope_scaling, RopeScaling
+  ):
+    raise TypeError(
+      f"{owner}.rope_scaling must be a RopeScaling or None, "
+      f"got {type(cfg.rope_scaling).__name__}."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +159,10 @@ def as_geometry(x: "AttentionGeometry | ModelConfig") -> AttentionGeometry:
     return x
   if isinstance(x, ModelConfig):
     return x.geometry
-  raise TypeError("expected a kvjax AttentionGeometry or ModelConfig, got "
-                  f"{type(x).__name__}.")
+  raise TypeError(
+    "expected a kvjax AttentionGeometry or ModelConfig, got "
+    f"{type(x).__name__}."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +216,11 @@ class ModelConfig:
     for field in ("vocab_size", "d_model", "num_layers", "mlp_dim"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"ModelConfig.{field} must be a positive int, got "
-                         f"{value!r}.")
+        raise ValueError(
+          f"ModelConfig.{field} must be a positive int, got {value!r}."
+        )
     if self.dtype not in _DTYPES:
-      raise ValueError(f"ModelConfig.dtype={self.dtype!r}; allowed: "
-                       f"{_DTYPES}.")
+      raise ValueError(f"ModelConfig.dtype={self.dtype!r}; allowed: {_DTYPES}.")
     _check_attention(self, "ModelConfig")
 
   @property
@@ -213,9 +232,13 @@ class ModelConfig:
   def geometry(self) -> AttentionGeometry:
     """The attention geometry (heads, head dim, RoPE, window)."""
     return AttentionGeometry(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        head_dim=self.head_dim, rope_theta=self.rope_theta,
-        rope_scaling=self.rope_scaling, sliding_window=self.sliding_window)
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      head_dim=self.head_dim,
+      rope_theta=self.rope_theta,
+      rope_scaling=self.rope_scaling,
+      sliding_window=self.sliding_window,
+    )
 
   @property
   def jnp_dtype(self) -> Any:
@@ -242,37 +265,96 @@ class ModelConfig:
 # published shapes so that `init_params` can build a model of that size (the
 # weights themselves come from `kvjax.hf.load_pretrained`).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        vocab_size=512, d_model=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, mlp_dim=384, rope_theta=10000.0,
-        max_position_embeddings=4096, name="tiny"),
-    "llama-3.2-1b": ModelConfig(
-        vocab_size=128256, d_model=2048, num_layers=16, num_heads=32,
-        num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500000.0,
-        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
-        norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072,
-        dtype="bfloat16", name="llama-3.2-1b"),
-    "llama-3.1-8b": ModelConfig(
-        vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, mlp_dim=14336, rope_theta=500000.0,
-        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-        norm_eps=1e-5, max_position_embeddings=131072, dtype="bfloat16",
-        name="llama-3.1-8b"),
-    "qwen2.5-0.5b": ModelConfig(
-        vocab_size=151936, d_model=896, num_layers=24, num_heads=14,
-        num_kv_heads=2, head_dim=64, mlp_dim=4864, rope_theta=1000000.0,
-        norm_eps=1e-6, qkv_bias=True, tie_embeddings=True,
-        max_position_embeddings=32768, dtype="bfloat16", name="qwen2.5-0.5b"),
-    "qwen3-0.6b": ModelConfig(
-        vocab_size=151936, d_model=1024, num_layers=28, num_heads=16,
-        num_kv_heads=8, head_dim=128, mlp_dim=3072, rope_theta=1000000.0,
-        norm_eps=1e-6, qk_norm=True, tie_embeddings=True,
-        max_position_embeddings=40960, dtype="bfloat16", name="qwen3-0.6b"),
-    "mistral-7b-v0.1": ModelConfig(
-        vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
-        num_kv_heads=8, head_dim=128, mlp_dim=14336, rope_theta=10000.0,
-        norm_eps=1e-5, sliding_window=4096, max_position_embeddings=32768,
-        dtype="bfloat16", name="mistral-7b-v0.1"),
+  "tiny": ModelConfig(
+    vocab_size=512,
+    d_model=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    mlp_dim=384,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    name="tiny",
+  ),
+  "llama-3.2-1b": ModelConfig(
+    vocab_size=128256,
+    d_model=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    mlp_dim=8192,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+    norm_eps=1e-5,
+    tie_embeddings=True,
+    max_position_embeddings=131072,
+    dtype="bfloat16",
+    name="llama-3.2-1b",
+  ),
+  "llama-3.1-8b": ModelConfig(
+    vocab_size=128256,
+    d_model=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=14336,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+    norm_eps=1e-5,
+    max_position_embeddings=131072,
+    dtype="bfloat16",
+    name="llama-3.1-8b",
+  ),
+  "qwen2.5-0.5b": ModelConfig(
+    vocab_size=151936,
+    d_model=896,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=4864,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+    max_position_embeddings=32768,
+    dtype="bfloat16",
+    name="qwen2.5-0.5b",
+  ),
+  "qwen3-0.6b": ModelConfig(
+    vocab_size=151936,
+    d_model=1024,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=3072,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    tie_embeddings=True,
+    max_position_embeddings=40960,
+    dtype="bfloat16",
+    name="qwen3-0.6b",
+  ),
+  "mistral-7b-v0.1": ModelConfig(
+    vocab_size=32000,
+    d_model=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=14336,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    sliding_window=4096,
+    max_position_embeddings=32768,
+    dtype="bfloat16",
+    name="mistral-7b-v0.1",
+  ),
 }
 
 

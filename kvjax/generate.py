@@ -103,8 +103,9 @@ class DecodeState(NamedTuple):
   rng: Array
 
 
-def sample_logits(logits: Array, rng: Array, temperature: float = 0.0,
-                  top_k: int | None = None) -> Array:
+def sample_logits(
+  logits: Array, rng: Array, temperature: float = 0.0, top_k: int | None = None
+) -> Array:
   """Samples a token per row from logits [B, V].
 
   Args:
@@ -130,13 +131,28 @@ def _prompt_mask(tokens: Array, prompt_lengths: Array) -> Array:
   return jnp.arange(T)[None, :] < prompt_lengths[:, None]
 
 
-def _context(phase, step, positions, mask, aux, reserve, config,
-             live_bound=None, decode_reserve=0):
+def _context(
+  phase,
+  step,
+  positions,
+  mask,
+  aux,
+  reserve,
+  config,
+  live_bound=None,
+  decode_reserve=0,
+):
   return compress_base.CompressContext(
-      phase=phase, step=step, q_pos=positions, q_mask=mask, reserve=reserve,
-      geometry=as_geometry(config), live_bound=live_bound,
-      decode_reserve=decode_reserve,
-      **{name: aux.get(name) for name in model_lib.COMPRESS_TAPS})
+    phase=phase,
+    step=step,
+    q_pos=positions,
+    q_mask=mask,
+    reserve=reserve,
+    geometry=as_geometry(config),
+    live_bound=live_bound,
+    decode_reserve=decode_reserve,
+    **{name: aux.get(name) for name in model_lib.COMPRESS_TAPS},
+  )
 
 
 def _live_bound(cache: KVCache) -> int | None:
@@ -148,8 +164,9 @@ def _live_bound(cache: KVCache) -> int | None:
   return int(np.max(np.asarray(cache.end))) if cache.end.size else 0
 
 
-def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
-                     backend):
+def _chunked_forward(
+  params, tokens, cache, mask, capture, chunk, config, backend
+):
   """`forward` over the prompt in chunks of `chunk` tokens (a scan): each
   chunk's activations (MLP [chunk, F], logits) instead of the whole
   prompt's; the blockwise engine skips the slots not yet written, the
@@ -159,17 +176,23 @@ def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
   n = -(-T // chunk)
   pad = n * chunk - T
   split = lambda x: jnp.moveaxis(
-      jnp.pad(x, [(0, 0), (0, pad)]).reshape(B, n, chunk), 1, 0)
+    jnp.pad(x, [(0, 0), (0, pad)]).reshape(B, n, chunk), 1, 0
+  )
 
   def body(cache, xs):
     t, m = xs
-    logits, cache, aux = model_lib.forward(params, t, cache, config=config,
-                                           token_mask=m, capture=capture,
-                                           backend=backend)
+    logits, cache, aux = model_lib.forward(
+      params,
+      t,
+      cache,
+      config=config,
+      token_mask=m,
+      capture=capture,
+      backend=backend,
+    )
     return cache, (logits, aux)
 
-  cache, (logits, aux) = jax.lax.scan(body, cache, (split(tokens),
-                                                    split(mask)))
+  cache, (logits, aux) = jax.lax.scan(body, cache, (split(tokens), split(mask)))
   logits = jnp.moveaxis(logits, 0, 1).reshape(B, n * chunk, -1)[:, :T]
   out = {}
   for name, x in aux.items():  # x: [n, L, B, chunk, ...] or [n, L, B, N, S]
@@ -181,70 +204,150 @@ def _chunked_forward(params, tokens, cache, mask, capture, chunk, config,
   return logits, cache, out
 
 
-def _prefill_and_compress(params, tokens, prompt_lengths, transform, extra, *,
-                          config, capacity, cache_dtype, backend,
-                          prefill_chunk=None, decode_reserve=0):
+def _prefill_and_compress(
+  params,
+  tokens,
+  prompt_lengths,
+  transform,
+  extra,
+  *,
+  config,
+  capacity,
+  cache_dtype,
+  backend,
+  prefill_chunk=None,
+  decode_reserve=0,
+):
   """Prefill on an empty cache, then apply `transform` (if any). Of the
   `capacity - T` free slots, `decode_reserve` are for decode steps run
   through the transform (`generate`), the rest the reserve for `forward`."""
   B, T = tokens.shape
   cache = init_cache(config, B, capacity, dtype=cache_dtype)
   mask = _prompt_mask(tokens, prompt_lengths)
-  capture = () if transform is None else tuple(
-      n for n in transform.needs if n in model_lib.PREFILL_TAPS)
+  capture = (
+    ()
+    if transform is None
+    else tuple(n for n in transform.needs if n in model_lib.PREFILL_TAPS)
+  )
   if prefill_chunk and T > prefill_chunk:
-    logits, cache, aux = _chunked_forward(params, tokens, cache, mask,
-                                          capture, prefill_chunk, config,
-                                          backend)
+    logits, cache, aux = _chunked_forward(
+      params, tokens, cache, mask, capture, prefill_chunk, config, backend
+    )
   else:
-    logits, cache, aux = model_lib.forward(params, tokens, cache,
-                                           config=config, token_mask=mask,
-                                           capture=capture, backend=backend)
+    logits, cache, aux = model_lib.forward(
+      params,
+      tokens,
+      cache,
+      config=config,
+      token_mask=mask,
+      capture=capture,
+      backend=backend,
+    )
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
-    cache = _apply_transform(cache, transform, extra, positions, mask, aux,
-                             capacity - T - decode_reserve, config,
-                             live_bound=T, decode_reserve=decode_reserve)
+    cache = _apply_transform(
+      cache,
+      transform,
+      extra,
+      positions,
+      mask,
+      aux,
+      capacity - T - decode_reserve,
+      config,
+      live_bound=T,
+      decode_reserve=decode_reserve,
+    )
   return logits, cache
 
 
-def _apply_transform(cache, transform, extra, positions, mask, observed,
-                     reserve, config, live_bound=None, decode_reserve=0):
+def _apply_transform(
+  cache,
+  transform,
+  extra,
+  positions,
+  mask,
+  observed,
+  reserve,
+  config,
+  live_bound=None,
+  decode_reserve=0,
+):
   """Prefill-phase `transform` on `cache`, observing the queries at
   `positions` / `mask` and the captures in `observed`."""
-  ctx = _context("prefill", jnp.int32(0), positions, mask, observed, reserve,
-                 config, live_bound=live_bound,
-                 decode_reserve=decode_reserve)
-  new, state = transform.apply(cache, transform.init(cache), ctx,
-                               **compress_base.extras_for(transform, extra))
+  ctx = _context(
+    "prefill",
+    jnp.int32(0),
+    positions,
+    mask,
+    observed,
+    reserve,
+    config,
+    live_bound=live_bound,
+    decode_reserve=decode_reserve,
+  )
+  new, state = transform.apply(
+    cache,
+    transform.init(cache),
+    ctx,
+    **compress_base.extras_for(transform, extra),
+  )
   return new._replace(state=state)
 
 
-@functools.partial(jax.jit, static_argnames=("transform", "config", "capacity",
-                                             "cache_dtype", "backend",
-                                             "prefill_chunk", "decode_steps"))
-def _prefill(params, tokens, prompt_lengths, transform, extra, *, config,
-             capacity, cache_dtype, backend, prefill_chunk, decode_steps):
-  return _prefill_and_compress(params, tokens, prompt_lengths, transform,
-                               extra, config=config, capacity=capacity,
-                               cache_dtype=cache_dtype, backend=backend,
-                               prefill_chunk=prefill_chunk,
-                               decode_reserve=decode_steps)
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "transform",
+    "config",
+    "capacity",
+    "cache_dtype",
+    "backend",
+    "prefill_chunk",
+    "decode_steps",
+  ),
+)
+def _prefill(
+  params,
+  tokens,
+  prompt_lengths,
+  transform,
+  extra,
+  *,
+  config,
+  capacity,
+  cache_dtype,
+  backend,
+  prefill_chunk,
+  decode_steps,
+):
+  return _prefill_and_compress(
+    params,
+    tokens,
+    prompt_lengths,
+    transform,
+    extra,
+    config=config,
+    capacity=capacity,
+    cache_dtype=cache_dtype,
+    backend=backend,
+    prefill_chunk=prefill_chunk,
+    decode_reserve=decode_steps,
+  )
 
 
 def prefill(
-    params,
-    tokens: Array,
-    *,
-    config: ModelConfig,
-    transform: compress_base.KVTransform | None = None,
-    capacity: int | None = None,
-    prompt_lengths: Array | None = None,
-    cache_dtype: Any = None,
-    backend: Backend | str = Backend.AUTO,
-    prefill_chunk: int | None = None,
-    decode_steps: int = 0,
-    **extra,
+  params,
+  tokens: Array,
+  *,
+  config: ModelConfig,
+  transform: compress_base.KVTransform | None = None,
+  capacity: int | None = None,
+  prompt_lengths: Array | None = None,
+  cache_dtype: Any = None,
+  backend: Backend | str = Backend.AUTO,
+  prefill_chunk: int | None = None,
+  decode_steps: int = 0,
+  **extra,
 ) -> PrefillOutput:
   """Runs the prompt through an empty cache, then compresses it (jitted).
 
@@ -290,65 +393,126 @@ def prefill(
   tokens = checks.check_tokens(tokens, config)
   B, T = tokens.shape
   checks.check_params(params, config)
-  checks.check_transform(transform, "prefill",
-                         extra=extra)
+  checks.check_transform(transform, "prefill", extra=extra)
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   capacity = checks.check_capacity(capacity, T, f"the {T}-token prompt")
-  if isinstance(decode_steps, bool) or not isinstance(
-      decode_steps, (int, np.integer)) or not 0 <= decode_steps <= capacity - T:
-    raise ValueError(f"decode_steps must be an int in [0, capacity - T = "
-                     f"{capacity - T}], got {decode_steps!r}.")
+  if (
+    isinstance(decode_steps, bool)
+    or not isinstance(decode_steps, (int, np.integer))
+    or not 0 <= decode_steps <= capacity - T
+  ):
+    raise ValueError(
+      f"decode_steps must be an int in [0, capacity - T = "
+      f"{capacity - T}], got {decode_steps!r}."
+    )
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
   checks.warn_past_context(T, config, "prompt length")
-  logits, cache = _prefill(params, jnp.asarray(tokens, jnp.int32),
-                           prompt_lengths, transform, extra, config=config,
-                           capacity=capacity, cache_dtype=cache_dtype,
-                           backend=resolve_backend(backend),
-                           prefill_chunk=prefill_chunk,
-                           decode_steps=decode_steps)
+  logits, cache = _prefill(
+    params,
+    jnp.asarray(tokens, jnp.int32),
+    prompt_lengths,
+    transform,
+    extra,
+    config=config,
+    capacity=capacity,
+    cache_dtype=cache_dtype,
+    backend=resolve_backend(backend),
+    prefill_chunk=prefill_chunk,
+    decode_steps=decode_steps,
+  )
   checks.check_no_overflow(cache, "prefill")
   return PrefillOutput(logits, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("transform", "config", "reserve",
-                                             "backend", "live_bound"))
-def _compress_observing(params, cache, observe, token_mask, observe_mask,
-                        transform, extra, *, config, reserve, backend,
-                        live_bound):
+@functools.partial(
+  jax.jit,
+  static_argnames=("transform", "config", "reserve", "backend", "live_bound"),
+)
+def _compress_observing(
+  params,
+  cache,
+  observe,
+  token_mask,
+  observe_mask,
+  transform,
+  extra,
+  *,
+  config,
+  reserve,
+  backend,
+  live_bound,
+):
   # As in prefill: what a prefill-phase transform reads (the mass of the
   # observed queries only, not of e.g. teacher-forced answers; never the
   # [T, S] probabilities).
   capture = tuple(n for n in transform.needs if n in model_lib.PREFILL_TAPS)
-  _, _, aux = model_lib.forward(params, observe, cache, config=config,
-                                token_mask=token_mask, capture=capture,
-                                backend=backend, mass_mask=observe_mask)
-  positions = (cache.length[:, None]
-               + jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1)
+  _, _, aux = model_lib.forward(
+    params,
+    observe,
+    cache,
+    config=config,
+    token_mask=token_mask,
+    capture=capture,
+    backend=backend,
+    mass_mask=observe_mask,
+  )
+  positions = (
+    cache.length[:, None] + jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1
+  )
   # The transform sees the cache as it was before `observe` ran: the
   # observed tokens are not written into the returned cache.
-  return _apply_transform(cache, transform, extra, positions, observe_mask,
-                          aux, reserve, config, live_bound=live_bound)
+  return _apply_transform(
+    cache,
+    transform,
+    extra,
+    positions,
+    observe_mask,
+    aux,
+    reserve,
+    config,
+    live_bound=live_bound,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("transform", "config",
-                                             "reserve", "live_bound"))
-def _compress_cache(cache, observed, positions, mask, transform, extra, *,
-                    config, reserve, live_bound):
-  return _apply_transform(cache, transform, extra, positions, mask, observed,
-                          reserve, config, live_bound=live_bound)
+@functools.partial(
+  jax.jit, static_argnames=("transform", "config", "reserve", "live_bound")
+)
+def _compress_cache(
+  cache,
+  observed,
+  positions,
+  mask,
+  transform,
+  extra,
+  *,
+  config,
+  reserve,
+  live_bound,
+):
+  return _apply_transform(
+    cache,
+    transform,
+    extra,
+    positions,
+    mask,
+    observed,
+    reserve,
+    config,
+    live_bound=live_bound,
+  )
 
 
 def compress_cache(
-    cache: KVCache,
-    transform: compress_base.KVTransform,
-    *,
-    config: ModelConfig | AttentionGeometry,
-    observed: dict[str, Array],
-    positions: Array,
-    mask: Array,
-    reserve: int = 0,
-    **extra,
+  cache: KVCache,
+  transform: compress_base.KVTransform,
+  *,
+  config: ModelConfig | AttentionGeometry,
+  observed: dict[str, Array],
+  positions: Array,
+  mask: Array,
+  reserve: int = 0,
+  **extra,
 ) -> KVCache:
   """Applies a (prefill-phase) transform to a cache, from given captures.
 
@@ -382,39 +546,58 @@ def compress_cache(
   """
   checks.check_geometry(config)
   checks.check_cache(cache, config)
-  checks.check_transform(transform, "compress_cache", required=True,
-                         extra=extra)
-  missing = [n for n in transform.needs
-             if n in model_lib.PREFILL_TAPS and n not in observed]
+  checks.check_transform(
+    transform, "compress_cache", required=True, extra=extra
+  )
+  missing = [
+    n
+    for n in transform.needs
+    if n in model_lib.PREFILL_TAPS and n not in observed
+  ]
   if missing:
-    raise ValueError(f"observed lacks {missing}, which {transform.name} "
-                     f"needs; capture them with forward(capture=...).")
+    raise ValueError(
+      f"observed lacks {missing}, which {transform.name} "
+      f"needs; capture them with forward(capture=...)."
+    )
   positions, mask = jnp.asarray(positions), jnp.asarray(mask)
-  if positions.shape != mask.shape or positions.ndim != 2 or (
-      positions.shape[0] != cache.batch_size):
-    raise ValueError(f"positions {positions.shape} and mask {mask.shape} must "
-                     f"both be [B={cache.batch_size}, T].")
+  if (
+    positions.shape != mask.shape
+    or positions.ndim != 2
+    or (positions.shape[0] != cache.batch_size)
+  ):
+    raise ValueError(
+      f"positions {positions.shape} and mask {mask.shape} must "
+      f"both be [B={cache.batch_size}, T]."
+    )
   reserve = checks.check_reserve(reserve)
   observed = {k: v for k, v in observed.items() if k in model_lib.PREFILL_TAPS}
-  out = _compress_cache(cache, observed, positions.astype(jnp.int32),
-                        mask.astype(bool), transform, extra, config=as_geometry(config),
-                        reserve=reserve, live_bound=_live_bound(cache))
+  out = _compress_cache(
+    cache,
+    observed,
+    positions.astype(jnp.int32),
+    mask.astype(bool),
+    transform,
+    extra,
+    config=as_geometry(config),
+    reserve=reserve,
+    live_bound=_live_bound(cache),
+  )
   checks.check_no_overflow(out, "compress_cache")
   return out
 
 
 def compress_observing(
-    params,
-    cache: KVCache,
-    observe: Array,
-    *,
-    config: ModelConfig,
-    transform: compress_base.KVTransform,
-    token_mask: Array | None = None,
-    observe_mask: Array | None = None,
-    reserve: int | None = None,
-    backend: Backend | str = Backend.AUTO,
-    **extra,
+  params,
+  cache: KVCache,
+  observe: Array,
+  *,
+  config: ModelConfig,
+  transform: compress_base.KVTransform,
+  token_mask: Array | None = None,
+  observe_mask: Array | None = None,
+  reserve: int | None = None,
+  backend: Backend | str = Backend.AUTO,
+  **extra,
 ) -> KVCache:
   """Question-aware compression of a prefilled cache (jitted).
 
@@ -455,57 +638,84 @@ def compress_observing(
   checks.check_cache(cache, config)
   if transform is None:
     raise ValueError("compress_observing needs a transform, got None.")
-  checks.check_transform(transform, "compress_observing", required=True,
-                         extra=extra)
-  observe = checks.check_tokens(observe, config, name="observe",
-                                batch=cache.batch_size)
+  checks.check_transform(
+    transform, "compress_observing", required=True, extra=extra
+  )
+  observe = checks.check_tokens(
+    observe, config, name="observe", batch=cache.batch_size
+  )
   checks.check_params(params, config)
   B, T = observe.shape
-  token_mask = jnp.ones((B, T), bool) if token_mask is None else jnp.asarray(
-      token_mask, bool)
-  observe_mask = token_mask if observe_mask is None else jnp.asarray(
-      observe_mask, bool)
+  token_mask = (
+    jnp.ones((B, T), bool)
+    if token_mask is None
+    else jnp.asarray(token_mask, bool)
+  )
+  observe_mask = (
+    token_mask if observe_mask is None else jnp.asarray(observe_mask, bool)
+  )
   for name, m in (("token_mask", token_mask), ("observe_mask", observe_mask)):
     if m.shape != (B, T):
       raise ValueError(f"{name} must have shape {(B, T)}, got {m.shape}.")
   observe_mask = observe_mask & token_mask
   if checks.is_concrete(token_mask):
-    checks.check_room(cache, np.asarray(token_mask).sum(1),
-                      "running `observe` on top of the cache",
-                      "Prefill with a larger `capacity`.")
+    checks.check_room(
+      cache,
+      np.asarray(token_mask).sum(1),
+      "running `observe` on top of the cache",
+      "Prefill with a larger `capacity`.",
+    )
   reserve = T if reserve is None else checks.check_reserve(reserve)
-  out = _compress_observing(params, cache, jnp.asarray(observe, jnp.int32),
-                            token_mask, observe_mask, transform, extra,
-                            config=config, reserve=reserve,
-                            backend=resolve_backend(backend),
-                            live_bound=_live_bound(cache))
+  out = _compress_observing(
+    params,
+    cache,
+    jnp.asarray(observe, jnp.int32),
+    token_mask,
+    observe_mask,
+    transform,
+    extra,
+    config=config,
+    reserve=reserve,
+    backend=resolve_backend(backend),
+    live_bound=_live_bound(cache),
+  )
   checks.check_no_overflow(out, "compress_observing")
   return out
 
 
-def _decode_step_impl(params, token, cache, rng, *, config, temperature,
-                      top_k, backend):
-  logits, cache, _ = model_lib.forward(params, token[:, None], cache,
-                                       config=config, backend=backend)
+def _decode_step_impl(
+  params, token, cache, rng, *, config, temperature, top_k, backend
+):
+  logits, cache, _ = model_lib.forward(
+    params, token[:, None], cache, config=config, backend=backend
+  )
   logits = logits[:, 0]
-  return StepOutput(sample_logits(logits, rng, temperature, top_k), logits,
-                    cache)
+  return StepOutput(
+    sample_logits(logits, rng, temperature, top_k), logits, cache
+  )
 
 
 _STEP_STATIC = ("config", "temperature", "top_k", "backend")
 _decode_step = jax.jit(_decode_step_impl, static_argnames=_STEP_STATIC)
 # The same step writing into the caller's cache buffers (donated): no copy
 # of the cache per call.
-_decode_step_donating = jax.jit(_decode_step_impl,
-                                static_argnames=_STEP_STATIC,
-                                donate_argnames=("cache",))
+_decode_step_donating = jax.jit(
+  _decode_step_impl, static_argnames=_STEP_STATIC, donate_argnames=("cache",)
+)
 
 
-def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
-                config: ModelConfig, temperature: float = 0.0,
-                top_k: int | None = None,
-                backend: Backend | str = Backend.AUTO,
-                donate_cache: bool = False) -> StepOutput:
+def decode_step(
+  params,
+  token: Array,
+  cache: KVCache,
+  rng: Array,
+  *,
+  config: ModelConfig,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  backend: Backend | str = Backend.AUTO,
+  donate_cache: bool = False,
+) -> StepOutput:
   """One jitted decode step: feeds token [B], samples the next.
 
   Meant for a user's own decode loop, so it never waits on the device: its
@@ -539,47 +749,117 @@ def decode_step(params, token: Array, cache: KVCache, rng: Array, *,
   """
   checks.check_config(config)
   checks.check_cache(cache, config, read_device=False)
-  token = checks.check_step_tokens(token, config, cache.batch_size,
-                                   read_device=False)
+  token = checks.check_step_tokens(
+    token, config, cache.batch_size, read_device=False
+  )
   checks.check_params(params, config)
   temperature, top_k = checks.check_sampling(temperature, top_k, config)
   rng = checks.check_rng(rng)
   if not isinstance(donate_cache, bool):
     raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
   step = _decode_step_donating if donate_cache else _decode_step
-  return step(params, jnp.asarray(token, jnp.int32), cache, rng,
-              config=config, temperature=temperature, top_k=top_k,
-              backend=resolve_backend(backend))
+  return step(
+    params,
+    jnp.asarray(token, jnp.int32),
+    cache,
+    rng,
+    config=config,
+    temperature=temperature,
+    top_k=top_k,
+    backend=resolve_backend(backend),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "transform", "config", "max_new_tokens", "capacity", "temperature",
-    "top_k", "stop_token", "pad_token", "cache_dtype", "backend",
-    "prefill_chunk"))
-def _generate(params, prompt_tokens, prompt_lengths, rng, transform, extra, *,
-              config, max_new_tokens, capacity, temperature, top_k,
-              stop_token, pad_token, cache_dtype, backend, prefill_chunk):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "transform",
+    "config",
+    "max_new_tokens",
+    "capacity",
+    "temperature",
+    "top_k",
+    "stop_token",
+    "pad_token",
+    "cache_dtype",
+    "backend",
+    "prefill_chunk",
+  ),
+)
+def _generate(
+  params,
+  prompt_tokens,
+  prompt_lengths,
+  rng,
+  transform,
+  extra,
+  *,
+  config,
+  max_new_tokens,
+  capacity,
+  temperature,
+  top_k,
+  stop_token,
+  pad_token,
+  cache_dtype,
+  backend,
+  prefill_chunk,
+):
   B, T = prompt_tokens.shape
   mask = _prompt_mask(prompt_tokens, prompt_lengths)
   # The decode loop below runs every step through the transform: its
   # max_new_tokens - 1 writes are decode steps, not a forward reserve.
   logits, cache = _prefill_and_compress(
-      params, prompt_tokens, prompt_lengths, transform, extra, config=config,
-      capacity=capacity, cache_dtype=cache_dtype, backend=backend,
-      prefill_chunk=prefill_chunk, decode_reserve=max_new_tokens - 1)
+    params,
+    prompt_tokens,
+    prompt_lengths,
+    transform,
+    extra,
+    config=config,
+    capacity=capacity,
+    cache_dtype=cache_dtype,
+    backend=backend,
+    prefill_chunk=prefill_chunk,
+    decode_reserve=max_new_tokens - 1,
+  )
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
   prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)
   first = sample_logits(prompt_logits, key, temperature, top_k)  # [B]
   out, num, cache = _decode_loop(
-      params, cache, first, rng, transform, extra, config=config,
-      length=max_new_tokens, temperature=temperature, top_k=top_k,
-      stop_token=stop_token, pad_token=pad_token, backend=backend)
+    params,
+    cache,
+    first,
+    rng,
+    transform,
+    extra,
+    config=config,
+    length=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    stop_token=stop_token,
+    pad_token=pad_token,
+    backend=backend,
+  )
   return GenerateOutput(out, num, cache, prompt_logits)
 
 
-def _decode_loop(params, cache, first, rng, transform, extra, *, config,
-                 length, temperature, top_k, stop_token, pad_token, backend):
+def _decode_loop(
+  params,
+  cache,
+  first,
+  rng,
+  transform,
+  extra,
+  *,
+  config,
+  length,
+  temperature,
+  top_k,
+  stop_token,
+  pad_token,
+  backend,
+):
   """The `lax.while_loop` decode: out[:, 0] = first; each step feeds the
   previous token and samples the next, applying a decode-time transform
   every `transform.every` steps. Returns a `DecodeOutput` of `length`
@@ -601,19 +881,26 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
     live = ~done[:, None]
     positions = cache.length[:, None]
     logits, cache, aux = model_lib.forward(
-        params, token[:, None], cache, config=config, token_mask=live,
-        capture=capture, backend=backend)
+      params,
+      token[:, None],
+      cache,
+      config=config,
+      token_mask=live,
+      capture=capture,
+      backend=backend,
+    )
     if decode_transform:
       ctx = _context("decode", step, positions, live, aux, 0, config)
 
       def compress(cache):
-        new, state = transform.apply(cache, cache.state, ctx,
-                                     **compress_base.extras_for(transform,
-                                                                extra))
+        new, state = transform.apply(
+          cache, cache.state, ctx, **compress_base.extras_for(transform, extra)
+        )
         return new._replace(state=state)
 
-      cache = jax.lax.cond(step % transform.every == 0, compress,
-                           lambda c: c, cache)
+      cache = jax.lax.cond(
+        step % transform.every == 0, compress, lambda c: c, cache
+      )
     rng, key = jax.random.split(rng)
     nxt = sample_logits(logits[:, 0], key, temperature, top_k)
     nxt = jnp.where(done, pad_token, nxt)
@@ -627,30 +914,73 @@ def _decode_loop(params, cache, first, rng, transform, extra, *, config,
   return DecodeOutput(final.tokens, final.num_generated, final.cache)
 
 
-def _decode_impl(params, cache, token, rng, transform, extra, *, config,
-                 max_new_tokens, temperature, top_k, stop_token, pad_token,
-                 backend):
+def _decode_impl(
+  params,
+  cache,
+  token,
+  rng,
+  transform,
+  extra,
+  *,
+  config,
+  max_new_tokens,
+  temperature,
+  top_k,
+  stop_token,
+  pad_token,
+  backend,
+):
   out, num, cache = _decode_loop(
-      params, cache, token, rng, transform, extra, config=config,
-      length=max_new_tokens + 1, temperature=temperature, top_k=top_k,
-      stop_token=stop_token, pad_token=pad_token, backend=backend)
+    params,
+    cache,
+    token,
+    rng,
+    transform,
+    extra,
+    config=config,
+    length=max_new_tokens + 1,
+    temperature=temperature,
+    top_k=top_k,
+    stop_token=stop_token,
+    pad_token=pad_token,
+    backend=backend,
+  )
   return DecodeOutput(out[:, 1:], num - 1, cache)
 
 
-_DECODE_STATIC = ("transform", "config", "max_new_tokens", "temperature",
-                  "top_k", "stop_token", "pad_token", "backend")
+_DECODE_STATIC = (
+  "transform",
+  "config",
+  "max_new_tokens",
+  "temperature",
+  "top_k",
+  "stop_token",
+  "pad_token",
+  "backend",
+)
 _decode = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC)
-_decode_donating = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC,
-                           donate_argnames=("cache",))
+_decode_donating = jax.jit(
+  _decode_impl, static_argnames=_DECODE_STATIC, donate_argnames=("cache",)
+)
 
 
-def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
-           max_new_tokens: int, transform: compress_base.KVTransform | None
-           = None, temperature: float = 0.0, top_k: int | None = None,
-           rng: Array | None = None, stop_token: int | None = None,
-           pad_token: int = 0, backend: Backend | str = Backend.AUTO,
-           donate_cache: bool = False, **extra
-           ) -> DecodeOutput:
+def decode(
+  params,
+  cache: KVCache,
+  token: Array,
+  *,
+  config: ModelConfig,
+  max_new_tokens: int,
+  transform: compress_base.KVTransform | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng: Array | None = None,
+  stop_token: int | None = None,
+  pad_token: int = 0,
+  backend: Backend | str = Backend.AUTO,
+  donate_cache: bool = False,
+  **extra,
+) -> DecodeOutput:
   """Continues decoding from a cache (e.g. one returned by `prefill`).
 
   Feeds `token` [B], then generates `max_new_tokens` per row in one jitted
@@ -695,64 +1025,84 @@ def decode(params, cache: KVCache, token: Array, *, config: ModelConfig,
   checks.check_cache(cache, config)
   token = checks.check_step_tokens(token, config, cache.batch_size)
   checks.check_params(params, config)
-  checks.check_transform(transform, "decode",
-                         extra=extra)
+  checks.check_transform(transform, "decode", extra=extra)
   if extra and not transform.every:
-    raise ValueError(f"decode: {transform.name} acts at prefill only, so "
-                     f"the extra argument(s) {sorted(extra)} reach nothing.")
+    raise ValueError(
+      f"decode: {transform.name} acts at prefill only, so "
+      f"the extra argument(s) {sorted(extra)} reach nothing."
+    )
   temperature, top_k = checks.check_sampling(temperature, top_k, config)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-  stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
-                                                      config)
+  stop_token, pad_token = checks.check_special_tokens(
+    stop_token, pad_token, config
+  )
   rng = checks.check_rng(rng)
   # A policy that keeps its budget acts at steps every, 2 * every, ... of
   # this call: room for `every` writes suffices. Otherwise every write must
   # fit (a flushing codec's free coded slots count as room).
   if transform is not None and transform.bounded:
     writes = min(transform.every, max_new_tokens)
-    what = (f"decoding with {transform.name} (acting every {transform.every} "
-            f"steps: {writes} writes between actions)")
+    what = (
+      f"decoding with {transform.name} (acting every {transform.every} "
+      f"steps: {writes} writes between actions)"
+    )
   else:
     writes, what = max_new_tokens, f"decoding {max_new_tokens} tokens"
-  checks.check_room(cache, writes, what,
-                    "Prefill with a larger `capacity` (prompt length + "
-                    "new tokens) and `decode_steps`.",
-                    flushing=transform is not None and transform.every > 0)
+  checks.check_room(
+    cache,
+    writes,
+    what,
+    "Prefill with a larger `capacity` (prompt length + "
+    "new tokens) and `decode_steps`.",
+    flushing=transform is not None and transform.every > 0,
+  )
   if checks.is_concrete(cache.length):
     most = int(np.max(np.asarray(cache.length)))
-    checks.warn_past_context(most + max_new_tokens, config,
-                             f"cache length {most} + max_new_tokens "
-                             f"{max_new_tokens}")
+    checks.warn_past_context(
+      most + max_new_tokens,
+      config,
+      f"cache length {most} + max_new_tokens {max_new_tokens}",
+    )
   if not isinstance(donate_cache, bool):
     raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
   run = _decode_donating if donate_cache else _decode
   out, num, cache = run(
-      params, cache, jnp.asarray(token, jnp.int32), rng, transform, extra,
-      config=config, max_new_tokens=max_new_tokens, temperature=temperature,
-      top_k=top_k, stop_token=stop_token, pad_token=pad_token,
-      backend=resolve_backend(backend))
+    params,
+    cache,
+    jnp.asarray(token, jnp.int32),
+    rng,
+    transform,
+    extra,
+    config=config,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    stop_token=stop_token,
+    pad_token=pad_token,
+    backend=resolve_backend(backend),
+  )
   checks.check_no_overflow(cache, "decode")
   return DecodeOutput(out, num, cache)
 
 
 def generate(
-    params,
-    prompt_tokens: Array,
-    *,
-    config: ModelConfig,
-    max_new_tokens: int,
-    prompt_lengths: Array | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    rng: Array | None = None,
-    stop_token: int | None = None,
-    pad_token: int = 0,
-    capacity: int | None = None,
-    cache_dtype: Any = None,
-    backend: Backend | str = Backend.AUTO,
-    transform: compress_base.KVTransform | None = None,
-    prefill_chunk: int | None = None,
-    **extra,
+  params,
+  prompt_tokens: Array,
+  *,
+  config: ModelConfig,
+  max_new_tokens: int,
+  prompt_lengths: Array | None = None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  rng: Array | None = None,
+  stop_token: int | None = None,
+  pad_token: int = 0,
+  capacity: int | None = None,
+  cache_dtype: Any = None,
+  backend: Backend | str = Backend.AUTO,
+  transform: compress_base.KVTransform | None = None,
+  prefill_chunk: int | None = None,
+  **extra,
 ) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row after ragged prompts.
 
@@ -796,33 +1146,49 @@ def generate(
       `config.max_position_embeddings`.
   """
   checks.check_config(config)
-  prompt_tokens = checks.check_tokens(prompt_tokens, config,
-                                      name="prompt_tokens")
+  prompt_tokens = checks.check_tokens(
+    prompt_tokens, config, name="prompt_tokens"
+  )
   B, T = prompt_tokens.shape
   checks.check_params(params, config)
-  checks.check_transform(transform, "generate",
-                         extra=extra)
+  checks.check_transform(transform, "generate", extra=extra)
   # Always an array, so calls with and without lengths share one compile.
   prompt_lengths = checks.check_prompt_lengths(prompt_lengths, B, T)
   temperature, top_k = checks.check_sampling(temperature, top_k, config)
   max_new_tokens = checks.check_max_new_tokens(max_new_tokens)
-  stop_token, pad_token = checks.check_special_tokens(stop_token, pad_token,
-                                                      config)
+  stop_token, pad_token = checks.check_special_tokens(
+    stop_token, pad_token, config
+  )
   rng = checks.check_rng(rng)
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
   capacity = checks.check_capacity(
-      capacity, T + max_new_tokens - 1,
-      f"a {T}-token prompt plus {max_new_tokens} generated tokens")
-  checks.warn_past_context(T + max_new_tokens, config,
-                           f"prompt length {T} + max_new_tokens "
-                           f"{max_new_tokens}")
-  out = _generate(params, jnp.asarray(prompt_tokens, jnp.int32),
-                  prompt_lengths, rng, transform, extra, config=config,
-                  max_new_tokens=max_new_tokens, capacity=capacity,
-                  temperature=temperature, top_k=top_k,
-                  stop_token=stop_token, pad_token=pad_token,
-                  cache_dtype=cache_dtype, backend=resolve_backend(backend),
-                  prefill_chunk=prefill_chunk)
+    capacity,
+    T + max_new_tokens - 1,
+    f"a {T}-token prompt plus {max_new_tokens} generated tokens",
+  )
+  checks.warn_past_context(
+    T + max_new_tokens,
+    config,
+    f"prompt length {T} + max_new_tokens {max_new_tokens}",
+  )
+  out = _generate(
+    params,
+    jnp.asarray(prompt_tokens, jnp.int32),
+    prompt_lengths,
+    rng,
+    transform,
+    extra,
+    config=config,
+    max_new_tokens=max_new_tokens,
+    capacity=capacity,
+    temperature=temperature,
+    top_k=top_k,
+    stop_token=stop_token,
+    pad_token=pad_token,
+    cache_dtype=cache_dtype,
+    backend=resolve_backend(backend),
+    prefill_chunk=prefill_chunk,
+  )
   checks.check_no_overflow(out.cache, "generate")
   return out

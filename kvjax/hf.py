@@ -31,10 +31,18 @@ from kvjax.config import ModelConfig, RopeScaling
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 # The safetensors dtypes a model weight may have.
 _FLOAT_ST_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -49,8 +57,9 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than 8 "
-                       "bytes).")
+      raise ValueError(
+        f"{path}: not a safetensors file (shorter than 8 bytes)."
+      )
     (n,) = struct.unpack("<Q", raw)
     try:
       header = json.loads(f.read(n))
@@ -69,8 +78,10 @@ class SafetensorsReader:
       header, start = read_safetensors_header(path)
       size = os.path.getsize(path)
       if start > size:
-        raise ValueError(f"{path}: truncated safetensors file: the header "
-                         f"ends at byte {start}, the file has {size} bytes.")
+        raise ValueError(
+          f"{path}: truncated safetensors file: the header "
+          f"ends at byte {start}, the file has {size} bytes."
+        )
       if start == size:  # No data section (np.memmap cannot map 0 bytes).
         data = np.zeros((0,), np.uint8)
       else:
@@ -107,31 +118,44 @@ class SafetensorsReader:
     """
     data, info, path = self._where[name]
     if info.get("dtype") not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype "
-                       f"{info.get('dtype')}; supported: "
-                       f"{sorted(_ST_DTYPES)}.")
+      raise ValueError(
+        f"{path}: tensor {name!r} has unsupported dtype "
+        f"{info.get('dtype')}; supported: "
+        f"{sorted(_ST_DTYPES)}."
+      )
     dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if (not isinstance(shape, list) or not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                   for v in shape + offsets)
-        or offsets[0] > offsets[1]):
-      raise ValueError(f"{path}: tensor {name!r} has a malformed header "
-                       f"entry (shape {shape!r}, data_offsets {offsets!r}); "
-                       "expected a list of non-negative ints and "
-                       "[begin, end] with begin <= end.")
+    if (
+      not isinstance(shape, list)
+      or not isinstance(offsets, list)
+      or len(offsets) != 2
+      or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for v in shape + offsets
+      )
+      or offsets[0] > offsets[1]
+    ):
+      raise ValueError(
+        f"{path}: tensor {name!r} has a malformed header "
+        f"entry (shape {shape!r}, data_offsets {offsets!r}); "
+        "expected a list of non-negative ints and "
+        "[begin, end] with begin <= end."
+      )
     lo, hi = offsets
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if hi - lo != expected:
-      raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} "
-                       f"and dtype {info['dtype']} needs {expected} bytes, "
-                       f"but its data_offsets [{lo}, {hi}] span {hi - lo}.")
+      raise ValueError(
+        f"{path}: tensor {name!r} of shape {tuple(shape)} "
+        f"and dtype {info['dtype']} needs {expected} bytes, "
+        f"but its data_offsets [{lo}, {hi}] span {hi - lo}."
+      )
     if hi > data.size:
-      raise ValueError(f"{path}: truncated file: tensor {name!r} needs data "
-                       f"bytes [{lo}, {hi}) ({expected} bytes), but the "
-                       f"data section holds {data.size} bytes "
-                       f"({max(0, data.size - lo)} available to it).")
+      raise ValueError(
+        f"{path}: truncated file: tensor {name!r} needs data "
+        f"bytes [{lo}, {hi}) ({expected} bytes), but the "
+        f"data section holds {data.size} bytes "
+        f"({max(0, data.size - lo)} available to it)."
+      )
     return data[lo:hi].view(dtype).reshape(shape)
 
 
@@ -144,8 +168,11 @@ def _checkpoint_files(path: str) -> list[str]:
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
-  found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                 if f.endswith(".safetensors"))
+  found = sorted(
+    os.path.join(path, f)
+    for f in os.listdir(path)
+    if f.endswith(".safetensors")
+  )
   if not found:
     raise ValueError(f"no *.safetensors files in {path!r}.")
   return found
@@ -171,11 +198,16 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return theta, RopeScaling("linear", float(params["factor"]))
   if rope_type == "llama3":
     return theta, RopeScaling(
-        "llama3", float(params["factor"]), float(params["low_freq_factor"]),
-        float(params["high_freq_factor"]),
-        int(params["original_max_position_embeddings"]))
-  raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
-                   "'default', 'linear', 'llama3'.")
+      "llama3",
+      float(params["factor"]),
+      float(params["low_freq_factor"]),
+      float(params["high_freq_factor"]),
+      int(params["original_max_position_embeddings"]),
+    )
+  raise ValueError(
+    f"unsupported rope type {rope_type!r}; supported: "
+    "'default', 'linear', 'llama3'."
+  )
 
 
 def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
@@ -187,8 +219,10 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   """
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"unsupported model_type {model_type!r}; supported: "
-                     f"{SUPPORTED_MODEL_TYPES}.")
+    raise ValueError(
+      f"unsupported model_type {model_type!r}; supported: "
+      f"{SUPPORTED_MODEL_TYPES}."
+    )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"unsupported hidden_act {act!r}; only 'silu'.")
@@ -198,8 +232,10 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   if model_type == "mistral":
     sliding_window = hf.get("sliding_window")
   elif hf.get("use_sliding_window"):
-    raise ValueError(f"{model_type} with use_sliding_window=True (per-layer "
-                     "windows) is not supported.")
+    raise ValueError(
+      f"{model_type} with use_sliding_window=True (per-layer "
+      "windows) is not supported."
+    )
   heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   theta, scaling = _rope_from_hf(hf)
@@ -207,24 +243,24 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
   if dtype is None:
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
   return ModelConfig(
-      vocab_size=hf["vocab_size"],
-      d_model=hf["hidden_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=head_dim,
-      mlp_dim=hf["intermediate_size"],
-      rope_theta=theta,
-      rope_scaling=scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      qkv_bias=model_type == "qwen2" or attention_bias,
-      o_bias=attention_bias,
-      qk_norm=model_type == "qwen3",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      sliding_window=sliding_window,
-      max_position_embeddings=hf.get("max_position_embeddings", 4096),
-      dtype=dtype,
-      name=hf.get("_name_or_path") or model_type,
+    vocab_size=hf["vocab_size"],
+    d_model=hf["hidden_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=head_dim,
+    mlp_dim=hf["intermediate_size"],
+    rope_theta=theta,
+    rope_scaling=scaling,
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    qkv_bias=model_type == "qwen2" or attention_bias,
+    o_bias=attention_bias,
+    qk_norm=model_type == "qwen3",
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    sliding_window=sliding_window,
+    max_position_embeddings=hf.get("max_position_embeddings", 4096),
+    dtype=dtype,
+    name=hf.get("_name_or_path") or model_type,
   )
 
 
@@ -238,16 +274,16 @@ def _layer_tensor_map(c: ModelConfig) -> dict[str, tuple[str, Any]]:
   a = "model.layers.{i}.self_attn."
   m = "model.layers.{i}.mlp."
   out = {
-      "attn_norm": ("model.layers.{i}.input_layernorm.weight", None),
-      "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", None),
-      # Linear weights are [out, in]; kvjax stores [in, heads, H] etc.
-      "wq": (a + "q_proj.weight", lambda w: w.T.reshape(D, N, H)),
-      "wk": (a + "k_proj.weight", lambda w: w.T.reshape(D, K, H)),
-      "wv": (a + "v_proj.weight", lambda w: w.T.reshape(D, K, H)),
-      "wo": (a + "o_proj.weight", lambda w: w.T.reshape(N, H, D)),
-      "w_gate": (m + "gate_proj.weight", lambda w: w.T),
-      "w_up": (m + "up_proj.weight", lambda w: w.T),
-      "w_down": (m + "down_proj.weight", lambda w: w.T),
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", None),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", None),
+    # Linear weights are [out, in]; kvjax stores [in, heads, H] etc.
+    "wq": (a + "q_proj.weight", lambda w: w.T.reshape(D, N, H)),
+    "wk": (a + "k_proj.weight", lambda w: w.T.reshape(D, K, H)),
+    "wv": (a + "v_proj.weight", lambda w: w.T.reshape(D, K, H)),
+    "wo": (a + "o_proj.weight", lambda w: w.T.reshape(N, H, D)),
+    "w_gate": (m + "gate_proj.weight", lambda w: w.T),
+    "w_up": (m + "up_proj.weight", lambda w: w.T),
+    "w_down": (m + "down_proj.weight", lambda w: w.T),
   }
   if c.qkv_bias:
     out["bq"] = (a + "q_proj.bias", lambda b: b.reshape(N, H))
@@ -274,8 +310,9 @@ def _hf_shape(c: ModelConfig, leaf: str, kvjax_shape: tuple[int, ...]):
   return kvjax_shape
 
 
-def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
-                        dtype: Any = None) -> dict[str, Any]:
+def params_from_tensors(
+  reader: SafetensorsReader, config: ModelConfig, dtype: Any = None
+) -> dict[str, Any]:
   """Assembles kvjax params from HF tensors, checking names and shapes.
 
   Raises:
@@ -284,6 +321,7 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
       truncated in its file (each named).
   """
   from kvjax.model import param_shapes  # pylint: disable=g-import-not-at-top
+
   dtype = jnp.dtype(dtype or config.dtype)
   shapes = param_shapes(config)
 
@@ -293,12 +331,16 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
       raise ValueError(f"checkpoint is missing tensor {name!r}.")
     got = reader.shape(name)
     if got != tuple(expected):
-      raise ValueError(f"tensor {name!r} has shape {got}, expected "
-                       f"{tuple(expected)} for this config.")
+      raise ValueError(
+        f"tensor {name!r} has shape {got}, expected "
+        f"{tuple(expected)} for this config."
+      )
     if reader.dtype(name) not in _FLOAT_ST_DTYPES:
-      raise ValueError(f"tensor {name!r} in {reader.path(name)} has dtype "
-                       f"{reader.dtype(name)}; model weights must be "
-                       f"floating point: one of {_FLOAT_ST_DTYPES}.")
+      raise ValueError(
+        f"tensor {name!r} in {reader.path(name)} has dtype "
+        f"{reader.dtype(name)}; model weights must be "
+        f"floating point: one of {_FLOAT_ST_DTYPES}."
+      )
     raw = reader.get(name)
     with np.errstate(over="ignore"):  # Overflow is reported below.
       w = (convert(raw) if convert else raw).astype(dtype, copy=False)
@@ -308,15 +350,17 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
       where = f"tensor {name!r} in {reader.path(name)}"
       if raw_finite.all():  # Finite as stored: the cast overflowed.
         raise ValueError(
-            f"{where} has {int((~finite).sum())} values beyond the range of "
-            f"{dtype.name} (largest magnitude "
-            f"{float(np.abs(raw.astype(np.float64)).max()):.4g}); load it "
-            "in a wider dtype.")
+          f"{where} has {int((~finite).sum())} values beyond the range of "
+          f"{dtype.name} (largest magnitude "
+          f"{float(np.abs(raw.astype(np.float64)).max()):.4g}); load it "
+          "in a wider dtype."
+        )
       raw64 = raw.astype(np.float64)
       raise ValueError(
-          f"{where} has {int(np.isnan(raw64).sum())} NaN and "
-          f"{int(np.isinf(raw64).sum())} inf values of {raw.size}; "
-          "weights must be finite.")
+        f"{where} has {int(np.isnan(raw64).sum())} NaN and "
+        f"{int(np.isinf(raw64).sum())} inf values of {raw.size}; "
+        "weights must be finite."
+      )
     return w
 
   layers = {}
@@ -329,18 +373,20 @@ def params_from_tensors(reader: SafetensorsReader, config: ModelConfig,
     layers[leaf] = jnp.asarray(stacked)
   V, D = config.vocab_size, config.d_model
   params = {
-      "embed": jnp.asarray(fetch("model.embed_tokens.weight", (V, D))),
-      "layers": layers,
-      "final_norm": jnp.asarray(fetch("model.norm.weight", (D,))),
+    "embed": jnp.asarray(fetch("model.embed_tokens.weight", (V, D))),
+    "layers": layers,
+    "final_norm": jnp.asarray(fetch("model.norm.weight", (D,))),
   }
   if not config.tie_embeddings:
     params["lm_head"] = jnp.asarray(
-        fetch("lm_head.weight", (V, D), lambda w: w.T))
+      fetch("lm_head.weight", (V, D), lambda w: w.T)
+    )
   return params
 
 
-def load_pretrained(path: str, dtype: str | None = None
-                    ) -> tuple[ModelConfig, dict[str, Any]]:
+def load_pretrained(
+  path: str, dtype: str | None = None
+) -> tuple[ModelConfig, dict[str, Any]]:
   """Loads a Hugging Face checkpoint directory into kvjax.
 
   Args:
@@ -381,8 +427,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     if arr.dtype not in _NP_TO_ST:
       raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored.")
     data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-    header[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + len(data)]}
+    header[name] = {
+      "dtype": _NP_TO_ST[arr.dtype],
+      "shape": list(arr.shape),
+      "data_offsets": [offset, offset + len(data)],
+    }
     offset += len(data)
     blobs.append(data)
   raw = json.dumps(header, separators=(",", ":")).encode()
@@ -410,12 +459,16 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
   else:
     model_type = "llama"
   if c.sliding_window is not None and model_type != "mistral":
-    raise ValueError(f"a sliding window with {model_type} features "
-                     "(qk_norm / qkv-only bias) has no HF equivalent.")
+    raise ValueError(
+      f"a sliding window with {model_type} features "
+      "(qk_norm / qkv-only bias) has no HF equivalent."
+    )
   if model_type in ("qwen3", "mistral", "llama") and c.qkv_bias != c.o_bias:
-    raise ValueError(f"{model_type} has biases on q/k/v and o together or "
-                     f"not at all; got qkv_bias={c.qkv_bias}, "
-                     f"o_bias={c.o_bias}.")
+    raise ValueError(
+      f"{model_type} has biases on q/k/v and o together or "
+      f"not at all; got qkv_bias={c.qkv_bias}, "
+      f"o_bias={c.o_bias}."
+    )
   if model_type == "qwen2" and c.o_bias:
     raise ValueError("qwen2 has no output-projection bias.")
   rope = {"rope_type": "default", "rope_theta": c.rope_theta}
@@ -423,23 +476,37 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     rs = c.rope_scaling
     rope.update(rope_type=rs.rope_type, factor=rs.factor)
     if rs.rope_type == "llama3":
-      rope.update(low_freq_factor=rs.low_freq_factor,
-                  high_freq_factor=rs.high_freq_factor,
-                  original_max_position_embeddings=(
-                      rs.original_max_position_embeddings))
-  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+      rope.update(
+        low_freq_factor=rs.low_freq_factor,
+        high_freq_factor=rs.high_freq_factor,
+        original_max_position_embeddings=(rs.original_max_position_embeddings),
+      )
+  arch = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+  }
   out = {
-      "architectures": [arch[model_type]], "model_type": model_type,
-      "vocab_size": c.vocab_size, "hidden_size": c.d_model,
-      "intermediate_size": c.mlp_dim, "num_hidden_layers": c.num_layers,
-      "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-      "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
-      "max_position_embeddings": c.max_position_embeddings,
-      "tie_word_embeddings": c.tie_embeddings, "rope_theta": c.rope_theta,
-      "rope_parameters": rope, "dtype": c.dtype,
-      "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+    "architectures": [arch[model_type]],
+    "model_type": model_type,
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.d_model,
+    "intermediate_size": c.mlp_dim,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "num_key_value_heads": c.num_kv_heads,
+    "head_dim": c.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": c.norm_eps,
+    "max_position_embeddings": c.max_position_embeddings,
+    "tie_word_embeddings": c.tie_embeddings,
+    "rope_theta": c.rope_theta,
+    "rope_parameters": rope,
+    "dtype": c.dtype,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
   }
   if model_type != "qwen2":
     out["attention_bias"] = c.o_bias
@@ -447,38 +514,51 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
   return out
 
 
-def to_hf_tensors(params: dict[str, Any], config: ModelConfig
-                  ) -> dict[str, np.ndarray]:
+def to_hf_tensors(
+  params: dict[str, Any], config: ModelConfig
+) -> dict[str, np.ndarray]:
   """kvjax params -> {HF tensor name: numpy array} (inverse of loading)."""
-  D, N, K, H = config.d_model, config.num_heads, config.num_kv_heads, \
-      config.head_dim
-  out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
-         "model.norm.weight": np.asarray(params["final_norm"])}
+  D, N, K, H = (
+    config.d_model,
+    config.num_heads,
+    config.num_kv_heads,
+    config.head_dim,
+  )
+  out = {
+    "model.embed_tokens.weight": np.asarray(params["embed"]),
+    "model.norm.weight": np.asarray(params["final_norm"]),
+  }
   if not config.tie_embeddings:
     out["lm_head.weight"] = np.asarray(params["lm_head"]).T
   invert = {
-      "wq": lambda w: w.reshape(D, N * H).T,
-      "wk": lambda w: w.reshape(D, K * H).T,
-      "wv": lambda w: w.reshape(D, K * H).T,
-      "wo": lambda w: w.reshape(N * H, D).T,
-      "w_gate": lambda w: w.T, "w_up": lambda w: w.T, "w_down": lambda w: w.T,
-      "bq": lambda b: b.reshape(-1), "bk": lambda b: b.reshape(-1),
-      "bv": lambda b: b.reshape(-1),
+    "wq": lambda w: w.reshape(D, N * H).T,
+    "wk": lambda w: w.reshape(D, K * H).T,
+    "wv": lambda w: w.reshape(D, K * H).T,
+    "wo": lambda w: w.reshape(N * H, D).T,
+    "w_gate": lambda w: w.T,
+    "w_up": lambda w: w.T,
+    "w_down": lambda w: w.T,
+    "bq": lambda b: b.reshape(-1),
+    "bk": lambda b: b.reshape(-1),
+    "bv": lambda b: b.reshape(-1),
   }
   for leaf, (pattern, _) in _layer_tensor_map(config).items():
     stacked = np.asarray(params["layers"][leaf])
     for i in range(config.num_layers):
       w = stacked[i]
       out[pattern.format(i=i)] = np.ascontiguousarray(
-          invert[leaf](w) if leaf in invert else w)
+        invert[leaf](w) if leaf in invert else w
+      )
   return out
 
 
-def save_pretrained(path: str, params: dict[str, Any],
-                    config: ModelConfig) -> None:
+def save_pretrained(
+  path: str, params: dict[str, Any], config: ModelConfig
+) -> None:
   """Writes config.json + model.safetensors that transformers can load."""
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(config), f, indent=2)
-  write_safetensors(os.path.join(path, "model.safetensors"),
-                    to_hf_tensors(params, config))
+  write_safetensors(
+    os.path.join(path, "model.safetensors"), to_hf_tensors(params, config)
+  )

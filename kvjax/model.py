@@ -37,6 +37,7 @@ Params = dict[str, Any]
 #   final_norm [D]
 #   lm_head    [D, V]                                 (unless tied)
 
+
 class Tap(NamedTuple):
   """A named point of the decoder that can be captured and, where marked,
   replaced (penzai's `SaveIntermediate` and intervention in one list).
@@ -61,26 +62,56 @@ class Tap(NamedTuple):
 
 
 TAPS = (
-    Tap("resid", "[L, B, T, D]", "residual stream entering each layer",
-        replaceable=True),
-    Tap("q_pre_rope", "[L, B, T, N, H]", "queries before RoPE",
-        replaceable=True, compress="prefill"),
-    Tap("q", "[L, B, T, N, H]", "queries after RoPE", replaceable=True,
-        compress="prefill"),
-    Tap("k", "[L, B, T, K, H]", "new keys after RoPE (what the cache "
-        "stores)", replaceable=True),
-    Tap("v", "[L, B, T, K, H]", "new values", replaceable=True),
-    Tap("attn_probs", "[L, B, N, T, S]", "attention probabilities over the "
-        "cache slots (materialized)", compress="decode"),
-    Tap("attn_mass", "[L, B, N, S]", "attention summed over the written "
-        "(or `mass_mask`) queries, per slot", compress="prefill"),
-    Tap("attn_out", "[L, B, T, D]", "attention write into the residual",
-        replaceable=True),
-    Tap("mlp_out", "[L, B, T, D]", "MLP write into the residual",
-        replaceable=True),
-    Tap("final_hidden", "[B, T, D]", "residual after the last layer"),
-    Tap("final_norm", "[B, T, D]", "final normed hidden state (LM head "
-        "input)"),
+  Tap(
+    "resid",
+    "[L, B, T, D]",
+    "residual stream entering each layer",
+    replaceable=True,
+  ),
+  Tap(
+    "q_pre_rope",
+    "[L, B, T, N, H]",
+    "queries before RoPE",
+    replaceable=True,
+    compress="prefill",
+  ),
+  Tap(
+    "q",
+    "[L, B, T, N, H]",
+    "queries after RoPE",
+    replaceable=True,
+    compress="prefill",
+  ),
+  Tap(
+    "k",
+    "[L, B, T, K, H]",
+    "new keys after RoPE (what the cache stores)",
+    replaceable=True,
+  ),
+  Tap("v", "[L, B, T, K, H]", "new values", replaceable=True),
+  Tap(
+    "attn_probs",
+    "[L, B, N, T, S]",
+    "attention probabilities over the cache slots (materialized)",
+    compress="decode",
+  ),
+  Tap(
+    "attn_mass",
+    "[L, B, N, S]",
+    "attention summed over the written (or `mass_mask`) queries, per slot",
+    compress="prefill",
+  ),
+  Tap(
+    "attn_out",
+    "[L, B, T, D]",
+    "attention write into the residual",
+    replaceable=True,
+  ),
+  Tap(
+    "mlp_out", "[L, B, T, D]", "MLP write into the residual", replaceable=True
+  ),
+  Tap("final_hidden", "[B, T, D]", "residual after the last layer"),
+  Tap("final_norm", "[B, T, D]", "final normed hidden state (LM head input)"),
 )
 CAPTURE_NAMES = tuple(t.name for t in TAPS)
 INTERVENE_NAMES = tuple(t.name for t in TAPS if t.replaceable)
@@ -118,14 +149,26 @@ class ForwardOutput(NamedTuple):
 def param_shapes(config: ModelConfig) -> Params:
   """The parameter pytree as `jax.ShapeDtypeStruct`s."""
   c = config
-  L, D, N, K, H, F, V = (c.num_layers, c.d_model, c.num_heads,
-                         c.num_kv_heads, c.head_dim, c.mlp_dim, c.vocab_size)
+  L, D, N, K, H, F, V = (
+    c.num_layers,
+    c.d_model,
+    c.num_heads,
+    c.num_kv_heads,
+    c.head_dim,
+    c.mlp_dim,
+    c.vocab_size,
+  )
   s = lambda *shape: jax.ShapeDtypeStruct(shape, c.jnp_dtype)
   layers = {
-      "attn_norm": s(L, D), "mlp_norm": s(L, D),
-      "wq": s(L, D, N, H), "wk": s(L, D, K, H), "wv": s(L, D, K, H),
-      "wo": s(L, N, H, D),
-      "w_gate": s(L, D, F), "w_up": s(L, D, F), "w_down": s(L, F, D),
+    "attn_norm": s(L, D),
+    "mlp_norm": s(L, D),
+    "wq": s(L, D, N, H),
+    "wk": s(L, D, K, H),
+    "wv": s(L, D, K, H),
+    "wo": s(L, N, H, D),
+    "w_gate": s(L, D, F),
+    "w_up": s(L, D, F),
+    "w_down": s(L, F, D),
   }
   if c.qkv_bias:
     layers.update(bq=s(L, N, H), bk=s(L, K, H), bv=s(L, K, H))
@@ -143,8 +186,12 @@ def param_shapes(config: ModelConfig) -> Params:
 RESIDUAL_OUTPUTS = ("wo", "w_down")
 
 
-def init_params(config: ModelConfig, rng: Array, std: float = 0.02,
-                out_std: float | None = None) -> Params:
+def init_params(
+  config: ModelConfig,
+  rng: Array,
+  std: float = 0.02,
+  out_std: float | None = None,
+) -> Params:
   """Random parameters: N(0, std) matrices and biases, unit norm weights.
 
   Args:
@@ -166,8 +213,9 @@ def init_params(config: ModelConfig, rng: Array, std: float = 0.02,
     if "norm" in name:
       out.append(jnp.ones(sds.shape, sds.dtype))
     elif out_std is not None and name.strip("[]'\"") in RESIDUAL_OUTPUTS:
-      out.append((out_std * jax.random.normal(key, sds.shape)).astype(
-          sds.dtype))
+      out.append(
+        (out_std * jax.random.normal(key, sds.shape)).astype(sds.dtype)
+      )
     else:
       out.append((std * jax.random.normal(key, sds.shape)).astype(sds.dtype))
   return jax.tree.unflatten(treedef, out)
@@ -187,8 +235,10 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   """[H/2] float32 inverse frequencies, with rope scaling applied."""
   H = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (
-      np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+  inv_freq = 1.0 / (
+    config.rope_theta
+    ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H)
+  )
   inv_freq = inv_freq.astype(np.float32)
   rs = config.rope_scaling
   if rs is None:
@@ -203,7 +253,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   wavelen = 2 * math.pi / inv_freq
   scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
   smooth = (old_len / wavelen - rs.low_freq_factor) / (
-      rs.high_freq_factor - rs.low_freq_factor)
+    rs.high_freq_factor - rs.low_freq_factor
+  )
   smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
   medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
   return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -219,19 +270,19 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def decoder_layer(
-    x: Array,  # [B, T, D]
-    p: Params,  # one layer's params (no L axis)
-    layer_cache: tuple[Any, Any, Array, Array],  # L-stacked k, v, pos, valid
-    *,
-    positions: Array,  # [B, T]
-    slots: Array,  # [B, T]
-    config: ModelConfig,
-    inv_freq: np.ndarray,
-    backend: attention_lib.Backend | str,
-    capture: tuple[str, ...],
-    layer: Array | int,  # [] int32 layer index (traced inside the scan)
-    intervene: Intervene | None = None,
-    mass_weights: Array | None = None,  # [B, T] bool: "attn_mass" queries
+  x: Array,  # [B, T, D]
+  p: Params,  # one layer's params (no L axis)
+  layer_cache: tuple[Any, Any, Array, Array],  # L-stacked k, v, pos, valid
+  *,
+  positions: Array,  # [B, T]
+  slots: Array,  # [B, T]
+  config: ModelConfig,
+  inv_freq: np.ndarray,
+  backend: attention_lib.Backend | str,
+  capture: tuple[str, ...],
+  layer: Array | int,  # [] int32 layer index (traced inside the scan)
+  intervene: Intervene | None = None,
+  mass_weights: Array | None = None,  # [B, T] bool: "attn_mass" queries
 ) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
@@ -249,12 +300,14 @@ def decoder_layer(
     if intervene is not None:
       new = intervene(layer, name, value)
       if getattr(new, "shape", None) != value.shape or (
-          getattr(new, "dtype", None) != value.dtype):
+        getattr(new, "dtype", None) != value.dtype
+      ):
         raise ValueError(
-            f"intervene must return the tap's shape and dtype: {name} is "
-            f"{value.dtype}{list(value.shape)}, got "
-            f"{getattr(new, 'dtype', type(new).__name__)}"
-            f"{list(getattr(new, 'shape', ()))}.")
+          f"intervene must return the tap's shape and dtype: {name} is "
+          f"{value.dtype}{list(value.shape)}, got "
+          f"{getattr(new, 'dtype', type(new).__name__)}"
+          f"{list(getattr(new, 'shape', ()))}."
+        )
       value = new
     if name in capture:
       captured[name] = value
@@ -282,10 +335,16 @@ def decoder_layer(
   # The reference materializes probabilities anyway: its mass comes from
   # them; the engine's from a second pass against the LSE.
   want_probs = "attn_probs" in capture or (
-      "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE)
+    "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE
+  )
   att = attention_lib.cached_attention(
-      q, view, q_pos=positions, sliding_window=c.sliding_window,
-      backend=backend, return_probs=want_probs)
+    q,
+    view,
+    q_pos=positions,
+    sliding_window=c.sliding_window,
+    backend=backend,
+    return_probs=want_probs,
+  )
   out, probs = att.out, att.probs  # out [B, T, N, H]
   if "attn_probs" in capture:
     captured["attn_probs"] = probs
@@ -312,8 +371,13 @@ def decoder_layer(
       captured["attn_mass"] = jnp.einsum("bnts,bt->bns", probs, q_live)
     else:
       captured["attn_mass"] = attention_lib.attention_mass(
-          q, view, att.lse, q_live, q_pos=positions,
-          sliding_window=c.sliding_window)
+        q,
+        view,
+        att.lse,
+        q_live,
+        q_pos=positions,
+        sliding_window=c.sliding_window,
+      )
   return x, layer_cache, captured
 
 
@@ -321,8 +385,9 @@ def decoder_layer(
 # Forward.
 
 
-def _check_forward_args(params, tokens, cache, config, positions, token_mask,
-                        capture, intervene=None):
+def _check_forward_args(
+  params, tokens, cache, config, positions, token_mask, capture, intervene=None
+):
   """`forward`'s own checks (capture, intervene, mask) around the shared
   ones in `kvjax.checks`; returns tokens as an array."""
   checks.check_config(config)
@@ -332,15 +397,19 @@ def _check_forward_args(params, tokens, cache, config, positions, token_mask,
   checks.check_params(params, config)
   checks.check_positions(positions, B, T)
   if token_mask is not None and tuple(token_mask.shape) != (B, T):
-    raise ValueError(f"token_mask must have shape {(B, T)}, got "
-                     f"{tuple(token_mask.shape)}.")
+    raise ValueError(
+      f"token_mask must have shape {(B, T)}, got {tuple(token_mask.shape)}."
+    )
   bad = [n for n in capture if n not in CAPTURE_NAMES]
   if bad or not isinstance(capture, tuple):
-    raise ValueError(f"capture must be a tuple of names from {CAPTURE_NAMES},"
-                     f" got {capture!r}.")
+    raise ValueError(
+      f"capture must be a tuple of names from {CAPTURE_NAMES}, got {capture!r}."
+    )
   if intervene is not None and not callable(intervene):
-    raise TypeError("intervene must be None or a callable (layer, name, "
-                    f"value) -> value, got {type(intervene).__name__}.")
+    raise TypeError(
+      "intervene must be None or a callable (layer, name, "
+      f"value) -> value, got {type(intervene).__name__}."
+    )
   return tokens
 
 
@@ -353,17 +422,17 @@ def unembed(params: Params, config: ModelConfig, x: Array) -> Array:
 
 
 def forward(
-    params: Params,
-    tokens: Array,
-    cache: KVCache,
-    *,
-    config: ModelConfig,
-    positions: Array | None = None,
-    token_mask: Array | None = None,
-    capture: tuple[str, ...] = (),
-    backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
-    intervene: Intervene | None = None,
-    mass_mask: Array | None = None,
+  params: Params,
+  tokens: Array,
+  cache: KVCache,
+  *,
+  config: ModelConfig,
+  positions: Array | None = None,
+  token_mask: Array | None = None,
+  capture: tuple[str, ...] = (),
+  backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
+  intervene: Intervene | None = None,
+  mass_mask: Array | None = None,
 ) -> ForwardOutput:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -418,21 +487,27 @@ def forward(
       value checks are skipped: a write past capacity is dropped instead
       and `kvjax.cache.cache_overflowed` reports it.
   """
-  tokens = _check_forward_args(params, tokens, cache, config, positions,
-                               token_mask, capture, intervene)
+  tokens = _check_forward_args(
+    params, tokens, cache, config, positions, token_mask, capture, intervene
+  )
   backend = attention_lib.resolve_backend(backend)
   B, T = tokens.shape
   S = cache.capacity
   if token_mask is None:
     token_mask = jnp.ones((B, T), bool)
   if mass_mask is not None and tuple(mass_mask.shape) != (B, T):
-    raise ValueError(f"mass_mask must have shape {(B, T)}, got "
-                     f"{tuple(mass_mask.shape)}.")
+    raise ValueError(
+      f"mass_mask must have shape {(B, T)}, got {tuple(mass_mask.shape)}."
+    )
   if checks.is_concrete(token_mask):
     n_host = np.asarray(token_mask).astype(bool).sum(axis=1)
-    checks.check_room(cache, n_host, f"writing {int(n_host.max())} tokens",
-                      "Build the cache with a larger `capacity` (prompt "
-                      "length + new tokens) or compress it first.")
+    checks.check_room(
+      cache,
+      n_host,
+      f"writing {int(n_host.max())} tokens",
+      "Build the cache with a larger `capacity` (prompt "
+      "length + new tokens) or compress it first.",
+    )
   new = next_entries(cache, token_mask, positions)
   positions, slots, n_new = new  # [B, T], [B, T] (S: not written), [B]
   mass_weights = None if mass_mask is None else mass_mask.astype(bool)
@@ -447,9 +522,19 @@ def forward(
     x, layer_cache = carry
     p, layer = xs
     x, layer_cache, captured = decoder_layer(
-        x, p, layer_cache, positions=positions, slots=slots, config=config,
-        inv_freq=inv_freq, backend=backend, capture=capture, layer=layer,
-        intervene=intervene, mass_weights=mass_weights)
+      x,
+      p,
+      layer_cache,
+      positions=positions,
+      slots=slots,
+      config=config,
+      inv_freq=inv_freq,
+      backend=backend,
+      capture=capture,
+      layer=layer,
+      intervene=intervene,
+      mass_weights=mass_weights,
+    )
     return (x, layer_cache), captured
 
   layer_caches = (cache.k, cache.v, cache.pos, cache.valid)
@@ -462,6 +547,12 @@ def forward(
     aux["final_norm"] = x
   logits = unembed(params, config, x)
   k, v, pos, valid = layer_caches
-  cache = cache._replace(k=k, v=v, pos=pos, valid=valid,
-                         end=cache.end + n_new, length=cache.length + n_new)
+  cache = cache._replace(
+    k=k,
+    v=v,
+    pos=pos,
+    valid=valid,
+    end=cache.end + n_new,
+    length=cache.length + n_new,
+  )
   return ForwardOutput(logits, cache, aux)

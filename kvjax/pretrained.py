@@ -18,8 +18,7 @@ from typing import Any
 from kvjax import hf
 from kvjax.config import ModelConfig
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                          "assets")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 MODELS = ("kvjax-tiny",)
 
 
@@ -30,17 +29,19 @@ def path(name: str) -> str:
     ValueError: unknown name, or its files are missing from the install.
   """
   if name not in MODELS:
-    raise ValueError(f"unknown pretrained model {name!r}; available: "
-                     f"{MODELS}.")
+    raise ValueError(f"unknown pretrained model {name!r}; available: {MODELS}.")
   model_dir = os.path.join(ASSETS_DIR, name)
   if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
-    raise ValueError(f"pretrained model {name!r} has no weights at "
-                     f"{model_dir!r}; is the package data installed?")
+    raise ValueError(
+      f"pretrained model {name!r} has no weights at "
+      f"{model_dir!r}; is the package data installed?"
+    )
   return model_dir
 
 
-def load(name: str = "kvjax-tiny", dtype: str | None = None
-         ) -> tuple[ModelConfig, dict[str, Any]]:
+def load(
+  name: str = "kvjax-tiny", dtype: str | None = None
+) -> tuple[ModelConfig, dict[str, Any]]:
   """Loads a shipped model; no network access.
 
   Args:

@@ -18,15 +18,23 @@ from kvjax import checks
 from kvjax import compress
 from kvjax.cache import CodedKV, Codec, TailedKV
 
-CONFIG = kvjax.ModelConfig(vocab_size=64, d_model=32, num_layers=2,
-                           num_heads=2, num_kv_heads=1, head_dim=16,
-                           mlp_dim=64, max_position_embeddings=24,
-                           name="bad-inputs")
+CONFIG = kvjax.ModelConfig(
+  vocab_size=64,
+  d_model=32,
+  num_layers=2,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+  mlp_dim=64,
+  max_position_embeddings=24,
+  name="bad-inputs",
+)
 V = CONFIG.vocab_size
 PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
 B, T = 2, 8
-TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (B, T), 1, V),
-                    np.int32)
+TOKENS = np.asarray(
+  jax.random.randint(jax.random.key(1), (B, T), 1, V), np.int32
+)
 KEY = jax.random.key(0)
 OOV = r"token ids must be in \[0, 64\)"
 
@@ -52,21 +60,33 @@ def _decode(token=None, **kw):
 def _decode_step(token=None, rng=None, **kw):
   token = TOKENS[:, 0] if token is None else token
   rng = KEY if rng is None else rng
-  return kvjax.decode_step(PARAMS, token, kw.pop("cache", CACHE), rng,
-                           config=CONFIG, **kw)
+  return kvjax.decode_step(
+    PARAMS, token, kw.pop("cache", CACHE), rng, config=CONFIG, **kw
+  )
 
 
 def _observe(observe=None, transform=None, **kw):
   transform = compress.snapkv(budget=4) if transform is None else transform
   observe = TOKENS[:, :3] if observe is None else observe
-  return kvjax.compress_observing(PARAMS, kw.pop("cache", CACHE), observe,
-                                  config=CONFIG, transform=transform, **kw)
+  return kvjax.compress_observing(
+    PARAMS,
+    kw.pop("cache", CACHE),
+    observe,
+    config=CONFIG,
+    transform=transform,
+    **kw,
+  )
 
 
 def _compress_cache(transform, cache=CACHE):
-  return kvjax.compress_cache(cache, transform, config=CONFIG, observed={},
-                              positions=np.zeros((B, 3), np.int32),
-                              mask=np.ones((B, 3), bool))
+  return kvjax.compress_cache(
+    cache,
+    transform,
+    config=CONFIG,
+    observed={},
+    positions=np.zeros((B, 3), np.int32),
+    mask=np.ones((B, 3), bool),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -75,8 +95,11 @@ def _compress_cache(transform, cache=CACHE):
 
 def test_generate_rejects_an_empty_batch(count_compiles):
   with count_compiles() as c:
-    with pytest.raises(ValueError, match=r"prompt_tokens must have shape "
-                       r"\[B, T\] with B >= 1 and T >= 1, got \(0, 8\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"prompt_tokens must have shape "
+      r"\[B, T\] with B >= 1 and T >= 1, got \(0, 8\)",
+    ):
       _generate(prompt_tokens=np.zeros((0, T), np.int32))
     with pytest.raises(ValueError, match=r"tokens must have shape"):
       kvjax.prefill(PARAMS, np.zeros((0, T), np.int32), config=CONFIG)
@@ -91,8 +114,11 @@ def test_prompt_lengths_as_a_python_list_work():
     got = _generate(prompt_lengths=lengths)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.cache.end, want.cache.end)
-  with pytest.raises(ValueError, match=r"prompt_lengths must have shape "
-                     r"\(2,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"prompt_lengths must have shape "
+    r"\(2,\)",
+  ):
     _generate(prompt_lengths=[T])
   with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 8\]"):
     _generate(prompt_lengths=[T, T + 1])
@@ -106,8 +132,11 @@ def test_prompt_lengths_as_a_python_list_work():
 
 def test_rng_must_be_a_prng_key_typed_or_legacy():
   for call in (_generate, _decode):
-    with pytest.raises(TypeError, match=r"rng must be a jax PRNG key: "
-                       r"jax.random.key\(seed\)"):
+    with pytest.raises(
+      TypeError,
+      match=r"rng must be a jax PRNG key: "
+      r"jax.random.key\(seed\)",
+    ):
       call(rng=0, temperature=1.0)
   with pytest.raises(TypeError, match="rng must be a jax PRNG key"):
     _decode_step(rng=np.zeros(3, np.uint32))
@@ -120,20 +149,26 @@ def test_rng_must_be_a_prng_key_typed_or_legacy():
 # 4: transform.
 
 
-@pytest.mark.parametrize("entry", ["prefill", "generate", "decode",
-                                   "compress_observing", "compress_cache"])
+@pytest.mark.parametrize(
+  "entry",
+  ["prefill", "generate", "decode", "compress_observing", "compress_cache"],
+)
 def test_transform_must_be_a_kvtransform(entry, count_compiles):
   call = {
-      "prefill": lambda t: kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                                         transform=t),
-      "generate": lambda t: _generate(transform=t),
-      "decode": lambda t: _decode(transform=t),
-      "compress_observing": lambda t: _observe(transform=t),
-      "compress_cache": _compress_cache,
+    "prefill": lambda t: kvjax.prefill(
+      PARAMS, TOKENS, config=CONFIG, transform=t
+    ),
+    "generate": lambda t: _generate(transform=t),
+    "decode": lambda t: _decode(transform=t),
+    "compress_observing": lambda t: _observe(transform=t),
+    "compress_cache": _compress_cache,
   }[entry]
   with count_compiles() as c:
-    with pytest.raises(TypeError, match=f"{entry}: transform must be .*"
-                       "KVTransform.* got 'snapkv' \\(str\\)"):
+    with pytest.raises(
+      TypeError,
+      match=f"{entry}: transform must be .*"
+      "KVTransform.* got 'snapkv' \\(str\\)",
+    ):
       call("snapkv")
     with pytest.raises(TypeError, match="transform must be"):
       call(("not", "a", "transform"))
@@ -144,30 +179,43 @@ def test_transform_must_be_a_kvtransform(entry, count_compiles):
 # 5: params of another config.
 
 
-@pytest.mark.parametrize("change, leaf, got, want", [
+@pytest.mark.parametrize(
+  "change, leaf, got, want",
+  [
     (dict(d_model=48), "['embed']", (64, 48), (64, 32)),
     (dict(num_layers=1), "['layers']['attn_norm']", (1, 32), (2, 32)),
     (dict(vocab_size=80), "['embed']", (80, 32), (64, 32)),
-])
+  ],
+)
 def test_params_of_another_config_fail_before_compiling(
-    count_compiles, change, leaf, got, want):
-  other = jax.eval_shape(lambda: kvjax.init_params(CONFIG.replace(**change),
-                                                   jax.random.key(0)))
+  count_compiles, change, leaf, got, want
+):
+  other = jax.eval_shape(
+    lambda: kvjax.init_params(CONFIG.replace(**change), jax.random.key(0))
+  )
   other = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), other)
-  message = (f"params{leaf} has shape {got}, config 'bad-inputs' .* expects "
-             f"{want}").replace("[", r"\[").replace("]", r"\]").replace(
-                 "(", r"\(").replace(")", r"\)")
+  message = (
+    (f"params{leaf} has shape {got}, config 'bad-inputs' .* expects {want}")
+    .replace("[", r"\[")
+    .replace("]", r"\]")
+    .replace("(", r"\(")
+    .replace(")", r"\)")
+  )
   calls = [
-      lambda: kvjax.generate(other, TOKENS, config=CONFIG, max_new_tokens=2),
-      lambda: kvjax.prefill(other, TOKENS, config=CONFIG),
-      lambda: kvjax.forward(other, TOKENS, CACHE, config=CONFIG),
-      lambda: kvjax.decode(other, CACHE, TOKENS[:, 0], config=CONFIG,
-                           max_new_tokens=2),
-      lambda: kvjax.decode_step(other, TOKENS[:, 0], CACHE, KEY,
-                                config=CONFIG),
-      lambda: kvjax.compress_observing(other, CACHE, TOKENS[:, :3],
-                                       config=CONFIG,
-                                       transform=compress.snapkv(budget=4)),
+    lambda: kvjax.generate(other, TOKENS, config=CONFIG, max_new_tokens=2),
+    lambda: kvjax.prefill(other, TOKENS, config=CONFIG),
+    lambda: kvjax.forward(other, TOKENS, CACHE, config=CONFIG),
+    lambda: kvjax.decode(
+      other, CACHE, TOKENS[:, 0], config=CONFIG, max_new_tokens=2
+    ),
+    lambda: kvjax.decode_step(other, TOKENS[:, 0], CACHE, KEY, config=CONFIG),
+    lambda: kvjax.compress_observing(
+      other,
+      CACHE,
+      TOKENS[:, :3],
+      config=CONFIG,
+      transform=compress.snapkv(budget=4),
+    ),
   ]
   with count_compiles() as c:
     for call in calls:
@@ -181,12 +229,18 @@ def test_params_missing_extra_or_of_another_dtype():
   with pytest.raises(ValueError, match=r"params\['lm_head'\] is missing"):
     kvjax.prefill(missing, TOKENS, config=CONFIG)
   extra = dict(PARAMS, layers=dict(PARAMS["layers"], bq=PARAMS["embed"]))
-  with pytest.raises(ValueError, match=r"params\['layers'\]\['bq'\] is not a "
-                     "parameter"):
+  with pytest.raises(
+    ValueError,
+    match=r"params\['layers'\]\['bq'\] is not a "
+    "parameter",
+  ):
     kvjax.prefill(extra, TOKENS, config=CONFIG)
   half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
-  with pytest.raises(ValueError, match=r"params\['embed'\] has dtype bfloat16"
-                     ".* expects float32"):
+  with pytest.raises(
+    ValueError,
+    match=r"params\['embed'\] has dtype bfloat16"
+    ".* expects float32",
+  ):
     kvjax.prefill(half, TOKENS, config=CONFIG)
 
 
@@ -204,10 +258,10 @@ def test_temperature_must_be_finite_and_non_negative(temperature):
     _generate(temperature="hot")
 
 
-@pytest.mark.parametrize("name, value", [("stop_token", V),
-                                         ("stop_token", -1),
-                                         ("pad_token", V),
-                                         ("pad_token", -2)])
+@pytest.mark.parametrize(
+  "name, value",
+  [("stop_token", V), ("stop_token", -1), ("pad_token", V), ("pad_token", -2)],
+)
 def test_stop_and_pad_tokens_must_be_in_the_vocabulary(name, value):
   for call in (_generate, _decode):
     with pytest.raises(ValueError, match=rf"{name} must be .*in \[0, 64\)"):
@@ -221,8 +275,11 @@ def test_stop_and_pad_tokens_must_be_in_the_vocabulary(name, value):
 
 
 def test_generating_past_max_position_embeddings_warns():
-  with pytest.warns(UserWarning, match=r"prompt length 8 \+ max_new_tokens "
-                    r"20 = 28 exceeds the model's max_position_embeddings=24"):
+  with pytest.warns(
+    UserWarning,
+    match=r"prompt length 8 \+ max_new_tokens "
+    r"20 = 28 exceeds the model's max_position_embeddings=24",
+  ):
     out = _generate(max_new_tokens=20)
   assert out.tokens.shape == (B, 20)  # a warning, not an error
 
@@ -234,13 +291,19 @@ def test_generating_past_max_position_embeddings_warns():
 def test_integer_cache_dtype_is_rejected(count_compiles):
   int8_cache = _cache(dtype=jnp.int8)
   with count_compiles() as c:
-    for call in (lambda: kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                                       cache_dtype=jnp.int8),
-                 lambda: _generate(cache_dtype=jnp.int8),
-                 lambda: _generate(cache_dtype="int32")):
-      with pytest.raises(ValueError, match=r"cache_dtype=.* is not "
-                         r"supported; allowed: None .*'float32', "
-                         r"'bfloat16', 'float16'"):
+    for call in (
+      lambda: kvjax.prefill(
+        PARAMS, TOKENS, config=CONFIG, cache_dtype=jnp.int8
+      ),
+      lambda: _generate(cache_dtype=jnp.int8),
+      lambda: _generate(cache_dtype="int32"),
+    ):
+      with pytest.raises(
+        ValueError,
+        match=r"cache_dtype=.* is not "
+        r"supported; allowed: None .*'float32', "
+        r"'bfloat16', 'float16'",
+      ):
         call()
     # A cache built by init_cache(dtype=int8) is caught where it is used.
     with pytest.raises(ValueError, match=r"cache.k has dtype int8"):
@@ -258,16 +321,26 @@ def test_forward_rejects_negative_or_float_positions(count_compiles):
   positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
   positions[1, 2] = -3
   with count_compiles() as c:
-    with pytest.raises(ValueError, match="positions must be >= 0 .* minimum "
-                       "of -3"):
+    with pytest.raises(
+      ValueError, match="positions must be >= 0 .* minimum of -3"
+    ):
       kvjax.forward(PARAMS, TOKENS, CACHE, config=CONFIG, positions=positions)
     with pytest.raises(TypeError, match="positions must be an integer array"):
-      kvjax.forward(PARAMS, TOKENS, CACHE, config=CONFIG,
-                    positions=positions.astype(np.float32))
-    with pytest.raises(ValueError, match=r"positions must have shape "
-                       r"\(2, 8\)"):
-      kvjax.forward(PARAMS, TOKENS, CACHE, config=CONFIG,
-                    positions=positions[:, :3])
+      kvjax.forward(
+        PARAMS,
+        TOKENS,
+        CACHE,
+        config=CONFIG,
+        positions=positions.astype(np.float32),
+      )
+    with pytest.raises(
+      ValueError,
+      match=r"positions must have shape "
+      r"\(2, 8\)",
+    ):
+      kvjax.forward(
+        PARAMS, TOKENS, CACHE, config=CONFIG, positions=positions[:, :3]
+      )
   assert c["n"] == 0
 
 
@@ -275,28 +348,42 @@ def _coded(cache):
   """The cache with k and v replaced by (empty) coded payloads."""
   L, Bc, K, S = cache.pos.shape
   codec = Codec("fake", None, None)
-  code = lambda: CodedKV({"codes": jnp.zeros((L, Bc, K, S, 4), jnp.uint8)},
-                         {}, codec)
-  return cache._replace(k=code(), v=TailedKV(code(), jnp.zeros(
-      (L, Bc, K, 2, CONFIG.head_dim))))
+  code = lambda: CodedKV(
+    {"codes": jnp.zeros((L, Bc, K, S, 4), jnp.uint8)}, {}, codec
+  )
+  return cache._replace(
+    k=code(), v=TailedKV(code(), jnp.zeros((L, Bc, K, 2, CONFIG.head_dim)))
+  )
 
 
-@pytest.mark.parametrize("cache, match", [
-    (_cache(config=CONFIG.replace(head_dim=8)),
-     r"cache.k has shape \(2, 2, 1, 12, 8\), expected \[L, B, K, S, H\] = "
-     r"\(2, 2, 1, 12, 16\) \(config head_dim=16\)"),
-    (_cache(config=CONFIG.replace(num_kv_heads=2)),
-     "cache has 2 kv heads, config has num_kv_heads=1"),
-    (_cache(config=CONFIG.replace(num_layers=3)),
-     "cache has 3 layers, config has num_layers=2"),
+@pytest.mark.parametrize(
+  "cache, match",
+  [
+    (
+      _cache(config=CONFIG.replace(head_dim=8)),
+      r"cache.k has shape \(2, 2, 1, 12, 8\), expected \[L, B, K, S, H\] = "
+      r"\(2, 2, 1, 12, 16\) \(config head_dim=16\)",
+    ),
+    (
+      _cache(config=CONFIG.replace(num_kv_heads=2)),
+      "cache has 2 kv heads, config has num_kv_heads=1",
+    ),
+    (
+      _cache(config=CONFIG.replace(num_layers=3)),
+      "cache has 3 layers, config has num_layers=2",
+    ),
     (_cache(dtype=jnp.int8), "cache.k has dtype int8"),
     (_cache()._replace(v=_cache(dtype=jnp.int32).v), "cache.v has dtype int32"),
-    (_coded(_cache(config=CONFIG.replace(num_kv_heads=2))),
-     "cache has 2 kv heads"),
+    (
+      _coded(_cache(config=CONFIG.replace(num_kv_heads=2))),
+      "cache has 2 kv heads",
+    ),
     (_cache(batch=3), "tokens have batch 2, cache has batch 3"),
-])
-def test_forward_rejects_a_cache_of_another_config(cache, match,
-                                                   count_compiles):
+  ],
+)
+def test_forward_rejects_a_cache_of_another_config(
+  cache, match, count_compiles
+):
   with count_compiles() as c:
     with pytest.raises(ValueError, match=match):
       kvjax.forward(PARAMS, TOKENS, cache, config=CONFIG)
@@ -321,14 +408,14 @@ def test_out_of_vocabulary_tokens_are_rejected_by_every_entry(count_compiles):
   neg[0] = -1
   with count_compiles() as c:
     for call in (
-        lambda: kvjax.forward(PARAMS, bad, CACHE, config=CONFIG),
-        lambda: kvjax.prefill(PARAMS, bad, config=CONFIG),
-        lambda: _generate(prompt_tokens=bad),
-        lambda: _decode(token=bad[:, 2]),
-        lambda: _decode(token=neg),
-        lambda: _decode_step(token=neg),  # host data: checked, no sync
-        lambda: _decode_step(token=[3, V]),
-        lambda: _observe(observe=bad[:, :3]),
+      lambda: kvjax.forward(PARAMS, bad, CACHE, config=CONFIG),
+      lambda: kvjax.prefill(PARAMS, bad, config=CONFIG),
+      lambda: _generate(prompt_tokens=bad),
+      lambda: _decode(token=bad[:, 2]),
+      lambda: _decode(token=neg),
+      lambda: _decode_step(token=neg),  # host data: checked, no sync
+      lambda: _decode_step(token=[3, V]),
+      lambda: _observe(observe=bad[:, :3]),
     ):
       with pytest.raises(ValueError, match=OOV):
         call()
@@ -337,13 +424,19 @@ def test_out_of_vocabulary_tokens_are_rejected_by_every_entry(count_compiles):
 
 def test_decode_token_must_be_one_per_row():
   for call in (_decode, _decode_step):
-    with pytest.raises(ValueError, match=r"token must have shape \[B\] = "
-                       r"\(2,\) .* got \(2, 1\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"token must have shape \[B\] = "
+      r"\(2,\) .* got \(2, 1\)",
+    ):
       call(token=TOKENS[:, :1])
     with pytest.raises(TypeError, match="token must be an integer array"):
       call(token=TOKENS[:, 0].astype(np.float32))
-  with pytest.raises(ValueError, match=r"observe has batch 1, the cache has "
-                     "batch 2"):
+  with pytest.raises(
+    ValueError,
+    match=r"observe has batch 1, the cache has "
+    "batch 2",
+  ):
     _observe(observe=TOKENS[:1, :3])
 
 
@@ -372,20 +465,26 @@ def _leaky(mode):
       cache, _ = compress.compact(cache, cache.valid, ctx.q_mask.shape[1])
     return cache, state
 
-  return compress.KVTransform(init=lambda cache: (), apply=apply,
-                              keeps=lambda live: live,
-                              every=1 if mode == "no_evict" else 0,
-                              bounded=mode == "no_evict",
-                              name=f"leaky_{mode}")
+  return compress.KVTransform(
+    init=lambda cache: (),
+    apply=apply,
+    keeps=lambda live: live,
+    every=1 if mode == "no_evict" else 0,
+    bounded=mode == "no_evict",
+    name=f"leaky_{mode}",
+  )
 
 
 LEAKS = {mode: _leaky(mode) for mode in ("overrun", "no_room", "no_evict")}
 
 
 def test_prefill_and_compress_raise_on_overflow():
-  with pytest.raises(ValueError, match=r"prefill: cache overflow: rows "
-                     r"\[0, 1\] ran past the capacity 8 \(write index up to "
-                     "16\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"prefill: cache overflow: rows "
+    r"\[0, 1\] ran past the capacity 8 \(write index up to "
+    "16\)",
+  ):
     kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=LEAKS["overrun"])
   _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, capacity=T + 3)
   with pytest.raises(ValueError, match="compress_cache: cache overflow"):
@@ -395,27 +494,39 @@ def test_prefill_and_compress_raise_on_overflow():
 
 
 def test_generate_and_decode_raise_on_overflow():
-  with pytest.raises(ValueError, match="generate: cache overflow: rows "
-                     r"\[0, 1\] ran past the capacity 8 \(write index up to "
-                     "11\)"):
+  with pytest.raises(
+    ValueError,
+    match="generate: cache overflow: rows "
+    r"\[0, 1\] ran past the capacity 8 \(write index up to "
+    "11\)",
+  ):
     _generate(transform=LEAKS["no_room"])
   leak = LEAKS["no_evict"]
-  logits, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=leak,
-                                capacity=T + 1)
+  logits, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, transform=leak, capacity=T + 1
+  )
   first = logits[:, -1].argmax(-1).astype(jnp.int32)
   # The up-front check passes (one write fits before the transform acts,
   # which is all a decode-time transform is asked for) ...
-  with pytest.raises(ValueError, match=r"decode: cache overflow: .* capacity "
-                     "9"):
-    kvjax.decode(PARAMS, cache, first, config=CONFIG, max_new_tokens=3,
-                 transform=leak)
+  with pytest.raises(
+    ValueError,
+    match=r"decode: cache overflow: .* capacity "
+    "9",
+  ):
+    kvjax.decode(
+      PARAMS, cache, first, config=CONFIG, max_new_tokens=3, transform=leak
+    )
   # ... and without room for even one write it fails before running.
   full = cache._replace(end=cache.end + 1)
-  with pytest.raises(ValueError, match="cache capacity exceeded: decoding "
-                     "with leaky_no_evict .* needs 1 more slots than row 0 "
-                     "has \(capacity 9\)"):
-    kvjax.decode(PARAMS, full, first, config=CONFIG, max_new_tokens=3,
-                 transform=leak)
+  with pytest.raises(
+    ValueError,
+    match="cache capacity exceeded: decoding "
+    "with leaky_no_evict .* needs 1 more slots than row 0 "
+    "has \(capacity 9\)",
+  ):
+    kvjax.decode(
+      PARAMS, full, first, config=CONFIG, max_new_tokens=3, transform=leak
+    )
 
 
 def test_decode_step_leaves_the_overflow_flag_to_the_caller():

@@ -17,8 +17,11 @@ from kvjax import compress
 
 CONFIG = kvjax.get_config("tiny")
 GEOMETRY = kvjax.AttentionGeometry(
-    num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
-    head_dim=CONFIG.head_dim, rope_theta=CONFIG.rope_theta)
+  num_heads=CONFIG.num_heads,
+  num_kv_heads=CONFIG.num_kv_heads,
+  head_dim=CONFIG.head_dim,
+  rope_theta=CONFIG.rope_theta,
+)
 B, T, CAPACITY = 2, 40, 48
 
 
@@ -29,11 +32,16 @@ def _rms(x, w, eps=CONFIG.norm_eps):
 def _rope(x, pos):
   """Rotate-half RoPE, x [B, T, heads, H], pos [B, T]."""
   H = x.shape[-1]
-  inv = 1.0 / GEOMETRY.rope_theta**(np.arange(0, H, 2) / H)
+  inv = 1.0 / GEOMETRY.rope_theta ** (np.arange(0, H, 2) / H)
   ang = pos[..., None, None].astype(jnp.float32) * inv  # [B, T, 1, H/2]
-  x1, x2 = x[..., :H // 2], x[..., H // 2:]
-  return jnp.concatenate([x1 * jnp.cos(ang) - x2 * jnp.sin(ang),
-                          x2 * jnp.cos(ang) + x1 * jnp.sin(ang)], -1)
+  x1, x2 = x[..., : H // 2], x[..., H // 2 :]
+  return jnp.concatenate(
+    [
+      x1 * jnp.cos(ang) - x2 * jnp.sin(ang),
+      x2 * jnp.cos(ang) + x1 * jnp.sin(ang),
+    ],
+    -1,
+  )
 
 
 def own_forward(params, tokens, cache, mask):
@@ -62,11 +70,12 @@ def own_forward(params, tokens, cache, mask):
 
 
 TRANSFORMS = {
-    "snapkv": lambda: compress.snapkv(ratio=0.5, window_size=8),
-    "expected_attention+int4": lambda: compress.chain(
-        compress.expected_attention(ratio=0.5, n_future_positions=16),
-        compress.uniform(4)),
-    "turboquant3": lambda: compress.turboquant(3),
+  "snapkv": lambda: compress.snapkv(ratio=0.5, window_size=8),
+  "expected_attention+int4": lambda: compress.chain(
+    compress.expected_attention(ratio=0.5, n_future_positions=16),
+    compress.uniform(4),
+  ),
+  "turboquant3": lambda: compress.turboquant(3),
 }
 
 
@@ -80,33 +89,50 @@ def test_own_model_matches_kvjax_through_compress_question_decode(name):
   question = jnp.array([[11, 12, 13], [21, 22, 23]], jnp.int32)
 
   # kvjax's own path.
-  _, want_cache = kvjax.prefill(params, tokens, config=CONFIG,
-                                transform=transform, capacity=CAPACITY,
-                                prompt_lengths=lengths)
-  want_q, want_cache, _ = kvjax.forward(params, question, want_cache,
-                                        config=CONFIG)
+  _, want_cache = kvjax.prefill(
+    params,
+    tokens,
+    config=CONFIG,
+    transform=transform,
+    capacity=CAPACITY,
+    prompt_lengths=lengths,
+  )
+  want_q, want_cache, _ = kvjax.forward(
+    params, question, want_cache, config=CONFIG
+  )
 
   # The hand-written model on kvjax's cache and transform.
-  cache = kvjax.init_cache(GEOMETRY, B, CAPACITY, dtype="float32",
-                           num_layers=CONFIG.num_layers)
+  cache = kvjax.init_cache(
+    GEOMETRY, B, CAPACITY, dtype="float32", num_layers=CONFIG.num_layers
+  )
   _, cache, observed = own_forward(params, tokens, cache, mask)
   positions = jnp.cumsum(mask, axis=1) - 1
-  cache = kvjax.compress_cache(cache, transform, config=GEOMETRY,
-                               observed=observed, positions=positions,
-                               mask=mask, reserve=CAPACITY - T)
-  got_q, cache, _ = own_forward(params, question, cache,
-                                jnp.ones(question.shape, bool))
+  cache = kvjax.compress_cache(
+    cache,
+    transform,
+    config=GEOMETRY,
+    observed=observed,
+    positions=positions,
+    mask=mask,
+    reserve=CAPACITY - T,
+  )
+  got_q, cache, _ = own_forward(
+    params, question, cache, jnp.ones(question.shape, bool)
+  )
 
   assert cache.capacity == want_cache.capacity < CAPACITY or (
-      name == "turboquant3")
+    name == "turboquant3"
+  )
   np.testing.assert_array_equal(cache.pos, want_cache.pos)
   np.testing.assert_allclose(got_q, want_q, atol=2e-5)
   token = jnp.argmax(got_q[:, -1], -1)
   for _ in range(3):  # greedy decode, one token at a time
-    got, cache, _ = own_forward(params, token[:, None], cache,
-                                jnp.ones((B, 1), bool))
-    want, want_cache, _ = kvjax.forward(params, token[:, None], want_cache,
-                                        config=CONFIG)
+    got, cache, _ = own_forward(
+      params, token[:, None], cache, jnp.ones((B, 1), bool)
+    )
+    want, want_cache, _ = kvjax.forward(
+      params, token[:, None], want_cache, config=CONFIG
+    )
     np.testing.assert_allclose(got, want, atol=2e-5)
     token = jnp.argmax(got[:, -1], -1)
   assert not kvjax.cache.cache_overflowed(cache)

@@ -21,26 +21,38 @@ from kvjax.train import evaluate
 # step right), overwrite 0.89 (8/9), abstention 0.85 (11/13), all 0.99
 # (433/436 units pooled).
 SEED = 777
-THRESHOLDS = {"mqar": 0.95, "needle": 0.8, "multihop": 0.8,
-              "overwrite": 0.75, "abstention": 0.75, "all": 0.95}
+THRESHOLDS = {
+  "mqar": 0.95,
+  "needle": 0.8,
+  "multihop": 0.8,
+  "overwrite": 0.75,
+  "abstention": 0.75,
+  "all": 0.95,
+}
 
 
 def test_load_is_offline_and_small():
   config, params = pretrained.load("kvjax-tiny")
   assert config.name == "kvjax-tiny"
   assert config.num_layers == 3 and config.vocab_size == tasks.VOCAB.size
-  size = os.path.getsize(os.path.join(pretrained.path("kvjax-tiny"),
-                                      "model.safetensors"))
+  size = os.path.getsize(
+    os.path.join(pretrained.path("kvjax-tiny"), "model.safetensors")
+  )
   assert size <= 20 * 2**20
-  n = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(
-      params))
+  n = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(params))
   assert n * 4 <= size + 4096
 
 
 def test_training_record():
   record = pretrained.training_record("kvjax-tiny")
-  for key in ("command", "config", "steps", "machine", "train_wall_seconds",
-              "eval"):
+  for key in (
+    "command",
+    "config",
+    "steps",
+    "machine",
+    "train_wall_seconds",
+    "eval",
+  ):
     assert key in record
   assert 0 < record["steps"] <= record["config"]["total_steps"]
 
@@ -53,9 +65,14 @@ def test_unknown_name_raises():
 def test_accuracy_on_a_held_out_batch():
   config, params = pretrained.load("kvjax-tiny")
   batch = tasks.make_mixture_batch(
-      64, seed=SEED, context_len=512,
-      task_params={"mqar": {"num_pairs": 32},
-                   "multihop": {"hops": (1, 2), "walk": True}})
+    64,
+    seed=SEED,
+    context_len=512,
+    task_params={
+      "mqar": {"num_pairs": 32},
+      "multihop": {"hops": (1, 2), "walk": True},
+    },
+  )
   scores = evaluate.evaluate_batch(params, config, batch)
   accuracy = {name: s.accuracy for name, s in scores.items()}
   for name, threshold in THRESHOLDS.items():
@@ -72,13 +89,20 @@ def test_keeping_only_the_token_route_preserves_the_answers():
   T = tokens.shape[1]
   cache = kvjax.init_cache(config, B, T)
   _, cache, _ = kvjax.forward(params, tokens[:, :L], cache, config=config)
-  logits, after, aux = kvjax.forward(params, tokens[:, L:], cache,
-                                     config=config, capture=("attn_probs",))
+  logits, after, aux = kvjax.forward(
+    params, tokens[:, L:], cache, config=config, capture=("attn_probs",)
+  )
   query_pos = jnp.broadcast_to(L + jnp.arange(T - L), (B, T - L))
   answer_row = jnp.asarray(batch.answer_positions[:, 0] - 1 - L)
-  route = graph.token_route(aux["attn_probs"], query_pos, after.pos,
-                            after.valid, answer_row, share=0.9,
-                            num_positions=T)
+  route = graph.token_route(
+    aux["attn_probs"],
+    query_pos,
+    after.pos,
+    after.valid,
+    answer_row,
+    share=0.9,
+    num_positions=T,
+  )
   kept = graph.keep_only_route(cache, route)
   routed, _, _ = kvjax.forward(params, tokens[:, L:], kept, config=config)
   rows = np.arange(B)

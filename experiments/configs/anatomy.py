@@ -1,9 +1,9 @@
 """Config of the residual-stream report (`experiments/anatomy.py`).
 
-  python -m experiments.anatomy                       # kvjax-tiny, mqar
-  python -m experiments.anatomy --config.task=multihop_k2
-  python -m experiments.anatomy --config.model=hf:/path/to/checkpoint
-  python -m experiments.anatomy --config=experiments/configs/anatomy.py:smoke
+python -m experiments.anatomy                       # kvjax-tiny, mqar
+python -m experiments.anatomy --config.task=multihop_k2
+python -m experiments.anatomy --config.model=hf:/path/to/checkpoint
+python -m experiments.anatomy --config=experiments/configs/anatomy.py:smoke
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """Config of the demo job.
 
-  bash launch/local.sh                                 # this default
-  bash launch/local.sh --config.batch_size=8 --config.prompt_len=512
-  python -m experiments.demo --config.hf_path=/path/to/llama  # a real model
+bash launch/local.sh                                 # this default
+bash launch/local.sh --config.batch_size=8 --config.prompt_len=512
+python -m experiments.demo --config.hf_path=/path/to/llama  # a real model
 """
 
 import ml_collections

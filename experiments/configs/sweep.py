@@ -22,8 +22,16 @@ positions (words), the rows record the context in tokens.
 
 import ml_collections
 
-EVICTION = ("snapkv", "h2o", "streaming_llm", "tova", "adakv_snapkv",
-            "pyramidkv", "knorm", "expected_attention")
+EVICTION = (
+  "snapkv",
+  "h2o",
+  "streaming_llm",
+  "tova",
+  "adakv_snapkv",
+  "pyramidkv",
+  "knorm",
+  "expected_attention",
+)
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
@@ -78,13 +86,29 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.num_examples = 4
     c.workdir = "/tmp/kvjax-sweep-smoke"
   elif preset == "full":
-    c.methods = ",".join(EVICTION + (
-        "random", "oracle", "kivi2", "kivi4", "int4", "fp8", "turboquant3",
-        "turboquant2", "qjl", "polarquant", "snapkv+kivi2",
-        "snapkv+turboquant3", "h2o+turboquant3"))
+    c.methods = ",".join(
+      EVICTION
+      + (
+        "random",
+        "oracle",
+        "kivi2",
+        "kivi4",
+        "int4",
+        "fp8",
+        "turboquant3",
+        "turboquant2",
+        "qjl",
+        "polarquant",
+        "snapkv+kivi2",
+        "snapkv+turboquant3",
+        "h2o+turboquant3",
+      )
+    )
     c.ratios = "0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98"
-    c.tasks = ("mqar,needle,multihop_k1,multihop_k2,multihop_k3,multihop_k4,"
-               "overwrite,abstention")
+    c.tasks = (
+      "mqar,needle,multihop_k1,multihop_k2,multihop_k3,multihop_k4,"
+      "overwrite,abstention"
+    )
     c.num_examples = 128
     c.workdir = "results/sweep_full"
   return c

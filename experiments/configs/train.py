@@ -17,8 +17,13 @@ the `Mixture` fields every phase starts from) and `model` a
 import ml_collections
 from ml_collections import config_dict
 
-TASKS_ALL = {"mqar": 0.35, "needle": 0.15, "multihop": 0.2,
-             "overwrite": 0.15, "abstention": 0.15}
+TASKS_ALL = {
+  "mqar": 0.35,
+  "needle": 0.15,
+  "multihop": 0.2,
+  "overwrite": 0.15,
+  "abstention": 0.15,
+}
 
 
 def _phase(until, context_lens, mqar_pairs, **overrides):
@@ -33,22 +38,42 @@ def _phase(until, context_lens, mqar_pairs, **overrides):
 
 
 # First phase: recall-heavy (the induction/recall circuit forms first).
-TASKS_RECALL = {"mqar": 0.5, "needle": 0.15, "multihop": 0.15,
-                "overwrite": 0.1, "abstention": 0.1}
+TASKS_RECALL = {
+  "mqar": 0.5,
+  "needle": 0.15,
+  "multihop": 0.15,
+  "overwrite": 0.1,
+  "abstention": 0.1,
+}
 
 
 # Later phases: multi-hop-heavy (2-hop is the slowest task to learn).
-TASKS_HOPS = {"mqar": 0.2, "needle": 0.1, "multihop": 0.4,
-              "overwrite": 0.15, "abstention": 0.15}
+TASKS_HOPS = {
+  "mqar": 0.2,
+  "needle": 0.1,
+  "multihop": 0.4,
+  "overwrite": 0.15,
+  "abstention": 0.15,
+}
 
 # The second cycle at 512: the tasks still short of the bar get more rows.
-TASKS_LATE = {"mqar": 0.15, "needle": 0.25, "multihop": 0.2,
-              "overwrite": 0.3, "abstention": 0.1}
+TASKS_LATE = {
+  "mqar": 0.15,
+  "needle": 0.25,
+  "multihop": 0.2,
+  "overwrite": 0.3,
+  "abstention": 0.1,
+}
 
 # The third cycle: multi-hop as a walk (the answer names every node after
 # the start); overwrite keeps a quarter of the rows.
-TASKS_WALK = {"mqar": 0.15, "needle": 0.15, "multihop": 0.3,
-              "overwrite": 0.25, "abstention": 0.15}
+TASKS_WALK = {
+  "mqar": 0.15,
+  "needle": 0.15,
+  "multihop": 0.3,
+  "overwrite": 0.25,
+  "abstention": 0.15,
+}
 
 PRESETS = ("tiny", "compare", "twohop", "smoke")
 
@@ -121,33 +146,78 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   # (each change only touched steps not yet run; with the WSD schedule the
   # rate of a step does not depend on later ones), so this config
   # reproduces the shipped run in one command.
-  d.phases = [_phase(2000, [24], [4, 6], task_fractions={"mqar": 1.0},
-                     copy_fraction=0.75, tokens_per_step=1536),
-              _phase(4000, [24, 32], [4, 6, 8], task_fractions={"mqar": 1.0},
-                     copy_fraction=0.25, tokens_per_step=1536),
-              _phase(7000, [32, 48, 64], [8, 12, 16],
-                     task_fractions=dict(TASKS_RECALL), copy_fraction=0.1,
-                     multihop_hops=[1, 2]),
-              # 2-hop lagged (train 0.29 at step 6,800 vs 0.98 for 1 hop):
-              # more multihop rows, two thirds of them 2-hop.
-              _phase(8500, [32, 48, 64], [8, 12, 16],
-                     task_fractions=dict(TASKS_HOPS), copy_fraction=0.1,
-                     multihop_hops=[1, 2, 2]),
-              _phase(9700, [128, 256], [16, 24, 32],
-                     task_fractions=dict(TASKS_HOPS),
-                     tokens_per_step=4096, multihop_hops=[1, 2, 2]),
-              _phase(12700, [512, 512, 512, 768], [16, 32],
-                     task_fractions=dict(TASKS_HOPS),
-                     tokens_per_step=4096, multihop_hops=[1, 2, 2]),
-              # Second cycle (lr_restarts): needle and overwrite.
-              _phase(16000, [512, 512, 512, 768], [16, 32],
-                     task_fractions=dict(TASKS_LATE),
-                     tokens_per_step=4096, multihop_hops=[1, 2, 2]),
-              # Third cycle: latent 2-hop stayed at chance through two
-              # cycles; the walk asks one lookup per answer token.
-              _phase(17600, [512, 512, 512, 768], [16, 32],
-                     task_fractions=dict(TASKS_WALK), tokens_per_step=4096,
-                     multihop_hops=[1, 2, 2, 3, 4], multihop_walk=True)]
+  d.phases = [
+    _phase(
+      2000,
+      [24],
+      [4, 6],
+      task_fractions={"mqar": 1.0},
+      copy_fraction=0.75,
+      tokens_per_step=1536,
+    ),
+    _phase(
+      4000,
+      [24, 32],
+      [4, 6, 8],
+      task_fractions={"mqar": 1.0},
+      copy_fraction=0.25,
+      tokens_per_step=1536,
+    ),
+    _phase(
+      7000,
+      [32, 48, 64],
+      [8, 12, 16],
+      task_fractions=dict(TASKS_RECALL),
+      copy_fraction=0.1,
+      multihop_hops=[1, 2],
+    ),
+    # 2-hop lagged (train 0.29 at step 6,800 vs 0.98 for 1 hop):
+    # more multihop rows, two thirds of them 2-hop.
+    _phase(
+      8500,
+      [32, 48, 64],
+      [8, 12, 16],
+      task_fractions=dict(TASKS_HOPS),
+      copy_fraction=0.1,
+      multihop_hops=[1, 2, 2],
+    ),
+    _phase(
+      9700,
+      [128, 256],
+      [16, 24, 32],
+      task_fractions=dict(TASKS_HOPS),
+      tokens_per_step=4096,
+      multihop_hops=[1, 2, 2],
+    ),
+    _phase(
+      12700,
+      [512, 512, 512, 768],
+      [16, 32],
+      task_fractions=dict(TASKS_HOPS),
+      tokens_per_step=4096,
+      multihop_hops=[1, 2, 2],
+    ),
+    # Second cycle (lr_restarts): needle and overwrite.
+    _phase(
+      16000,
+      [512, 512, 512, 768],
+      [16, 32],
+      task_fractions=dict(TASKS_LATE),
+      tokens_per_step=4096,
+      multihop_hops=[1, 2, 2],
+    ),
+    # Third cycle: latent 2-hop stayed at chance through two
+    # cycles; the walk asks one lookup per answer token.
+    _phase(
+      17600,
+      [512, 512, 512, 768],
+      [16, 32],
+      task_fractions=dict(TASKS_WALK),
+      tokens_per_step=4096,
+      multihop_hops=[1, 2, 2, 3, 4],
+      multihop_walk=True,
+    ),
+  ]
   d.tokens_per_step = 2048  # Rows per step = tokens_per_step // context.
   d.task_fractions = dict(TASKS_ALL)  # Share of rows per task.
   d.mqar_pairs = [8, 16, 24, 32]  # Default mqar num_pairs (phases override).
@@ -185,11 +255,24 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.total_steps = 3000
     c.decay_steps = 500
     c.lr_restarts = ()
-    d.phases = [_phase(1500, [24], [4, 6], task_fractions={"mqar": 1.0},
-                       copy_fraction=0.75, tokens_per_step=1536),
-                _phase(3000, [32, 48, 64], [8, 12, 16],
-                       task_fractions=dict(TASKS_RECALL), copy_fraction=0.1,
-                       multihop_hops=[1, 2])]
+    d.phases = [
+      _phase(
+        1500,
+        [24],
+        [4, 6],
+        task_fractions={"mqar": 1.0},
+        copy_fraction=0.75,
+        tokens_per_step=1536,
+      ),
+      _phase(
+        3000,
+        [32, 48, 64],
+        [8, 12, 16],
+        task_fractions=dict(TASKS_RECALL),
+        copy_fraction=0.1,
+        multihop_hops=[1, 2],
+      ),
+    ]
     c.log_every = 25
     c.eval_context_lens = (64,)
     c.eval_examples = 128
@@ -203,29 +286,72 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     m.num_layers = 4
     c.lr_restarts = ()
     c.total_steps = 16400
-    d.phases = [_phase(2000, [24], [4, 6], task_fractions={"mqar": 1.0},
-                       copy_fraction=0.75, tokens_per_step=1536),
-                _phase(4000, [24, 32], [4, 6, 8],
-                       task_fractions={"mqar": 1.0}, copy_fraction=0.25,
-                       tokens_per_step=1536),
-                _phase(7000, [32, 48, 64], [8, 12, 16],
-                       task_fractions=dict(TASKS_RECALL), copy_fraction=0.1,
-                       chain_fraction=0.25, multihop_hops=[1, 2]),
-                _phase(8400, [32, 48, 64], [8, 12, 16],
-                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
-                       chain_fraction=0.5, chain_count=8, chain_hops=[2],
-                       multihop_hops=[1, 2, 2]),
-                _phase(10400, [48, 64], [8, 12, 16],
-                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
-                       chain_fraction=0.25, chain_count=8, chain_hops=[2],
-                       chain_queries=4, lens_weight=1.0,
-                       multihop_hops=[1, 2, 2]),
-                # Run until 12,400 (--stop_after), when it was stopped.
-                _phase(16400, [48, 64], [8, 12, 16],
-                       task_fractions=dict(TASKS_HOPS), copy_fraction=0.05,
-                       chain_fraction=0.3, chain_count=8, chain_hops=[1, 2],
-                       chain_queries=4, chain_key_ends=0.5, lens_weight=1.0,
-                       multihop_hops=[1, 2, 2])]
+    d.phases = [
+      _phase(
+        2000,
+        [24],
+        [4, 6],
+        task_fractions={"mqar": 1.0},
+        copy_fraction=0.75,
+        tokens_per_step=1536,
+      ),
+      _phase(
+        4000,
+        [24, 32],
+        [4, 6, 8],
+        task_fractions={"mqar": 1.0},
+        copy_fraction=0.25,
+        tokens_per_step=1536,
+      ),
+      _phase(
+        7000,
+        [32, 48, 64],
+        [8, 12, 16],
+        task_fractions=dict(TASKS_RECALL),
+        copy_fraction=0.1,
+        chain_fraction=0.25,
+        multihop_hops=[1, 2],
+      ),
+      _phase(
+        8400,
+        [32, 48, 64],
+        [8, 12, 16],
+        task_fractions=dict(TASKS_HOPS),
+        copy_fraction=0.05,
+        chain_fraction=0.5,
+        chain_count=8,
+        chain_hops=[2],
+        multihop_hops=[1, 2, 2],
+      ),
+      _phase(
+        10400,
+        [48, 64],
+        [8, 12, 16],
+        task_fractions=dict(TASKS_HOPS),
+        copy_fraction=0.05,
+        chain_fraction=0.25,
+        chain_count=8,
+        chain_hops=[2],
+        chain_queries=4,
+        lens_weight=1.0,
+        multihop_hops=[1, 2, 2],
+      ),
+      # Run until 12,400 (--stop_after), when it was stopped.
+      _phase(
+        16400,
+        [48, 64],
+        [8, 12, 16],
+        task_fractions=dict(TASKS_HOPS),
+        copy_fraction=0.05,
+        chain_fraction=0.3,
+        chain_count=8,
+        chain_hops=[1, 2],
+        chain_queries=4,
+        chain_key_ends=0.5,
+        lens_weight=1.0,
+        multihop_hops=[1, 2, 2],
+      ),
+    ]
     c.eval_context_lens = (64,)
     c.eval_mqar_pairs = 16
   elif preset == "smoke":

@@ -14,8 +14,12 @@ from experiments.sweeps import metrics
 from experiments.sweeps import plan
 from experiments.sweeps import report
 
-FILES = ("accuracy_vs_ratio.png", "ger_vs_hallucination.png",
-         "active_support.png", "bytes_per_token.png")
+FILES = (
+  "accuracy_vs_ratio.png",
+  "ger_vs_hallucination.png",
+  "active_support.png",
+  "bytes_per_token.png",
+)
 
 
 def _at(rows, ratio):
@@ -31,10 +35,13 @@ def _accuracy_vs_compression(plt, rows, base, colors, path):
       if not rs:
         continue
       ratios = sorted({r["ratio"] for r in rs})
-      xs = [0.0] + [1 - metrics.mean(_at(rs, x), "logical_bytes_per_token")
-                    / base_bytes for x in ratios]
+      xs = [0.0] + [
+        1 - metrics.mean(_at(rs, x), "logical_bytes_per_token") / base_bytes
+        for x in ratios
+      ]
       ys = [metrics.mean(base, "accuracy")] + [
-          metrics.mean(_at(rs, x), "accuracy") for x in ratios]
+        metrics.mean(_at(rs, x), "accuracy") for x in ratios
+      ]
       ax.plot(xs, ys, marker="o", label=m, color=color)
     ax.set_title(f"question-{mode}")
     ax.set_xlabel("compression: 1 - logical KV bytes / uncompressed")
@@ -51,8 +58,13 @@ def _ger_vs_hallucination(plt, rows, path):
     rs = [r for r in ev if r["mode"] == mode]
     ger = [r["ger"] for r in rs]
     hallucination = [r["hallucination_rate"] for r in rs]
-    ax.scatter(ger, hallucination, marker=marker, alpha=0.6,
-               label=f"{mode} (r={metrics.pearson(ger, hallucination):.2f})")
+    ax.scatter(
+      ger,
+      hallucination,
+      marker=marker,
+      alpha=0.6,
+      label=f"{mode} (r={metrics.pearson(ger, hallucination):.2f})",
+    )
   ax.set_xlabel("Global Eviction Ratio of answer-critical tokens")
   ax.set_ylabel("hallucination rate")
   plotting.grid(ax)
@@ -61,13 +73,13 @@ def _ger_vs_hallucination(plt, rows, path):
 
 def _active_support(plt, support, path):
   layers = len(support["histogram"])
-  fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2),
-                           sharey=True)
+  fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2), sharey=True)
   axes = np.atleast_1d(axes)
   edges = np.asarray(support["bin_edges"])
   for l, ax in enumerate(axes):
-    ax.bar(edges[:-1], support["histogram"][l], width=np.diff(edges),
-           align="edge")
+    ax.bar(
+      edges[:-1], support["histogram"][l], width=np.diff(edges), align="edge"
+    )
     ax.set_xscale("log")
     ax.set_title(f"layer {l} (median {support['median_per_layer'][l]:g})")
     ax.set_xlabel(f"keys holding {support['share']:g} of the mass")
@@ -80,23 +92,34 @@ def _bytes_per_token(plt, rows, base, colors, path):
   for m, color in colors.items():
     rs = [r for r in rows if r["method"] == m and r["mode"] == "agnostic"]
     ratios = sorted({r["ratio"] for r in rs})
-    for field, style in (("physical_bytes_per_token", "-"),
-                         ("logical_bytes_per_token", ":")):
-      ax.plot(ratios, [metrics.mean(_at(rs, x), field) for x in ratios],
-              style, marker="o", color=color,
-              label=m if style == "-" else None)
-  ax.axhline(metrics.mean(base, "physical_bytes_per_token"), color="k",
-             ls="--", label="uncompressed (physical)")
+    for field, style in (
+      ("physical_bytes_per_token", "-"),
+      ("logical_bytes_per_token", ":"),
+    ):
+      ax.plot(
+        ratios,
+        [metrics.mean(_at(rs, x), field) for x in ratios],
+        style,
+        marker="o",
+        color=color,
+        label=m if style == "-" else None,
+      )
+  ax.axhline(
+    metrics.mean(base, "physical_bytes_per_token"),
+    color="k",
+    ls="--",
+    label="uncompressed (physical)",
+  )
   ax.set_xlabel("eviction ratio (quantizers at 0)")
-  ax.set_ylabel("KV bytes per context token (solid: physical, dotted: "
-                "logical)")
+  ax.set_ylabel("KV bytes per context token (solid: physical, dotted: logical)")
   ax.set_yscale("log")
   plotting.grid(ax, fontsize=7)
   plotting.save(fig, path)
 
 
-def plot(rows: list[dict[str, Any]], support: dict[str, Any],
-         workdir: str) -> None:
+def plot(
+  rows: list[dict[str, Any]], support: dict[str, Any], workdir: str
+) -> None:
   """Writes the sweep's figures (`FILES`) into `workdir`.
 
   Args:

@@ -42,9 +42,12 @@ def run(cfg) -> list[dict[str, Any]]:
   tag = store.run_tag(cfg, config, params)
   done = {r["key"] for r in store.read_results(path)}
   todo = [u for u in planned if store.unit_key(u, tag) not in done]
-  print(f"sweep: {len(planned)} units, {len(planned) - len(todo)} already "
-        f"in {path}, model {cfg.model} ({config.num_layers} layers), "
-        f"{tokens.describe()}", flush=True)
+  print(
+    f"sweep: {len(planned)} units, {len(planned) - len(todo)} already "
+    f"in {path}, model {cfg.model} ({config.num_layers} layers), "
+    f"{tokens.describe()}",
+    flush=True,
+  )
   task_data = {}
 
   def task(name):
@@ -63,9 +66,13 @@ def run(cfg) -> list[dict[str, Any]]:
     # Text tasks may differ in shape: each shape compiles its own program.
     program = (unit["method"], unit["ratio"], unit["mode"], td.L, td.T)
     row = units.run_unit(cfg, td, unit)
-    row.update(key=store.unit_key(unit, tag), model=cfg.model,
-               context_len=td.L, **tokens.row_fields(),
-               includes_compile=program not in compiled)
+    row.update(
+      key=store.unit_key(unit, tag),
+      model=cfg.model,
+      context_len=td.L,
+      **tokens.row_fields(),
+      includes_compile=program not in compiled,
+    )
     compiled.add(program)
     store.append_row(path, row)
   # This config's units only (the workdir may hold other methods' rows).
@@ -82,9 +89,13 @@ def run(cfg) -> list[dict[str, Any]]:
     figures.plot(rows, support, cfg.workdir)
   print(text)
   if report.refused(rows):
-    print(f"{len(report.refused(rows))} units refused by their transform "
-          "(listed above and in summary.md).")
-  print("active support (median keys for "
-        f"{cfg.support_share:g} of the mass) per layer: "
-        f"{support['median_per_layer']}")
+    print(
+      f"{len(report.refused(rows))} units refused by their transform "
+      "(listed above and in summary.md)."
+    )
+  print(
+    "active support (median keys for "
+    f"{cfg.support_share:g} of the mass) per layer: "
+    f"{support['median_per_layer']}"
+  )
   return rows

@@ -29,8 +29,9 @@ def answer_logits(td, logits) -> np.ndarray:
   return np.take_along_axis(np.asarray(logits), idx[:, :, None], axis=1)
 
 
-def answer_eviction(td, cache, probs, pos, valid, graph_eps: float
-                    ) -> dict[str, Any]:
+def answer_eviction(
+  td, cache, probs, pos, valid, graph_eps: float
+) -> dict[str, Any]:
   """What a compressed cache lost of the answer-critical tokens.
 
   Args:
@@ -54,18 +55,31 @@ def answer_eviction(td, cache, probs, pos, valid, graph_eps: float
     return dict(ger=None, ger_per_layer=None, reachability=None)
   ger = graph_lib.global_eviction_ratio(cache.pos, cache.valid, td.targets)
   ger = float(np.asarray(ger)[has_targets].mean())
-  per_layer = graph_lib.global_eviction_ratio(cache.pos, cache.valid,
-                                              td.targets, per_layer=True)
-  per_layer = [round(float(x), 6) for x in
-               np.asarray(per_layer)[:, has_targets].mean(axis=1)]
+  per_layer = graph_lib.global_eviction_ratio(
+    cache.pos, cache.valid, td.targets, per_layer=True
+  )
+  per_layer = [
+    round(float(x), 6)
+    for x in np.asarray(per_layer)[:, has_targets].mean(axis=1)
+  ]
   q_graph = graph_lib.token_graph(
-      probs, jnp.asarray(td.query_pos), pos, valid, num_positions=td.T,
-      eps=graph_eps)
-  reach = np.asarray(graph_lib.reachable(
-      graph_lib.merge_graphs(td.prefill_graph, q_graph), td.sources,
-      td.targets))
-  return dict(ger=ger, ger_per_layer=per_layer,
-              reachability=float(reach[td.targets >= 0].mean()))
+    probs,
+    jnp.asarray(td.query_pos),
+    pos,
+    valid,
+    num_positions=td.T,
+    eps=graph_eps,
+  )
+  reach = np.asarray(
+    graph_lib.reachable(
+      graph_lib.merge_graphs(td.prefill_graph, q_graph), td.sources, td.targets
+    )
+  )
+  return dict(
+    ger=ger,
+    ger_per_layer=per_layer,
+    reachability=float(reach[td.targets >= 0].mean()),
+  )
 
 
 def pearson(x, y) -> float:
@@ -109,6 +123,10 @@ def active_support(task_data, share: float) -> dict[str, Any]:
   edges = np.unique(np.round(np.geomspace(1, top + 1, 20)).astype(int))
   edges = np.concatenate([edges, [edges[-1] + 1]]) if len(edges) < 2 else edges
   hist = [np.histogram(v, bins=edges)[0].tolist() for v in per_layer]
-  return dict(share=share, bin_edges=edges.tolist(), histogram=hist,
-              median_per_layer=[float(np.median(v)) for v in per_layer],
-              mean_per_layer=[float(np.mean(v)) for v in per_layer])
+  return dict(
+    share=share,
+    bin_edges=edges.tolist(),
+    histogram=hist,
+    median_per_layer=[float(np.median(v)) for v in per_layer],
+    mean_per_layer=[float(np.mean(v)) for v in per_layer],
+  )

@@ -27,32 +27,43 @@ def parse_list(value, cast=str, field: str = "value") -> list:
   Raises:
     ValueError: an item `cast` refuses, naming config.`field`.
   """
-  items = ([v for v in value.split(",") if v.strip()]
-           if isinstance(value, str) else value)
+  items = (
+    [v for v in value.split(",") if v.strip()]
+    if isinstance(value, str)
+    else value
+  )
   try:
-    return [cast(v.strip()) if isinstance(v, str) else cast(v)
-            for v in items]
+    return [cast(v.strip()) if isinstance(v, str) else cast(v) for v in items]
   except (TypeError, ValueError):
-    raise ValueError(f"config.{field}={value!r} is not a comma-separated "
-                     f"list of {cast.__name__} values.") from None
+    raise ValueError(
+      f"config.{field}={value!r} is not a comma-separated "
+      f"list of {cast.__name__} values."
+    ) from None
 
 
-def _check_number(cfg, field: str, cast, lo, hi=None, lo_open=False,
-                  hi_open=False) -> None:
+def _check_number(
+  cfg, field: str, cast, lo, hi=None, lo_open=False, hi_open=False
+) -> None:
   value = cfg[field]
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   if ok and cast is int:
     ok = float(value).is_integer()
   if ok:
     v = float(value)
-    ok = np.isfinite(v) and (v > lo if lo_open else v >= lo) and (
-        hi is None or (v < hi if hi_open else v <= hi))
+    ok = (
+      np.isfinite(v)
+      and (v > lo if lo_open else v >= lo)
+      and (hi is None or (v < hi if hi_open else v <= hi))
+    )
   if not ok:
-    interval = (("(" if lo_open else "[") + f"{lo:g}, " +
-                ("inf)" if hi is None else f"{hi:g}" +
-                 (")" if hi_open else "]")))
-    raise ValueError(f"config.{field}={value!r}: must be {cast.__name__} in "
-                     f"{interval}.")
+    interval = (
+      ("(" if lo_open else "[")
+      + f"{lo:g}, "
+      + ("inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]"))
+    )
+    raise ValueError(
+      f"config.{field}={value!r}: must be {cast.__name__} in {interval}."
+    )
 
 
 def validate_config(cfg) -> None:
@@ -65,24 +76,28 @@ def validate_config(cfg) -> None:
       the field and what is allowed.
   """
   for field, cast, lo, hi, lo_open, hi_open in (
-      ("context_len", int, 1, None, False, False),
-      ("mqar_pairs", int, 1, None, False, False),
-      ("num_examples", int, 1, None, False, False),
-      ("seed", int, 0, None, False, False),
-      ("support_share", float, 0, 1, True, False),
-      ("graph_eps", float, 0, 1, True, True),
-      ("confidence", float, 0, 1, False, False),
-      ("stop_after_units", int, 0, None, False, False)):
+    ("context_len", int, 1, None, False, False),
+    ("mqar_pairs", int, 1, None, False, False),
+    ("num_examples", int, 1, None, False, False),
+    ("seed", int, 0, None, False, False),
+    ("support_share", float, 0, 1, True, False),
+    ("graph_eps", float, 0, 1, True, True),
+    ("confidence", float, 0, 1, False, False),
+    ("stop_after_units", int, 0, None, False, False),
+  ):
     _check_number(cfg, field, cast, lo, hi, lo_open, hi_open)
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"config.dtype={cfg.dtype!r}; allowed: float32, "
-                     "bfloat16, float16.")
+    raise ValueError(
+      f"config.dtype={cfg.dtype!r}; allowed: float32, bfloat16, float16."
+    )
   for field in ("methods", "tasks", "modes"):
     if not parse_list(cfg[field], field=field):
       raise ValueError(
-          f"config.{field} is empty; name at least one (the uncompressed "
-          "baseline runs with every sweep, it is not a method)."
-          if field == "methods" else f"config.{field} is empty.")
+        f"config.{field} is empty; name at least one (the uncompressed "
+        "baseline runs with every sweep, it is not a method)."
+        if field == "methods"
+        else f"config.{field} is empty."
+      )
   if not parse_list(cfg.ratios, float, "ratios"):
     raise ValueError("config.ratios is empty.")
   try:
@@ -140,8 +155,12 @@ def plan_units(cfg) -> list[dict[str, Any]]:
   for mode in modes:
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; allowed: {MODES}.")
-  for field, values in (("methods", methods), ("ratios", ratios),
-                        ("tasks", tasks), ("modes", modes)):
+  for field, values in (
+    ("methods", methods),
+    ("ratios", ratios),
+    ("tasks", tasks),
+    ("modes", modes),
+  ):
     # A value listed twice would run (and average) its units twice; ratios
     # are compared as the row keys write them.
     keys = [f"{v:g}" if field == "ratios" else v for v in values]
@@ -158,8 +177,13 @@ def plan_units(cfg) -> list[dict[str, Any]]:
     try:
       registry.build(m, r if parts[m][0] is not None else None)
     except (TypeError, ValueError) as e:
-      raise ValueError(f"config.methods: {m} at ratio {r:g} cannot be "
-                       f"built: {e}") from e
-  return [dict(method=m, ratio=r, task=t, mode=mode)
-          for mode in modes for m, r in configs for t in tasks
-          if not (m == BASELINE and mode == "aware")]
+      raise ValueError(
+        f"config.methods: {m} at ratio {r:g} cannot be built: {e}"
+      ) from e
+  return [
+    dict(method=m, ratio=r, task=t, mode=mode)
+    for mode in modes
+    for m, r in configs
+    for t in tasks
+    if not (m == BASELINE and mode == "aware")
+  ]

@@ -29,28 +29,43 @@ import kvjax
 from kvjax.attention import resolve_backend
 from kvjax.tasks import suite
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 # The source that defines a row (paths under ROOT): the model, cache,
 # attention, generation, every transform and the method registry, the
 # analysis metrics, the tasks (suite table and scoring), the batching, and
 # the sweep modules that build a unit and compute its row. Reports and
 # figures read rows, they do not make them: not listed.
-CODE_GLOBS = ("kvjax/__init__.py", "kvjax/cache.py", "kvjax/model.py",
-              "kvjax/attention.py", "kvjax/generate.py", "kvjax/config.py",
-              "kvjax/checks.py", "kvjax/pretrained.py", "kvjax/hf.py",
-              "kvjax/compress/*.py", "kvjax/analysis/*.py",
-              "kvjax/tasks/*.py", "kvjax/train/*.py",
-              "experiments/common.py", "experiments/sweeps/plan.py",
-              "experiments/sweeps/task_data.py",
-              "experiments/sweeps/units.py", "experiments/sweeps/metrics.py",
-              "experiments/sweeps/loop.py", "experiments/sweeps/tokens.py")
+CODE_GLOBS = (
+  "kvjax/__init__.py",
+  "kvjax/cache.py",
+  "kvjax/model.py",
+  "kvjax/attention.py",
+  "kvjax/generate.py",
+  "kvjax/config.py",
+  "kvjax/checks.py",
+  "kvjax/pretrained.py",
+  "kvjax/hf.py",
+  "kvjax/compress/*.py",
+  "kvjax/analysis/*.py",
+  "kvjax/tasks/*.py",
+  "kvjax/train/*.py",
+  "experiments/common.py",
+  "experiments/sweeps/plan.py",
+  "experiments/sweeps/task_data.py",
+  "experiments/sweeps/units.py",
+  "experiments/sweeps/metrics.py",
+  "experiments/sweeps/loop.py",
+  "experiments/sweeps/tokens.py",
+)
 
 
 def unit_key(unit: dict[str, Any], tag: str) -> str:
   """The row key of `unit` under run tag `tag`."""
-  return "|".join((tag, unit["method"], f"{unit['ratio']:g}", unit["task"],
-                   unit["mode"]))
+  return "|".join(
+    (tag, unit["method"], f"{unit['ratio']:g}", unit["task"], unit["mode"])
+  )
 
 
 def params_fingerprint(params, samples: int = 4096) -> str:
@@ -61,16 +76,18 @@ def params_fingerprint(params, samples: int = 4096) -> str:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     flat = jnp.ravel(leaf)
     stride = max(1, flat.size // samples)
-    digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}"
-                  .encode())
+    digest.update(
+      f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode()
+    )
     digest.update(np.asarray(flat[::stride].astype(jnp.float32)).tobytes())
   return digest.hexdigest()[:16]
 
 
 def code_files() -> list[str]:
   """The source files `code_fingerprint` hashes, sorted."""
-  return sorted({f for g in CODE_GLOBS
-                 for f in glob.glob(os.path.join(ROOT, g))})
+  return sorted(
+    {f for g in CODE_GLOBS for f in glob.glob(os.path.join(ROOT, g))}
+  )
 
 
 def code_fingerprint() -> str:
@@ -101,21 +118,32 @@ def run_tag(cfg, config, params) -> str:
     _, entry = suite.suite_entry(name)
     tasks[name] = (entry.task, dict(entry.params))
   tokens = tokens_lib.resolve(cfg)
-  tokenizer = (tokens_lib.fingerprint(tokens_lib.checkpoint_dir(cfg.model))
-               if tokens == tokens_lib.TEXT else None)
-  fields = dict(model=cfg.model, model_config=config.to_dict(),
-                weights=params_fingerprint(params),
-                tokens=tokens, tokenizer=tokenizer,
-                tokenizers_version=(tokenizers.__version__ if tokenizer
-                                    else None),
-                code=code_fingerprint(), tasks=tasks, dtype=cfg.dtype,
-                context_len=cfg.context_len,
-                mqar_pairs=cfg.mqar_pairs, num_examples=cfg.num_examples,
-                seed=cfg.seed, confidence=cfg.confidence,
-                graph_eps=cfg.graph_eps,
-                backend=resolve_backend(cfg.backend).value)
-  return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest(
-  )[:10]
+  tokenizer = (
+    tokens_lib.fingerprint(tokens_lib.checkpoint_dir(cfg.model))
+    if tokens == tokens_lib.TEXT
+    else None
+  )
+  fields = dict(
+    model=cfg.model,
+    model_config=config.to_dict(),
+    weights=params_fingerprint(params),
+    tokens=tokens,
+    tokenizer=tokenizer,
+    tokenizers_version=(tokenizers.__version__ if tokenizer else None),
+    code=code_fingerprint(),
+    tasks=tasks,
+    dtype=cfg.dtype,
+    context_len=cfg.context_len,
+    mqar_pairs=cfg.mqar_pairs,
+    num_examples=cfg.num_examples,
+    seed=cfg.seed,
+    confidence=cfg.confidence,
+    graph_eps=cfg.graph_eps,
+    backend=resolve_backend(cfg.backend).value,
+  )
+  return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[
+    :10
+  ]
 
 
 def read_results(path: str) -> list[dict[str, Any]]:
@@ -125,10 +153,13 @@ def read_results(path: str) -> list[dict[str, Any]]:
     return []
   with open(path, "rb") as f:
     raw = f.read()
-  good = raw[:raw.rfind(b"\n") + 1]
+  good = raw[: raw.rfind(b"\n") + 1]
   if len(good) != len(raw):
-    print(f"{path}: cut a torn last line ({len(raw) - len(good)} bytes, an "
-          "interrupted write); its unit runs again.", flush=True)
+    print(
+      f"{path}: cut a torn last line ({len(raw) - len(good)} bytes, an "
+      "interrupted write); its unit runs again.",
+      flush=True,
+    )
     with open(path, "wb") as f:
       f.write(good)
   rows = []

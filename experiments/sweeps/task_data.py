@@ -36,17 +36,25 @@ _OBSERVED = ("q", "q_pre_rope", "attn_mass")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capture", "backend"))
-def _question(params, cache, question, mask, *, config, backend,
-              capture=("attn_probs",)):
+def _question(
+  params, cache, question, mask, *, config, backend, capture=("attn_probs",)
+):
   """Teacher-forced question on a (compressed) cache, with attention."""
-  logits, cache, aux = model_lib.forward(params, question, cache,
-                                         config=config, token_mask=mask,
-                                         capture=capture, backend=backend)
+  logits, cache, aux = model_lib.forward(
+    params,
+    question,
+    cache,
+    config=config,
+    token_mask=mask,
+    capture=capture,
+    backend=backend,
+  )
   return logits, aux, cache.pos, cache.valid, cache.end
 
 
-def ask(params, cache, question, mask, *, config, backend,
-        capture=("attn_probs",)):
+def ask(
+  params, cache, question, mask, *, config, backend, capture=("attn_probs",)
+):
   """The question teacher-forced on `cache`: (logits [B, Tq, V], the
   captures, cache.pos, cache.valid) after it.
 
@@ -54,14 +62,22 @@ def ask(params, cache, question, mask, *, config, backend,
     ValueError: the question did not fit into the cache (under jit the
       writes past capacity would be dropped: the question lost).
   """
-  logits, aux, pos, valid, end = _question(params, cache, question, mask,
-                                           config=config, backend=backend,
-                                           capture=capture)
+  logits, aux, pos, valid, end = _question(
+    params,
+    cache,
+    question,
+    mask,
+    config=config,
+    backend=backend,
+    capture=capture,
+  )
   most = int(np.max(np.asarray(end)))
   if most > cache.capacity:
-    raise ValueError(f"the question needs {most} cache slots, the compressed "
-                     f"cache has {cache.capacity}: the transform did not "
-                     "honour its reserve.")
+    raise ValueError(
+      f"the question needs {most} cache slots, the compressed "
+      f"cache has {cache.capacity}: the transform did not "
+      "honour its reserve."
+    )
   return logits, aux, pos, valid
 
 
@@ -69,16 +85,23 @@ def ask(params, cache, question, mask, *, config, backend,
 def _prefill(params, context, *, config, capacity, backend):
   """The uncompressed prefill and what every transform may observe."""
   cache = kvjax.init_cache(config, context.shape[0], capacity)
-  _, cache, aux = model_lib.forward(params, context, cache, config=config,
-                                    capture=_OBSERVED, backend=backend)
+  _, cache, aux = model_lib.forward(
+    params, context, cache, config=config, capture=_OBSERVED, backend=backend
+  )
   return cache, aux
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity", "backend"))
 def _prefill_probs(params, tokens, *, config, capacity, backend):
   cache = kvjax.init_cache(config, tokens.shape[0], capacity)
-  _, cache, aux = model_lib.forward(params, tokens, cache, config=config,
-                                    capture=("attn_probs",), backend=backend)
+  _, cache, aux = model_lib.forward(
+    params,
+    tokens,
+    cache,
+    config=config,
+    capture=("attn_probs",),
+    backend=backend,
+  )
   return aux["attn_probs"], cache.pos, cache.valid
 
 
@@ -130,24 +153,31 @@ class TaskData:
       task_params["num_pairs"] = int(cfg.mqar_pairs)
     context_len = int(cfg.context_len)  # task positions (BOS included)
     self.source_batch = generators.make_batch(
-        entry.task, int(cfg.num_examples), seed=(int(cfg.seed), index),
-        context_len=context_len, **task_params)
+      entry.task,
+      int(cfg.num_examples),
+      seed=(int(cfg.seed), index),
+      context_len=context_len,
+      **task_params,
+    )
     # Every task one shape where it fits (one compiled program); a text
     # batch whose words split into several tokens may be longer.
     width = context_len + 1 + 2 * int(cfg.mqar_pairs)
     self.tokens = tokens if tokens is not None else tokens_lib.load(cfg)
     try:
       self.batch, self.unknown_id, self.text_batch = tokens_lib.prepare(
-          self.tokens, self.source_batch, config, width)
+        self.tokens, self.source_batch, config, width
+      )
     except ValueError as e:
       raise ValueError(f"task {name}: {e}") from None
     # The context end of the prepared rows, not cfg.context_len: text
     # rows have as many context tokens as the tokenizer gives.
     L = int(self.batch.context_end[0])
     if np.any(self.batch.context_end != L):
-      raise ValueError(f"task {name}: rows end their contexts at "
-                       f"{sorted(set(self.batch.context_end.tolist()))}; "
-                       "one prefill needs one context length.")
+      raise ValueError(
+        f"task {name}: rows end their contexts at "
+        f"{sorted(set(self.batch.context_end.tolist()))}; "
+        "one prefill needs one context length."
+      )
     self.name, self.L = name, L
     T = self.batch.tokens.shape[1]
     self.T, self.Tq = T, T - L
@@ -157,8 +187,7 @@ class TaskData:
     real = positions[None, :] < self.batch.lengths[:, None]  # [B, Tq]
     self.qmask = jnp.asarray(real)
     # The question proper: no answer, nothing that follows from one.
-    self.observe_mask = jnp.asarray(
-        generators.question_mask(self.batch)[:, L:])
+    self.observe_mask = jnp.asarray(generators.question_mask(self.batch)[:, L:])
     self.query_pos = np.where(real, positions[None, :], -1)  # [B, Tq]
     # Rows predicting answers: the input position before each answer.
     valid = self.batch.answer_positions >= 0
@@ -169,46 +198,71 @@ class TaskData:
     self.backend = resolve_backend(cfg.backend)
     # One prefill serves every unit: agnostic transforms observe the end of
     # the context, aware ones the question's own queries.
-    self.cache, self.context_observed = _prefill(params, self.context,
-                                                 config=config, capacity=T,
-                                                 backend=self.backend)
+    self.cache, self.context_observed = _prefill(
+      params, self.context, config=config, capacity=T, backend=self.backend
+    )
     B = self.context.shape[0]
     self.context_pos = jnp.broadcast_to(jnp.arange(L), (B, L))
     self.context_mask = jnp.ones((B, L), bool)
-    logits, aux, _, _ = ask(params, self.cache, self.question, self.qmask,
-                            config=config, backend=self.backend,
-                            capture=("q", "q_pre_rope", "attn_probs"))
+    logits, aux, _, _ = ask(
+      params,
+      self.cache,
+      self.question,
+      self.qmask,
+      config=config,
+      backend=self.backend,
+      capture=("q", "q_pre_rope", "attn_probs"),
+    )
     probs = aux["attn_probs"]
     self.logits = np.asarray(logits)
     self.question_observed = dict(
-        q=aux["q"], q_pre_rope=aux["q_pre_rope"],
-        attn_mass=jnp.einsum("lbnts,bt->lbns", probs,
-                             self.observe_mask.astype(jnp.float32)))
+      q=aux["q"],
+      q_pre_rope=aux["q_pre_rope"],
+      attn_mass=jnp.einsum(
+        "lbnts,bt->lbns", probs, self.observe_mask.astype(jnp.float32)
+      ),
+    )
     self.question_pos = jnp.asarray(np.maximum(self.query_pos, 0))
     # Oracle input: what the question's real queries pay to each slot.
-    self.future_mass = jnp.einsum("lbnts,bt->lbns", probs,
-                                  self.qmask.astype(jnp.float32))
+    self.future_mass = jnp.einsum(
+      "lbnts,bt->lbns", probs, self.qmask.astype(jnp.float32)
+    )
     self.prefill_graph = self._prefill_graph(cfg)
-    self.support = np.asarray(support_lib.active_support(
-        self._answer_rows(probs), share=float(cfg.support_share)))
+    self.support = np.asarray(
+      support_lib.active_support(
+        self._answer_rows(probs), share=float(cfg.support_share)
+      )
+    )
 
   def _answer_rows(self, probs):
     """probs [L, B, N, Tq, S] at the rows predicting answers -> [L,B,N,A,S]."""
     idx = np.maximum(self.sources - self.L, 0)  # [B, A]
-    return jnp.take_along_axis(probs, jnp.asarray(idx)[None, :, None, :, None],
-                               axis=3)
+    return jnp.take_along_axis(
+      probs, jnp.asarray(idx)[None, :, None, :, None], axis=3
+    )
 
   def _prefill_graph(self, cfg, rows: int = 8):
     """Token-attention graph inside the context (full attention), [L,B,T,T]."""
     parts = []
     B = self.context.shape[0]
     for i in range(0, B, rows):
-      probs, pos, valid = _prefill_probs(self.params, self.context[i:i + rows],
-                                         config=self.config, capacity=self.L,
-                                         backend=self.backend)
+      probs, pos, valid = _prefill_probs(
+        self.params,
+        self.context[i : i + rows],
+        config=self.config,
+        capacity=self.L,
+        backend=self.backend,
+      )
       n = probs.shape[1]
       qpos = np.broadcast_to(np.arange(self.L), (n, self.L))
-      parts.append(graph_lib.token_graph(
-          probs, jnp.asarray(qpos), pos, valid, num_positions=self.T,
-          eps=float(cfg.graph_eps)))
+      parts.append(
+        graph_lib.token_graph(
+          probs,
+          jnp.asarray(qpos),
+          pos,
+          valid,
+          num_positions=self.T,
+          eps=float(cfg.graph_eps),
+        )
+      )
     return jnp.concatenate(parts, axis=1)

@@ -35,8 +35,10 @@ def extra_inputs(td: TaskData, transform) -> dict[str, Any]:
   available = dict(future_mass=td.future_mass)
   missing = sorted(set(transform.extras) - set(available))
   if missing:
-    raise ValueError(f"{transform.name} needs the inputs {missing}; the "
-                     f"sweep provides {sorted(available)}.")
+    raise ValueError(
+      f"{transform.name} needs the inputs {missing}; the "
+      f"sweep provides {sorted(available)}."
+    )
   return {name: available[name] for name in transform.extras}
 
 
@@ -53,14 +55,26 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
   extra = extra_inputs(td, transform)
   if unit["mode"] == "agnostic":
     return kvjax.compress_cache(
-        td.cache, transform, config=td.config,
-        observed=td.context_observed, positions=td.context_pos,
-        mask=td.context_mask, reserve=td.Tq, **extra)
+      td.cache,
+      transform,
+      config=td.config,
+      observed=td.context_observed,
+      positions=td.context_pos,
+      mask=td.context_mask,
+      reserve=td.Tq,
+      **extra,
+    )
   # The same as kvjax.compress_observing, reusing the question run.
   return kvjax.compress_cache(
-      td.cache, transform, config=td.config,
-      observed=td.question_observed, positions=td.question_pos,
-      mask=td.observe_mask, reserve=td.Tq, **extra)
+    td.cache,
+    transform,
+    config=td.config,
+    observed=td.question_observed,
+    positions=td.question_pos,
+    mask=td.observe_mask,
+    reserve=td.Tq,
+    **extra,
+  )
 
 
 def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
@@ -69,44 +83,74 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   reason and no metrics."""
   t0 = time.perf_counter()
   refuse = lambda reason: dict(
-      method=unit["method"], ratio=unit["ratio"], task=unit["task"],
-      mode=unit["mode"], status="refused", reason=reason)
+    method=unit["method"],
+    ratio=unit["ratio"],
+    task=unit["task"],
+    mode=unit["mode"],
+    status="refused",
+    reason=reason,
+  )
   try:
     cache = compress_unit(td, unit)
   except compress.Degenerate as e:
     return refuse(str(e))
   _, codec = plan.method_parts(unit["method"])
   if codec is not None and max(coded_share(cache)) == 0:
-    return refuse(f"{codec} stored none of the kept entries coded (all in "
-                  "its full-precision window): not a compressed unit.")
-  logits, aux, pos, valid = ask(td.params, cache, td.question, td.qmask,
-                                config=td.config, backend=td.backend)
+    return refuse(
+      f"{codec} stored none of the kept entries coded (all in "
+      "its full-precision window): not a compressed unit."
+    )
+  logits, aux, pos, valid = ask(
+    td.params,
+    cache,
+    td.question,
+    td.qmask,
+    config=td.config,
+    backend=td.backend,
+  )
   probs = aux["attn_probs"]
   logits = np.asarray(logits)
   seconds = time.perf_counter() - t0
 
   # Abstaining is the unknown word's token on text, not the private id.
   predicted, confidence = scoring.predictions_from_logits(
-      td.batch, logits, offset=td.L, unknown=td.unknown_id)
-  score = scoring.score(td.batch, predicted, confidence=confidence,
-                        threshold=float(cfg.confidence),
-                        unknown=td.unknown_id)["all"]
+    td.batch, logits, offset=td.L, unknown=td.unknown_id
+  )
+  score = scoring.score(
+    td.batch,
+    predicted,
+    confidence=confidence,
+    threshold=float(cfg.confidence),
+    unknown=td.unknown_id,
+  )["all"]
   answers = td.batch.answer_positions >= 0
-  kl = metrics.kl(metrics.answer_logits(td, td.logits),
-                  metrics.answer_logits(td, logits), answers)
-  eviction = metrics.answer_eviction(td, cache, probs, pos, valid,
-                                     float(cfg.graph_eps))
+  kl = metrics.kl(
+    metrics.answer_logits(td, td.logits),
+    metrics.answer_logits(td, logits),
+    answers,
+  )
+  eviction = metrics.answer_eviction(
+    td, cache, probs, pos, valid, float(cfg.graph_eps)
+  )
   tokens = td.batch.batch_size * td.L  # context tokens (text: tokenized)
   return dict(
-      method=unit["method"], ratio=unit["ratio"], task=unit["task"],
-      mode=unit["mode"], status="ok", accuracy=score.accuracy,
-      hallucination_rate=score.hallucination_rate,
-      abstention_rate=score.abstention_rate,
-      exact_match=score.exact_match, ger=eviction["ger"],
-      ger_per_layer=eviction["ger_per_layer"],
-      reachability=eviction["reachability"], kl=kl,
-      physical_bytes_per_token=kv_bytes(cache) / tokens,
-      logical_bytes_per_token=logical_bytes(cache) / tokens,
-      coded_share=list(coded_share(cache)),
-      seconds=round(seconds, 4), num_examples=score.num_examples,
-      num_answers=score.num_answers)
+    method=unit["method"],
+    ratio=unit["ratio"],
+    task=unit["task"],
+    mode=unit["mode"],
+    status="ok",
+    accuracy=score.accuracy,
+    hallucination_rate=score.hallucination_rate,
+    abstention_rate=score.abstention_rate,
+    exact_match=score.exact_match,
+    ger=eviction["ger"],
+    ger_per_layer=eviction["ger_per_layer"],
+    reachability=eviction["reachability"],
+    kl=kl,
+    physical_bytes_per_token=kv_bytes(cache) / tokens,
+    logical_bytes_per_token=logical_bytes(cache) / tokens,
+    coded_share=list(coded_share(cache)),
+    seconds=round(seconds, 4),
+    num_examples=score.num_examples,
+    num_answers=score.num_answers,
+  )

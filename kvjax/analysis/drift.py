@@ -88,34 +88,44 @@ def cast_params(params, dtype) -> Any:
   """Casts every floating leaf of a parameter pytree to `dtype`."""
   dtype = jnp.dtype(dtype)
   return jax.tree.map(
-      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
-      else a, params)
+    lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+    params,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_dtype",
-                                             "backend"))
+@functools.partial(
+  jax.jit, static_argnames=("config", "cache_dtype", "backend")
+)
 def _recompute_logits(params, tokens, *, config, cache_dtype, backend):
   """[B, T, V] float32 logits of one forward over all tokens."""
   B, T = tokens.shape
   logits, _, _ = model_lib.forward(
-      params, tokens, init_cache(config, B, T, dtype=cache_dtype),
-      config=config, backend=backend)
+    params,
+    tokens,
+    init_cache(config, B, T, dtype=cache_dtype),
+    config=config,
+    backend=backend,
+  )
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "prefill_len",
-                                             "cache_dtype", "backend"))
-def _cached_logits(params, tokens, *, config, prefill_len, cache_dtype,
-                   backend):
+@functools.partial(
+  jax.jit, static_argnames=("config", "prefill_len", "cache_dtype", "backend")
+)
+def _cached_logits(
+  params, tokens, *, config, prefill_len, cache_dtype, backend
+):
   """[B, T, V] float32 logits of prefill + one-token decode steps."""
   B, T = tokens.shape
   cache = init_cache(config, B, T, dtype=cache_dtype)
-  first, cache, _ = model_lib.forward(params, tokens[:, :prefill_len], cache,
-                                      config=config, backend=backend)
+  first, cache, _ = model_lib.forward(
+    params, tokens[:, :prefill_len], cache, config=config, backend=backend
+  )
 
   def step(cache, token):  # token [B]
-    logits, cache, _ = model_lib.forward(params, token[:, None], cache,
-                                         config=config, backend=backend)
+    logits, cache, _ = model_lib.forward(
+      params, token[:, None], cache, config=config, backend=backend
+    )
     return cache, logits[:, 0]
 
   _, rest = jax.lax.scan(step, cache, tokens[:, prefill_len:].T)  # [T', B, V]
@@ -128,14 +138,14 @@ def _log_softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def cache_drift(
-    params,
-    config: ModelConfig,
-    tokens: Array,
-    dtype: Any = "float32",
-    *,
-    prefill_len: int = 1,
-    cache_dtype: Any = None,
-    backend: Backend | str = Backend.AUTO,
+  params,
+  config: ModelConfig,
+  tokens: Array,
+  dtype: Any = "float32",
+  *,
+  prefill_len: int = 1,
+  cache_dtype: Any = None,
+  backend: Backend | str = Backend.AUTO,
 ) -> CacheDrift:
   """Logit drift between cached token-by-token decode and full recompute.
 
@@ -158,36 +168,51 @@ def cache_drift(
     ValueError: for bad tokens, dtype or prefill_len.
   """
   tokens = jnp.asarray(tokens)
-  if tokens.ndim != 2 or tokens.shape[1] < 2 or not jnp.issubdtype(
-      tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an int array [B, T] with T >= 2, got "
-                     f"{tokens.dtype}{tuple(tokens.shape)}.")
+  if (
+    tokens.ndim != 2
+    or tokens.shape[1] < 2
+    or not jnp.issubdtype(tokens.dtype, jnp.integer)
+  ):
+    raise ValueError(
+      f"tokens must be an int array [B, T] with T >= 2, got "
+      f"{tokens.dtype}{tuple(tokens.shape)}."
+    )
   T = tokens.shape[1]
   if not isinstance(prefill_len, int) or not 1 <= prefill_len < T:
-    raise ValueError(f"prefill_len must be an int in [1, {T}), got "
-                     f"{prefill_len!r}.")
+    raise ValueError(
+      f"prefill_len must be an int in [1, {T}), got {prefill_len!r}."
+    )
   dtype = jnp.dtype(dtype).name
   cache_dtype = dtype if cache_dtype is None else jnp.dtype(cache_dtype).name
   cfg = config.replace(dtype=dtype)  # validates the dtype name
   cast = cast_params(params, dtype)
   kw = dict(cache_dtype=cache_dtype, backend=resolve_backend(backend))
   full = _recompute_logits(cast, tokens, config=cfg, **kw)
-  cached = _cached_logits(cast, tokens, config=cfg, prefill_len=prefill_len,
-                          **kw)
+  cached = _cached_logits(
+    cast, tokens, config=cfg, prefill_len=prefill_len, **kw
+  )
   if dtype == cache_dtype == "float32":
     ref = full
   else:
-    ref = _recompute_logits(cast_params(params, "float32"), tokens,
-                            config=config.replace(dtype="float32"),
-                            cache_dtype="float32", backend=kw["backend"])
+    ref = _recompute_logits(
+      cast_params(params, "float32"),
+      tokens,
+      config=config.replace(dtype="float32"),
+      cache_dtype="float32",
+      backend=kw["backend"],
+    )
   # [B, T', V] float64 at the decoded positions.
-  full, cached, ref = (np.asarray(x[:, prefill_len:], np.float64)
-                       for x in (full, cached, ref))
+  full, cached, ref = (
+    np.asarray(x[:, prefill_len:], np.float64) for x in (full, cached, ref)
+  )
   logp, logq = _log_softmax64(full), _log_softmax64(cached)
   kl = np.sum(np.exp(logp) * (logp - logq), axis=-1)  # [B, T']
   agree = np.argmax(full, axis=-1) == np.argmax(cached, axis=-1)
   return CacheDrift(
-      max_abs_logit_diff=float(np.max(np.abs(full - cached))),
-      mean_kl=float(np.mean(kl)), argmax_agreement=float(np.mean(agree)),
-      max_abs_error_vs_f32=float(np.max(np.abs(cached - ref))),
-      dtype=dtype, cache_dtype=cache_dtype)
+    max_abs_logit_diff=float(np.max(np.abs(full - cached))),
+    mean_kl=float(np.mean(kl)),
+    argmax_agreement=float(np.mean(agree)),
+    max_abs_error_vs_f32=float(np.max(np.abs(cached - ref))),
+    dtype=dtype,
+    cache_dtype=cache_dtype,
+  )

@@ -86,36 +86,48 @@ def _is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _check_cache_arrays(cache_pos, cache_valid, pos_name="cache_pos",
-                        valid_name="cache_valid") -> tuple[int, ...]:
+def _check_cache_arrays(
+  cache_pos, cache_valid, pos_name="cache_pos", valid_name="cache_valid"
+) -> tuple[int, ...]:
   _check_int_array(pos_name, cache_pos, ndim=4)
   _check_bool_array(valid_name, cache_valid, ndim=4)
   if tuple(cache_valid.shape) != tuple(cache_pos.shape):
-    raise ValueError(f"{valid_name} must have the shape of {pos_name} "
-                     f"{tuple(cache_pos.shape)} ([L, B, K, S]), got "
-                     f"{tuple(cache_valid.shape)}.")
+    raise ValueError(
+      f"{valid_name} must have the shape of {pos_name} "
+      f"{tuple(cache_pos.shape)} ([L, B, K, S]), got "
+      f"{tuple(cache_valid.shape)}."
+    )
   return tuple(cache_pos.shape)
 
 
-def _check_positions(name: str, positions, B: int,
-                     num_positions: int | None = None) -> None:
+def _check_positions(
+  name: str, positions, B: int, num_positions: int | None = None
+) -> None:
   _check_int_array(name, positions, ndim=2)
   if positions.shape[0] != B:
-    raise ValueError(f"{name} must have shape [B={B}, _], got "
-                     f"{tuple(positions.shape)}.")
+    raise ValueError(
+      f"{name} must have shape [B={B}, _], got {tuple(positions.shape)}."
+    )
   if num_positions is not None and _is_concrete(positions) and positions.size:
     hi = int(np.max(np.asarray(positions)))
     lo = int(np.min(np.asarray(positions)))
     if lo < -1 or hi >= num_positions:
-      raise ValueError(f"{name} must hold positions in [0, {num_positions}) "
-                       f"or -1 (padding), got range [{lo}, {hi}].")
+      raise ValueError(
+        f"{name} must hold positions in [0, {num_positions}) "
+        f"or -1 (padding), got range [{lo}, {hi}]."
+      )
 
 
 def _check_num_positions(num_positions) -> int:
-  if isinstance(num_positions, bool) or not isinstance(
-      num_positions, (int, np.integer)) or num_positions < 1:
-    raise ValueError(f"num_positions must be a positive int (P, one more "
-                     f"than the largest position), got {num_positions!r}.")
+  if (
+    isinstance(num_positions, bool)
+    or not isinstance(num_positions, (int, np.integer))
+    or num_positions < 1
+  ):
+    raise ValueError(
+      f"num_positions must be a positive int (P, one more "
+      f"than the largest position), got {num_positions!r}."
+    )
   return int(num_positions)
 
 
@@ -123,25 +135,32 @@ def _check_eps(eps) -> float:
   if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)):
     raise TypeError(f"eps must be a float in [0, 1), got {eps!r}.")
   if not 0.0 <= float(eps) < 1.0:
-    raise ValueError(f"eps must be in [0, 1) (edge when probability > eps), "
-                     f"got {eps!r}.")
+    raise ValueError(
+      f"eps must be in [0, 1) (edge when probability > eps), got {eps!r}."
+    )
   return float(eps)
 
 
-def _check_probs_against(probs, query_pos, key_pos, key_valid
-                         ) -> tuple[int, ...]:
+def _check_probs_against(
+  probs, query_pos, key_pos, key_valid
+) -> tuple[int, ...]:
   _check_float_array("probs", probs, ndim=5)
   L, B, N, T, S = probs.shape
-  kl, kb, K, ks = _check_cache_arrays(key_pos, key_valid, "key_pos",
-                                      "key_valid")
+  kl, kb, K, ks = _check_cache_arrays(
+    key_pos, key_valid, "key_pos", "key_valid"
+  )
   if (kl, kb, ks) != (L, B, S) or K == 0 or N % K:
-    raise ValueError(f"key_pos must have shape [L, B, K, S] = [{L}, {B}, K, "
-                     f"{S}] (probs is [L, B, N, T, S] = {tuple(probs.shape)})"
-                     f" with K dividing N, got {tuple(key_pos.shape)}.")
+    raise ValueError(
+      f"key_pos must have shape [L, B, K, S] = [{L}, {B}, K, "
+      f"{S}] (probs is [L, B, N, T, S] = {tuple(probs.shape)})"
+      f" with K dividing N, got {tuple(key_pos.shape)}."
+    )
   _check_int_array("query_pos", query_pos, ndim=2)
   if tuple(query_pos.shape) != (B, T):
-    raise ValueError(f"query_pos must have shape [B, T] = {(B, T)}, got "
-                     f"{tuple(query_pos.shape)}.")
+    raise ValueError(
+      f"query_pos must have shape [B, T] = {(B, T)}, got "
+      f"{tuple(query_pos.shape)}."
+    )
   return L, B, N, T, S, K
 
 
@@ -149,8 +168,10 @@ def _infer_num_positions(num_positions, *arrays) -> int:
   if num_positions is not None:
     return _check_num_positions(num_positions)
   if not _is_concrete(*arrays):
-    raise ValueError("num_positions must be given under jit (it is a static "
-                     "size); None infers it from concrete arrays only.")
+    raise ValueError(
+      "num_positions must be given under jit (it is a static "
+      "size); None infers it from concrete arrays only."
+    )
   hi = max(int(np.max(np.asarray(a))) if a.size else -1 for a in arrays)
   return max(hi + 1, 1)
 
@@ -159,9 +180,11 @@ def _check_keys_in_range(key_pos, key_valid, num_positions) -> None:
   if _is_concrete(key_pos, key_valid):
     kp = np.asarray(key_pos)[np.asarray(key_valid)]
     if kp.size and (kp.min() < 0 or kp.max() >= num_positions):
-      raise ValueError(f"valid slots of key_pos must hold positions in [0, "
-                       f"{num_positions}), got range [{kp.min()}, "
-                       f"{kp.max()}]; raise num_positions.")
+      raise ValueError(
+        f"valid slots of key_pos must hold positions in [0, "
+        f"{num_positions}), got range [{kp.min()}, "
+        f"{kp.max()}]; raise num_positions."
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -179,8 +202,9 @@ def _evicted_per_layer(cache_pos, cache_valid, positions):
   return gone & (positions >= 0)[None]  # [L, B, C]
 
 
-def evicted_per_layer(cache_pos: Array, cache_valid: Array,
-                      positions: Array) -> Array:
+def evicted_per_layer(
+  cache_pos: Array, cache_valid: Array, positions: Array
+) -> Array:
   """Which listed positions no kv head of each layer holds.
 
   Args:
@@ -201,8 +225,9 @@ def evicted_per_layer(cache_pos: Array, cache_valid: Array,
   return _evicted_per_layer(cache_pos, cache_valid, positions)
 
 
-def evicted_everywhere(cache_pos: Array, cache_valid: Array,
-                       positions: Array) -> Array:
+def evicted_everywhere(
+  cache_pos: Array, cache_valid: Array, positions: Array
+) -> Array:
   """Which listed positions no (layer, kv head) holds.
 
   Args:
@@ -220,8 +245,12 @@ def evicted_everywhere(cache_pos: Array, cache_valid: Array,
   return jnp.all(evicted_per_layer(cache_pos, cache_valid, positions), axis=0)
 
 
-def global_eviction_ratio(cache_pos: Array, cache_valid: Array,
-                          positions: Array, per_layer: bool = False) -> Array:
+def global_eviction_ratio(
+  cache_pos: Array,
+  cache_valid: Array,
+  positions: Array,
+  per_layer: bool = False,
+) -> Array:
   """Share of each row's real positions evicted from every head (GER).
 
   Args:
@@ -268,8 +297,10 @@ def mean_over_rows(values: Array, positions: Array) -> tuple[Array, Array]:
   _check_array("values", values, min_ndim=1)
   _check_int_array("positions", positions, ndim=2)
   if values.shape[-1] != positions.shape[0]:
-    raise ValueError(f"values [..., B] and positions [B, C] disagree on B: "
-                     f"{tuple(values.shape)} vs {tuple(positions.shape)}.")
+    raise ValueError(
+      f"values [..., B] and positions [B, C] disagree on B: "
+      f"{tuple(values.shape)} vs {tuple(positions.shape)}."
+    )
   rows = jnp.any(positions >= 0, axis=-1)  # [B]
   n = jnp.sum(rows).astype(jnp.int32)
   total = jnp.sum(jnp.where(rows, values.astype(jnp.float32), 0.0), axis=-1)
@@ -290,12 +321,14 @@ def _to_positions(x: Array, pos: Array, num_positions: int) -> Array:
   return out.at[..., pos].max(x.astype(jnp.int8), mode="drop") > 0
 
 
-def _slot_to_position_edges(strong: Array, key_pos: Array, key_valid: Array,
-                            num_positions: int) -> Array:
+def _slot_to_position_edges(
+  strong: Array, key_pos: Array, key_valid: Array, num_positions: int
+) -> Array:
   """strong [B, K, T, S] bool per kv head -> [B, T, P] bool (any head)."""
   kpos = jnp.where(key_valid, key_pos, -1)  # [B, K, S]
-  per_head = jax.vmap(jax.vmap(functools.partial(
-      _to_positions, num_positions=num_positions)))(strong, kpos)
+  per_head = jax.vmap(
+    jax.vmap(functools.partial(_to_positions, num_positions=num_positions))
+  )(strong, kpos)
   return jnp.any(per_head, axis=1)  # [B, T, P]
 
 
@@ -310,15 +343,24 @@ def _token_graph(probs, query_pos, key_pos, key_valid, *, num_positions, eps):
     strong = jnp.any((p > eps).reshape(B, K, N // K, T, S), axis=2)
     edges = _slot_to_position_edges(strong & kv[:, :, None], kp, kv, P)
     rows = jnp.where(query_pos >= 0, query_pos, P)  # [B, T]
-    return jax.vmap(lambda e, r: jnp.zeros((P, P), jnp.int8).at[r].max(
-        e.astype(jnp.int8), mode="drop") > 0)(edges, rows)  # [B, P, P]
+    return jax.vmap(
+      lambda e, r: (
+        jnp.zeros((P, P), jnp.int8).at[r].max(e.astype(jnp.int8), mode="drop")
+        > 0
+      )
+    )(edges, rows)  # [B, P, P]
 
   return jax.lax.map(layer, (probs, key_pos.astype(jnp.int32), key_valid))
 
 
-def token_graph(probs: Array, query_pos: Array, key_pos: Array,
-                key_valid: Array, num_positions: int,
-                eps: float = 0.01) -> Array:
+def token_graph(
+  probs: Array,
+  query_pos: Array,
+  key_pos: Array,
+  key_valid: Array,
+  num_positions: int,
+  eps: float = 0.01,
+) -> Array:
   """Token-attention graph of one forward pass, in position space.
 
   Args:
@@ -344,8 +386,9 @@ def token_graph(probs: Array, query_pos: Array, key_pos: Array,
   eps = _check_eps(eps)
   _check_positions("query_pos", query_pos, query_pos.shape[0], P)
   _check_keys_in_range(key_pos, key_valid, P)
-  return _token_graph(probs, query_pos, key_pos, key_valid, num_positions=P,
-                      eps=eps)
+  return _token_graph(
+    probs, query_pos, key_pos, key_valid, num_positions=P, eps=eps
+  )
 
 
 def merge_graphs(a: Array, b: Array) -> Array:
@@ -353,8 +396,10 @@ def merge_graphs(a: Array, b: Array) -> Array:
   _check_bool_array("a", a, ndim=4)
   _check_bool_array("b", b, ndim=4)
   if a.shape != b.shape:
-    raise ValueError(f"graphs must have the same shape, got {tuple(a.shape)} "
-                     f"and {tuple(b.shape)}.")
+    raise ValueError(
+      f"graphs must have the same shape, got {tuple(a.shape)} "
+      f"and {tuple(b.shape)}."
+    )
   return a | b
 
 
@@ -366,8 +411,11 @@ def _onehot_positions(positions: Array, num_positions: int) -> Array:
   """[B, C] positions (-1 pad) -> [B, P] bool."""
   B = positions.shape[0]
   idx = jnp.where(positions >= 0, positions, num_positions)
-  return jnp.zeros((B, num_positions), bool).at[
-      jnp.arange(B)[:, None], idx].set(True, mode="drop")
+  return (
+    jnp.zeros((B, num_positions), bool)
+    .at[jnp.arange(B)[:, None], idx]
+    .set(True, mode="drop")
+  )
 
 
 @jax.jit
@@ -377,8 +425,10 @@ def _reachable(adj, sources, targets):
 
   def down(reach, a):  # a [B, P, P] one layer, visited top first
     # float32 0/1 products are exact (sums < 2**24).
-    hop = jnp.einsum("bi,bij->bj", reach.astype(jnp.float32),
-                     a.astype(jnp.float32)) > 0
+    hop = (
+      jnp.einsum("bi,bij->bj", reach.astype(jnp.float32), a.astype(jnp.float32))
+      > 0
+    )
     return reach | hop, None
 
   reach, _ = jax.lax.scan(down, reach, adj, reverse=True)
@@ -423,34 +473,53 @@ FOLLOW_MODES = ("visible", "share")
 
 
 @functools.partial(jax.jit, static_argnames=("num_positions", "follow"))
-def _token_route(probs, query_pos, key_pos, key_valid, answer_query, *,
-                 num_positions, share, follow):
+def _token_route(
+  probs,
+  query_pos,
+  key_pos,
+  key_valid,
+  answer_query,
+  *,
+  num_positions,
+  share,
+  follow,
+):
   L, B, N, T, S = probs.shape
   K = key_pos.shape[2]
   P = num_positions
   sel = support_lib.active_support_mask(probs, share)  # [L, B, N, T, S]
-  kpos = jnp.repeat(jnp.where(key_valid, key_pos.astype(jnp.int32), -1),
-                    N // K, axis=2)  # [L, B, N, S]
+  kpos = jnp.repeat(
+    jnp.where(key_valid, key_pos.astype(jnp.int32), -1), N // K, axis=2
+  )  # [L, B, N, S]
   # Row of the forward holding each position (-1: a cached context entry).
   real = query_pos >= 0  # [B, T]
   qidx = jnp.where(real, query_pos, P)
   bidx = jnp.arange(B)[:, None]
-  row_of = jnp.full((B, P), -1, jnp.int32).at[bidx, qidx].set(
-      jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), mode="drop")
+  row_of = (
+    jnp.full((B, P), -1, jnp.int32)
+    .at[bidx, qidx]
+    .set(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), mode="drop")
+  )
   is_query = row_of >= 0  # [B, P]
-  answer = jnp.zeros((B, T), bool).at[
-      bidx, jnp.where(answer_query >= 0, answer_query, T)].set(
-          True, mode="drop")  # [B, T]
+  answer = (
+    jnp.zeros((B, T), bool)
+    .at[bidx, jnp.where(answer_query >= 0, answer_query, T)]
+    .set(True, mode="drop")
+  )  # [B, T]
   # visible[b, t, j]: row t can see question row j (causal, both real).
-  visible = (real[:, :, None] & real[:, None, :] &
-             (query_pos[:, None, :] <= query_pos[:, :, None]))  # [B, T, T]
+  visible = (
+    real[:, :, None]
+    & real[:, None, :]
+    & (query_pos[:, None, :] <= query_pos[:, :, None])
+  )  # [B, T, T]
 
   def layer(below, xs):
     s, kp = xs  # [B, N, T, S], [B, N, S]
     needed = answer | below  # rows whose attention at this layer matters
     hit = jnp.any(s & needed[:, None, :, None], axis=2)  # [B, N, S]
     hit_pos = jax.vmap(functools.partial(_to_positions, num_positions=P))(
-        hit.reshape(B, N * S), kp.reshape(B, N * S))  # [B, P]
+      hit.reshape(B, N * S), kp.reshape(B, N * S)
+    )  # [B, P]
     route = hit_pos & ~is_query
     rows = jnp.where(hit_pos & is_query, row_of, T)  # question rows read
     new = jnp.zeros((B, T), bool).at[bidx, rows].set(True, mode="drop")
@@ -458,15 +527,22 @@ def _token_route(probs, query_pos, key_pos, key_valid, answer_query, *,
       new |= jnp.any(needed[:, :, None] & visible, axis=1)
     return below | new, route
 
-  _, route = jax.lax.scan(layer, jnp.zeros((B, T), bool), (sel, kpos),
-                          reverse=True)
+  _, route = jax.lax.scan(
+    layer, jnp.zeros((B, T), bool), (sel, kpos), reverse=True
+  )
   return route  # [L, B, P]
 
 
-def token_route(probs: Array, query_pos: Array, key_pos: Array,
-                key_valid: Array, answer_query: Array, share: float = 0.9,
-                num_positions: int | None = None,
-                follow: str = "visible") -> Array:
+def token_route(
+  probs: Array,
+  query_pos: Array,
+  key_pos: Array,
+  key_valid: Array,
+  answer_query: Array,
+  share: float = 0.9,
+  num_positions: int | None = None,
+  follow: str = "visible",
+) -> Array:
   """The cached (layer, position) entries the answer reads in a question run.
 
   Args:
@@ -494,8 +570,7 @@ def token_route(probs: Array, query_pos: Array, key_pos: Array,
     TypeError / ValueError: for mistyped or mis-shaped arguments, rows
       outside [0, T), positions outside [0, P) or an unknown `follow`.
   """
-  L, B, N, T, S, K = _check_probs_against(probs, query_pos, key_pos,
-                                          key_valid)
+  L, B, N, T, S, K = _check_probs_against(probs, query_pos, key_pos, key_valid)
   share = support_lib.check_share(share)
   if follow not in FOLLOW_MODES:
     raise ValueError(f"follow must be one of {FOLLOW_MODES}, got {follow!r}.")
@@ -503,19 +578,32 @@ def token_route(probs: Array, query_pos: Array, key_pos: Array,
   if answer_query.ndim == 1:
     answer_query = answer_query[:, None]
   if answer_query.ndim != 2 or answer_query.shape[0] != B:
-    raise ValueError(f"answer_query must have shape [B] or [B, A] with B={B},"
-                     f" got {tuple(answer_query.shape)}.")
+    raise ValueError(
+      f"answer_query must have shape [B] or [B, A] with B={B},"
+      f" got {tuple(answer_query.shape)}."
+    )
   if _is_concrete(answer_query) and answer_query.size:
     aq = np.asarray(answer_query)
     if aq.min() < -1 or aq.max() >= T:
-      raise ValueError(f"answer_query must hold row indices in [0, {T}) or "
-                       f"-1 (padding), got range [{aq.min()}, {aq.max()}].")
-  P = _infer_num_positions(num_positions, query_pos,
-                           jnp.where(key_valid, key_pos, -1))
+      raise ValueError(
+        f"answer_query must hold row indices in [0, {T}) or "
+        f"-1 (padding), got range [{aq.min()}, {aq.max()}]."
+      )
+  P = _infer_num_positions(
+    num_positions, query_pos, jnp.where(key_valid, key_pos, -1)
+  )
   _check_positions("query_pos", query_pos, B, P)
   _check_keys_in_range(key_pos, key_valid, P)
-  return _token_route(probs, query_pos, key_pos, key_valid, answer_query,
-                      num_positions=P, share=share, follow=follow)
+  return _token_route(
+    probs,
+    query_pos,
+    key_pos,
+    key_valid,
+    answer_query,
+    num_positions=P,
+    share=share,
+    follow=follow,
+  )
 
 
 def keep_only_route(cache: KVCache, route: Array) -> KVCache:
@@ -544,11 +632,14 @@ def keep_only_route(cache: KVCache, route: Array) -> KVCache:
   _check_bool_array("route", route, ndim=3)
   L, B = cache.pos.shape[:2]
   if tuple(route.shape[:2]) != (L, B):
-    raise ValueError(f"route must have shape [L, B, P] with L={L}, B={B}, "
-                     f"got {tuple(route.shape)}.")
+    raise ValueError(
+      f"route must have shape [L, B, P] with L={L}, B={B}, "
+      f"got {tuple(route.shape)}."
+    )
   P = route.shape[2]
   idx = jnp.clip(cache.pos, 0, P - 1)  # [L, B, K, S]
-  on = jnp.take_along_axis(route[:, :, None, :],
-                           idx.reshape(L, B, 1, -1), axis=-1)
+  on = jnp.take_along_axis(
+    route[:, :, None, :], idx.reshape(L, B, 1, -1), axis=-1
+  )
   on = on.reshape(cache.pos.shape) & (cache.pos >= 0) & (cache.pos < P)
   return cache._replace(valid=cache.valid & on)

@@ -87,8 +87,10 @@ def _token_weights(token_mask, batch: int, length: int) -> Array:
   if token_mask is None:
     return jnp.ones((batch, length), jnp.float32)
   if tuple(token_mask.shape) != (batch, length):
-    raise ValueError(f"token_mask must have shape {(batch, length)}, got "
-                     f"{tuple(token_mask.shape)}.")
+    raise ValueError(
+      f"token_mask must have shape {(batch, length)}, got "
+      f"{tuple(token_mask.shape)}."
+    )
   return jnp.asarray(token_mask).astype(bool).astype(jnp.float32)
 
 
@@ -102,8 +104,10 @@ def _check_hidden(name: str, x, ndim: int, exact: bool = True):
   shape = getattr(x, "shape", None)
   if shape is None or (len(shape) != ndim if exact else len(shape) < ndim):
     want = f"{ndim}" if exact else f"at least {ndim}"
-    raise ValueError(f"{name} must be an array with {want} dims, got "
-                     f"{shape if shape is not None else type(x).__name__}.")
+    raise ValueError(
+      f"{name} must be an array with {want} dims, got "
+      f"{shape if shape is not None else type(x).__name__}."
+    )
 
 
 def _rms(x: Array) -> Array:
@@ -119,8 +123,7 @@ def _sq(x: Array) -> Array:
 
 def _cos(a: Array, b: Array) -> Array:
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return jnp.sum(a * b, axis=-1) / jnp.maximum(
-      jnp.sqrt(_sq(a) * _sq(b)), _TINY)
+  return jnp.sum(a * b, axis=-1) / jnp.maximum(jnp.sqrt(_sq(a) * _sq(b)), _TINY)
 
 
 def prediction_positions(answer_positions) -> Array:
@@ -139,19 +142,27 @@ def prediction_positions(answer_positions) -> Array:
 
 def _check_readout(positions, targets, batch: int, length: int):
   if positions is None or targets is None or positions.ndim != 2:
-    raise ValueError("positions must be a [B, A] int array, got "
-                     f"{getattr(positions, 'shape', positions)}.")
+    raise ValueError(
+      "positions must be a [B, A] int array, got "
+      f"{getattr(positions, 'shape', positions)}."
+    )
   if tuple(targets.shape) != tuple(positions.shape):
-    raise ValueError(f"targets shape {tuple(targets.shape)} must equal "
-                     f"positions shape {tuple(positions.shape)}.")
+    raise ValueError(
+      f"targets shape {tuple(targets.shape)} must equal "
+      f"positions shape {tuple(positions.shape)}."
+    )
   if positions.shape[0] != batch:
-    raise ValueError(f"positions has {positions.shape[0]} rows, the hidden "
-                     f"states have batch {batch}.")
+    raise ValueError(
+      f"positions has {positions.shape[0]} rows, the hidden "
+      f"states have batch {batch}."
+    )
   if not isinstance(positions, jax.core.Tracer):
     host = np.asarray(positions)
     if (host >= length).any():
-      raise ValueError(f"positions must be < T={length} (negative = pad), "
-                       f"got max {int(host.max())}.")
+      raise ValueError(
+        f"positions must be < T={length} (negative = pad), "
+        f"got max {int(host.max())}."
+      )
 
 
 def _gather_positions(x: Array, positions: Array) -> Array:
@@ -175,8 +186,12 @@ def _readout_stats(logits: Array, targets: Array, valid: Array):
   target_logp = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
   w = valid.astype(jnp.float32)
   correct = (pred == tgt).astype(jnp.float32)
-  return (_mean_over_tokens(correct, w), _mean_over_tokens(entropy, w),
-          _mean_over_tokens(target_logp, w), jnp.where(valid, pred, -1))
+  return (
+    _mean_over_tokens(correct, w),
+    _mean_over_tokens(entropy, w),
+    _mean_over_tokens(target_logp, w),
+    jnp.where(valid, pred, -1),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -195,8 +210,9 @@ class NormGrowth(NamedTuple):
   growth: Array
 
 
-def norm_growth(resid: Array, final_hidden: Array,
-                token_mask: Array | None = None) -> NormGrowth:
+def norm_growth(
+  resid: Array, final_hidden: Array, token_mask: Array | None = None
+) -> NormGrowth:
   """Mean residual RMS entering each layer and after the last, and growth.
 
   Args:
@@ -212,16 +228,22 @@ def norm_growth(resid: Array, final_hidden: Array,
   """
   _check_hidden("resid", resid, 4)
   if tuple(final_hidden.shape) != tuple(resid.shape[1:]):
-    raise ValueError(f"final_hidden must have shape {tuple(resid.shape[1:])},"
-                     f" got {tuple(final_hidden.shape)}.")
+    raise ValueError(
+      f"final_hidden must have shape {tuple(resid.shape[1:])},"
+      f" got {tuple(final_hidden.shape)}."
+    )
   _, B, T, _ = resid.shape
   return _norm_growth(resid, final_hidden, _token_weights(token_mask, B, T))
 
 
 @jax.jit
 def _norm_growth(resid, final_hidden, w) -> NormGrowth:
-  rms = jnp.concatenate([_mean_over_tokens(_rms(resid), w),
-                         _mean_over_tokens(_rms(final_hidden), w)[None]])
+  rms = jnp.concatenate(
+    [
+      _mean_over_tokens(_rms(resid), w),
+      _mean_over_tokens(_rms(final_hidden), w)[None],
+    ]
+  )
   return NormGrowth(rms=rms, growth=rms[1:] / jnp.maximum(rms[:-1], _TINY))
 
 
@@ -247,8 +269,9 @@ class WriteStats(NamedTuple):
   mlp_cos: Array
 
 
-def write_stats(resid: Array, attn_out: Array, mlp_out: Array,
-                token_mask: Array | None = None) -> WriteStats:
+def write_stats(
+  resid: Array, attn_out: Array, mlp_out: Array, token_mask: Array | None = None
+) -> WriteStats:
   """Norms, energy shares and alignment of each layer's two writes.
 
   Each write is compared with the residual it is added to: the attention
@@ -269,11 +292,14 @@ def write_stats(resid: Array, attn_out: Array, mlp_out: Array,
   _check_hidden("resid", resid, 4)
   for name, x in (("attn_out", attn_out), ("mlp_out", mlp_out)):
     if tuple(x.shape) != tuple(resid.shape):
-      raise ValueError(f"{name} must have shape {tuple(resid.shape)} like "
-                       f"resid, got {tuple(x.shape)}.")
+      raise ValueError(
+        f"{name} must have shape {tuple(resid.shape)} like "
+        f"resid, got {tuple(x.shape)}."
+      )
   _, B, T, _ = resid.shape
-  return _write_stats(resid, attn_out, mlp_out,
-                      _token_weights(token_mask, B, T))
+  return _write_stats(
+    resid, attn_out, mlp_out, _token_weights(token_mask, B, T)
+  )
 
 
 @jax.jit
@@ -284,10 +310,14 @@ def _write_stats(resid, attn_out, mlp_out, w) -> WriteStats:
   m = mlp_out.astype(jnp.float32)
   mid = x + a  # [L, B, T, D] residual the MLP writes into
   return WriteStats(
-      resid_rms=mean(_rms(x)), attn_rms=mean(_rms(a)), mlp_rms=mean(_rms(m)),
-      attn_energy=mean(_sq(a) / jnp.maximum(_sq(x), _TINY)),
-      mlp_energy=mean(_sq(m) / jnp.maximum(_sq(mid), _TINY)),
-      attn_cos=mean(_cos(a, x)), mlp_cos=mean(_cos(m, mid)))
+    resid_rms=mean(_rms(x)),
+    attn_rms=mean(_rms(a)),
+    mlp_rms=mean(_rms(m)),
+    attn_energy=mean(_sq(a) / jnp.maximum(_sq(x), _TINY)),
+    mlp_energy=mean(_sq(m) / jnp.maximum(_sq(mid), _TINY)),
+    attn_cos=mean(_cos(a, x)),
+    mlp_cos=mean(_cos(m, mid)),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -313,9 +343,14 @@ class LogitLens(NamedTuple):
   predictions: Array
 
 
-def logit_lens(params: Params, config: ModelConfig, resid: Array,
-               final_hidden: Array, positions: Array,
-               targets: Array) -> LogitLens:
+def logit_lens(
+  params: Params,
+  config: ModelConfig,
+  resid: Array,
+  final_hidden: Array,
+  positions: Array,
+  targets: Array,
+) -> LogitLens:
   """Logit lens: next-token accuracy and entropy of every layer's residual.
 
   Args:
@@ -335,16 +370,21 @@ def logit_lens(params: Params, config: ModelConfig, resid: Array,
   """
   _check_hidden("resid", resid, 4)
   if tuple(final_hidden.shape) != tuple(resid.shape[1:]):
-    raise ValueError(f"final_hidden must have shape {tuple(resid.shape[1:])},"
-                     f" got {tuple(final_hidden.shape)}.")
+    raise ValueError(
+      f"final_hidden must have shape {tuple(resid.shape[1:])},"
+      f" got {tuple(final_hidden.shape)}."
+    )
   L, B, T, D = resid.shape
   if L != config.num_layers or D != config.d_model:
-    raise ValueError(f"resid [L={L}, D={D}] does not match the config "
-                     f"(L={config.num_layers}, D={config.d_model}).")
+    raise ValueError(
+      f"resid [L={L}, D={D}] does not match the config "
+      f"(L={config.num_layers}, D={config.d_model})."
+    )
   positions, targets = jnp.asarray(positions), jnp.asarray(targets)
   _check_readout(positions, targets, B, T)
-  return _logit_lens(params, resid, final_hidden, positions, targets,
-                     config=config)
+  return _logit_lens(
+    params, resid, final_hidden, positions, targets, config=config
+  )
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -354,16 +394,18 @@ def _logit_lens(params, resid, final_hidden, positions, targets, *, config):
   h = model_lib.rms_norm(h, params["final_norm"], config.norm_eps)
   logits = model_lib.unembed(params, config, h)  # [L+1, B, A, V]
   acc, ent, tlp, pred = _readout_stats(logits, targets, positions >= 0)
-  return LogitLens(accuracy=acc, entropy=ent, target_logprob=tlp,
-                   predictions=pred)
+  return LogitLens(
+    accuracy=acc, entropy=ent, target_logprob=tlp, predictions=pred
+  )
 
 
 # ----------------------------------------------------------------------------
 # Near-null space of the LM head.
 
 
-def lm_head_spectrum(params: Params, config: ModelConfig, *,
-                     fold_final_norm: bool = True) -> tuple[Array, Array]:
+def lm_head_spectrum(
+  params: Params, config: ModelConfig, *, fold_final_norm: bool = True
+) -> tuple[Array, Array]:
   """SVD of the V x D unembedding W (logits = W h): singular values, V^T.
 
   Computed as the SVD of R from W = QR (D x D work after one QR), in
@@ -418,10 +460,16 @@ class NullSpaceEnergy(NamedTuple):
   singular_values: Array
 
 
-def null_space_energy(params: Params, config: ModelConfig, hidden: Array, *,
-                      k: int | None = None, fraction: float | None = None,
-                      token_mask: Array | None = None,
-                      fold_final_norm: bool = True) -> NullSpaceEnergy:
+def null_space_energy(
+  params: Params,
+  config: ModelConfig,
+  hidden: Array,
+  *,
+  k: int | None = None,
+  fraction: float | None = None,
+  token_mask: Array | None = None,
+  fold_final_norm: bool = True,
+) -> NullSpaceEnergy:
   """Share of hidden-state energy the LM head (nearly) cannot see.
 
   The near-null space is the span of the k right-singular vectors of the
@@ -448,11 +496,13 @@ def null_space_energy(params: Params, config: ModelConfig, hidden: Array, *,
   _check_hidden("hidden", hidden, 3, exact=False)
   D = config.d_model
   if hidden.shape[-1] != D:
-    raise ValueError(f"hidden has feature size {hidden.shape[-1]}, the "
-                     f"config has d_model={D}.")
+    raise ValueError(
+      f"hidden has feature size {hidden.shape[-1]}, the config has d_model={D}."
+    )
   if (k is None) == (fraction is None):
-    raise ValueError(f"give exactly one of k or fraction, got k={k!r}, "
-                     f"fraction={fraction!r}.")
+    raise ValueError(
+      f"give exactly one of k or fraction, got k={k!r}, fraction={fraction!r}."
+    )
   if fraction is not None:
     if not 0.0 < fraction <= 1.0:
       raise ValueError(f"fraction must be in (0, 1], got {fraction!r}.")
@@ -462,15 +512,16 @@ def null_space_energy(params: Params, config: ModelConfig, hidden: Array, *,
   s, vh = lm_head_spectrum(params, config, fold_final_norm=fold_final_norm)
   w = _token_weights(token_mask, *hidden.shape[-3:-1])
   energy = _projected_share(hidden, vh, w, k=int(k))
-  return NullSpaceEnergy(energy=energy, k=int(k), baseline=k / D,
-                         singular_values=s)
+  return NullSpaceEnergy(
+    energy=energy, k=int(k), baseline=k / D, singular_values=s
+  )
 
 
 @functools.partial(jax.jit, static_argnames="k")
 def _projected_share(hidden, vh, w, *, k):
   """Mean share of hidden [..., B, T, D] in the span of vh's last k rows."""
   h = hidden.astype(jnp.float32)
-  coef = jnp.einsum("...d,kd->...k", h, vh[vh.shape[0] - k:])
+  coef = jnp.einsum("...d,kd->...k", h, vh[vh.shape[0] - k :])
   share = _sq(coef) / jnp.maximum(_sq(h), _TINY)  # [..., B, T]
   return _mean_over_tokens(share, w)
 
@@ -497,10 +548,10 @@ class DctCompressibility(NamedTuple):
 
 
 def dct_compressibility(
-    hidden: Array,
-    axis: str = "tokens",
-    keep_fractions: float | Sequence[float] = (0.01, 0.05, 0.1, 0.25, 0.5),
-    token_mask: Array | None = None,
+  hidden: Array,
+  axis: str = "tokens",
+  keep_fractions: float | Sequence[float] = (0.01, 0.05, 0.1, 0.25, 0.5),
+  token_mask: Array | None = None,
 ) -> DctCompressibility:
   """How much energy a few orthonormal DCT-II coefficients capture.
 
@@ -524,15 +575,23 @@ def dct_compressibility(
   if axis not in DCT_AXES:
     raise ValueError(f"axis must be one of {DCT_AXES}, got {axis!r}.")
   fractions = np.atleast_1d(np.asarray(keep_fractions, np.float64))
-  if fractions.ndim != 1 or fractions.size == 0 or not np.all(
-      (fractions > 0) & (fractions <= 1)):
-    raise ValueError(f"keep_fractions must be in (0, 1], got "
-                     f"{keep_fractions!r}.")
+  if (
+    fractions.ndim != 1
+    or fractions.size == 0
+    or not np.all((fractions > 0) & (fractions <= 1))
+  ):
+    raise ValueError(
+      f"keep_fractions must be in (0, 1], got {keep_fractions!r}."
+    )
   *_, B, T, D = hidden.shape
   n = {"features": D, "tokens": T, "both": T * D}[axis]
   kept = np.clip(np.round(fractions * n).astype(np.int64), 1, n)
-  energy = _dct_energy(hidden, _token_weights(token_mask, B, T), axis=axis,
-                       kept=tuple(int(k) for k in kept))
+  energy = _dct_energy(
+    hidden,
+    _token_weights(token_mask, B, T),
+    axis=axis,
+    kept=tuple(int(k) for k in kept),
+  )
   return DctCompressibility(fractions=fractions, kept=kept, energy=energy)
 
 
@@ -610,8 +669,7 @@ def henrici_departure(matrix, eigenvalues=None) -> float:
   fro2 = float(np.sum(j * j))
   if fro2 == 0:
     return 0.0
-  return float(np.sqrt(max(fro2 - float(np.sum(np.abs(lam) ** 2)), 0.0) /
-                       fro2))
+  return float(np.sqrt(max(fro2 - float(np.sum(np.abs(lam) ** 2)), 0.0) / fro2))
 
 
 def block_triangular_eigvals(matrix, block: int) -> np.ndarray:
@@ -634,20 +692,29 @@ def block_triangular_eigvals(matrix, block: int) -> np.ndarray:
   n = j.shape[0] // block
   upper = np.triu(np.ones((n, n), bool), 1)
   if n * block != j.shape[0] or np.any(
-      j.reshape(n, block, n, block)[upper.nonzero()[0], :,
-                                    upper.nonzero()[1], :]):
+    j.reshape(n, block, n, block)[upper.nonzero()[0], :, upper.nonzero()[1], :]
+  ):
     return np.linalg.eigvals(j)
-  return np.concatenate([
-      np.linalg.eigvals(j[t * block:(t + 1) * block, t * block:(t + 1) * block])
-      for t in range(n)])
+  return np.concatenate(
+    [
+      np.linalg.eigvals(
+        j[t * block : (t + 1) * block, t * block : (t + 1) * block]
+      )
+      for t in range(n)
+    ]
+  )
 
 
 @functools.partial(jax.jit, static_argnames="config")
 def _residuals(params, tokens, *, config):
   """[L, 1, T, D] residual entering each layer."""
-  _, _, aux = model_lib.forward(params, tokens,
-                                init_cache(config, 1, tokens.shape[1]),
-                                config=config, capture=("resid",))
+  _, _, aux = model_lib.forward(
+    params,
+    tokens,
+    init_cache(config, 1, tokens.shape[1]),
+    config=config,
+    capture=("resid",),
+  )
   return aux["resid"]
 
 
@@ -664,9 +731,17 @@ def _layer_jacobian(layers, l, resid, *, config, block):
 
   def layer(x):  # [1, T, D] -> [1, T, D]
     y, _, _ = model_lib.decoder_layer(
-        x, p, layer_cache, positions=positions, slots=positions,
-        config=config, inv_freq=inv_freq, backend="xla", capture=(),
-        layer=l)
+      x,
+      p,
+      layer_cache,
+      positions=positions,
+      slots=positions,
+      config=config,
+      inv_freq=inv_freq,
+      backend="xla",
+      capture=(),
+      layer=l,
+    )
     return y
 
   if block == "full":
@@ -676,14 +751,14 @@ def _layer_jacobian(layers, l, resid, *, config, block):
 
 
 def layer_jacobians(
-    params: Params,
-    config: ModelConfig,
-    tokens: Array,
-    layers: Sequence[int] | None = None,
-    *,
-    block: str = "full",
-    num_eigenvalues: int = 8,
-    return_matrices: bool = True,
+  params: Params,
+  config: ModelConfig,
+  tokens: Array,
+  layers: Sequence[int] | None = None,
+  *,
+  block: str = "full",
+  num_eigenvalues: int = 8,
+  return_matrices: bool = True,
 ) -> LayerJacobians:
   """Local Jacobians of decoder layers on a short input, with spectra.
 
@@ -718,28 +793,35 @@ def layer_jacobians(
   if tokens.ndim == 1:
     tokens = tokens[None]
   if tokens.ndim != 2 or tokens.shape[0] != 1:
-    raise ValueError(f"tokens must have shape [T] or [1, T], got "
-                     f"{tuple(tokens.shape)}.")
+    raise ValueError(
+      f"tokens must have shape [T] or [1, T], got {tuple(tokens.shape)}."
+    )
   if block not in JACOBIAN_BLOCKS:
     raise ValueError(f"block must be one of {JACOBIAN_BLOCKS}, got {block!r}.")
   L = config.num_layers
   layers = tuple(range(L)) if layers is None else tuple(int(l) for l in layers)
-  if not layers or any(not 0 <= l < L for l in layers) or any(
-      b <= a for a, b in zip(layers, layers[1:])):
-    raise ValueError(f"layers must be increasing indices in [0, {L}), got "
-                     f"{layers!r}.")
+  if (
+    not layers
+    or any(not 0 <= l < L for l in layers)
+    or any(b <= a for a, b in zip(layers, layers[1:]))
+  ):
+    raise ValueError(
+      f"layers must be increasing indices in [0, {L}), got {layers!r}."
+    )
   T = tokens.shape[1]
   M = T * config.d_model if block == "full" else config.d_model
   if not isinstance(num_eigenvalues, int) or not 1 <= num_eigenvalues <= M:
-    raise ValueError(f"num_eigenvalues must be an int in [1, {M}], got "
-                     f"{num_eigenvalues!r}.")
+    raise ValueError(
+      f"num_eigenvalues must be an int in [1, {M}], got {num_eigenvalues!r}."
+    )
   resid = _residuals(params, tokens, config=config)
   f32 = config.replace(dtype="float32")
   mats, eigs, radius, snorm, henrici, erank, prank = [], [], [], [], [], [], []
   product = None
   for l in layers:
-    j = _layer_jacobian(params["layers"], jnp.int32(l), resid, config=f32,
-                        block=block)
+    j = _layer_jacobian(
+      params["layers"], jnp.int32(l), resid, config=f32, block=block
+    )
     j = np.asarray(j, np.float64)
     lam = block_triangular_eigvals(j, config.d_model)
     lam = lam[np.argsort(-np.abs(lam), kind="stable")]
@@ -754,10 +836,15 @@ def layer_jacobians(
     erank.append(effective_rank(s))
     prank.append(effective_rank(np.linalg.svd(product, compute_uv=False)))
   return LayerJacobians(
-      layers=layers, jacobians=np.stack(mats) if return_matrices else None,
-      eigenvalues=np.stack(eigs), spectral_radius=np.array(radius),
-      spectral_norm=np.array(snorm), henrici=np.array(henrici),
-      effective_rank=np.array(erank), product_effective_rank=np.array(prank))
+    layers=layers,
+    jacobians=np.stack(mats) if return_matrices else None,
+    eigenvalues=np.stack(eigs),
+    spectral_radius=np.array(radius),
+    spectral_norm=np.array(snorm),
+    henrici=np.array(henrici),
+    effective_rank=np.array(erank),
+    product_effective_rank=np.array(prank),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -775,11 +862,11 @@ def random_rotation(rng: Array, dim: int) -> Array:
 
 
 def intervene_writes(
-    kind: str,
-    layer: int | Sequence[int] | None = None,
-    mode: str = "ablate",
-    scale: float = 1.0,
-    rng: Array | int | None = None,
+  kind: str,
+  layer: int | Sequence[int] | None = None,
+  mode: str = "ablate",
+  scale: float = 1.0,
+  rng: Array | int | None = None,
 ) -> model_lib.Intervene:
   """Builds an `intervene` callable for `kvjax.model.forward`.
 
@@ -810,21 +897,22 @@ def intervene_writes(
       missing rng.
   """
   if kind not in WRITE_KINDS:
-    raise ValueError(f"kind must be one of {tuple(WRITE_KINDS)}, got "
-                     f"{kind!r}.")
+    raise ValueError(f"kind must be one of {tuple(WRITE_KINDS)}, got {kind!r}.")
   if mode not in INTERVENTION_MODES:
-    raise ValueError(f"mode must be one of {INTERVENTION_MODES}, got "
-                     f"{mode!r}.")
+    raise ValueError(f"mode must be one of {INTERVENTION_MODES}, got {mode!r}.")
   if not isinstance(scale, (int, float)) or not np.isfinite(scale):
     raise ValueError(f"scale must be a finite number, got {scale!r}.")
   if layer is None:
     layers = None
   else:
     layers = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
-    if not layers or any(not isinstance(l, (int, np.integer)) or l < 0
-                         for l in layers):
-      raise ValueError(f"layer must be None, an int >= 0 or a non-empty "
-                       f"sequence of them, got {layer!r}.")
+    if not layers or any(
+      not isinstance(l, (int, np.integer)) or l < 0 for l in layers
+    ):
+      raise ValueError(
+        f"layer must be None, an int >= 0 or a non-empty "
+        f"sequence of them, got {layer!r}."
+      )
   if mode in ("rotate", "noise"):
     if rng is None:
       raise ValueError(f"mode={mode!r} needs an rng (PRNG key or int seed).")
@@ -859,8 +947,10 @@ def intervene_writes(
     if layers is None:
       return new
     if layer_index is None:
-      raise ValueError("intervene_writes(layer=...) needs the layer index; "
-                       "decoder_layer was called without `layer`.")
+      raise ValueError(
+        "intervene_writes(layer=...) needs the layer index; "
+        "decoder_layer was called without `layer`."
+      )
     chosen = jnp.any(jnp.asarray(layer_index) == jnp.asarray(layers))
     return jnp.where(chosen, new, value)
 
@@ -886,20 +976,25 @@ class InterventionDamage(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("config", "intervene"))
 def _logits(params, tokens, token_mask, *, config, intervene):
   B, T = tokens.shape
-  logits, _, _ = model_lib.forward(params, tokens, init_cache(config, B, T),
-                                   config=config, token_mask=token_mask,
-                                   intervene=intervene)
+  logits, _, _ = model_lib.forward(
+    params,
+    tokens,
+    init_cache(config, B, T),
+    config=config,
+    token_mask=token_mask,
+    intervene=intervene,
+  )
   return logits
 
 
 def intervention_damage(
-    params: Params,
-    config: ModelConfig,
-    tokens: Array,
-    intervene: model_lib.Intervene,
-    positions: Array,
-    targets: Array,
-    token_mask: Array | None = None,
+  params: Params,
+  config: ModelConfig,
+  tokens: Array,
+  intervene: model_lib.Intervene,
+  positions: Array,
+  targets: Array,
+  token_mask: Array | None = None,
 ) -> InterventionDamage:
   """How much an intervention changes the next-token predictions.
 
@@ -921,16 +1016,21 @@ def intervention_damage(
   """
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 2:
-    raise ValueError(f"tokens must have shape [B, T], got "
-                     f"{tuple(tokens.shape)}.")
+    raise ValueError(
+      f"tokens must have shape [B, T], got {tuple(tokens.shape)}."
+    )
   if not callable(intervene):
-    raise TypeError(f"intervene must be callable, got "
-                    f"{type(intervene).__name__}.")
+    raise TypeError(
+      f"intervene must be callable, got {type(intervene).__name__}."
+    )
   B, T = tokens.shape
   positions, targets = jnp.asarray(positions), jnp.asarray(targets)
   _check_readout(positions, targets, B, T)
-  mask = jnp.ones((B, T), bool) if token_mask is None else jnp.asarray(
-      token_mask, bool)
+  mask = (
+    jnp.ones((B, T), bool)
+    if token_mask is None
+    else jnp.asarray(token_mask, bool)
+  )
   clean = _logits(params, tokens, mask, config=config, intervene=None)
   hit = _logits(params, tokens, mask, config=config, intervene=intervene)
   return _damage(clean, hit, positions, targets)
@@ -945,7 +1045,8 @@ def _damage(clean, hit, positions, targets) -> InterventionDamage:
   kl = jnp.sum(jnp.exp(logp[0]) * (logp[0] - logp[1]), axis=-1)  # [B, A]
   w = valid.astype(jnp.float32)
   return InterventionDamage(
-      kl=_mean_over_tokens(kl, w), clean_accuracy=acc[0],
-      intervened_accuracy=acc[1],
-      agreement=_mean_over_tokens((pred[0] == pred[1]).astype(jnp.float32),
-                                  w))
+    kl=_mean_over_tokens(kl, w),
+    clean_accuracy=acc[0],
+    intervened_accuracy=acc[1],
+    agreement=_mean_over_tokens((pred[0] == pred[1]).astype(jnp.float32), w),
+  )

@@ -51,16 +51,19 @@ NONFINITE_SUPPORT = -1  # the count of a row with NaN/inf, where not raised
 # Argument checks.
 
 
-def _check_array(name: str, x: Any, ndim: int | None = None,
-                 min_ndim: int | None = None) -> None:
+def _check_array(
+  name: str, x: Any, ndim: int | None = None, min_ndim: int | None = None
+) -> None:
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}.")
   if ndim is not None and x.ndim != ndim:
-    raise ValueError(f"{name} must have {ndim} dims, got shape "
-                     f"{tuple(x.shape)}.")
+    raise ValueError(
+      f"{name} must have {ndim} dims, got shape {tuple(x.shape)}."
+    )
   if min_ndim is not None and x.ndim < min_ndim:
-    raise ValueError(f"{name} must have at least {min_ndim} dims, got shape "
-                     f"{tuple(x.shape)}.")
+    raise ValueError(
+      f"{name} must have at least {min_ndim} dims, got shape {tuple(x.shape)}."
+    )
 
 
 def _check_float_array(name: str, x: Any, **kw) -> None:
@@ -88,15 +91,21 @@ def check_share(share: Any) -> Any:
   """
   if isinstance(share, jax.core.Tracer) and share.shape == ():
     return share
-  if hasattr(share, "shape") and share.shape == () and jnp.issubdtype(
-      share.dtype, jnp.floating):
+  if (
+    hasattr(share, "shape")
+    and share.shape == ()
+    and jnp.issubdtype(share.dtype, jnp.floating)
+  ):
     share = float(share)
-  if isinstance(share, bool) or not isinstance(share, (int, float,
-                                                       np.floating)):
+  if isinstance(share, bool) or not isinstance(
+    share, (int, float, np.floating)
+  ):
     raise TypeError(f"share must be a float in (0, 1], got {share!r}.")
   if not 0.0 < float(share) <= 1.0:
-    raise ValueError(f"share must be in (0, 1] (the fraction of attention "
-                     f"mass to cover), got {share!r}.")
+    raise ValueError(
+      f"share must be in (0, 1] (the fraction of attention "
+      f"mass to cover), got {share!r}."
+    )
   return float(share)
 
 
@@ -107,8 +116,10 @@ def _check_valid(valid: Any, lead: tuple[int, ...]) -> None:
   except ValueError:
     out = None
   if out != lead:
-    raise ValueError(f"valid must broadcast to the leading dims {lead} of "
-                     f"probs, got shape {tuple(valid.shape)}.")
+    raise ValueError(
+      f"valid must broadcast to the leading dims {lead} of "
+      f"probs, got shape {tuple(valid.shape)}."
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -116,8 +127,7 @@ def _check_valid(valid: Any, lead: tuple[int, ...]) -> None:
 
 
 @jax.jit
-def _support_counts(probs: Array, share: Array | float
-                    ) -> tuple[Array, Array]:
+def _support_counts(probs: Array, share: Array | float) -> tuple[Array, Array]:
   """Counts [...] and the row's probabilities sorted descending [..., S]."""
   ranked = -jnp.sort(-probs.astype(jnp.float32), axis=-1)  # best first
   cum = jnp.cumsum(ranked, axis=-1)
@@ -133,8 +143,9 @@ def _support_counts(probs: Array, share: Array | float
 def _support_mask(probs: Array, counts: Array, ranked: Array) -> Array:
   """The `counts` largest keys of each row; ties go to the lower slot."""
   p = probs.astype(jnp.float32)
-  last = jnp.take_along_axis(ranked, jnp.maximum(counts - 1, 0)[..., None],
-                             axis=-1)  # [..., 1] smallest kept value
+  last = jnp.take_along_axis(
+    ranked, jnp.maximum(counts - 1, 0)[..., None], axis=-1
+  )  # [..., 1] smallest kept value
   above = p > last
   tie = p == last
   room = counts[..., None] - jnp.sum(above, axis=-1, keepdims=True)
@@ -142,8 +153,9 @@ def _support_mask(probs: Array, counts: Array, ranked: Array) -> Array:
   return mask & (counts[..., None] > 0)
 
 
-def active_support(probs: Array, share: float = 0.9,
-                   valid: Array | None = None) -> Array:
+def active_support(
+  probs: Array, share: float = 0.9, valid: Array | None = None
+) -> Array:
   """Number of keys in the smallest set holding `share` of each row's mass.
 
   Args:
@@ -178,10 +190,13 @@ def _checked_counts(probs, share, valid):
   counts, ranked = _support_counts(probs, share)
   if valid is not None:
     counts = jnp.where(valid, counts, 0)
-  _raise_if_nonfinite(counts == NONFINITE_SUPPORT, "rows",
-                      f"leading dims {tuple(counts.shape)}",
-                      "active support needs finite probabilities (mask "
-                      "rows that are not real queries with `valid`)")
+  _raise_if_nonfinite(
+    counts == NONFINITE_SUPPORT,
+    "rows",
+    f"leading dims {tuple(counts.shape)}",
+    "active support needs finite probabilities (mask "
+    "rows that are not real queries with `valid`)",
+  )
   return counts, ranked
 
 
@@ -194,13 +209,16 @@ def _raise_if_nonfinite(bad: Array, what: str, where: str, hint: str):
   num_bad = int(jnp.sum(bad))
   if num_bad:
     first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
-    raise ValueError(f"probs holds NaN or inf in {num_bad} of {bad.size} "
-                     f"{what} (first at index {first} of the {where}); "
-                     f"{hint}.")
+    raise ValueError(
+      f"probs holds NaN or inf in {num_bad} of {bad.size} "
+      f"{what} (first at index {first} of the {where}); "
+      f"{hint}."
+    )
 
 
-def active_support_mask(probs: Array, share: float = 0.9,
-                        valid: Array | None = None) -> Array:
+def active_support_mask(
+  probs: Array, share: float = 0.9, valid: Array | None = None
+) -> Array:
   """The keys of the set counted by `active_support`, as a mask.
 
   Ties at the boundary of the set are broken towards the lower slot index.
@@ -233,22 +251,26 @@ def _real_counts(counts: Any, query_mask: Any) -> np.ndarray:
   _check_array("query_mask", query_mask, ndim=2)
   counts, query_mask = np.asarray(counts), np.asarray(query_mask)
   if query_mask.dtype != np.bool_:
-    raise TypeError(f"query_mask must be a bool array, got dtype "
-                    f"{query_mask.dtype}.")
+    raise TypeError(
+      f"query_mask must be a bool array, got dtype {query_mask.dtype}."
+    )
   L, B, N, T = counts.shape
   if query_mask.shape != (B, T):
-    raise ValueError(f"query_mask must have shape {(B, T)} (counts is "
-                     f"[L, B, N, T] = {counts.shape}), got {query_mask.shape}.")
+    raise ValueError(
+      f"query_mask must have shape {(B, T)} (counts is "
+      f"[L, B, N, T] = {counts.shape}), got {query_mask.shape}."
+    )
   if not query_mask.any():
     raise ValueError("query_mask selects no query: nothing to summarise.")
   vals = np.transpose(counts, (0, 2, 1, 3))[:, :, query_mask]  # [L, N, M]
   bad = ~(vals >= 0)  # NaN too
   if bad.any():
     raise ValueError(
-        f"counts must be >= 0 on the real queries, got {int(bad.sum())} "
-        f"negative or NaN values (e.g. {vals[bad][0]}); "
-        f"{NONFINITE_SUPPORT} is what `active_support` under jit gives a "
-        "row of probabilities with NaN or inf.")
+      f"counts must be >= 0 on the real queries, got {int(bad.sum())} "
+      f"negative or NaN values (e.g. {vals[bad][0]}); "
+      f"{NONFINITE_SUPPORT} is what `active_support` under jit gives a "
+      "row of probabilities with NaN or inf."
+    )
   return vals
 
 
@@ -272,17 +294,17 @@ def support_summary(counts: Array, query_mask: Array) -> dict[str, Any]:
   vals = _real_counts(counts, query_mask).astype(np.float64)  # [L, N, M]
   L = vals.shape[0]
   return {
-      "head_mean": vals.mean(axis=-1),
-      "head_median": np.median(vals, axis=-1),
-      "layer_median": np.median(vals.reshape(L, -1), axis=-1),
-      "median": float(np.median(vals)),
-      "num_queries": int(vals.shape[-1]),
+    "head_mean": vals.mean(axis=-1),
+    "head_median": np.median(vals, axis=-1),
+    "layer_median": np.median(vals.reshape(L, -1), axis=-1),
+    "median": float(np.median(vals)),
+    "num_queries": int(vals.shape[-1]),
   }
 
 
-def support_histogram(counts: Array, query_mask: Array,
-                      bins: int | Sequence[float] = 20
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def support_histogram(
+  counts: Array, query_mask: Array, bins: int | Sequence[float] = 20
+) -> tuple[np.ndarray, np.ndarray]:
   """Per-layer histograms of active support over heads and real queries.
 
   Args:
@@ -300,8 +322,9 @@ def support_histogram(counts: Array, query_mask: Array,
   """
   vals = _real_counts(counts, query_mask)  # [L, N, M]
   if isinstance(bins, (bool, np.bool_)):
-    raise TypeError(f"bins must be a positive int or a sequence of edges, "
-                    f"got {bins!r}.")
+    raise TypeError(
+      f"bins must be a positive int or a sequence of edges, got {bins!r}."
+    )
   if isinstance(bins, (int, np.integer)):
     if bins < 1:
       raise ValueError(f"bins must be a positive int, got {bins!r}.")
@@ -309,8 +332,10 @@ def support_histogram(counts: Array, query_mask: Array,
   else:
     edges = np.asarray(bins, np.float64)
     if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
-      raise ValueError(f"bins must be an increasing sequence of at least 2 "
-                       f"edges, got {bins!r}.")
+      raise ValueError(
+        f"bins must be an increasing sequence of at least 2 "
+        f"edges, got {bins!r}."
+      )
   hist = np.stack([np.histogram(v.ravel(), bins=edges)[0] for v in vals])
   return hist.astype(np.int64), edges.astype(np.float64)
 
@@ -320,8 +345,9 @@ def support_histogram(counts: Array, query_mask: Array,
 
 
 @jax.jit
-def _consensus(probs: Array, key_pos: Array | None,
-               query_mask: Array | None) -> Array:
+def _consensus(
+  probs: Array, key_pos: Array | None, query_mask: Array | None
+) -> Array:
   L, B, N, T, S = probs.shape
   p = probs.astype(jnp.float32)
   top = jnp.max(p, axis=-1)  # [L, B, N, T]
@@ -332,13 +358,18 @@ def _consensus(probs: Array, key_pos: Array | None,
     K = key_pos.shape[2]
     kp = jnp.repeat(key_pos.astype(jnp.int32), N // K, axis=2)  # [L,B,N,S]
     big = jnp.iinfo(jnp.int32).max
-    ids = jnp.min(jnp.where(p == top[..., None], kp[:, :, :, None, :], big),
-                  axis=-1)  # [L, B, N, T] smallest argmax position
+    ids = jnp.min(
+      jnp.where(p == top[..., None], kp[:, :, :, None, :], big), axis=-1
+    )  # [L, B, N, T] smallest argmax position
   ids = jnp.where(alive, ids, -1)
   ids = jnp.sort(ids, axis=2)  # heads sorted: distinct = value changes
-  new = jnp.concatenate([ids[:, :, :1] >= 0,
-                         (ids[:, :, 1:] != ids[:, :, :-1]) &
-                         (ids[:, :, 1:] >= 0)], axis=2)
+  new = jnp.concatenate(
+    [
+      ids[:, :, :1] >= 0,
+      (ids[:, :, 1:] != ids[:, :, :-1]) & (ids[:, :, 1:] >= 0),
+    ],
+    axis=2,
+  )
   out = jnp.sum(new, axis=2).astype(jnp.float32) / N  # [L, B, T]
   finite = jnp.all(jnp.isfinite(p), axis=(2, 4))  # [L, B, T]
   out = jnp.where(finite, out, jnp.nan)
@@ -347,8 +378,9 @@ def _consensus(probs: Array, key_pos: Array | None,
   return out
 
 
-def head_consensus(probs: Array, key_pos: Array | None = None,
-                   query_mask: Array | None = None) -> Array:
+def head_consensus(
+  probs: Array, key_pos: Array | None = None, query_mask: Array | None = None
+) -> Array:
   """Distinct argmax keys across the query heads of a layer, divided by N.
 
   Args:
@@ -374,17 +406,24 @@ def head_consensus(probs: Array, key_pos: Array | None = None,
     _check_int_array("key_pos", key_pos, ndim=4)
     kl, kb, K, ks = key_pos.shape
     if (kl, kb, ks) != (L, B, S) or K == 0 or N % K:
-      raise ValueError(f"key_pos must have shape [L, B, K, S] = [{L}, {B}, K,"
-                       f" {S}] with K dividing N={N}, got "
-                       f"{tuple(key_pos.shape)}.")
+      raise ValueError(
+        f"key_pos must have shape [L, B, K, S] = [{L}, {B}, K,"
+        f" {S}] with K dividing N={N}, got "
+        f"{tuple(key_pos.shape)}."
+      )
   if query_mask is not None:
     _check_bool_array("query_mask", query_mask)
     if tuple(query_mask.shape) != (B, T):
-      raise ValueError(f"query_mask must have shape {(B, T)}, got "
-                       f"{tuple(query_mask.shape)}.")
+      raise ValueError(
+        f"query_mask must have shape {(B, T)}, got {tuple(query_mask.shape)}."
+      )
   out = _consensus(probs, key_pos, query_mask)
-  _raise_if_nonfinite(jnp.isnan(out), "(layer, row, query) triples",
-                      "[L, B, T] dims", "head consensus needs finite "
-                      "probabilities (mask queries that are not real with "
-                      "`query_mask`)")
+  _raise_if_nonfinite(
+    jnp.isnan(out),
+    "(layer, row, query) triples",
+    "[L, B, T] dims",
+    "head consensus needs finite "
+    "probabilities (mask queries that are not real with "
+    "`query_mask`)",
+  )
   return out

@@ -5,20 +5,61 @@ functions); `chain` composes them, e.g. `chain(snapkv(ratio=0.75),
 kivi(bits=2))` evicts then quantizes.
 """
 
-from kvjax.compress.base import (CompressContext, Degenerate, KVTransform,
-                                 by_value, chain, compact, identity, keep_top)
-from kvjax.compress.policies import (SCORERS, BudgetState, H2OState, Scorer,
-                                     adakv,
-                                     attention_mass_scorer, expected_attention,
-                                     expected_attention_scorer, h2o, knorm,
-                                     knorm_scorer, oracle, oracle_future_mass,
-                                     oracle_scorer, pyramid_budgets, pyramidkv,
-                                     random, random_scorer, scored_policy,
-                                     snapkv, snapkv_scorer, streaming_llm,
-                                     streaming_llm_scorer, tova, tova_scorer,
-                                     window_attention)
-from kvjax.compress.codecs import (KIVIState, fp8, fp8_codec, int_codec, kivi, lowrank, quantize, windowed_quantize,
-                                   uniform)
-from kvjax.compress.rotated import (lloyd_max_codebook, polarquant, qjl, qjl_codec,
-                                       turboquant, turboquant_codec)
+from kvjax.compress.base import (
+  CompressContext,
+  Degenerate,
+  KVTransform,
+  by_value,
+  chain,
+  compact,
+  identity,
+  keep_top,
+)
+from kvjax.compress.policies import (
+  SCORERS,
+  BudgetState,
+  H2OState,
+  Scorer,
+  adakv,
+  attention_mass_scorer,
+  expected_attention,
+  expected_attention_scorer,
+  h2o,
+  knorm,
+  knorm_scorer,
+  oracle,
+  oracle_future_mass,
+  oracle_scorer,
+  pyramid_budgets,
+  pyramidkv,
+  random,
+  random_scorer,
+  scored_policy,
+  snapkv,
+  snapkv_scorer,
+  streaming_llm,
+  streaming_llm_scorer,
+  tova,
+  tova_scorer,
+  window_attention,
+)
+from kvjax.compress.codecs import (
+  KIVIState,
+  fp8,
+  fp8_codec,
+  int_codec,
+  kivi,
+  lowrank,
+  quantize,
+  windowed_quantize,
+  uniform,
+)
+from kvjax.compress.rotated import (
+  lloyd_max_codebook,
+  polarquant,
+  qjl,
+  qjl_codec,
+  turboquant,
+  turboquant_codec,
+)
 from kvjax.compress import registry  # one name per method

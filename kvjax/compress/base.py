@@ -44,16 +44,26 @@ Array = jax.Array
 CONTEXT_FIELDS = model_lib.COMPRESS_TAPS
 
 _CONTEXT_FIELDS = (
-    ("phase", None), ("step", None), ("q_pos", None), ("q_mask", None),
-    *((name, None) for name in CONTEXT_FIELDS),
-    ("rng", None), ("reserve", 0), ("geometry", None), ("live_bound", None),
-    ("decode_reserve", 0),
+  ("phase", None),
+  ("step", None),
+  ("q_pos", None),
+  ("q_mask", None),
+  *((name, None) for name in CONTEXT_FIELDS),
+  ("rng", None),
+  ("reserve", 0),
+  ("geometry", None),
+  ("live_bound", None),
+  ("decode_reserve", 0),
 )
 
 
-class CompressContext(collections.namedtuple(
-    "CompressContext", [n for n, _ in _CONTEXT_FIELDS],
-    defaults=[d for _, d in _CONTEXT_FIELDS[4:]])):
+class CompressContext(
+  collections.namedtuple(
+    "CompressContext",
+    [n for n, _ in _CONTEXT_FIELDS],
+    defaults=[d for _, d in _CONTEXT_FIELDS[4:]],
+  )
+):
   """What a transform may read when it is applied.
 
   Its tap fields are `kvjax.model.TAPS` readable by transforms
@@ -116,9 +126,11 @@ def _freeze(value: Any) -> Hashable:
   if isinstance(value, np.ndarray):
     return ("ndarray", value.shape, str(value.dtype), value.tobytes())
   if isinstance(value, jax.Array):
-    raise TypeError("transform factories take static arguments; got a jax "
-                    f"array of shape {value.shape}. Pass arrays at apply time "
-                    "(as extra keyword arguments).")
+    raise TypeError(
+      "transform factories take static arguments; got a jax "
+      f"array of shape {value.shape}. Pass arrays at apply time "
+      "(as extra keyword arguments)."
+    )
   hash(value)  # raises TypeError for anything else unhashable
   return value
 
@@ -156,8 +168,11 @@ def by_value(factory: Callable[..., Any]) -> Callable[..., Any]:
     out = factory(*args, **kwargs)
     bound = sig.bind(*args, **kwargs)
     bound.apply_defaults()
-    spec = (factory.__module__, factory.__qualname__,
-            _freeze(dict(bound.arguments)))
+    spec = (
+      factory.__module__,
+      factory.__qualname__,
+      _freeze(dict(bound.arguments)),
+    )
     return out._replace(spec=spec)
 
   make.by_value = True  # marks the factories (tests walk them)
@@ -219,8 +234,7 @@ class KVTransform(NamedTuple):
 KVTransform._replace = replace_dropping("spec")
 
 
-def extras_for(transform: KVTransform, extra: dict[str, Any]
-               ) -> dict[str, Any]:
+def extras_for(transform: KVTransform, extra: dict[str, Any]) -> dict[str, Any]:
   """The entries of `extra` that `transform` declares in `extras`."""
   return {name: extra[name] for name in transform.extras if name in extra}
 
@@ -228,9 +242,12 @@ def extras_for(transform: KVTransform, extra: dict[str, Any]
 @by_value
 def identity() -> KVTransform:
   """A transform that changes nothing (the uncompressed baseline)."""
-  return KVTransform(init=lambda cache: (),
-                     apply=lambda cache, state, ctx: (cache, state),
-                     keeps=lambda live: live, name="identity")
+  return KVTransform(
+    init=lambda cache: (),
+    apply=lambda cache, state, ctx: (cache, state),
+    keeps=lambda live: live,
+    name="identity",
+  )
 
 
 @by_value
@@ -245,15 +262,16 @@ def chain(*transforms: KVTransform) -> KVTransform:
     if not isinstance(t, KVTransform):
       raise TypeError(f"chain takes KVTransforms, got {type(t).__name__}.")
   for i, t in enumerate(transforms):
-    for later in transforms[i + 1:]:
+    for later in transforms[i + 1 :]:
       if t.bounded and later.every and not later.bounded:
         raise ValueError(
-            f"chain({t.name}, ..., {later.name}): {t.name} evicts during "
-            f"decode, but {later.name} re-lays the slots into a coded region "
-            "and a full-precision window whose grouped entries cannot be "
-            "evicted one at a time. Use a prefill-time policy before it, or "
-            "a per-entry codec (uniform, fp8, turboquant) after "
-            f"{t.name}.")
+          f"chain({t.name}, ..., {later.name}): {t.name} evicts during "
+          f"decode, but {later.name} re-lays the slots into a coded region "
+          "and a full-precision window whose grouped entries cannot be "
+          "evicted one at a time. Use a prefill-time policy before it, or "
+          "a per-entry codec (uniform, fp8, turboquant) after "
+          f"{t.name}."
+        )
   if not transforms:
     return identity()
 
@@ -266,9 +284,12 @@ def chain(*transforms: KVTransform) -> KVTransform:
       bound = live_bound(cache, ctx)
       if ctx.phase == "decode" and t.every > 1:  # each at its own cadence
         cache, s = jax.lax.cond(
-            ctx.step % t.every == 0,
-            lambda c, s_, t=t: t.apply(c, s_, ctx, **extras_for(t, extra)),
-            lambda c, s_: (c, s_), cache, s)
+          ctx.step % t.every == 0,
+          lambda c, s_, t=t: t.apply(c, s_, ctx, **extras_for(t, extra)),
+          lambda c, s_: (c, s_),
+          cache,
+          s,
+        )
       else:
         cache, s = t.apply(cache, s, ctx, **extras_for(t, extra))
       new_state.append(s)
@@ -296,15 +317,26 @@ def chain(*transforms: KVTransform) -> KVTransform:
   # prefill-only policy would compact to a smaller budget without the
   # decode headroom).
   first = next((i for i, t in enumerate(transforms) if t.bounded), None)
-  bounded = first is not None and all(
+  bounded = (
+    first is not None
+    and all(
       t.bounded or (t.bits is not None and not t.every) or t == identity()
-      for t in transforms[first:]) and all(
-          t.bounded for t in transforms if t.every)
+      for t in transforms[first:]
+    )
+    and all(t.bounded for t in transforms if t.every)
+  )
   extras = tuple(sorted({n for t in transforms for n in t.extras}))
-  return KVTransform(init=init, apply=apply, keeps=keeps, needs=needs,
-                     every=every, bits=bits if has_bits else None,
-                     name="+".join(t.name for t in transforms),
-                     bounded=bounded, extras=extras)
+  return KVTransform(
+    init=init,
+    apply=apply,
+    keeps=keeps,
+    needs=needs,
+    every=every,
+    bits=bits if has_bits else None,
+    name="+".join(t.name for t in transforms),
+    bounded=bounded,
+    extras=extras,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -313,26 +345,32 @@ def chain(*transforms: KVTransform) -> KVTransform:
 
 def check_ratio(ratio: float, name: str = "ratio") -> float:
   if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-    raise ValueError(f"{name} must be a float in [0, 1) (the fraction of "
-                     f"entries removed), got {ratio!r}.")
+    raise ValueError(
+      f"{name} must be a float in [0, 1) (the fraction of "
+      f"entries removed), got {ratio!r}."
+    )
   return float(ratio)
 
 
 def check_budget(ratio, budget) -> None:
   """Exactly one of ratio / budget (an absolute entries-per-head size)."""
   if (ratio is None) == (budget is None):
-    raise ValueError("give exactly one of ratio (fraction removed, in [0, 1)) "
-                     f"or budget (entries kept per head); got ratio={ratio!r}, "
-                     f"budget={budget!r}.")
+    raise ValueError(
+      "give exactly one of ratio (fraction removed, in [0, 1)) "
+      f"or budget (entries kept per head); got ratio={ratio!r}, "
+      f"budget={budget!r}."
+    )
   if ratio is not None:
     check_ratio(ratio)
   elif not isinstance(budget, int) or budget < 1:
-    raise ValueError(f"budget must be an int >= 1 (entries kept per head), "
-                     f"got {budget!r}.")
+    raise ValueError(
+      f"budget must be an int >= 1 (entries kept per head), got {budget!r}."
+    )
 
 
-def n_keep(live: Array, ratio: float | None, budget: int | None,
-           max_live: int) -> Array:
+def n_keep(
+  live: Array, ratio: float | None, budget: int | None, max_live: int
+) -> Array:
   """Entries to keep given `live` entries (an int array, each <= max_live).
 
   With a ratio: max(1, int(live * (1 - ratio))) in float64, exactly as
@@ -340,8 +378,9 @@ def n_keep(live: Array, ratio: float | None, budget: int | None,
   rounding under jit); with a budget: min(budget, live).
   """
   if ratio is not None:
-    table = np.array([static_keep(n, ratio, None) for n in
-                      range(max_live + 1)], np.int32)
+    table = np.array(
+      [static_keep(n, ratio, None) for n in range(max_live + 1)], np.int32
+    )
     return jnp.asarray(table)[jnp.clip(live, 0, max_live)]
   return jnp.minimum(live, budget).astype(jnp.int32)
 
@@ -377,8 +416,9 @@ def _gather_slots(x, idx):
   return jnp.take_along_axis(x, idx, axis=3)
 
 
-def compact(cache: KVCache, keep: Array, capacity: int
-            ) -> tuple[KVCache, Array]:
+def compact(
+  cache: KVCache, keep: Array, capacity: int
+) -> tuple[KVCache, Array]:
   """Gathers kept entries into a cache with `capacity` slots.
 
   Kept entries come first in each (layer, row, head), in position order; the
@@ -402,8 +442,9 @@ def compact(cache: KVCache, keep: Array, capacity: int
   if not isinstance(counts, jax.core.Tracer):
     most = int(jnp.max(counts)) if counts.size else 0
     if most > capacity:
-      raise ValueError(f"compact: {most} kept entries do not fit in "
-                       f"capacity={capacity}.")
+      raise ValueError(
+        f"compact: {most} kept entries do not fit in capacity={capacity}."
+      )
   if capacity <= S:
     idx = order[..., :capacity]
   else:  # more room than before: pad with (empty) copies of slot 0
@@ -414,15 +455,17 @@ def compact(cache: KVCache, keep: Array, capacity: int
   # `kvjax.cache.cache_overflowed` and every public entry report.
   live = jnp.arange(capacity) < counts[..., None]  # [L, B, K, capacity]
   gather = lambda leaf: _gather_slots(leaf, idx)
-  k, v = (x.gather(idx) if is_coded(x) else gather(x)
-          for x in (cache.k, cache.v))
+  k, v = (
+    x.gather(idx) if is_coded(x) else gather(x) for x in (cache.k, cache.v)
+  )
   pos = jnp.where(live, gather(cache.pos), -1)
   end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
   return cache._replace(k=k, v=v, pos=pos, valid=live, end=end), idx
 
 
-def evict(cache: KVCache, scores: Array, n: Array, capacity: int
-          ) -> tuple[KVCache, Array]:
+def evict(
+  cache: KVCache, scores: Array, n: Array, capacity: int
+) -> tuple[KVCache, Array]:
   """Keeps the top-n valid slots per (layer, row, head) and compacts."""
   return compact(cache, keep_top(scores, n, cache.valid), capacity)
 
@@ -432,8 +475,9 @@ def live_counts(cache: KVCache) -> Array:
   return jnp.sum(cache.valid, axis=-1).astype(jnp.int32)
 
 
-def evict_one(cache: KVCache, scores: Array, over: Array
-              ) -> tuple[KVCache, Array, Array]:
+def evict_one(
+  cache: KVCache, scores: Array, over: Array
+) -> tuple[KVCache, Array, Array]:
   """Drops the lowest-scoring valid entry per (layer, head) of rows `over`.
 
   O(S) per step (no sort): the entry in slot end - 1 (the newest write) is
@@ -451,13 +495,15 @@ def evict_one(cache: KVCache, scores: Array, over: Array
     are unchanged.
   """
   L, B, K, S = cache.pos.shape
-  e = jnp.argmin(jnp.where(cache.valid, scores.astype(jnp.float32),
-                           jnp.inf), axis=-1)  # [L, B, K]
+  e = jnp.argmin(
+    jnp.where(cache.valid, scores.astype(jnp.float32), jnp.inf), axis=-1
+  )  # [L, B, K]
   last = jnp.maximum(cache.end - 1, 0)  # [B]
   act = jnp.broadcast_to(over[None, :, None], (L, B, K))
   e = jnp.where(act, e, S)  # S: out of range, the write is dropped
-  li, bi, ki = jnp.meshgrid(jnp.arange(L), jnp.arange(B), jnp.arange(K),
-                            indexing="ij")
+  li, bi, ki = jnp.meshgrid(
+    jnp.arange(L), jnp.arange(B), jnp.arange(K), indexing="ij"
+  )
   src = jnp.broadcast_to(last[None, :, None], (L, B, K))
 
   def move(leaf):
@@ -466,17 +512,24 @@ def evict_one(cache: KVCache, scores: Array, over: Array
 
   def move_payload(x):
     if isinstance(x, CodedKV):
-      return CodedKV({n: move(v) for n, v in x.slots.items()}, x.shared,
-                     x.codec)
+      return CodedKV(
+        {n: move(v) for n, v in x.slots.items()}, x.shared, x.codec
+      )
     if is_coded(x):
-      raise ValueError("decode-time eviction cannot move entries of a cache "
-                       "with a residual window; quantize after evicting.")
+      raise ValueError(
+        "decode-time eviction cannot move entries of a cache "
+        "with a residual window; quantize after evicting."
+      )
     return move(x)
 
   clear = jnp.where(act, src, S)
   pos = move(cache.pos).at[li, bi, ki, clear].set(-1, mode="drop")
   valid = move(cache.valid).at[li, bi, ki, clear].set(False, mode="drop")
-  cache = cache._replace(k=move_payload(cache.k), v=move_payload(cache.v),
-                         pos=pos, valid=valid,
-                         end=jnp.where(over, cache.end - 1, cache.end))
+  cache = cache._replace(
+    k=move_payload(cache.k),
+    v=move_payload(cache.v),
+    pos=pos,
+    valid=valid,
+    end=jnp.where(over, cache.end - 1, cache.end),
+  )
   return cache, e, last

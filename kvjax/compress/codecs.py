@@ -40,14 +40,18 @@ _SCALE_DTYPE = jnp.float16  # scales / zero points / norms
 def _check_group(head_dim: int, group_size: int | None) -> int:
   g = head_dim if group_size is None else group_size
   if not isinstance(g, int) or g < 1 or head_dim % g:
-    raise ValueError(f"group_size must divide head_dim={head_dim}, got "
-                     f"{group_size!r}.")
+    raise ValueError(
+      f"group_size must divide head_dim={head_dim}, got {group_size!r}."
+    )
   return g
 
 
 def _check_bits(bits, allowed=INT_BITS, name="bits"):
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
-      bits not in allowed):
+  if (
+    isinstance(bits, bool)
+    or not isinstance(bits, (int, np.integer))
+    or (bits not in allowed)
+  ):
     raise ValueError(f"{name}={bits!r} is not supported; allowed: {allowed}.")
 
 
@@ -80,12 +84,12 @@ def fp8_codec() -> Codec:
     del shared
     return enc["codes"].astype(jnp.float32) * enc["scale"].astype(jnp.float32)
 
-  return Codec("fp8_e4m3", encode, decode, None, lambda h: 8 + 16 / h,
-               ("fp8",))
+  return Codec("fp8_e4m3", encode, decode, None, lambda h: 8 + 16 / h, ("fp8",))
 
 
-def int_codec(bits: int, group_size: int | None = 32, head_dim: int = 128
-              ) -> Codec:
+def int_codec(
+  bits: int, group_size: int | None = 32, head_dim: int = 128
+) -> Codec:
   """Asymmetric uniform min-max integer codec, per token.
 
   Each entry's channels are split in groups of `group_size`; each group
@@ -109,21 +113,34 @@ def int_codec(bits: int, group_size: int | None = 32, head_dim: int = 128
     scale = (jnp.max(xs, axis=-1, keepdims=True) - lo) / levels
     lo16, scale16 = lo.astype(_SCALE_DTYPE), scale.astype(_SCALE_DTYPE)
     s = jnp.where(scale16 > 0, scale16, 1).astype(jnp.float32)
-    codes = jnp.clip(jnp.round((xs - lo16.astype(jnp.float32)) / s), 0,
-                     levels).astype(jnp.uint8).reshape(x.shape)
-    return {"codes": pack_bits(codes, bits),
-            "zero": lo16[..., 0], "scale": scale16[..., 0]}
+    codes = (
+      jnp.clip(jnp.round((xs - lo16.astype(jnp.float32)) / s), 0, levels)
+      .astype(jnp.uint8)
+      .reshape(x.shape)
+    )
+    return {
+      "codes": pack_bits(codes, bits),
+      "zero": lo16[..., 0],
+      "scale": scale16[..., 0],
+    }
 
   def decode(enc, shared):
     del shared
     codes = unpack_bits(enc["codes"], bits, head_dim)
     codes = codes.reshape(codes.shape[:-1] + (head_dim // g, g))
-    out = (codes.astype(jnp.float32) * enc["scale"][..., None].astype(
-        jnp.float32) + enc["zero"][..., None].astype(jnp.float32))
+    out = codes.astype(jnp.float32) * enc["scale"][..., None].astype(
+      jnp.float32
+    ) + enc["zero"][..., None].astype(jnp.float32)
     return out.reshape(out.shape[:-2] + (head_dim,))
 
-  return Codec(f"int{bits}/g{g}", encode, decode, None,
-               lambda h: bits + 32 / g, ("int", bits, g, head_dim))
+  return Codec(
+    f"int{bits}/g{g}",
+    encode,
+    decode,
+    None,
+    lambda h: bits + 32 / g,
+    ("int", bits, g, head_dim),
+  )
 
 
 def quantize_channels(x: Array, bits: int, group_size: int) -> dict:
@@ -141,23 +158,29 @@ def quantize_channels(x: Array, bits: int, group_size: int) -> dict:
   levels = 2**bits - 1
   xs = x.reshape(*lead, R // group_size, group_size, H)
   lo = jnp.min(xs, axis=-2, keepdims=True).astype(_SCALE_DTYPE)
-  scale = ((jnp.max(xs, axis=-2, keepdims=True) - lo.astype(jnp.float32))
-           / levels).astype(_SCALE_DTYPE)
+  scale = (
+    (jnp.max(xs, axis=-2, keepdims=True) - lo.astype(jnp.float32)) / levels
+  ).astype(_SCALE_DTYPE)
   s = jnp.where(scale > 0, scale, 1).astype(jnp.float32)
   codes = jnp.clip(jnp.round((xs - lo.astype(jnp.float32)) / s), 0, levels)
   codes = codes.astype(jnp.uint8).reshape(*lead, R, H)
-  return {"codes": pack_bits(codes, bits), "zero": lo[..., 0, :],
-          "scale": scale[..., 0, :]}
+  return {
+    "codes": pack_bits(codes, bits),
+    "zero": lo[..., 0, :],
+    "scale": scale[..., 0, :],
+  }
 
 
-def dequantize_channels(enc: dict, bits: int, group_size: int,
-                        head_dim: int) -> Array:
+def dequantize_channels(
+  enc: dict, bits: int, group_size: int, head_dim: int
+) -> Array:
   """Inverse of `quantize_channels`: [..., R, H] float32."""
   codes = unpack_bits(enc["codes"], bits, head_dim)
   *lead, R, H = codes.shape
   codes = codes.reshape(*lead, R // group_size, group_size, H)
-  out = (codes.astype(jnp.float32) * enc["scale"][..., None, :].astype(
-      jnp.float32) + enc["zero"][..., None, :].astype(jnp.float32))
+  out = codes.astype(jnp.float32) * enc["scale"][..., None, :].astype(
+    jnp.float32
+  ) + enc["zero"][..., None, :].astype(jnp.float32)
   return out.reshape(*lead, R, H)
 
 
@@ -167,22 +190,31 @@ def dequantize_channels(enc: dict, bits: int, group_size: int,
 
 def _to_coded(x, codec: Codec, shared: dict) -> CodedKV:
   if is_coded(x):
-    raise ValueError(f"entries are already coded ({x.codec.name}); apply one "
-                     "codec per tensor.")
+    raise ValueError(
+      f"entries are already coded ({x.codec.name}); apply one codec per tensor."
+    )
   if not isinstance(x, jax.Array) or x.ndim != 5:
-    raise ValueError("a codec applies to float entries [L, B, K, S, H], got "
-                     f"{getattr(x, 'shape', type(x).__name__)}.")
+    raise ValueError(
+      "a codec applies to float entries [L, B, K, S, H], got "
+      f"{getattr(x, 'shape', type(x).__name__)}."
+    )
   if codec.encode is None:
-    raise ValueError(f"codec {codec.name} cannot encode entries one at a "
-                     "time; use it through kivi(...) (residual window).")
+    raise ValueError(
+      f"codec {codec.name} cannot encode entries one at a "
+      "time; use it through kivi(...) (residual window)."
+    )
   # One layer at a time, as in attention: x [B, K, S, H], shared without L.
   enc = jax.vmap(codec.encode)(x.astype(jnp.float32), shared)
   return CodedKV(enc, shared, codec)
 
 
 @base.by_value
-def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
-             shared_init: Any = None) -> base.KVTransform:
+def quantize(
+  key_codec: Any,
+  value_codec: Any,
+  name: str | None = None,
+  shared_init: Any = None,
+) -> base.KVTransform:
   """Stores keys and values with entry-wise codecs from prefill on.
 
   At prefill the float entries are encoded (the float arrays are dropped:
@@ -207,12 +239,15 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
     if ctx.phase != "prefill":  # new entries are encoded as they are written
       return cache, state
     if is_coded(cache.k) or is_coded(cache.v):
-      raise ValueError("the cache is already coded; apply one codec per "
-                       "tensor (evict first, then quantize once).")
+      raise ValueError(
+        "the cache is already coded; apply one codec per "
+        "tensor (evict first, then quantize once)."
+      )
     live = base.live_bound(cache, ctx)
     if cache.capacity - live < ctx.reserve:  # grow to honour the reserve
-      cache, _ = base.compact(cache, cache.valid,
-                              live + ctx.reserve + ctx.decode_reserve)
+      cache, _ = base.compact(
+        cache, cache.valid, live + ctx.reserve + ctx.decode_reserve
+      )
     k, v = cache.k, cache.v
     head_dim = k.shape[-1]
     if key_codec is not None:
@@ -225,18 +260,30 @@ def quantize(key_codec: Any, value_codec: Any, name: str | None = None,
 
   def bits(head_dim):
     """(key bits, value bits) per element; None = full precision."""
-    return tuple(c(head_dim).bits(head_dim) if c else None
-                 for c in (key_codec, value_codec))
+    return tuple(
+      c(head_dim).bits(head_dim) if c else None
+      for c in (key_codec, value_codec)
+    )
 
   label = name or "quantize"
-  return base.KVTransform(init=lambda cache: (), apply=apply,
-                          keeps=lambda live: live, bits=bits, name=label)
+  return base.KVTransform(
+    init=lambda cache: (),
+    apply=apply,
+    keeps=lambda live: live,
+    bits=bits,
+    name=label,
+  )
 
 
 @base.by_value
-def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
-            values: bool = True, axis: str = "token", residual: int = 0
-            ) -> base.KVTransform:
+def uniform(
+  bits: int,
+  group_size: int | None = 32,
+  keys: bool = True,
+  values: bool = True,
+  axis: str = "token",
+  residual: int = 0,
+) -> base.KVTransform:
   """Asymmetric min-max integer quantization of keys and/or values.
 
   Args:
@@ -255,23 +302,28 @@ def uniform(bits: int, group_size: int | None = 32, keys: bool = True,
     raise ValueError(f"axis={axis!r}; allowed: {AXES}.")
   if axis == "channel" or residual:
     if not residual:
-      raise ValueError("per-channel quantization needs residual > 0 (a "
-                       "block of tokens shares each channel's statistics).")
+      raise ValueError(
+        "per-channel quantization needs residual > 0 (a "
+        "block of tokens shares each channel's statistics)."
+      )
     if not (keys and values):
       raise ValueError("the residual form quantizes keys and values both.")
     return windowed_quantize(bits, group_size or 32, residual, axis, axis)
   make = lambda h: int_codec(bits, group_size, h)
-  return quantize(make if keys else None, make if values else None,
-                  name=f"int{bits}" if group_size == 32 else
-                  f"int{bits}_g{group_size or 'all'}")
+  return quantize(
+    make if keys else None,
+    make if values else None,
+    name=f"int{bits}"
+    if group_size == 32
+    else f"int{bits}_g{group_size or 'all'}",
+  )
 
 
 @base.by_value
 def fp8(keys: bool = True, values: bool = True) -> base.KVTransform:
   """float8 e4m3 keys and/or values with a per-entry float16 scale."""
   make = lambda h: fp8_codec()
-  return quantize(make if keys else None, make if values else None,
-                  name="fp8")
+  return quantize(make if keys else None, make if values else None, name="fp8")
 
 
 # ----------------------------------------------------------------------------
@@ -289,9 +341,14 @@ def channel_codec(bits: int, group_size: int, head_dim: int) -> Codec:
     del shared
     return dequantize_channels(enc, bits, group_size, head_dim)
 
-  return Codec(f"int{bits}/channel/g{group_size}", None, decode, None,
-               lambda h: bits + 32 / group_size,
-               ("channel", bits, group_size, head_dim))
+  return Codec(
+    f"int{bits}/channel/g{group_size}",
+    None,
+    decode,
+    None,
+    lambda h: bits + 32 / group_size,
+    ("channel", bits, group_size, head_dim),
+  )
 
 
 def _rows_window(x: Array, start: Array, width: int) -> Array:
@@ -300,12 +357,14 @@ def _rows_window(x: Array, start: Array, width: int) -> Array:
   S = x.shape[3]
   idx = jnp.minimum(start[:, None] + jnp.arange(width), S - 1)  # [B, width]
   idx = jnp.broadcast_to(idx[None, :, None, :], x.shape[:3] + (width,))
-  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 4)),
-                             axis=3)
+  return jnp.take_along_axis(
+    x, idx.reshape(idx.shape + (1,) * (x.ndim - 4)), axis=3
+  )
 
 
-def _scatter_rows(leaf: Array, start: Array, block: Array, active: Array,
-                  per: int = 1) -> Array:
+def _scatter_rows(
+  leaf: Array, start: Array, block: Array, active: Array, per: int = 1
+) -> Array:
   """Writes block [L, B, K, W, ...] into leaf [L, B, K, S, ...] at slots
   start[b] // per + arange(W) for rows where active[b]; others untouched."""
   L, B, K, W = block.shape[:4]
@@ -328,8 +387,9 @@ class KIVIState(NamedTuple):
 
 
 @base.by_value
-def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
-         ) -> base.KVTransform:
+def kivi(
+  bits: int = 2, group_size: int = 32, residual: int = 128
+) -> base.KVTransform:
   """KIVI (arXiv 2402.02750): asymmetric min-max quantization of keys per
   channel (statistics over groups of `group_size` tokens) and values per
   token (groups of `group_size` channels, or the whole head if smaller),
@@ -363,17 +423,23 @@ def kivi(bits: int = 2, group_size: int = 32, residual: int = 128
   Raises:
     ValueError: unsupported bits, or R not a positive multiple of G.
   """
-  return windowed_quantize(bits, group_size, residual, "channel", "token",
-                           name=f"kivi{bits}")
+  return windowed_quantize(
+    bits, group_size, residual, "channel", "token", name=f"kivi{bits}"
+  )
 
 
 AXES = ("token", "channel")
 
 
 @base.by_value
-def windowed_quantize(bits: int, group_size: int, residual: int,
-                      key_axis: str, value_axis: str,
-                      name: str | None = None) -> base.KVTransform:
+def windowed_quantize(
+  bits: int,
+  group_size: int,
+  residual: int,
+  key_axis: str,
+  value_axis: str,
+  name: str | None = None,
+) -> base.KVTransform:
   """Integer quantization with a full-precision residual window (the
   machinery of `kivi`), each tensor per token or per channel.
 
@@ -387,10 +453,15 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
   _check_bits(bits)
   if not isinstance(group_size, int) or group_size < 1:
     raise ValueError(f"group_size must be an int >= 1, got {group_size!r}.")
-  if not isinstance(residual, int) or residual < group_size or (
-      residual % group_size):
-    raise ValueError(f"residual must be a positive multiple of group_size="
-                     f"{group_size}, got {residual!r}.")
+  if (
+    not isinstance(residual, int)
+    or residual < group_size
+    or (residual % group_size)
+  ):
+    raise ValueError(
+      f"residual must be a positive multiple of group_size="
+      f"{group_size}, got {residual!r}."
+    )
   for arg, axis in (("key_axis", key_axis), ("value_axis", value_axis)):
     if axis not in AXES:
       raise ValueError(f"{arg}={axis!r}; allowed: {AXES}.")
@@ -413,9 +484,11 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
   def prefill(cache, ctx):
     k, v = cache.k, cache.v
     if is_coded(k) or is_coded(v) or k.ndim != 5:
-      raise ValueError("windowed quantization (kivi) applies to float "
-                       "entries [L, B, K, S, H]; it cannot follow another "
-                       "codec.")
+      raise ValueError(
+        "windowed quantization (kivi) applies to float "
+        "entries [L, B, K, S, H]; it cannot follow another "
+        "codec."
+      )
     H = k.shape[-1]
     live = base.live_bound(cache, ctx)
     total = live + ctx.reserve + ctx.decode_reserve
@@ -424,22 +497,27 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     # quantize is the live entries and its own decode steps.
     if live + ctx.decode_reserve < R:
       raise base.Degenerate(
-          f"{label}: {live} live entries + {ctx.decode_reserve} decode "
-          f"steps never fill one residual block of {R}, so nothing would be "
-          "quantized and the cache would only grow; use a smaller residual, "
-          "a longer context, or decode through the transform "
-          "(prefill(decode_steps=...), generate).")
+        f"{label}: {live} live entries + {ctx.decode_reserve} decode "
+        f"steps never fill one residual block of {R}, so nothing would be "
+        "quantized and the cache would only grow; use a smaller residual, "
+        "a longer context, or decode through the transform "
+        "(prefill(decode_steps=...), generate)."
+      )
     if live < R:
-      warnings.warn(f"{label}: the {live}-entry prompt is shorter than the "
-                    f"residual window {R}; nothing is quantized until "
-                    "decoding fills a block.", stacklevel=2)
+      warnings.warn(
+        f"{label}: the {live}-entry prompt is shorter than the "
+        f"residual window {R}; nothing is quantized until "
+        "decoding fills a block.",
+        stacklevel=2,
+      )
     sc = (total // R) * R  # code slots: every block that can be flushed
     tail = R + ctx.reserve  # a window + what forward may write unflushed
     end = cache.end  # [B] entries per row, contiguous from slot 0
     q = (end // R) * R  # [B] quantized per row
     pad = max(0, sc - cache.capacity)
-    grow = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, pad)] +
-                             [(0, 0)] * (x.ndim - 4))[:, :, :, :sc]
+    grow = lambda x: jnp.pad(
+      x, [(0, 0)] * 3 + [(0, pad)] + [(0, 0)] * (x.ndim - 4)
+    )[:, :, :, :sc]
     code_valid = grow(cache.valid) & (jnp.arange(sc) < q[None, :, None, None])
     code_pos = jnp.where(code_valid, grow(cache.pos), -1)
     tail_live = (jnp.arange(tail) < (end - q)[:, None])[None, :, None, :]
@@ -448,17 +526,20 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
 
     def coded(x, axis):
       t = jnp.where(tail_valid[..., None], _rows_window(x, q, tail), 0)
-      return TailedKV(CodedKV(encode(axis, grow(x)), {}, codec(axis, H)),
-                      t.astype(x.dtype))
+      return TailedKV(
+        CodedKV(encode(axis, grow(x)), {}, codec(axis, H)), t.astype(x.dtype)
+      )
 
     # More entries than the live bound (a `slots` that under-counted)
     # would fall between the regions: flagged past the capacity instead.
     new_end = jnp.where(end > live, sc + tail + 1, sc + end - q)
     cache = cache._replace(
-        k=coded(k, key_axis), v=coded(v, value_axis),
-        pos=jnp.concatenate([code_pos, tail_pos], -1),
-        valid=jnp.concatenate([code_valid, tail_valid], -1),
-        end=new_end.astype(jnp.int32))
+      k=coded(k, key_axis),
+      v=coded(v, value_axis),
+      pos=jnp.concatenate([code_pos, tail_pos], -1),
+      valid=jnp.concatenate([code_valid, tail_valid], -1),
+      end=new_end.astype(jnp.int32),
+    )
     return cache, KIVIState(q.astype(jnp.int32))
 
   def flush(cache, state):
@@ -471,29 +552,39 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     # `forward` reports (nothing is flushed into the void).
     full = (cache.end >= sc + R) & (qend + R <= sc)  # [B]
     shift = lambda x: jnp.where(
-        full.reshape((1, -1) + (1,) * (x.ndim - 2)),
-        jnp.concatenate([x[:, :, :, R:], jnp.zeros_like(x[:, :, :, :R])],
-                        axis=3), x)
+      full.reshape((1, -1) + (1,) * (x.ndim - 2)),
+      jnp.concatenate([x[:, :, :, R:], jnp.zeros_like(x[:, :, :, :R])], axis=3),
+      x,
+    )
 
     def flushed(x, axis):
       enc = encode(axis, x.tail[:, :, :, :R])
-      slots = {n: _scatter_rows(x.code.slots[n], qend, enc[n], full,
-                                per=per(axis, n)) for n in x.code.slots}
+      slots = {
+        n: _scatter_rows(x.code.slots[n], qend, enc[n], full, per=per(axis, n))
+        for n in x.code.slots
+      }
       return TailedKV(CodedKV(slots, {}, x.code.codec), shift(x.tail))
 
     tail_pos, tail_valid = cache.pos[..., sc:], cache.valid[..., sc:]
     pos = _scatter_rows(cache.pos[..., :sc], qend, tail_pos[..., :R], full)
-    valid = _scatter_rows(cache.valid[..., :sc], qend, tail_valid[..., :R],
-                          full)
-    tail_pos = jnp.where(full[None, :, None, None], jnp.concatenate(
-        [tail_pos[..., R:], jnp.full_like(tail_pos[..., :R], -1)], -1),
-                         tail_pos)
+    valid = _scatter_rows(
+      cache.valid[..., :sc], qend, tail_valid[..., :R], full
+    )
+    tail_pos = jnp.where(
+      full[None, :, None, None],
+      jnp.concatenate(
+        [tail_pos[..., R:], jnp.full_like(tail_pos[..., :R], -1)], -1
+      ),
+      tail_pos,
+    )
     end = jnp.where(full, cache.end - R, cache.end)
     cache = cache._replace(
-        k=flushed(cache.k, key_axis), v=flushed(cache.v, value_axis),
-        pos=jnp.concatenate([pos, tail_pos], -1),
-        valid=jnp.concatenate([valid, shift(tail_valid)], -1),
-        end=end.astype(jnp.int32))
+      k=flushed(cache.k, key_axis),
+      v=flushed(cache.v, value_axis),
+      pos=jnp.concatenate([pos, tail_pos], -1),
+      valid=jnp.concatenate([valid, shift(tail_valid)], -1),
+      end=end.astype(jnp.int32),
+    )
     return cache, KIVIState(jnp.where(full, qend + R, qend).astype(jnp.int32))
 
   def apply(cache, state, ctx):
@@ -502,12 +593,13 @@ def windowed_quantize(bits: int, group_size: int, residual: int,
     return flush(cache, state)
 
   return base.KVTransform(
-      init=lambda cache: KIVIState(jnp.zeros(cache.pos.shape[1:2],
-                                             jnp.int32)),
-      apply=apply, keeps=lambda live: live, every=1,
-      bits=lambda h: (codec(key_axis, h).bits(h),
-                      codec(value_axis, h).bits(h)),
-      name=label)
+    init=lambda cache: KIVIState(jnp.zeros(cache.pos.shape[1:2], jnp.int32)),
+    apply=apply,
+    keeps=lambda live: live,
+    every=1,
+    bits=lambda h: (codec(key_axis, h).bits(h), codec(value_axis, h).bits(h)),
+    name=label,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -528,16 +620,22 @@ def lowrank_codec(rank: int, head_dim: int) -> Codec:
     return {"coeffs": c.astype(jnp.float16)}
 
   def decode(enc, shared):
-    return jnp.einsum("bksr,bkhr->bksh", enc["coeffs"].astype(jnp.float32),
-                      shared["basis"])
+    return jnp.einsum(
+      "bksr,bkhr->bksh", enc["coeffs"].astype(jnp.float32), shared["basis"]
+    )
 
   def scores(q, enc, shared):
     qp = jnp.einsum("bkmh,bkhr->bkmr", q, shared["basis"])
-    return jnp.einsum("bkmr,bksr->bkms", qp, enc["coeffs"].astype(
-        jnp.float32))
+    return jnp.einsum("bkmr,bksr->bkms", qp, enc["coeffs"].astype(jnp.float32))
 
-  return Codec(f"lowrank{rank}", encode, decode, scores,
-               lambda h: 16 * rank / h, ("lowrank", rank, head_dim))
+  return Codec(
+    f"lowrank{rank}",
+    encode,
+    decode,
+    scores,
+    lambda h: 16 * rank / h,
+    ("lowrank", rank, head_dim),
+  )
 
 
 def _svd_basis(rank: int):
@@ -554,8 +652,9 @@ def _svd_basis(rank: int):
 
 
 @base.by_value
-def lowrank(rank: int, keys: bool = True, values: bool = True
-            ) -> base.KVTransform:
+def lowrank(
+  rank: int, keys: bool = True, values: bool = True
+) -> base.KVTransform:
   """Projects keys and/or values onto their top-`rank` principal
   directions at prefill (per layer, row and kv head; SVD of the live
   entries, not centered). Post-RoPE keys are less low-rank than pre-RoPE
@@ -570,5 +669,9 @@ def lowrank(rank: int, keys: bool = True, values: bool = True
     return _svd_basis(rank)(cache, which)
 
   make = lambda h: lowrank_codec(rank, h)
-  return quantize(make if keys else None, make if values else None,
-                  name=f"lowrank{rank}", shared_init=shared_init)
+  return quantize(
+    make if keys else None,
+    make if values else None,
+    name=f"lowrank{rank}",
+    shared_init=shared_init,
+  )

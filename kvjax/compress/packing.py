@@ -27,7 +27,7 @@ def pack_bits(codes: Array, bits: int) -> Array:
   c = codes.astype(jnp.uint8)
   bit_planes = (c[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1
   stream = bit_planes.reshape(codes.shape[:-1] + (n * bits // 8, 8))
-  weights = (jnp.uint8(1) << jnp.arange(8, dtype=jnp.uint8))
+  weights = jnp.uint8(1) << jnp.arange(8, dtype=jnp.uint8)
   return jnp.sum(stream * weights, axis=-1, dtype=jnp.uint8)
 
 

@@ -63,8 +63,11 @@ Scorer._replace = replace_dropping("spec")
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < minimum):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or (value < minimum)
+  ):
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
   return int(value)
 
@@ -77,8 +80,10 @@ def _group_mean(x: Array, num_kv_heads: int) -> Array:
 
 def _keys(cache: KVCache) -> Array:
   if not isinstance(cache.k, jax.Array) or cache.k.ndim != 5:
-    raise ValueError("this scorer reads float keys [L, B, K, S, H]; apply it "
-                     "before any codec in a chain (evict, then quantize).")
+    raise ValueError(
+      "this scorer reads float keys [L, B, K, S, H]; apply it "
+      "before any codec in a chain (evict, then quantize)."
+    )
   return cache.k
 
 
@@ -89,8 +94,9 @@ def _last_valid_index(mask: Array, w: int) -> Array:
   return jnp.sort(jnp.argsort(key, axis=1, stable=True)[:, -w:], axis=1)
 
 
-def window_attention(cache: KVCache, ctx: base.CompressContext, w: int
-                     ) -> tuple[Array, Array]:
+def window_attention(
+  cache: KVCache, ctx: base.CompressContext, w: int
+) -> tuple[Array, Array]:
   """Attention of the last w (unmasked) queries over the cache.
 
   Rows with fewer than w tokens use all of theirs (padding queries get zero
@@ -112,10 +118,12 @@ def window_attention(cache: KVCache, ctx: base.CompressContext, w: int
   L, B, K, S, H = k.shape
   N = q.shape[3]
   qg = q.reshape(L, B, w, K, N // K, H)
-  logits = jnp.einsum("lbwkgh,lbksh->lbkgws", qg.astype(jnp.float32),
-                      k.astype(jnp.float32)) / np.sqrt(H)
+  logits = jnp.einsum(
+    "lbwkgh,lbksh->lbkgws", qg.astype(jnp.float32), k.astype(jnp.float32)
+  ) / np.sqrt(H)
   visible = cache.valid[:, :, :, None, None, :] & (
-      cache.pos[:, :, :, None, None, :] <= q_pos[None, :, None, None, :, None])
+    cache.pos[:, :, :, None, None, :] <= q_pos[None, :, None, None, :, None]
+  )
   logits = jnp.where(visible, logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   visible &= q_live[None, :, None, None, :, None]
@@ -132,7 +140,7 @@ def _avg_pool(x: Array, kernel: int) -> Array:
   pad = kernel // 2
   xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)])
   S = x.shape[-1]
-  return sum(xp[..., i:i + S] for i in range(kernel)) / kernel
+  return sum(xp[..., i : i + S] for i in range(kernel)) / kernel
 
 
 # ----------------------------------------------------------------------------
@@ -201,10 +209,11 @@ def snapkv_scorer(window_size: int = 64, kernel_size: int = 5) -> Scorer:
     observed = ctx.q_mask.shape[1]
     if ctx.phase == "prefill" and min(window_size, observed) >= live:
       raise base.Degenerate(
-          f"snapkv: its observation window (window_size={window_size}, "
-          f"{observed} observed queries) covers all {live} cached entries, "
-          "so it would keep only the newest ones; use a longer context or a "
-          "smaller window_size.")
+        f"snapkv: its observation window (window_size={window_size}, "
+        f"{observed} observed queries) covers all {live} cached entries, "
+        "so it would keep only the newest ones; use a longer context or a "
+        "smaller window_size."
+      )
     probs, first = window_attention(cache, ctx, window_size)
     prefix = cache.valid & (cache.pos < first[None, :, None, None])  # [L,B,K,S]
     K = cache.pos.shape[2]
@@ -243,10 +252,13 @@ def tova_scorer() -> Scorer:
 
 
 @base.by_value
-def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
-                              use_covariance: bool = True,
-                              use_vnorm: bool = True,
-                              epsilon: float = 0.0) -> Scorer:
+def expected_attention_scorer(
+  n_future_positions: int = 512,
+  n_sink: int = 4,
+  use_covariance: bool = True,
+  use_vnorm: bool = True,
+  epsilon: float = 0.0,
+) -> Scorer:
   """Expected Attention (arXiv 2510.00636), as kvpress defines it.
 
   Fits a Gaussian to the pre-RoPE queries of the prompt (positions after the
@@ -258,8 +270,11 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
   """
   _check_int(n_future_positions, "n_future_positions", 1)
   _check_int(n_sink, "n_sink", 0)
-  if not isinstance(epsilon, (int, float)) or not np.isfinite(epsilon) or (
-      epsilon < 0):
+  if (
+    not isinstance(epsilon, (int, float))
+    or not np.isfinite(epsilon)
+    or (epsilon < 0)
+  ):
     raise ValueError(f"epsilon must be a finite float >= 0, got {epsilon!r}.")
 
   def score(cache, ctx):
@@ -278,10 +293,16 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
     freqs = future[..., None].astype(jnp.float32) * rope_inv_freq(ctx.geometry)
     angles = jnp.concatenate([freqs, freqs], -1)  # [B, P, H]
     half = H // 2
-    rot_half = jnp.block([[jnp.zeros((half, half)), -jnp.eye(half)],
-                          [jnp.eye(half), jnp.zeros((half, half))]])
-    R = (jnp.cos(angles).mean(1)[:, :, None] * jnp.eye(H)[None] +
-         jnp.sin(angles).mean(1)[:, :, None] * rot_half[None])  # [B, H, H]
+    rot_half = jnp.block(
+      [
+        [jnp.zeros((half, half)), -jnp.eye(half)],
+        [jnp.eye(half), jnp.zeros((half, half))],
+      ]
+    )
+    R = (
+      jnp.cos(angles).mean(1)[:, :, None] * jnp.eye(H)[None]
+      + jnp.sin(angles).mean(1)[:, :, None] * rot_half[None]
+    )  # [B, H, H]
     k = _keys(cache).astype(jnp.float32)  # [L, B, K, S, H]
     K = k.shape[2]
     G = mu.shape[2] // K
@@ -290,11 +311,14 @@ def expected_attention_scorer(n_future_positions: int = 512, n_sink: int = 4,
     logits = jnp.einsum("lbnsh,lbnh->lbns", kn, mu_rot) / np.sqrt(H)
     if use_covariance:
       centered = (qpr - mu[:, :, None]) * wts  # [L, B, T, N, H]
-      cov = jnp.einsum("lbtni,lbtnj->lbnij", centered, centered) / count[
-          None, :, None, None, None]  # [L, B, N, H, H]
+      cov = (
+        jnp.einsum("lbtni,lbtnj->lbnij", centered, centered)
+        / count[None, :, None, None, None]
+      )  # [L, B, N, H, H]
       cov = jnp.einsum("bij,lbnjk,bmk->lbnim", R, cov, R)  # R cov R^T
-      logits = logits + jnp.einsum("lbnsi,lbnij,lbnsj->lbns", kn, cov,
-                                   kn) / H / 2
+      logits = (
+        logits + jnp.einsum("lbnsi,lbnij,lbnsj->lbns", kn, cov, kn) / H / 2
+      )
     non_sink = cache.valid & (cache.pos >= n_sink)
     non_sink_n = jnp.repeat(non_sink, G, axis=2)
     logits = jnp.where(non_sink_n, logits, -jnp.inf)
@@ -332,8 +356,10 @@ def oracle_scorer() -> Scorer:
   def score(cache, ctx, *, future_mass=None):
     del ctx
     if future_mass is None:
-      raise ValueError("the oracle needs future_mass=[L, B, N, S] (see "
-                       "kvjax.compress.oracle_future_mass).")
+      raise ValueError(
+        "the oracle needs future_mass=[L, B, N, S] (see "
+        "kvjax.compress.oracle_future_mass)."
+      )
     return _group_mean(future_mass.astype(jnp.float32), cache.pos.shape[2])
 
   return Scorer(score, (), "oracle", extras=("future_mass",))
@@ -350,9 +376,12 @@ def _free(ctx: base.CompressContext) -> int:
 
 
 @base.by_value
-def scored_policy(scorer: Scorer, ratio: float | None = None,
-                  budget: int | None = None, name: str | None = None
-                  ) -> base.KVTransform:
+def scored_policy(
+  scorer: Scorer,
+  ratio: float | None = None,
+  budget: int | None = None,
+  name: str | None = None,
+) -> base.KVTransform:
   """Keeps the top-scoring entries per (layer, row, kv head) at prefill.
 
   Args:
@@ -372,9 +401,13 @@ def scored_policy(scorer: Scorer, ratio: float | None = None,
     return cache, state
 
   return base.KVTransform(
-      init=lambda cache: (), apply=apply,
-      keeps=lambda live: base.static_keep(live, ratio, budget),
-      needs=scorer.needs, extras=scorer.extras, name=name or scorer.name)
+    init=lambda cache: (),
+    apply=apply,
+    keeps=lambda live: base.static_keep(live, ratio, budget),
+    needs=scorer.needs,
+    extras=scorer.extras,
+    name=name or scorer.name,
+  )
 
 
 @base.by_value
@@ -390,20 +423,31 @@ def knorm(ratio=None, budget=None) -> base.KVTransform:
 
 
 @base.by_value
-def snapkv(ratio=None, budget=None, window_size: int = 64,
-           kernel_size: int = 5) -> base.KVTransform:
+def snapkv(
+  ratio=None, budget=None, window_size: int = 64, kernel_size: int = 5
+) -> base.KVTransform:
   """SnapKV at prefill (see `snapkv_scorer`)."""
   return scored_policy(snapkv_scorer(window_size, kernel_size), ratio, budget)
 
 
 @base.by_value
-def expected_attention(ratio=None, budget=None, n_future_positions=512,
-                       n_sink=4, use_covariance=True, use_vnorm=True,
-                       epsilon=0.0) -> base.KVTransform:
+def expected_attention(
+  ratio=None,
+  budget=None,
+  n_future_positions=512,
+  n_sink=4,
+  use_covariance=True,
+  use_vnorm=True,
+  epsilon=0.0,
+) -> base.KVTransform:
   """Expected Attention at prefill (see `expected_attention_scorer`)."""
-  return scored_policy(expected_attention_scorer(
-      n_future_positions, n_sink, use_covariance, use_vnorm, epsilon),
-                       ratio, budget)
+  return scored_policy(
+    expected_attention_scorer(
+      n_future_positions, n_sink, use_covariance, use_vnorm, epsilon
+    ),
+    ratio,
+    budget,
+  )
 
 
 @base.by_value
@@ -436,8 +480,9 @@ class H2OState(NamedTuple):
   mass: Array
 
 
-def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
-                   protect_recent: int = 0) -> base.KVTransform:
+def _decode_policy(
+  scorer: Scorer, ratio, budget, every: int, name: str, protect_recent: int = 0
+) -> base.KVTransform:
   """A policy that compresses at prefill and keeps a fixed budget during
   decode: every `every` steps, entries beyond each row's budget are evicted
   by the scorer. The prefill budget becomes the decode budget."""
@@ -459,31 +504,43 @@ def _decode_policy(scorer: Scorer, ratio, budget, every: int, name: str,
       n = base.n_keep(live, ratio, budget, cache.capacity)
       # Budget + the reserve + `every` slots of headroom: a decode step
       # writes its token before the policy evicts.
-      cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
-             + ctx.reserve + every)
+      cap = (
+        base.static_keep(base.live_bound(cache, ctx), ratio, budget)
+        + ctx.reserve
+        + every
+      )
       cache, _ = base.evict(cache, scores, n, cap)
       return cache, BudgetState(jnp.max(n, axis=(0, 2)))
     # Decode: keep each row's budget; the capacity does not change.
-    sort = lambda c: base.evict(c, scores, budget_row[None, :, None],
-                                c.capacity)[0]
+    sort = lambda c: base.evict(
+      c, scores, budget_row[None, :, None], c.capacity
+    )[0]
     if every == 1:  # one in, one out: O(S) swap-remove, no sort
       live = jnp.max(base.live_counts(cache), axis=(0, 2))
       one = lambda c: base.evict_one(c, scores, live > budget_row)[0]
       # Entries fed by `forward` since the last step (a question) put a row
       # more than one over: back to the budget in one sort.
-      return jax.lax.cond(jnp.any(live > budget_row + 1), sort, one,
-                          cache), state
+      return jax.lax.cond(
+        jnp.any(live > budget_row + 1), sort, one, cache
+      ), state
     return sort(cache), state
 
   return base.KVTransform(
-      init=init, apply=apply,
-      keeps=lambda live: base.static_keep(live, ratio, budget),
-      needs=scorer.needs, extras=scorer.extras, every=every, name=name, bounded=True)
+    init=init,
+    apply=apply,
+    keeps=lambda live: base.static_keep(live, ratio, budget),
+    needs=scorer.needs,
+    extras=scorer.extras,
+    every=every,
+    name=name,
+    bounded=True,
+  )
 
 
 @base.by_value
-def streaming_llm(ratio=None, budget=None, n_sink: int = 4,
-                  every: int = 1) -> base.KVTransform:
+def streaming_llm(
+  ratio=None, budget=None, n_sink: int = 4, every: int = 1
+) -> base.KVTransform:
   """StreamingLLM: `n_sink` attention sinks + the most recent entries, at
   prefill and then every `every` decode steps.
 
@@ -492,10 +549,13 @@ def streaming_llm(ratio=None, budget=None, n_sink: int = 4,
       any recent entry).
   """
   if budget is not None and isinstance(budget, int) and budget < n_sink + 1:
-    raise ValueError(f"budget={budget} is smaller than n_sink + 1 = "
-                     f"{n_sink + 1} (sinks plus at least one recent entry).")
-  return _decode_policy(streaming_llm_scorer(n_sink), ratio, budget, every,
-                        "streaming_llm")
+    raise ValueError(
+      f"budget={budget} is smaller than n_sink + 1 = "
+      f"{n_sink + 1} (sinks plus at least one recent entry)."
+    )
+  return _decode_policy(
+    streaming_llm_scorer(n_sink), ratio, budget, every, "streaming_llm"
+  )
 
 
 @base.by_value
@@ -506,8 +566,9 @@ def tova(ratio=None, budget=None, every: int = 1) -> base.KVTransform:
 
 
 @base.by_value
-def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
-        every: int = 1) -> base.KVTransform:
+def h2o(
+  ratio=None, budget=None, recent_fraction: float = 0.5, every: int = 1
+) -> base.KVTransform:
   """H2O: heavy hitters by accumulated attention + a recent window.
 
   The budget is split: `recent_fraction` of it for the most recent entries,
@@ -519,19 +580,29 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
   base.check_budget(ratio, budget)
   _check_int(every, "every", 1)
   if not isinstance(recent_fraction, (int, float)) or (
-      not 0.0 <= recent_fraction < 1.0):
-    raise ValueError(f"recent_fraction must be in [0, 1), got "
-                     f"{recent_fraction!r}.")
+    not 0.0 <= recent_fraction < 1.0
+  ):
+    raise ValueError(
+      f"recent_fraction must be in [0, 1), got {recent_fraction!r}."
+    )
 
   def init(cache):
-    return H2OState(jnp.zeros(cache.pos.shape[1:2], jnp.int32),
-                    jnp.zeros(cache.pos.shape, jnp.float32))
+    return H2OState(
+      jnp.zeros(cache.pos.shape[1:2], jnp.int32),
+      jnp.zeros(cache.pos.shape, jnp.float32),
+    )
 
   def select(cache, acc, n, capacity):
     n_recent = jnp.floor(n * recent_fraction).astype(jnp.int32)  # [L,B,K]
-    recent_rank = jnp.argsort(jnp.argsort(
+    recent_rank = jnp.argsort(
+      jnp.argsort(
         jnp.where(cache.valid, -cache.pos, jnp.iinfo(jnp.int32).max),
-        axis=-1, stable=True), axis=-1, stable=True)
+        axis=-1,
+        stable=True,
+      ),
+      axis=-1,
+      stable=True,
+    )
     recent = (recent_rank < n_recent[..., None]) & cache.valid
     scores = jnp.where(recent, _BIG, acc)
     cache, idx = base.evict(cache, scores, n, capacity)
@@ -545,8 +616,11 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
     if ctx.phase == "prefill":
       live = base.live_counts(cache)
       n = base.n_keep(live, ratio, budget, cache.capacity)
-      cap = (base.static_keep(base.live_bound(cache, ctx), ratio, budget)
-             + ctx.reserve + every)  # see _decode_policy
+      cap = (
+        base.static_keep(base.live_bound(cache, ctx), ratio, budget)
+        + ctx.reserve
+        + every
+      )  # see _decode_policy
       cache, acc = select(cache, mass, n, cap)
       return cache, H2OState(jnp.max(n, axis=(0, 2)), acc)
     acc = acc + mass
@@ -564,29 +638,43 @@ def h2o(ratio=None, budget=None, recent_fraction: float = 0.5,
       n_recent = jnp.floor(budget_row * recent_fraction).astype(jnp.int32)
       newest = jnp.max(cache.pos, axis=-1, keepdims=True)  # [L, B, K, 1]
       recent = cache.pos > newest - n_recent[None, :, None, None]
-      cache, e, last = base.evict_one(cache, jnp.where(recent, _BIG, acc),
-                                      live > budget_row)
+      cache, e, last = base.evict_one(
+        cache, jnp.where(recent, _BIG, acc), live > budget_row
+      )
       L, B, K, S = acc.shape
-      li, bi, ki = jnp.meshgrid(jnp.arange(L), jnp.arange(B), jnp.arange(K),
-                                indexing="ij")
+      li, bi, ki = jnp.meshgrid(
+        jnp.arange(L), jnp.arange(B), jnp.arange(K), indexing="ij"
+      )
       src = jnp.broadcast_to(last[None, :, None], (L, B, K))
       acc = acc.at[li, bi, ki, e].set(acc[li, bi, ki, src], mode="drop")
       return cache, jnp.where(cache.valid, acc, 0.0)
 
     # A row more than one over (entries fed by `forward` since the last
     # step): back to the budget in one sort.
-    cache, acc = jax.lax.cond(jnp.any(live > budget_row + 1), sort, one,
-                              cache, acc)
+    cache, acc = jax.lax.cond(
+      jnp.any(live > budget_row + 1), sort, one, cache, acc
+    )
     return cache, H2OState(budget_row, acc)
 
   return base.KVTransform(
-      init=init, apply=apply,
-      keeps=lambda live: base.static_keep(live, ratio, budget),
-      needs=("attn_mass",), every=every, name="h2o", bounded=True)
+    init=init,
+    apply=apply,
+    keeps=lambda live: base.static_keep(live, ratio, budget),
+    needs=("attn_mass",),
+    every=every,
+    name="h2o",
+    bounded=True,
+  )
 
 
-def pyramid_budgets(live: Array, ratio: float, num_layers: int,
-                    window_size: int = 64, beta: int = 20, xp=jnp) -> Array:
+def pyramid_budgets(
+  live: Array,
+  ratio: float,
+  num_layers: int,
+  window_size: int = 64,
+  beta: int = 20,
+  xp=jnp,
+) -> Array:
   """PyramidKV's per-layer budgets (kvpress `get_layer_budget`).
 
   Budgets fall linearly with depth from max_num to min_num, where the
@@ -619,15 +707,17 @@ def pyramid_budgets(live: Array, ratio: float, num_layers: int,
 
 
 @base.by_value
-def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
-              beta: int = 20) -> base.KVTransform:
+def pyramidkv(
+  ratio: float, window_size: int = 64, kernel_size: int = 5, beta: int = 20
+) -> base.KVTransform:
   """PyramidKV: SnapKV scores with budgets falling linearly with depth."""
   base.check_ratio(ratio)
   scorer = snapkv_scorer(window_size, kernel_size)
 
   def static_cap(live: int, num_layers: int) -> int:
-    b = pyramid_budgets(np.array([live]), ratio, num_layers, window_size,
-                        beta, xp=np)
+    b = pyramid_budgets(
+      np.array([live]), ratio, num_layers, window_size, beta, xp=np
+    )
     return int(np.max(b))
 
   def apply(cache, state, ctx, **extra):
@@ -637,20 +727,29 @@ def pyramidkv(ratio: float, window_size: int = 64, kernel_size: int = 5,
     live = jnp.max(base.live_counts(cache), axis=(0, 2))  # [B]
     n = pyramid_budgets(live, ratio, L, window_size, beta)[:, :, None]
     cap = static_cap(base.live_bound(cache, ctx), L)
-    cache, _ = base.evict(cache, scorer.score(cache, ctx, **extra), n,
-                          cap + _free(ctx))
+    cache, _ = base.evict(
+      cache, scorer.score(cache, ctx, **extra), n, cap + _free(ctx)
+    )
     return cache, state
 
   return base.KVTransform(
-      init=lambda cache: (), apply=apply,
-      # Layer 0 keeps the most; a static bound without knowing L:
-      keeps=lambda live: min(live, 2 * base.static_keep(live, ratio, None)),
-      needs=scorer.needs, extras=scorer.extras, name="pyramidkv")
+    init=lambda cache: (),
+    apply=apply,
+    # Layer 0 keeps the most; a static bound without knowing L:
+    keeps=lambda live: min(live, 2 * base.static_keep(live, ratio, None)),
+    needs=scorer.needs,
+    extras=scorer.extras,
+    name="pyramidkv",
+  )
 
 
 @base.by_value
-def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
-          **scorer_kwargs) -> base.KVTransform:
+def adakv(
+  scorer: Scorer | str,
+  ratio: float,
+  alpha_safeguard: float = 0.2,
+  **scorer_kwargs,
+) -> base.KVTransform:
   """Ada-KV: per layer, a global top-(K * n) over all heads' scores, so
   budgets vary by head; each head keeps at least floor(alpha * n) (>= 1).
 
@@ -666,17 +765,20 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
   """
   base.check_ratio(ratio)
   if not 0.0 <= alpha_safeguard <= 1.0:
-    raise ValueError(f"alpha_safeguard must be in [0, 1], got "
-                     f"{alpha_safeguard!r}.")
+    raise ValueError(
+      f"alpha_safeguard must be in [0, 1], got {alpha_safeguard!r}."
+    )
   if isinstance(scorer, str):
     if scorer not in SCORERS:
-      raise ValueError(f"unknown scorer {scorer!r}; allowed: "
-                       f"{sorted(SCORERS)}.")
+      raise ValueError(
+        f"unknown scorer {scorer!r}; allowed: {sorted(SCORERS)}."
+      )
     scorer = SCORERS[scorer](**scorer_kwargs)
 
   def safe_count(n):
     n_safe = jnp.floor(n.astype(jnp.float32) * alpha_safeguard).astype(
-        jnp.int32)
+      jnp.int32
+    )
     if alpha_safeguard > 0:
       n_safe = jnp.where(n > 0, jnp.maximum(n_safe, 1), 0)
     return n_safe
@@ -694,14 +796,14 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
     L, B, K, S = cache.pos.shape
     live = base.live_counts(cache)  # [L, B, K]
     n = base.n_keep(live, ratio, None, cache.capacity)
-    scores = jnp.where(cache.valid, scorer.score(cache, ctx, **extra),
-                       -jnp.inf)
+    scores = jnp.where(cache.valid, scorer.score(cache, ctx, **extra), -jnp.inf)
     safe = base.keep_top(scores, safe_count(n), cache.valid)
     scores = jnp.where(safe, jnp.finfo(jnp.float32).max, scores)
     total = jnp.sum(n, axis=2)  # [L, B]
     flat_valid = cache.valid.reshape(L, B, 1, K * S)
-    keep = base.keep_top(scores.reshape(L, B, 1, K * S), total[..., None],
-                         flat_valid).reshape(L, B, K, S)
+    keep = base.keep_top(
+      scores.reshape(L, B, 1, K * S), total[..., None], flat_valid
+    ).reshape(L, B, K, S)
     s_live, s_n, s_safe = sizes(base.live_bound(cache, ctx))
     cap = min(s_live, K * s_n - (K - 1) * s_safe)
     cache, _ = base.compact(cache, keep, cap + _free(ctx))
@@ -711,24 +813,30 @@ def adakv(scorer: Scorer | str, ratio: float, alpha_safeguard: float = 0.2,
     # Without K the tight bound is unknown; a head may keep all it had.
     return live
 
-  return base.KVTransform(init=lambda cache: (), apply=apply,
-                          keeps=keeps, needs=scorer.needs, extras=scorer.extras,
-                          name=f"adakv_{scorer.name}")
+  return base.KVTransform(
+    init=lambda cache: (),
+    apply=apply,
+    keeps=keeps,
+    needs=scorer.needs,
+    extras=scorer.extras,
+    name=f"adakv_{scorer.name}",
+  )
 
 
 SCORERS = {
-    "random": random_scorer,
-    "knorm": knorm_scorer,
-    "streaming_llm": streaming_llm_scorer,
-    "snapkv": snapkv_scorer,
-    "tova": tova_scorer,
-    "expected_attention": expected_attention_scorer,
-    "attention_mass": attention_mass_scorer,
+  "random": random_scorer,
+  "knorm": knorm_scorer,
+  "streaming_llm": streaming_llm_scorer,
+  "snapkv": snapkv_scorer,
+  "tova": tova_scorer,
+  "expected_attention": expected_attention_scorer,
+  "attention_mass": attention_mass_scorer,
 }
 
 
-def oracle_future_mass(params: Any, tokens: Array, *, config: Any,
-                       context_end: int) -> Array:
+def oracle_future_mass(
+  params: Any, tokens: Array, *, config: Any, context_end: int
+) -> Array:
   """Attention the queries at positions >= context_end pay to each slot.
 
   Runs the full sequence uncompressed and sums the attention probabilities
@@ -746,12 +854,17 @@ def oracle_future_mass(params: Any, tokens: Array, *, config: Any,
   """
   from kvjax import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from kvjax import model as model_lib  # pylint: disable=g-import-not-at-top
+
   B, T = tokens.shape
   # The mass of the queries after the context, from the engine's LSE pass
   # (no [T, T] probabilities).
   future = jnp.broadcast_to(jnp.arange(T) >= context_end, (B, T))
-  _, _, aux = model_lib.forward(params, tokens,
-                                cache_lib.init_cache(config, B, T),
-                                config=config, capture=("attn_mass",),
-                                mass_mask=future)
+  _, _, aux = model_lib.forward(
+    params,
+    tokens,
+    cache_lib.init_cache(config, B, T),
+    config=config,
+    capture=("attn_mass",),
+    mass_mask=future,
+  )
   return aux["attn_mass"][..., :context_end]  # [L, B, N, context_end]

@@ -27,20 +27,24 @@ SEPARATOR = "+"  # "policy+codec"
 # Eviction policies: name -> (ratio, the share of entries removed) ->
 # transform.
 POLICIES: Mapping[str, Callable[[float], base.KVTransform]] = (
-    types.MappingProxyType({
-        "snapkv": policies.snapkv,
-        "h2o": policies.h2o,
-        "streaming_llm": policies.streaming_llm,
-        "tova": policies.tova,
-        "adakv_snapkv": lambda ratio: policies.adakv("snapkv", ratio),
-        "pyramidkv": policies.pyramidkv,
-        "knorm": policies.knorm,
-        "expected_attention": policies.expected_attention,
-        "random": policies.random,
-        "oracle": policies.oracle,  # needs the `future_mass` extra input
-    }))
+  types.MappingProxyType(
+    {
+      "snapkv": policies.snapkv,
+      "h2o": policies.h2o,
+      "streaming_llm": policies.streaming_llm,
+      "tova": policies.tova,
+      "adakv_snapkv": lambda ratio: policies.adakv("snapkv", ratio),
+      "pyramidkv": policies.pyramidkv,
+      "knorm": policies.knorm,
+      "expected_attention": policies.expected_attention,
+      "random": policies.random,
+      "oracle": policies.oracle,  # needs the `future_mass` extra input
+    }
+  )
+)
 # Codecs: name -> () -> transform (the bits are part of the name).
-CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType({
+CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType(
+  {
     "kivi2": lambda: codecs.kivi(2),
     "kivi4": lambda: codecs.kivi(4),
     "int4": lambda: codecs.uniform(4),
@@ -50,14 +54,17 @@ CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType({
     "qjl": rotated.qjl,
     "polarquant": rotated.polarquant,
     "lowrank16": lambda: codecs.lowrank(16),
-})
+  }
+)
 POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
 
 
 def _allowed() -> str:
-  return (f"a policy {sorted(POLICY_NAMES)}, a codec {sorted(CODEC_NAMES)}, "
-          f"or 'policy{SEPARATOR}codec'")
+  return (
+    f"a policy {sorted(POLICY_NAMES)}, a codec {sorted(CODEC_NAMES)}, "
+    f"or 'policy{SEPARATOR}codec'"
+  )
 
 
 def parse(method: str) -> tuple[str | None, str | None]:
@@ -68,15 +75,18 @@ def parse(method: str) -> tuple[str | None, str | None]:
       registered names (the message lists the allowed names).
   """
   if not isinstance(method, str):
-    raise ValueError(f"method must be a string, got {method!r}; allowed: "
-                     f"{_allowed()}.")
+    raise ValueError(
+      f"method must be a string, got {method!r}; allowed: {_allowed()}."
+    )
   if SEPARATOR in method:
     policy, codec = method.split(SEPARATOR, 1)
     if policy not in POLICIES or codec not in CODECS:
-      raise ValueError(f"method {method!r}: compose a policy "
-                       f"{sorted(POLICY_NAMES)} with a codec "
-                       f"{sorted(CODEC_NAMES)} as "
-                       f"'policy{SEPARATOR}codec'.")
+      raise ValueError(
+        f"method {method!r}: compose a policy "
+        f"{sorted(POLICY_NAMES)} with a codec "
+        f"{sorted(CODEC_NAMES)} as "
+        f"'policy{SEPARATOR}codec'."
+      )
     return policy, codec
   if method in POLICIES:
     return method, None
@@ -106,8 +116,9 @@ def build(method: str, ratio: float | None = None) -> base.KVTransform:
   policy, codec = parse(method)
   if policy is None:
     if ratio:
-      raise ValueError(f"method {method!r} is a codec: it takes no ratio, "
-                       f"got {ratio!r}.")
+      raise ValueError(
+        f"method {method!r} is a codec: it takes no ratio, got {ratio!r}."
+      )
     return CODECS[codec]()
   if ratio is None:
     raise ValueError(f"method {method!r} evicts: give its ratio.")

@@ -66,8 +66,9 @@ def _lloyd_1d(t: np.ndarray, p: np.ndarray, k: int, iters: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def lloyd_max_codebook(dim: int, bits: int, grid: int = 200_001,
-                       iters: int = 500) -> np.ndarray:
+def lloyd_max_codebook(
+  dim: int, bits: int, grid: int = 200_001, iters: int = 500
+) -> np.ndarray:
   """The 2^bits Lloyd-Max centroids (sorted, float64) for one coordinate of
   a uniformly random unit vector in R^dim (1-D k-means on the density
   (1 - t^2)^((dim - 3)/2) on [-1, 1], by quadrature on a fine grid)."""
@@ -124,8 +125,9 @@ def mse_decode(enc: dict, rotation: Array, bits: int) -> Array:
   return unit * enc["norm"].astype(jnp.float32)[..., None]
 
 
-def prod_encode(x: Array, rotation: Array, projection: Array, bits: int
-                ) -> dict[str, Array]:
+def prod_encode(
+  x: Array, rotation: Array, projection: Array, bits: int
+) -> dict[str, Array]:
   """TurboQuant-prod: MSE at bits - 1 on the unit vector + QJL of the
   residual. Keys: codes (absent at bits = 1), signs [..., d/8], norm,
   rnorm (float16)."""
@@ -141,7 +143,9 @@ def prod_encode(x: Array, rotation: Array, projection: Array, bits: int
   else:
     approx = jnp.zeros_like(unit)
   r = unit - approx
-  enc["signs"] = pack_bits((r @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1)
+  enc["signs"] = pack_bits(
+    (r @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1
+  )
   enc["rnorm"] = jnp.linalg.norm(r, axis=-1).astype(_NORM_DTYPE)
   return enc
 
@@ -150,13 +154,18 @@ def _signs(enc: dict, d: int) -> Array:
   return unpack_bits(enc["signs"], 1, d).astype(jnp.float32) * 2 - 1
 
 
-def prod_decode(enc: dict, rotation: Array, projection: Array, bits: int
-                ) -> Array:
+def prod_decode(
+  enc: dict, rotation: Array, projection: Array, bits: int
+) -> Array:
   """The unbiased estimate of x (float32 [..., d])."""
   d = rotation.shape[-1]
-  unit = (_centroids(enc, bits - 1, d) @ rotation if bits > 1 else 0.0)
-  qjl = math.sqrt(math.pi / 2) / d * enc["rnorm"].astype(jnp.float32)[
-      ..., None] * (_signs(enc, d) @ projection)
+  unit = _centroids(enc, bits - 1, d) @ rotation if bits > 1 else 0.0
+  qjl = (
+    math.sqrt(math.pi / 2)
+    / d
+    * enc["rnorm"].astype(jnp.float32)[..., None]
+    * (_signs(enc, d) @ projection)
+  )
   return (unit + qjl) * enc["norm"].astype(jnp.float32)[..., None]
 
 
@@ -166,30 +175,43 @@ def mse_scores(q: Array, enc: dict, rotation: Array, bits: int) -> Array:
   d = rotation.shape[-1]
   qr = q @ jnp.swapaxes(rotation, -1, -2)  # P q
   c = _centroids(enc, bits, d)  # [..., S, d]
-  return jnp.einsum("...md,...sd->...ms", qr, c) * enc["norm"].astype(
-      jnp.float32)[..., None, :]
+  return (
+    jnp.einsum("...md,...sd->...ms", qr, c)
+    * enc["norm"].astype(jnp.float32)[..., None, :]
+  )
 
 
-def prod_scores(q: Array, enc: dict, rotation: Array, projection: Array,
-                bits: int) -> Array:
+def prod_scores(
+  q: Array, enc: dict, rotation: Array, projection: Array, bits: int
+) -> Array:
   """Unbiased <q, x> from prod codes; the query is rotated and projected
   once: <q, P^T c> = <P q, c>, <q, S^T z> = <S q, z>."""
   d = rotation.shape[-1]
   out = 0.0
   if bits > 1:
-    out = jnp.einsum("...md,...sd->...ms", q @ jnp.swapaxes(rotation, -1, -2),
-                     _centroids(enc, bits - 1, d))
+    out = jnp.einsum(
+      "...md,...sd->...ms",
+      q @ jnp.swapaxes(rotation, -1, -2),
+      _centroids(enc, bits - 1, d),
+    )
   sq = q @ jnp.swapaxes(projection, -1, -2)  # S q
   qjl = jnp.einsum("...md,...sd->...ms", sq, _signs(enc, d))
-  qjl = qjl * (math.sqrt(math.pi / 2) / d) * enc["rnorm"].astype(
-      jnp.float32)[..., None, :]
+  qjl = (
+    qjl
+    * (math.sqrt(math.pi / 2) / d)
+    * enc["rnorm"].astype(jnp.float32)[..., None, :]
+  )
   return (out + qjl) * enc["norm"].astype(jnp.float32)[..., None, :]
 
 
 def qjl_encode(x: Array, projection: Array) -> dict[str, Array]:
   """QJL keys: sign(S x) packed [..., m/8] and ||x|| (float16)."""
-  return {"signs": pack_bits((x @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1),
-          "norm": jnp.linalg.norm(x, axis=-1).astype(_NORM_DTYPE)}
+  return {
+    "signs": pack_bits(
+      (x @ jnp.swapaxes(projection, -1, -2) > 0).astype(jnp.uint8), 1
+    ),
+    "norm": jnp.linalg.norm(x, axis=-1).astype(_NORM_DTYPE),
+  }
 
 
 def qjl_scores(q: Array, enc: dict, projection: Array) -> Array:
@@ -197,15 +219,21 @@ def qjl_scores(q: Array, enc: dict, projection: Array) -> Array:
   m = projection.shape[0]
   z = _signs(enc, m)
   s = jnp.einsum("...md,...sd->...ms", q @ jnp.swapaxes(projection, -1, -2), z)
-  return s * (math.sqrt(math.pi / 2) / m) * enc["norm"].astype(
-      jnp.float32)[..., None, :]
+  return (
+    s
+    * (math.sqrt(math.pi / 2) / m)
+    * enc["norm"].astype(jnp.float32)[..., None, :]
+  )
 
 
 def qjl_decode(enc: dict, projection: Array) -> Array:
   """The unbiased estimate sqrt(pi/2)/m ||x|| S^T sign(S x)."""
   m = projection.shape[0]
-  return (math.sqrt(math.pi / 2) / m) * enc["norm"].astype(jnp.float32)[
-      ..., None] * (_signs(enc, m) @ projection)
+  return (
+    (math.sqrt(math.pi / 2) / m)
+    * enc["norm"].astype(jnp.float32)[..., None]
+    * (_signs(enc, m) @ projection)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -213,10 +241,14 @@ def qjl_decode(enc: dict, projection: Array) -> Array:
 
 
 def _check_turbo_bits(bits, name="bits"):
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
-      bits not in TURBO_BITS):
-    raise ValueError(f"{name}={bits!r} is not supported; allowed: "
-                     f"{TURBO_BITS}.")
+  if (
+    isinstance(bits, bool)
+    or not isinstance(bits, (int, np.integer))
+    or (bits not in TURBO_BITS)
+  ):
+    raise ValueError(
+      f"{name}={bits!r} is not supported; allowed: {TURBO_BITS}."
+    )
 
 
 def _outlier_init(outlier_channels: int):
@@ -230,8 +262,9 @@ def _outlier_init(outlier_channels: int):
     w = cache.valid[..., None].astype(jnp.float32)
     mag = jnp.sum(jnp.abs(x) * w, axis=(1, 3))  # [L, K, H]
     order = jnp.argsort(-mag, axis=-1)  # outliers first
-    perm = jnp.concatenate([order[..., outlier_channels:],
-                            order[..., :outlier_channels]], axis=-1)
+    perm = jnp.concatenate(
+      [order[..., outlier_channels:], order[..., :outlier_channels]], axis=-1
+    )
     return {"perm": perm.astype(jnp.int32)}
 
   return init
@@ -254,9 +287,14 @@ def _merge(parts, shared, n_out):
   return jnp.take_along_axis(xp, jnp.broadcast_to(inv, xp.shape), axis=-1)
 
 
-def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
-                     outlier_channels: int = 0,
-                     outlier_bits: int | None = None, seed: int = 0) -> Codec:
+def turboquant_codec(
+  bits: int,
+  head_dim: int,
+  variant: str = "mse",
+  outlier_channels: int = 0,
+  outlier_bits: int | None = None,
+  seed: int = 0,
+) -> Codec:
   """A TurboQuant codec on [..., K, S, H] entries (K at axis -3).
 
   The rotation P (and, for "prod", the projection S) is a constant of the
@@ -269,12 +307,17 @@ def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
   n_out = outlier_channels
   if n_out:
     _check_turbo_bits(outlier_bits, "outlier_bits")
-    if not 0 < n_out < head_dim or (n_out * outlier_bits) % 8 or (
-        (head_dim - n_out) * bits) % 8:
-      raise ValueError(f"outlier_channels={n_out} must be in (0, {head_dim}) "
-                       "with whole bytes of codes in each group.")
+    if (
+      not 0 < n_out < head_dim
+      or (n_out * outlier_bits) % 8
+      or ((head_dim - n_out) * bits) % 8
+    ):
+      raise ValueError(
+        f"outlier_channels={n_out} must be in (0, {head_dim}) "
+        "with whole bytes of codes in each group."
+      )
   group_bits = [bits] + ([outlier_bits] if n_out else [])
-  suffix = lambda i: (f"_{i}" if i else "")
+  suffix = lambda i: f"_{i}" if i else ""
   rng = np.random.default_rng(seed)
   dims = [head_dim - n_out] + ([n_out] if n_out else [])
   # numpy constants: a cached jax array made inside a trace would leak it.
@@ -284,21 +327,30 @@ def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
   def encode(x, shared):
     enc = {}
     for i, (xg, b) in enumerate(zip(_split(x, shared, n_out), group_bits)):
-      part = (mse_encode(xg, rots[i], b) if variant == "mse" else
-              prod_encode(xg, rots[i], projs[i], b))
+      part = (
+        mse_encode(xg, rots[i], b)
+        if variant == "mse"
+        else prod_encode(xg, rots[i], projs[i], b)
+      )
       enc.update({k + suffix(i): v for k, v in part.items()})
     return enc
 
   def part(enc, i):
     s = suffix(i)
-    return {k[:len(k) - len(s)] if s else k: v for k, v in enc.items()
-            if (k.endswith(s) if s else "_" not in k)}
+    return {
+      k[: len(k) - len(s)] if s else k: v
+      for k, v in enc.items()
+      if (k.endswith(s) if s else "_" not in k)
+    }
 
   def decode(enc, shared):
     parts = []
     for i, b in enumerate(group_bits):
-      parts.append(mse_decode(part(enc, i), rots[i], b) if variant == "mse"
-                   else prod_decode(part(enc, i), rots[i], projs[i], b))
+      parts.append(
+        mse_decode(part(enc, i), rots[i], b)
+        if variant == "mse"
+        else prod_decode(part(enc, i), rots[i], projs[i], b)
+      )
     return _merge(parts, shared, n_out)
 
   def scores(q, enc, shared):
@@ -306,8 +358,10 @@ def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
     total = 0.0
     for i, b in enumerate(group_bits):
       total = total + (
-          mse_scores(qs[i], part(enc, i), rots[i], b) if variant == "mse"
-          else prod_scores(qs[i], part(enc, i), rots[i], projs[i], b))
+        mse_scores(qs[i], part(enc, i), rots[i], b)
+        if variant == "mse"
+        else prod_scores(qs[i], part(enc, i), rots[i], projs[i], b)
+      )
     return total
 
   def bits_fn(h):
@@ -316,16 +370,28 @@ def turboquant_codec(bits: int, head_dim: int, variant: str = "mse",
     return (codes + norms) / h
 
   name = f"turboquant-{variant}{bits}" + (
-      f"+{n_out}@{outlier_bits}" if n_out else "")
-  return Codec(name, encode, decode, scores, bits_fn,
-               ("turbo", bits, head_dim, variant, n_out, outlier_bits, seed))
+    f"+{n_out}@{outlier_bits}" if n_out else ""
+  )
+  return Codec(
+    name,
+    encode,
+    decode,
+    scores,
+    bits_fn,
+    ("turbo", bits, head_dim, variant, n_out, outlier_bits, seed),
+  )
 
 
 @base.by_value
-def turboquant(bits: int = 3, variant: str = "mse", keys: bool = True,
-               values: bool = True, outlier_channels: int = 0,
-               outlier_bits: int | None = None, seed: int = 0
-               ) -> base.KVTransform:
+def turboquant(
+  bits: int = 3,
+  variant: str = "mse",
+  keys: bool = True,
+  values: bool = True,
+  outlier_channels: int = 0,
+  outlier_bits: int | None = None,
+  seed: int = 0,
+) -> base.KVTransform:
   """TurboQuant keys and/or values (see the module docstring).
 
   Args:
@@ -340,24 +406,28 @@ def turboquant(bits: int = 3, variant: str = "mse", keys: bool = True,
   _check_turbo_bits(bits)
 
   def make(variant_for, which):
-    return lambda h: turboquant_codec(bits, h, variant_for, outlier_channels,
-                                      outlier_bits, seed * 2 + which)
+    return lambda h: turboquant_codec(
+      bits, h, variant_for, outlier_channels, outlier_bits, seed * 2 + which
+    )
 
-  return quantize(make(variant, 0) if keys else None,
-                  make("mse", 1) if values else None,
-                  name=f"turboquant{bits}" + ("" if variant == "mse"
-                                              else "-prod"),
-                  shared_init=_outlier_init(outlier_channels))
+  return quantize(
+    make(variant, 0) if keys else None,
+    make("mse", 1) if values else None,
+    name=f"turboquant{bits}" + ("" if variant == "mse" else "-prod"),
+    shared_init=_outlier_init(outlier_channels),
+  )
 
 
 def qjl_codec(projections: int, head_dim: int, seed: int = 0) -> Codec:
   """QJL key codec: m sign bits + a float16 norm per key. The projection S
   [m, H] is a constant of the codec drawn from `seed`."""
   if projections % 8:
-    raise ValueError(f"projections must be a multiple of 8, got "
-                     f"{projections}.")
-  proj = np.random.default_rng(seed).standard_normal(
-      (projections, head_dim)).astype(np.float32)
+    raise ValueError(f"projections must be a multiple of 8, got {projections}.")
+  proj = (
+    np.random.default_rng(seed)
+    .standard_normal((projections, head_dim))
+    .astype(np.float32)
+  )
 
   def encode(x, shared):
     del shared
@@ -371,23 +441,34 @@ def qjl_codec(projections: int, head_dim: int, seed: int = 0) -> Codec:
     del shared
     return qjl_scores(q, enc, proj)
 
-  return Codec(f"qjl{projections}", encode, decode, scores,
-               lambda h: (projections + 16) / h, ("qjl", projections,
-                                                  head_dim, seed))
+  return Codec(
+    f"qjl{projections}",
+    encode,
+    decode,
+    scores,
+    lambda h: (projections + 16) / h,
+    ("qjl", projections, head_dim, seed),
+  )
 
 
 @base.by_value
-def qjl(projections: int = 256, value_bits: int = 2, value_group: int = 32,
-        seed: int = 0) -> base.KVTransform:
+def qjl(
+  projections: int = 256,
+  value_bits: int = 2,
+  value_group: int = 32,
+  seed: int = 0,
+) -> base.KVTransform:
   """QJL: keys as `projections` sign bits + norm; values per-token
   `value_bits` integers (QJL keeps values at 2 bits per token). QJL's
   full-precision window of the newest 128 tokens is not applied here."""
   if not isinstance(projections, int) or projections < 8:
     raise ValueError(f"projections must be an int >= 8, got {projections!r}.")
   qjl_codec(projections, 8, seed)  # validates the argument early
-  return quantize(lambda h: qjl_codec(projections, h, seed),
-                  lambda h: int_codec(value_bits, min(value_group, h), h),
-                  name="qjl" if projections == 256 else f"qjl{projections}")
+  return quantize(
+    lambda h: qjl_codec(projections, h, seed),
+    lambda h: int_codec(value_bits, min(value_group, h), h),
+    name="qjl" if projections == 256 else f"qjl{projections}",
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -395,8 +476,9 @@ def qjl(projections: int = 256, value_bits: int = 2, value_group: int = 32,
 
 
 @functools.lru_cache(maxsize=None)
-def polar_codebook(level: int, bits: int, grid: int = 100_001,
-                   iters: int = 500) -> np.ndarray:
+def polar_codebook(
+  level: int, bits: int, grid: int = 100_001, iters: int = 500
+) -> np.ndarray:
   """Lloyd-Max centroids for the level-`level` angles of a rotated vector.
 
   Level 1: atan2 over coordinate pairs, uniform on [0, 2 pi): the optimal
@@ -407,7 +489,7 @@ def polar_codebook(level: int, bits: int, grid: int = 100_001,
   k = 2**bits
   if level == 1:
     return (np.arange(k) + 0.5) * (2 * np.pi / k)
-  m = 2**(level - 1)
+  m = 2 ** (level - 1)
   t = np.linspace(0, np.pi / 2, grid)
   logp = (m - 1) * np.log(np.clip(np.sin(t) * np.cos(t), 1e-300, None))
   p = np.exp(logp - logp.max())
@@ -439,13 +521,15 @@ def _unpack_level(packed: Array, bits: int, n: int) -> Array:
 def _quantize_angle(theta, book, periodic):
   if periodic:  # uniform cells on the circle
     k = book.shape[0]
-    return (jnp.floor(theta / (2 * np.pi) * k).astype(jnp.int32) % k
-            ).astype(jnp.uint8)
+    return (jnp.floor(theta / (2 * np.pi) * k).astype(jnp.int32) % k).astype(
+      jnp.uint8
+    )
   return _nearest(theta, book)
 
 
-def polar_encode(x: Array, rotation: Array, level_bits: tuple[int, ...]
-                 ) -> dict[str, Array]:
+def polar_encode(
+  x: Array, rotation: Array, level_bits: tuple[int, ...]
+) -> dict[str, Array]:
   """Rotates x [..., d], then applies len(level_bits) polar levels.
 
   Returns packed angle codes per level ("a1", "a2", ...) and the final
@@ -456,8 +540,10 @@ def polar_encode(x: Array, rotation: Array, level_bits: tuple[int, ...]
   pairs = y.reshape(y.shape[:-1] + (-1, 2))
   theta = jnp.mod(jnp.arctan2(pairs[..., 1], pairs[..., 0]), 2 * np.pi)
   r = jnp.linalg.norm(pairs, axis=-1)
-  enc["a1"] = _pack_level(_quantize_angle(theta, polar_codebook(
-      1, level_bits[0]), True), level_bits[0])
+  enc["a1"] = _pack_level(
+    _quantize_angle(theta, polar_codebook(1, level_bits[0]), True),
+    level_bits[0],
+  )
   for lvl, b in enumerate(level_bits[1:], start=2):
     rp = r.reshape(r.shape[:-1] + (-1, 2))
     theta = jnp.arctan2(rp[..., 1], rp[..., 0])  # in [0, pi/2]
@@ -467,8 +553,9 @@ def polar_encode(x: Array, rotation: Array, level_bits: tuple[int, ...]
   return enc
 
 
-def polar_decode(enc: dict, rotation: Array, level_bits: tuple[int, ...]
-                 ) -> Array:
+def polar_decode(
+  enc: dict, rotation: Array, level_bits: tuple[int, ...]
+) -> Array:
   """Inverse of `polar_encode` (float32 [..., d])."""
   d = rotation.shape[-1]
   levels = len(level_bits)
@@ -487,15 +574,17 @@ def polar_decode(enc: dict, rotation: Array, level_bits: tuple[int, ...]
   return y.reshape(y.shape[:-2] + (d,)) @ rotation
 
 
-def polarquant_codec(head_dim: int, level_bits: tuple[int, ...] = (4, 2, 2, 2),
-                     seed: int = 0) -> Codec:
+def polarquant_codec(
+  head_dim: int, level_bits: tuple[int, ...] = (4, 2, 2, 2), seed: int = 0
+) -> Codec:
   """PolarQuant: 4 levels, 4 bits at level 1 and 2 after (3.875 bits per
   coordinate at d = 128 with float16 final radii). The rotation is a codec
   constant drawn from `seed`."""
   levels = len(level_bits)
   if head_dim % (2**levels):
-    raise ValueError(f"head_dim={head_dim} must be divisible by 2^levels="
-                     f"{2**levels}.")
+    raise ValueError(
+      f"head_dim={head_dim} must be divisible by 2^levels={2**levels}."
+    )
   for b in level_bits:
     if b not in range(1, 9):
       raise ValueError(f"level bits must be in 1..8, got {level_bits}.")
@@ -510,20 +599,33 @@ def polarquant_codec(head_dim: int, level_bits: tuple[int, ...] = (4, 2, 2, 2),
     return polar_decode(enc, rot, level_bits)
 
   def bits_fn(h):  # stored bits: each level padded to whole bytes
-    angle_bits = sum(b * _padded_count(h >> (lvl + 1), b)
-                     for lvl, b in enumerate(level_bits))
+    angle_bits = sum(
+      b * _padded_count(h >> (lvl + 1), b) for lvl, b in enumerate(level_bits)
+    )
     return (angle_bits + 16 * (h >> levels)) / h
 
-  return Codec("polarquant" + "".join(map(str, level_bits)), encode, decode,
-               None, bits_fn, ("polar", head_dim, level_bits, seed))
+  return Codec(
+    "polarquant" + "".join(map(str, level_bits)),
+    encode,
+    decode,
+    None,
+    bits_fn,
+    ("polar", head_dim, level_bits, seed),
+  )
 
 
 @base.by_value
-def polarquant(level_bits: tuple[int, ...] = (4, 2, 2, 2), keys: bool = True,
-               values: bool = True, seed: int = 0) -> base.KVTransform:
+def polarquant(
+  level_bits: tuple[int, ...] = (4, 2, 2, 2),
+  keys: bool = True,
+  values: bool = True,
+  seed: int = 0,
+) -> base.KVTransform:
   """PolarQuant keys and/or values (see `polarquant_codec`)."""
   level_bits = tuple(level_bits)
-  make = lambda which: (lambda h: polarquant_codec(h, level_bits,
-                                                   seed * 2 + which))
-  return quantize(make(0) if keys else None, make(1) if values else None,
-                  name="polarquant")
+  make = lambda which: (
+    lambda h: polarquant_codec(h, level_bits, seed * 2 + which)
+  )
+  return quantize(
+    make(0) if keys else None, make(1) if values else None, name="polarquant"
+  )

@@ -11,7 +11,10 @@
 Needs flax (the `nn` extra: `pip install kvjax[nn]`).
 """
 
-from kvjax.nn.attention import (ATTENTION_TAPS, CachedAttention,
-                                CachedAttentionOutput)
+from kvjax.nn.attention import (
+  ATTENTION_TAPS,
+  CachedAttention,
+  CachedAttentionOutput,
+)
 from kvjax.nn.decoder import DECODER_TAPS, Decoder, DecoderBlock, SwiGLU
 from kvjax.nn.generate import decode, generate, prefill

@@ -73,8 +73,9 @@ def _payload_head_dim(x) -> int | None:
 def check_capture(capture, allowed: tuple[str, ...]) -> tuple[str, ...]:
   """`capture` must be a tuple of names from `allowed` (ValueError)."""
   if not isinstance(capture, tuple) or any(n not in allowed for n in capture):
-    raise ValueError(f"capture must be a tuple of names from {allowed}, got "
-                     f"{capture!r}.")
+    raise ValueError(
+      f"capture must be a tuple of names from {allowed}, got {capture!r}."
+    )
   return capture
 
 
@@ -111,18 +112,18 @@ class CachedAttention(nnx.Module):
   """
 
   def __init__(
-      self,
-      d_model: int,
-      geometry: AttentionGeometry | ModelConfig,
-      *,
-      qkv_bias: bool = False,
-      o_bias: bool = False,
-      qk_norm: bool = False,
-      norm_eps: float = 1e-6,
-      param_dtype: Any = jnp.float32,
-      kernel_init: nnx.Initializer = default_kernel_init,
-      bias_init: nnx.Initializer = nnx.initializers.zeros,
-      rngs: nnx.Rngs,
+    self,
+    d_model: int,
+    geometry: AttentionGeometry | ModelConfig,
+    *,
+    qkv_bias: bool = False,
+    o_bias: bool = False,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
+    param_dtype: Any = jnp.float32,
+    kernel_init: nnx.Initializer = default_kernel_init,
+    bias_init: nnx.Initializer = nnx.initializers.zeros,
+    rngs: nnx.Rngs,
   ):
     """Builds the layer.
 
@@ -146,8 +147,11 @@ class CachedAttention(nnx.Module):
     """
     self.d_model = _check_positive_int(d_model, "d_model")
     self.geometry = as_geometry(geometry)
-    for name, flag in (("qkv_bias", qkv_bias), ("o_bias", o_bias),
-                       ("qk_norm", qk_norm)):
+    for name, flag in (
+      ("qkv_bias", qkv_bias),
+      ("o_bias", o_bias),
+      ("qk_norm", qk_norm),
+    ):
       if not isinstance(flag, bool):
         raise TypeError(f"{name} must be a bool, got {flag!r}.")
     self.qkv_bias, self.o_bias, self.qk_norm = qkv_bias, o_bias, qk_norm
@@ -170,55 +174,72 @@ class CachedAttention(nnx.Module):
       self.q_norm = nnx.Param(jnp.ones((H,), dt))
       self.k_norm = nnx.Param(jnp.ones((H,), dt))
 
-  def _check_call(self, x, cache, layer, positions, token_mask, mass_mask,
-                  capture):
+  def _check_call(
+    self, x, cache, layer, positions, token_mask, mass_mask, capture
+  ):
     if not isinstance(cache, KVCache):
-      raise TypeError("cache must be a kvjax KVCache (kvjax.init_cache, "
-                      f"KVCache.from_dense), got {type(cache).__name__}.")
+      raise TypeError(
+        "cache must be a kvjax KVCache (kvjax.init_cache, "
+        f"KVCache.from_dense), got {type(cache).__name__}."
+      )
     if getattr(x, "ndim", None) != 3 or x.shape[-1] != self.d_model:
-      raise ValueError(f"x must be [B, T, D={self.d_model}], got "
-                       f"{getattr(x, 'shape', type(x).__name__)}.")
+      raise ValueError(
+        f"x must be [B, T, D={self.d_model}], got "
+        f"{getattr(x, 'shape', type(x).__name__)}."
+      )
     B, T, _ = x.shape
     L, b, k, _ = cache.pos.shape
     g = self.geometry
     if b != B or k != g.num_kv_heads:
       raise ValueError(
-          f"cache has batch {b} and {k} kv heads; x has batch {B} and the "
-          f"layer {g.num_kv_heads} kv heads (cache.pos is [L, B, K, S]).")
+        f"cache has batch {b} and {k} kv heads; x has batch {B} and the "
+        f"layer {g.num_kv_heads} kv heads (cache.pos is [L, B, K, S])."
+      )
     h = _payload_head_dim(cache.k)
     if h is not None and h != g.head_dim:
-      raise ValueError(f"cache holds head_dim {h}, the layer has head_dim "
-                       f"{g.head_dim}.")
+      raise ValueError(
+        f"cache holds head_dim {h}, the layer has head_dim {g.head_dim}."
+      )
     if not isinstance(layer, jax.core.Tracer):
       if isinstance(layer, bool) or not 0 <= int(layer) < L:
-        raise ValueError(f"layer must be an int in [0, {L}) (the cache's "
-                         f"layers), got {layer!r}.")
+        raise ValueError(
+          f"layer must be an int in [0, {L}) (the cache's "
+          f"layers), got {layer!r}."
+        )
     checks.check_positions(positions, B, T)
     for name, m in (("token_mask", token_mask), ("mass_mask", mass_mask)):
       if m is not None and tuple(getattr(m, "shape", ())) != (B, T):
-        raise ValueError(f"{name} must be [B={B}, T={T}], got "
-                         f"{getattr(m, 'shape', type(m).__name__)}.")
+        raise ValueError(
+          f"{name} must be [B={B}, T={T}], got "
+          f"{getattr(m, 'shape', type(m).__name__)}."
+        )
     check_capture(capture, ATTENTION_TAPS)
     # Eagerly, before any compute (under jit the write drops instead).
     writes = T if token_mask is None else token_mask
     if checks.is_concrete(writes):
-      writes = np.asarray(writes).astype(bool).sum(axis=-1) if np.ndim(
-          writes) else writes
-      checks.check_room(cache, writes, f"layer {layer}'s write of "
-                        f"{int(np.max(writes))} tokens", "Build the cache "
-                        "with a larger `capacity` or compress it first.")
+      writes = (
+        np.asarray(writes).astype(bool).sum(axis=-1)
+        if np.ndim(writes)
+        else writes
+      )
+      checks.check_room(
+        cache,
+        writes,
+        f"layer {layer}'s write of {int(np.max(writes))} tokens",
+        "Build the cache with a larger `capacity` or compress it first.",
+      )
 
   def __call__(
-      self,
-      x: Array,  # [B, T, D]
-      cache: KVCache,
-      *,
-      layer: int | Array,
-      positions: Array | None = None,
-      token_mask: Array | None = None,
-      backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
-      capture: tuple[str, ...] = (),
-      mass_mask: Array | None = None,
+    self,
+    x: Array,  # [B, T, D]
+    cache: KVCache,
+    *,
+    layer: int | Array,
+    positions: Array | None = None,
+    token_mask: Array | None = None,
+    backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
+    capture: tuple[str, ...] = (),
+    mass_mask: Array | None = None,
   ) -> CachedAttentionOutput:
     """Attends x's tokens over the cache after writing their keys/values.
 
@@ -246,13 +267,15 @@ class CachedAttention(nnx.Module):
         positions or masks, unknown capture names; and, eagerly, a write
         past the cache's capacity (`kvjax.cache.write`).
     """
-    self._check_call(x, cache, layer, positions, token_mask, mass_mask,
-                     capture)
+    self._check_call(x, cache, layer, positions, token_mask, mass_mask, capture)
     g = self.geometry
     B, T, _ = x.shape
     S = cache.capacity
-    mask = (jnp.ones((B, T), bool) if token_mask is None
-            else jnp.asarray(token_mask).astype(bool))
+    mask = (
+      jnp.ones((B, T), bool)
+      if token_mask is None
+      else jnp.asarray(token_mask).astype(bool)
+    )
     new = cache_lib.next_entries(cache, mask, positions)
     positions = new.positions  # [B, T]
     inv_freq = model_lib.rope_inv_freq(g)
@@ -271,16 +294,24 @@ class CachedAttention(nnx.Module):
     k = model_lib.apply_rope(k, positions, inv_freq)
     captured.update(q=q, k=k, v=v)
     layer = jnp.asarray(layer, jnp.int32)
-    cache = cache_lib.write(cache, k, v, layer=layer, positions=positions,
-                            token_mask=mask)
+    cache = cache_lib.write(
+      cache, k, v, layer=layer, positions=positions, token_mask=mask
+    )
     backend = attention_lib.resolve_backend(backend)
     # The reference materializes probabilities anyway: its mass comes from
     # them; the engine's from a second pass against the LSE.
     want_probs = "attn_probs" in capture or (
-        "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE)
+      "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE
+    )
     att = attention_lib.cached_attention(
-        q, cache, layer, q_pos=positions, sliding_window=g.sliding_window,
-        backend=backend, return_probs=want_probs)
+      q,
+      cache,
+      layer,
+      q_pos=positions,
+      sliding_window=g.sliding_window,
+      backend=backend,
+      return_probs=want_probs,
+    )
     out = jnp.einsum("btnh,nhd->btd", att.out, self.wo[...])  # [B, T, D]
     if self.o_bias:
       out = out + self.bo[...]
@@ -294,10 +325,16 @@ class CachedAttention(nnx.Module):
       if att.probs is not None:
         captured["attn_mass"] = jnp.einsum("bnts,bt->bns", att.probs, q_live)
       else:
-        view = attention_lib.LayerView(cache.k, cache.v, cache.pos,
-                                       cache.valid, layer)
+        view = attention_lib.LayerView(
+          cache.k, cache.v, cache.pos, cache.valid, layer
+        )
         captured["attn_mass"] = attention_lib.attention_mass(
-            q, view, att.lse, q_live, q_pos=positions,
-            sliding_window=g.sliding_window)
+          q,
+          view,
+          att.lse,
+          q_live,
+          q_pos=positions,
+          sliding_window=g.sliding_window,
+        )
     aux = {name: captured[name] for name in capture}
     return CachedAttentionOutput(out, cache, aux)

@@ -39,14 +39,27 @@ Array = jax.Array
 Params = dict[str, Any]
 
 # Where each per-layer leaf of the functional params lives in a block.
-_ATTN_LEAVES = ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm",
-                "k_norm")
+_ATTN_LEAVES = (
+  "wq",
+  "wk",
+  "wv",
+  "wo",
+  "bq",
+  "bk",
+  "bv",
+  "bo",
+  "q_norm",
+  "k_norm",
+)
 _MLP_LEAVES = ("w_gate", "w_up", "w_down")
 
 # What `Decoder` can capture: every tap of `kvjax.forward` (same names and
 # shapes, stacked over L where per layer).
-DECODER_TAPS = (("resid",) + ATTENTION_TAPS
-                + ("attn_out", "mlp_out", "final_hidden", "final_norm"))
+DECODER_TAPS = (
+  ("resid",)
+  + ATTENTION_TAPS
+  + ("attn_out", "mlp_out", "final_hidden", "final_norm")
+)
 
 
 def _block_path(name: str) -> tuple[str, ...]:
@@ -65,8 +78,15 @@ class SwiGLU(nnx.Module):
     w_gate: [D, F].  w_up: [D, F].  w_down: [F, D].
   """
 
-  def __init__(self, d_model: int, mlp_dim: int, *, param_dtype: Any,
-               kernel_init: nnx.Initializer, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_model: int,
+    mlp_dim: int,
+    *,
+    param_dtype: Any,
+    kernel_init: nnx.Initializer,
+    rngs: nnx.Rngs,
+  ):
     key, dt = rngs.params, jnp.dtype(param_dtype)
     self.w_gate = nnx.Param(kernel_init(key(), (d_model, mlp_dim), dt))
     self.w_up = nnx.Param(kernel_init(key(), (d_model, mlp_dim), dt))
@@ -75,8 +95,7 @@ class SwiGLU(nnx.Module):
   def __call__(self, x: Array) -> Array:  # [B, T, D] -> [B, T, D]
     gate = jnp.einsum("btd,df->btf", x, self.w_gate[...])  # [B, T, F]
     up = jnp.einsum("btd,df->btf", x, self.w_up[...])  # [B, T, F]
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up,
-                      self.w_down[...])
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...])
 
 
 class DecoderBlock(nnx.Module):
@@ -89,34 +108,54 @@ class DecoderBlock(nnx.Module):
     mlp: the `SwiGLU`.
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
-               std: float = 0.02):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, std: float = 0.02):
     c = config
     dt = c.jnp_dtype
     init = nnx.initializers.normal(std)
     self.norm_eps = c.norm_eps
     self.attn_norm = nnx.Param(jnp.ones((c.d_model,), dt))
     self.attn = CachedAttention(
-        c.d_model, c.geometry, qkv_bias=c.qkv_bias, o_bias=c.o_bias,
-        qk_norm=c.qk_norm, norm_eps=c.norm_eps, param_dtype=dt,
-        kernel_init=init, bias_init=init, rngs=rngs)
+      c.d_model,
+      c.geometry,
+      qkv_bias=c.qkv_bias,
+      o_bias=c.o_bias,
+      qk_norm=c.qk_norm,
+      norm_eps=c.norm_eps,
+      param_dtype=dt,
+      kernel_init=init,
+      bias_init=init,
+      rngs=rngs,
+    )
     self.mlp_norm = nnx.Param(jnp.ones((c.d_model,), dt))
-    self.mlp = SwiGLU(c.d_model, c.mlp_dim, param_dtype=dt, kernel_init=init,
-                      rngs=rngs)
+    self.mlp = SwiGLU(
+      c.d_model, c.mlp_dim, param_dtype=dt, kernel_init=init, rngs=rngs
+    )
 
-  def __call__(self, x: Array, cache: KVCache, *, layer: int | Array,
-               positions: Array, token_mask: Array,
-               backend: attention_lib.Backend,
-               capture: tuple[str, ...] = (),
-               mass_mask: Array | None = None
-               ) -> tuple[Array, KVCache, dict[str, Array]]:
+  def __call__(
+    self,
+    x: Array,
+    cache: KVCache,
+    *,
+    layer: int | Array,
+    positions: Array,
+    token_mask: Array,
+    backend: attention_lib.Backend,
+    capture: tuple[str, ...] = (),
+    mass_mask: Array | None = None,
+  ) -> tuple[Array, KVCache, dict[str, Array]]:
     """x [B, T, D] -> (x, cache with this layer written, captured taps)."""
     captured = {"resid": x}
     h = model_lib.rms_norm(x, self.attn_norm[...], self.norm_eps)
     attn_out, cache, aux = self.attn(
-        h, cache, layer=layer, positions=positions, token_mask=token_mask,
-        backend=backend, mass_mask=mass_mask,
-        capture=tuple(n for n in capture if n in ATTENTION_TAPS))
+      h,
+      cache,
+      layer=layer,
+      positions=positions,
+      token_mask=token_mask,
+      backend=backend,
+      mass_mask=mass_mask,
+      capture=tuple(n for n in capture if n in ATTENTION_TAPS),
+    )
     x = x + attn_out
     h = model_lib.rms_norm(x, self.mlp_norm[...], self.norm_eps)
     mlp_out = self.mlp(h)
@@ -143,8 +182,7 @@ class Decoder(nnx.Module):
     lm_head: [D, V] (absent with `config.tie_embeddings`).
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
-               std: float = 0.02):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, std: float = 0.02):
     """Builds a decoder with freshly drawn weights.
 
     Args:
@@ -168,8 +206,9 @@ class Decoder(nnx.Module):
     self.layers = stacked_blocks(rngs)
     self.final_norm = nnx.Param(jnp.ones((c.d_model,), dt))
     if not c.tie_embeddings:
-      self.lm_head = nnx.Param(init(rngs.params(), (c.d_model, c.vocab_size),
-                                    dt))
+      self.lm_head = nnx.Param(
+        init(rngs.params(), (c.d_model, c.vocab_size), dt)
+      )
 
   # --------------------------------------------------------------------------
   # Conversion to and from kvjax's functional params.
@@ -193,9 +232,12 @@ class Decoder(nnx.Module):
     """
     checks.check_config(config)
     if not isinstance(params, dict) or not isinstance(
-        params.get("layers"), dict):
-      raise TypeError("params must be kvjax's params dict (with a 'layers' "
-                      f"dict; see kvjax.model), got {type(params).__name__}.")
+      params.get("layers"), dict
+    ):
+      raise TypeError(
+        "params must be kvjax's params dict (with a 'layers' "
+        f"dict; see kvjax.model), got {type(params).__name__}."
+      )
     checks.check_params(params, config)
     # The NNX way to load weights: an abstract module (shapes only, nothing
     # drawn), its state replaced by the given arrays, merged back.
@@ -221,22 +263,24 @@ class Decoder(nnx.Module):
       for part in _block_path(name):
         node = getattr(node, part)
       layers[name] = node[...]
-    return {name: layers if name == "layers" else getattr(self, name)[...]
-            for name in shapes}
+    return {
+      name: layers if name == "layers" else getattr(self, name)[...]
+      for name in shapes
+    }
 
   # --------------------------------------------------------------------------
   # Forward.
 
   def __call__(
-      self,
-      tokens: Array,
-      cache: KVCache,
-      *,
-      positions: Array | None = None,
-      token_mask: Array | None = None,
-      capture: tuple[str, ...] = (),
-      backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
-      mass_mask: Array | None = None,
+    self,
+    tokens: Array,
+    cache: KVCache,
+    *,
+    positions: Array | None = None,
+    token_mask: Array | None = None,
+    capture: tuple[str, ...] = (),
+    backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
+    mass_mask: Array | None = None,
   ) -> ForwardOutput:
     """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -273,17 +317,26 @@ class Decoder(nnx.Module):
     checks.check_positions(positions, B, T)
     for name, m in (("token_mask", token_mask), ("mass_mask", mass_mask)):
       if m is not None and tuple(getattr(m, "shape", ())) != (B, T):
-        raise ValueError(f"{name} must have shape {(B, T)}, got "
-                         f"{getattr(m, 'shape', type(m).__name__)}.")
+        raise ValueError(
+          f"{name} must have shape {(B, T)}, got "
+          f"{getattr(m, 'shape', type(m).__name__)}."
+        )
     check_capture(capture, DECODER_TAPS)
     backend = attention_lib.resolve_backend(backend)
-    mask = (jnp.ones((B, T), bool) if token_mask is None
-            else jnp.asarray(token_mask).astype(bool))
+    mask = (
+      jnp.ones((B, T), bool)
+      if token_mask is None
+      else jnp.asarray(token_mask).astype(bool)
+    )
     if checks.is_concrete(mask):
       n_host = np.asarray(mask).sum(axis=1)
-      checks.check_room(cache, n_host, f"writing {int(n_host.max())} tokens",
-                        "Build the cache with a larger `capacity` (prompt "
-                        "length + new tokens) or compress it first.")
+      checks.check_room(
+        cache,
+        n_host,
+        f"writing {int(n_host.max())} tokens",
+        "Build the cache with a larger `capacity` (prompt "
+        "length + new tokens) or compress it first.",
+      )
     positions = cache_lib.next_entries(cache, mask, positions).positions
 
     x = self.embed[...][tokens].astype(c.jnp_dtype)  # [B, T, D]
@@ -296,8 +349,15 @@ class Decoder(nnx.Module):
       state, layer = xs
       block = nnx.merge(graphdef, state)
       x, cache, captured = block(
-          x, cache, layer=layer, positions=positions, token_mask=mask,
-          backend=backend, capture=capture, mass_mask=mass_mask)
+        x,
+        cache,
+        layer=layer,
+        positions=positions,
+        token_mask=mask,
+        backend=backend,
+        capture=capture,
+        mass_mask=mass_mask,
+      )
       return (x, cache), captured
 
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)

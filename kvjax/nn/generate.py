@@ -32,17 +32,19 @@ Array = jax.Array
 
 def _params_of(decoder, kwargs: dict[str, Any], entry: str):
   if not isinstance(decoder, Decoder):
-    raise TypeError(f"{entry}: decoder must be a kvjax.nn.Decoder, got "
-                    f"{type(decoder).__name__}.")
+    raise TypeError(
+      f"{entry}: decoder must be a kvjax.nn.Decoder, got "
+      f"{type(decoder).__name__}."
+    )
   for name in ("params", "config"):
     if name in kwargs:
-      raise TypeError(f"{entry}: {name} comes from the decoder; do not pass "
-                      f"{name}=.")
+      raise TypeError(
+        f"{entry}: {name} comes from the decoder; do not pass {name}=."
+      )
   return decoder.to_params()
 
 
-def prefill(decoder: Decoder, tokens: Array,
-            **kwargs) -> PrefillOutput:
+def prefill(decoder: Decoder, tokens: Array, **kwargs) -> PrefillOutput:
   """`kvjax.prefill` with the decoder's weights: runs the prompt through an
   empty cache, then compresses it with `transform=` (if given).
 
@@ -60,12 +62,12 @@ def prefill(decoder: Decoder, tokens: Array,
       and whatever `kvjax.prefill` raises for its arguments.
   """
   params = _params_of(decoder, kwargs, "prefill")
-  return _prefill(params, tokens, config=decoder.config,
-                              **kwargs)
+  return _prefill(params, tokens, config=decoder.config, **kwargs)
 
 
-def decode(decoder: Decoder, cache: KVCache, token: Array,
-           **kwargs) -> DecodeOutput:
+def decode(
+  decoder: Decoder, cache: KVCache, token: Array, **kwargs
+) -> DecodeOutput:
   """`kvjax.decode` with the decoder's weights: feeds `token` [B], then
   generates `max_new_tokens=` per row from `cache` (e.g. from `prefill`).
 
@@ -74,12 +76,12 @@ def decode(decoder: Decoder, cache: KVCache, token: Array,
       and whatever `kvjax.decode` raises for its arguments.
   """
   params = _params_of(decoder, kwargs, "decode")
-  return _decode(params, cache, token, config=decoder.config,
-                             **kwargs)
+  return _decode(params, cache, token, config=decoder.config, **kwargs)
 
 
-def generate(decoder: Decoder, prompt_tokens: Array,
-             **kwargs) -> GenerateOutput:
+def generate(
+  decoder: Decoder, prompt_tokens: Array, **kwargs
+) -> GenerateOutput:
   """`kvjax.generate` with the decoder's weights: prefill, compress with
   `transform=` (if given), then a jitted `lax.while_loop` decode.
 
@@ -98,5 +100,4 @@ def generate(decoder: Decoder, prompt_tokens: Array,
       and whatever `kvjax.generate` raises for its arguments.
   """
   params = _params_of(decoder, kwargs, "generate")
-  return _generate(params, prompt_tokens, config=decoder.config,
-                               **kwargs)
+  return _generate(params, prompt_tokens, config=decoder.config, **kwargs)

@@ -129,19 +129,19 @@ class TaskBatch(NamedTuple):
     """Row `index` without padding, as a `TaskExample`."""
     if not -self.batch_size <= index < self.batch_size:
       raise IndexError(
-          f"index={index} out of range for batch_size={self.batch_size}."
+        f"index={index} out of range for batch_size={self.batch_size}."
       )
     answer_valid = self.answer_positions[index] >= 0
     critical_valid = self.critical_positions[index] >= 0
     return TaskExample(
-        task=TASK_NAMES[self.task_ids[index]],
-        tokens=self.tokens[index, : self.lengths[index]],
-        context_end=int(self.context_end[index]),
-        answer_start=int(self.answer_start[index]),
-        answer_positions=self.answer_positions[index][answer_valid],
-        answers=self.answers[index][answer_valid],
-        critical_positions=self.critical_positions[index][critical_valid],
-        vocab=vocab,
+      task=TASK_NAMES[self.task_ids[index]],
+      tokens=self.tokens[index, : self.lengths[index]],
+      context_end=int(self.context_end[index]),
+      answer_start=int(self.answer_start[index]),
+      answer_positions=self.answer_positions[index][answer_valid],
+      answers=self.answers[index][answer_valid],
+      critical_positions=self.critical_positions[index][critical_valid],
+      vocab=vocab,
     )
 
 
@@ -172,8 +172,12 @@ class TaskExample:
     filler_run = 0
     for position, token_id in enumerate(self.tokens.tolist()):
       plain = position not in critical and position not in answers
-      if (collapse_filler and plain and position != self.context_end
-          and self.vocab.is_filler(token_id)):
+      if (
+        collapse_filler
+        and plain
+        and position != self.context_end
+        and self.vocab.is_filler(token_id)
+      ):
         filler_run += 1
         continue
       if filler_run:
@@ -196,8 +200,13 @@ class TaskExample:
 # Argument checks.
 
 
-def _check_int(name: str, value, minimum: int | None = None,
-               maximum: int | None = None, task: str | None = None) -> int:
+def _check_int(
+  name: str,
+  value,
+  minimum: int | None = None,
+  maximum: int | None = None,
+  task: str | None = None,
+) -> int:
   where = f" ({task})" if task else ""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name}{where} must be an int, got {value!r}.")
@@ -220,9 +229,7 @@ def _make_rng(seed, task: str | None = None) -> np.random.Generator:
     raise ValueError("seed must be an int or a non-empty tuple of ints.")
   for part in entropy:
     if isinstance(part, bool) or not isinstance(part, (int, np.integer)):
-      raise TypeError(
-          f"seed must be an int or a tuple of ints, got {seed!r}."
-      )
+      raise TypeError(f"seed must be an int or a tuple of ints, got {seed!r}.")
     if part < 0:
       raise ValueError(f"seed must be non-negative, got {seed!r}.")
   salt = 1 + (len(TASK_NAMES) if task is None else TASK_NAMES.index(task))
@@ -247,28 +254,32 @@ class ContextTooShortError(ValueError):
 
   def __init__(self, task: str, context_len: int, minimum: int, what: str):
     super().__init__(
-        f"context_len={context_len} is too short for {task} with {what}: "
-        f"it needs context_len >= {minimum} (BOS + the facts)."
+      f"context_len={context_len} is too short for {task} with {what}: "
+      f"it needs context_len >= {minimum} (BOS + the facts)."
     )
     self.task = task
     self.context_len = context_len
     self.minimum = minimum
 
 
-def _check_fits(task: str, context_len: int, num_facts: int, fact_width: int,
-                what: str):
+def _check_fits(
+  task: str, context_len: int, num_facts: int, fact_width: int, what: str
+):
   minimum = 1 + num_facts * fact_width
   if context_len < minimum:
     raise ContextTooShortError(
-        task, context_len, minimum,
-        f"{what} ({num_facts} facts of {fact_width} tokens)")
+      task,
+      context_len,
+      minimum,
+      f"{what} ({num_facts} facts of {fact_width} tokens)",
+    )
 
 
 def _check_ids(task: str, needed: int, available: int, kind: str, what: str):
   if needed > available:
     raise ValueError(
-        f"{task} with {what} needs {needed} distinct {kind} ids but the "
-        f"vocabulary has {available}; lower it or use a larger Vocab."
+      f"{task} with {what} needs {needed} distinct {kind} ids but the "
+      f"vocabulary has {available}; lower it or use a larger Vocab."
     )
 
 
@@ -276,16 +287,18 @@ def _check_ids(task: str, needed: int, available: int, kind: str, what: str):
 # Vectorized sampling helpers. B = batch size, n = facts per example.
 
 
-def _distinct_ids(rng, batch_size: int, start: int, available: int,
-                  count: int) -> np.ndarray:
+def _distinct_ids(
+  rng, batch_size: int, start: int, available: int, count: int
+) -> np.ndarray:
   """[B, count] ids from [start, start + available), distinct per row, in
   random order."""
   scores = rng.random((batch_size, available))
   return np.argsort(scores, axis=1)[:, :count] + start
 
 
-def _filler_before(rng, batch_size: int, num_facts: int,
-                   num_filler: int) -> np.ndarray:
+def _filler_before(
+  rng, batch_size: int, num_facts: int, num_filler: int
+) -> np.ndarray:
   """[B, n] nondecreasing counts of filler tokens before each fact.
 
   Uniform over the arrangements of n facts among `num_filler` filler tokens:
@@ -297,9 +310,14 @@ def _filler_before(rng, batch_size: int, num_facts: int,
   return slots - np.arange(num_facts)
 
 
-def _fact_starts(rng, batch_size: int, num_facts: int, fact_width: int,
-                 context_len: int, pinned_depth: float | None = None
-                 ) -> np.ndarray:
+def _fact_starts(
+  rng,
+  batch_size: int,
+  num_facts: int,
+  fact_width: int,
+  context_len: int,
+  pinned_depth: float | None = None,
+) -> np.ndarray:
   """[B, n] start positions of non-overlapping facts in
   tokens[1:context_len].
 
@@ -328,42 +346,62 @@ def _fact_starts(rng, batch_size: int, num_facts: int, fact_width: int,
   return starts
 
 
-def _filler_tokens(rng, batch_size: int, length: int,
-                   vocab: Vocab) -> np.ndarray:
+def _filler_tokens(
+  rng, batch_size: int, length: int, vocab: Vocab
+) -> np.ndarray:
   """[B, length] random filler ids with BOS at position 0."""
-  tokens = rng.integers(vocab.filler_start, vocab.key_start,
-                        size=(batch_size, length), dtype=np.int64)
+  tokens = rng.integers(
+    vocab.filler_start,
+    vocab.key_start,
+    size=(batch_size, length),
+    dtype=np.int64,
+  )
   tokens[:, 0] = BOS
   return tokens
 
 
-def _assemble(task: str, tokens: np.ndarray, context_len: int,
-              answer_positions: np.ndarray, answers: np.ndarray,
-              critical_positions: np.ndarray) -> TaskBatch:
+def _assemble(
+  task: str,
+  tokens: np.ndarray,
+  context_len: int,
+  answer_positions: np.ndarray,
+  answers: np.ndarray,
+  critical_positions: np.ndarray,
+) -> TaskBatch:
   """A TaskBatch from unpadded [B, T] tokens (all rows the same length)."""
   batch_size, total_len = tokens.shape
   loss_mask = np.zeros((batch_size, total_len), dtype=bool)
   np.put_along_axis(loss_mask, answer_positions, True, axis=1)
-  answer_start = (answer_positions[:, 0] if answer_positions.shape[1]
-                  else np.full(batch_size, -1))
+  answer_start = (
+    answer_positions[:, 0]
+    if answer_positions.shape[1]
+    else np.full(batch_size, -1)
+  )
   return TaskBatch(
-      tokens=tokens.astype(np.int32),
-      lengths=np.full(batch_size, total_len, dtype=np.int32),
-      context_end=np.full(batch_size, context_len, dtype=np.int32),
-      answer_start=answer_start.astype(np.int32),
-      answer_positions=answer_positions.astype(np.int32),
-      answers=answers.astype(np.int32),
-      loss_mask=loss_mask,
-      critical_positions=critical_positions.astype(np.int32),
-      task_ids=np.full(batch_size, TASK_NAMES.index(task), dtype=np.int32),
+    tokens=tokens.astype(np.int32),
+    lengths=np.full(batch_size, total_len, dtype=np.int32),
+    context_end=np.full(batch_size, context_len, dtype=np.int32),
+    answer_start=answer_start.astype(np.int32),
+    answer_positions=answer_positions.astype(np.int32),
+    answers=answers.astype(np.int32),
+    loss_mask=loss_mask,
+    critical_positions=critical_positions.astype(np.int32),
+    task_ids=np.full(batch_size, TASK_NAMES.index(task), dtype=np.int32),
   )
 
 
-def _lookup_batch(task: str, rng, vocab: Vocab, context_len: int,
-                  fact_keys: np.ndarray, fact_values: np.ndarray,
-                  starts: np.ndarray, query_keys: np.ndarray,
-                  answers: np.ndarray,
-                  critical_positions: np.ndarray) -> TaskBatch:
+def _lookup_batch(
+  task: str,
+  rng,
+  vocab: Vocab,
+  context_len: int,
+  fact_keys: np.ndarray,
+  fact_values: np.ndarray,
+  starts: np.ndarray,
+  query_keys: np.ndarray,
+  answers: np.ndarray,
+  critical_positions: np.ndarray,
+) -> TaskBatch:
   """Writes `key ARROW value` facts into filler and appends the question.
 
   Args:
@@ -377,8 +415,9 @@ def _lookup_batch(task: str, rng, vocab: Vocab, context_len: int,
   if answers.ndim == 1:
     answers = answers[:, None]
   num_answers = answers.shape[1]
-  tokens = _filler_tokens(rng, batch_size, context_len + LOOKUP_QUESTION_LEN,
-                          vocab)
+  tokens = _filler_tokens(
+    rng, batch_size, context_len + LOOKUP_QUESTION_LEN, vocab
+  )
   # A walk's extra `ARROW answer` slots (written below): the same draws,
   # so its context equals the latent question's.
   tokens = np.pad(tokens, ((0, 0), (0, 2 * (num_answers - 1))))
@@ -389,18 +428,21 @@ def _lookup_batch(task: str, rng, vocab: Vocab, context_len: int,
   tokens[:, context_len] = QUERY
   tokens[:, context_len + 1] = query_keys
   answer_positions = np.broadcast_to(
-      context_len + 3 + 2 * np.arange(num_answers), answers.shape)
+    context_len + 3 + 2 * np.arange(num_answers), answers.shape
+  )
   np.put_along_axis(tokens, answer_positions - 1, ARROW, axis=1)
   np.put_along_axis(tokens, answer_positions, answers, axis=1)
-  return _assemble(task, tokens, context_len, answer_positions, answers,
-                   critical_positions)
+  return _assemble(
+    task, tokens, context_len, answer_positions, answers, critical_positions
+  )
 
 
 def _key_value_critical(starts: np.ndarray, value_offset: int) -> np.ndarray:
   """[B, 2m] interleaved (key, value) positions of m facts from [B, m]."""
   batch_size, num_facts = starts.shape
   return np.stack([starts, starts + value_offset], axis=2).reshape(
-      batch_size, 2 * num_facts)
+    batch_size, 2 * num_facts
+  )
 
 
 def _pad_to(array: np.ndarray, width: int, fill) -> np.ndarray:
@@ -428,21 +470,23 @@ def concat_batches(batches: Sequence[TaskBatch]) -> TaskBatch:
   total_len = max(b.tokens.shape[1] for b in batches)
   num_answers = max(b.answers.shape[1] for b in batches)
   num_critical = max(b.critical_positions.shape[1] for b in batches)
+
   def cat(field, width=None, fill=None):
     parts = [getattr(b, field) for b in batches]
     if width is not None:
       parts = [_pad_to(p, width, fill) for p in parts]
     return np.concatenate(parts, axis=0)
+
   return TaskBatch(
-      tokens=cat("tokens", total_len, PAD),
-      lengths=cat("lengths"),
-      context_end=cat("context_end"),
-      answer_start=cat("answer_start"),
-      answer_positions=cat("answer_positions", num_answers, -1),
-      answers=cat("answers", num_answers, PAD),
-      loss_mask=cat("loss_mask", total_len, False),
-      critical_positions=cat("critical_positions", num_critical, -1),
-      task_ids=cat("task_ids"),
+    tokens=cat("tokens", total_len, PAD),
+    lengths=cat("lengths"),
+    context_end=cat("context_end"),
+    answer_start=cat("answer_start"),
+    answer_positions=cat("answer_positions", num_answers, -1),
+    answers=cat("answers", num_answers, PAD),
+    loss_mask=cat("loss_mask", total_len, False),
+    critical_positions=cat("critical_positions", num_critical, -1),
+    task_ids=cat("task_ids"),
   )
 
 
@@ -457,8 +501,11 @@ def question_mask(batch: TaskBatch) -> np.ndarray:
   tokens carry the walk itself).
   """
   positions = np.arange(batch.tokens.shape[1])[None, :]
-  mask = ((positions >= batch.context_end[:, None])
-          & (positions < batch.lengths[:, None]) & ~batch.loss_mask)
+  mask = (
+    (positions >= batch.context_end[:, None])
+    & (positions < batch.lengths[:, None])
+    & ~batch.loss_mask
+  )
   before_answers = positions < batch.answer_start[:, None]
   mqar_rows = batch.task_ids == TASK_NAMES.index("mqar")
   return mask & (mqar_rows[:, None] | before_answers)
@@ -468,8 +515,9 @@ def _take_rows(batch: TaskBatch, rows: np.ndarray) -> TaskBatch:
   return TaskBatch(*(field[rows] for field in batch))
 
 
-def _grouped_rows(group_of_row: np.ndarray,
-                  build: Callable[[object, int], TaskBatch]) -> TaskBatch:
+def _grouped_rows(
+  group_of_row: np.ndarray, build: Callable[[object, int], TaskBatch]
+) -> TaskBatch:
   """Builds each group's rows with `build(group, count)` and puts every row
   back at its place in the batch."""
   parts, order = [], []
@@ -487,33 +535,44 @@ def _grouped_rows(group_of_row: np.ndarray,
 # rejects bad parameters whatever rows the seed gives each task.
 
 
-def _build_mqar(rng, batch_size: int, context_len: int, vocab: Vocab, *,
-                num_pairs: int = 8, num_queries: int | None = None,
-                placement: str = "prefix") -> TaskBatch:
+def _build_mqar(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  *,
+  num_pairs: int = 8,
+  num_queries: int | None = None,
+  placement: str = "prefix",
+) -> TaskBatch:
   num_pairs = _check_int("num_pairs", num_pairs, 1, task="mqar")
   if num_queries is None:
     num_queries = num_pairs
   num_queries = _check_int("num_queries", num_queries, 1, num_pairs, "mqar")
   if placement not in MQAR_PLACEMENTS:
     raise ValueError(
-        f"placement={placement!r} is not one of {MQAR_PLACEMENTS} (mqar)."
+      f"placement={placement!r} is not one of {MQAR_PLACEMENTS} (mqar)."
     )
   what = f"num_pairs={num_pairs}"
   _check_fits("mqar", context_len, num_pairs, 2, what)
   _check_ids("mqar", num_pairs, vocab.num_keys, "key", what)
 
-  keys = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
-                       num_pairs)  # [B, n]
-  values = _distinct_ids(rng, batch_size, vocab.value_start,
-                         vocab.num_values, num_pairs)  # [B, n]
+  keys = _distinct_ids(
+    rng, batch_size, vocab.key_start, vocab.num_keys, num_pairs
+  )  # [B, n]
+  values = _distinct_ids(
+    rng, batch_size, vocab.value_start, vocab.num_values, num_pairs
+  )  # [B, n]
   if placement == "prefix":  # Zoology: the pairs open the sequence.
-    starts = np.broadcast_to(1 + 2 * np.arange(num_pairs),
-                             (batch_size, num_pairs))
+    starts = np.broadcast_to(
+      1 + 2 * np.arange(num_pairs), (batch_size, num_pairs)
+    )
   else:
     starts = _fact_starts(rng, batch_size, num_pairs, 2, context_len)
   # Each queried pair once, in random order: [B, q].
-  queried = np.argsort(rng.random((batch_size, num_pairs)),
-                       axis=1)[:, :num_queries]
+  queried = np.argsort(rng.random((batch_size, num_pairs)), axis=1)[
+    :, :num_queries
+  ]
   rows = np.arange(batch_size)[:, None]
   query_keys = keys[rows, queried]
   answers = values[rows, queried]
@@ -526,53 +585,83 @@ def _build_mqar(rng, batch_size: int, context_len: int, vocab: Vocab, *,
   key_positions = context_len + 1 + 2 * np.arange(num_queries)  # [q]
   tokens[:, key_positions] = query_keys
   tokens[:, key_positions + 1] = answers
-  answer_positions = np.broadcast_to(key_positions + 1,
-                                     (batch_size, num_queries))
+  answer_positions = np.broadcast_to(
+    key_positions + 1, (batch_size, num_queries)
+  )
   critical = _key_value_critical(starts[rows, queried], 1)
-  return _assemble("mqar", tokens, context_len, answer_positions, answers,
-                   critical)
+  return _assemble(
+    "mqar", tokens, context_len, answer_positions, answers, critical
+  )
 
 
-def _build_needle(rng, batch_size: int, context_len: int, vocab: Vocab, *,
-                  num_distractors: int = 3,
-                  depth: float | None = None) -> TaskBatch:
-  num_distractors = _check_int("num_distractors", num_distractors, 0,
-                               task="needle")
+def _build_needle(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  *,
+  num_distractors: int = 3,
+  depth: float | None = None,
+) -> TaskBatch:
+  num_distractors = _check_int(
+    "num_distractors", num_distractors, 0, task="needle"
+  )
   if depth is not None:
     if isinstance(depth, bool) or not isinstance(
-        depth, (int, float, np.integer, np.floating)):
-      raise TypeError(
-          f"depth (needle) must be a float or None, got {depth!r}.")
+      depth, (int, float, np.integer, np.floating)
+    ):
+      raise TypeError(f"depth (needle) must be a float or None, got {depth!r}.")
     if not 0.0 <= depth <= 1.0:
       raise ValueError(
-          f"depth (needle) must be in [0, 1] or None, got {depth}.")
+        f"depth (needle) must be in [0, 1] or None, got {depth}."
+      )
     depth = float(depth)
   num_facts = num_distractors + 1
   what = f"num_distractors={num_distractors}"
   _check_fits("needle", context_len, num_facts, 3, what)
   _check_ids("needle", num_facts, vocab.num_keys, "key", what)
 
-  keys = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
-                       num_facts)  # [B, n]; column 0 is the needle
-  values = _distinct_ids(rng, batch_size, vocab.value_start,
-                         vocab.num_values, num_facts)
-  starts = _fact_starts(rng, batch_size, num_facts, 3, context_len,
-                        pinned_depth=depth)
+  keys = _distinct_ids(
+    rng, batch_size, vocab.key_start, vocab.num_keys, num_facts
+  )  # [B, n]; column 0 is the needle
+  values = _distinct_ids(
+    rng, batch_size, vocab.value_start, vocab.num_values, num_facts
+  )
+  starts = _fact_starts(
+    rng, batch_size, num_facts, 3, context_len, pinned_depth=depth
+  )
   critical = _key_value_critical(starts[:, :1], 2)
-  return _lookup_batch("needle", rng, vocab, context_len, keys, values,
-                       starts, keys[:, 0], values[:, 0], critical)
+  return _lookup_batch(
+    "needle",
+    rng,
+    vocab,
+    context_len,
+    keys,
+    values,
+    starts,
+    keys[:, 0],
+    values[:, 0],
+    critical,
+  )
 
 
-def _build_multihop_fixed(rng, batch_size: int, context_len: int,
-                          vocab: Vocab, hops: int,
-                          num_distractor_chains: int,
-                          walk: bool) -> TaskBatch:
+def _build_multihop_fixed(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  hops: int,
+  num_distractor_chains: int,
+  walk: bool,
+) -> TaskBatch:
   num_chains = num_distractor_chains + 1
   num_links = num_chains * hops
-  nodes = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
-                        num_links).reshape(batch_size, num_chains, hops)
-  ends = _distinct_ids(rng, batch_size, vocab.value_start, vocab.num_values,
-                       num_chains)  # [B, chains]
+  nodes = _distinct_ids(
+    rng, batch_size, vocab.key_start, vocab.num_keys, num_links
+  ).reshape(batch_size, num_chains, hops)
+  ends = _distinct_ids(
+    rng, batch_size, vocab.value_start, vocab.num_values, num_chains
+  )  # [B, chains]
   # Link j of chain i: nodes[i, j] -> nodes[i, j + 1], the last -> ends[i].
   targets = np.concatenate([nodes[:, :, 1:], ends[:, :, None]], axis=2)
   fact_keys = nodes.reshape(batch_size, num_links)  # chain 0 first
@@ -580,103 +669,168 @@ def _build_multihop_fixed(rng, batch_size: int, context_len: int,
   starts = _fact_starts(rng, batch_size, num_links, 3, context_len)
   critical = _key_value_critical(starts[:, :hops], 2)  # [B, 2 * hops]
   answers = targets[:, 0] if walk else ends[:, 0]  # [B, hops] or [B]
-  return _lookup_batch("multihop", rng, vocab, context_len, fact_keys,
-                       fact_values, starts, nodes[:, 0, 0], answers,
-                       critical)
+  return _lookup_batch(
+    "multihop",
+    rng,
+    vocab,
+    context_len,
+    fact_keys,
+    fact_values,
+    starts,
+    nodes[:, 0, 0],
+    answers,
+    critical,
+  )
 
 
-def _build_multihop(rng, batch_size: int, context_len: int, vocab: Vocab, *,
-                    hops: int | Sequence[int] = 2,
-                    num_distractor_chains: int = 2,
-                    walk: bool = False) -> TaskBatch:
-  hop_choices = (tuple(hops) if isinstance(hops, (tuple, list, np.ndarray))
-                 else (hops,))
+def _build_multihop(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  *,
+  hops: int | Sequence[int] = 2,
+  num_distractor_chains: int = 2,
+  walk: bool = False,
+) -> TaskBatch:
+  hop_choices = (
+    tuple(hops) if isinstance(hops, (tuple, list, np.ndarray)) else (hops,)
+  )
   if not hop_choices:
-    raise ValueError(f"hops (multihop) must be one of {HOPS} or a non-empty "
-                     f"sequence of them, got {hops!r}.")
+    raise ValueError(
+      f"hops (multihop) must be one of {HOPS} or a non-empty "
+      f"sequence of them, got {hops!r}."
+    )
   for value in hop_choices:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-      raise TypeError(f"hops (multihop) must be an int in {HOPS} or a "
-                      f"sequence of them, got {hops!r}.")
+      raise TypeError(
+        f"hops (multihop) must be an int in {HOPS} or a "
+        f"sequence of them, got {hops!r}."
+      )
     if int(value) not in HOPS:
       raise ValueError(f"hops (multihop) must be one of {HOPS}, got {hops!r}.")
   hop_choices = tuple(int(value) for value in hop_choices)
   if not isinstance(walk, (bool, np.bool_)):
     raise TypeError(f"walk (multihop) must be a bool, got {walk!r}.")
   walk = bool(walk)
-  num_distractor_chains = _check_int("num_distractor_chains",
-                                     num_distractor_chains, 0,
-                                     task="multihop")
+  num_distractor_chains = _check_int(
+    "num_distractor_chains", num_distractor_chains, 0, task="multihop"
+  )
   max_hops = max(hop_choices)
   num_links = (num_distractor_chains + 1) * max_hops
-  what = (f"hops={max_hops} and num_distractor_chains="
-          f"{num_distractor_chains}")
+  what = f"hops={max_hops} and num_distractor_chains={num_distractor_chains}"
   _check_fits("multihop", context_len, num_links, 3, what)
   _check_ids("multihop", num_links, vocab.num_keys, "key", what)
 
   if len(hop_choices) == 1 or batch_size == 0:
-    return _build_multihop_fixed(rng, batch_size, context_len, vocab,
-                                 hop_choices[0], num_distractor_chains, walk)
+    return _build_multihop_fixed(
+      rng,
+      batch_size,
+      context_len,
+      vocab,
+      hop_choices[0],
+      num_distractor_chains,
+      walk,
+    )
   hops_of_row = rng.choice(np.asarray(hop_choices), size=batch_size)
   return _grouped_rows(
-      hops_of_row,
-      lambda group, count: _build_multihop_fixed(
-          rng, count, context_len, vocab, int(group), num_distractor_chains,
-          walk))
+    hops_of_row,
+    lambda group, count: _build_multihop_fixed(
+      rng, count, context_len, vocab, int(group), num_distractor_chains, walk
+    ),
+  )
 
 
-def _build_overwrite(rng, batch_size: int, context_len: int, vocab: Vocab, *,
-                     num_writes: int = 2,
-                     num_distractors: int = 3) -> TaskBatch:
+def _build_overwrite(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  *,
+  num_writes: int = 2,
+  num_distractors: int = 3,
+) -> TaskBatch:
   num_writes = _check_int("num_writes", num_writes, 2, task="overwrite")
-  num_distractors = _check_int("num_distractors", num_distractors, 0,
-                               task="overwrite")
+  num_distractors = _check_int(
+    "num_distractors", num_distractors, 0, task="overwrite"
+  )
   num_facts = num_writes + num_distractors
   what = f"num_writes={num_writes} and num_distractors={num_distractors}"
   _check_fits("overwrite", context_len, num_facts, 3, what)
   _check_ids("overwrite", num_distractors + 1, vocab.num_keys, "key", what)
   _check_ids("overwrite", num_facts, vocab.num_values, "value", what)
 
-  keys = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
-                       num_distractors + 1)  # column 0 is queried
-  values = _distinct_ids(rng, batch_size, vocab.value_start,
-                         vocab.num_values, num_facts)  # [B, n]
+  keys = _distinct_ids(
+    rng, batch_size, vocab.key_start, vocab.num_keys, num_distractors + 1
+  )  # column 0 is queried
+  values = _distinct_ids(
+    rng, batch_size, vocab.value_start, vocab.num_values, num_facts
+  )  # [B, n]
   fact_keys = np.concatenate(
-      [np.repeat(keys[:, :1], num_writes, axis=1), keys[:, 1:]], axis=1)
+    [np.repeat(keys[:, :1], num_writes, axis=1), keys[:, 1:]], axis=1
+  )
   starts = _fact_starts(rng, batch_size, num_facts, 3, context_len)
   latest = np.argmax(starts[:, :num_writes], axis=1)  # [B]
   rows = np.arange(batch_size)
   critical = _key_value_critical(starts[rows, latest][:, None], 2)
-  return _lookup_batch("overwrite", rng, vocab, context_len, fact_keys,
-                       values, starts, keys[:, 0], values[rows, latest],
-                       critical)
+  return _lookup_batch(
+    "overwrite",
+    rng,
+    vocab,
+    context_len,
+    fact_keys,
+    values,
+    starts,
+    keys[:, 0],
+    values[rows, latest],
+    critical,
+  )
 
 
-def _build_abstention(rng, batch_size: int, context_len: int, vocab: Vocab,
-                      *, num_distractors: int = 4) -> TaskBatch:
-  num_distractors = _check_int("num_distractors", num_distractors, 0,
-                               task="abstention")
+def _build_abstention(
+  rng,
+  batch_size: int,
+  context_len: int,
+  vocab: Vocab,
+  *,
+  num_distractors: int = 4,
+) -> TaskBatch:
+  num_distractors = _check_int(
+    "num_distractors", num_distractors, 0, task="abstention"
+  )
   what = f"num_distractors={num_distractors}"
   _check_fits("abstention", context_len, num_distractors, 3, what)
   _check_ids("abstention", num_distractors + 1, vocab.num_keys, "key", what)
 
-  keys = _distinct_ids(rng, batch_size, vocab.key_start, vocab.num_keys,
-                       num_distractors + 1)  # column 0: queried, absent
-  values = _distinct_ids(rng, batch_size, vocab.value_start,
-                         vocab.num_values, num_distractors)
+  keys = _distinct_ids(
+    rng, batch_size, vocab.key_start, vocab.num_keys, num_distractors + 1
+  )  # column 0: queried, absent
+  values = _distinct_ids(
+    rng, batch_size, vocab.value_start, vocab.num_values, num_distractors
+  )
   starts = _fact_starts(rng, batch_size, num_distractors, 3, context_len)
   answers = np.full(batch_size, UNKNOWN)
   critical = np.zeros((batch_size, 0), dtype=np.int64)
-  return _lookup_batch("abstention", rng, vocab, context_len, keys[:, 1:],
-                       values, starts, keys[:, 0], answers, critical)
+  return _lookup_batch(
+    "abstention",
+    rng,
+    vocab,
+    context_len,
+    keys[:, 1:],
+    values,
+    starts,
+    keys[:, 0],
+    answers,
+    critical,
+  )
 
 
 _BUILDERS = {
-    "mqar": _build_mqar,
-    "needle": _build_needle,
-    "multihop": _build_multihop,
-    "overwrite": _build_overwrite,
-    "abstention": _build_abstention,
+  "mqar": _build_mqar,
+  "needle": _build_needle,
+  "multihop": _build_multihop,
+  "overwrite": _build_overwrite,
+  "abstention": _build_abstention,
 }
 
 
@@ -690,9 +844,16 @@ def _check_batch_args(batch_size, context_len) -> tuple[int, int]:
 # Public generators.
 
 
-def mqar(batch_size: int, *, seed, context_len: int, num_pairs: int = 8,
-         num_queries: int | None = None, placement: str = "prefix",
-         vocab: Vocab = VOCAB) -> TaskBatch:
+def mqar(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  num_pairs: int = 8,
+  num_queries: int | None = None,
+  placement: str = "prefix",
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """Multi-query associative recall (Zoology).
 
   The context holds `num_pairs` adjacent `key value` bigrams with distinct
@@ -719,14 +880,26 @@ def mqar(batch_size: int, *, seed, context_len: int, num_pairs: int = 8,
       outside [1, num_pairs], unknown placement, too few key ids.
   """
   batch_size, context_len = _check_batch_args(batch_size, context_len)
-  return _build_mqar(_make_rng(seed, "mqar"), batch_size, context_len,
-                     _check_vocab(vocab), num_pairs=num_pairs,
-                     num_queries=num_queries, placement=placement)
+  return _build_mqar(
+    _make_rng(seed, "mqar"),
+    batch_size,
+    context_len,
+    _check_vocab(vocab),
+    num_pairs=num_pairs,
+    num_queries=num_queries,
+    placement=placement,
+  )
 
 
-def needle(batch_size: int, *, seed, context_len: int,
-           num_distractors: int = 3, depth: float | None = None,
-           vocab: Vocab = VOCAB) -> TaskBatch:
+def needle(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  num_distractors: int = 3,
+  depth: float | None = None,
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """Needle in a haystack: a few `key -> value` facts in filler, one queried.
 
   Args:
@@ -747,14 +920,26 @@ def needle(batch_size: int, *, seed, context_len: int,
       [0, 1], too few key ids.
   """
   batch_size, context_len = _check_batch_args(batch_size, context_len)
-  return _build_needle(_make_rng(seed, "needle"), batch_size, context_len,
-                       _check_vocab(vocab), num_distractors=num_distractors,
-                       depth=depth)
+  return _build_needle(
+    _make_rng(seed, "needle"),
+    batch_size,
+    context_len,
+    _check_vocab(vocab),
+    num_distractors=num_distractors,
+    depth=depth,
+  )
 
 
-def multihop(batch_size: int, *, seed, context_len: int,
-             hops: int | Sequence[int] = 2, num_distractor_chains: int = 2,
-             walk: bool = False, vocab: Vocab = VOCAB) -> TaskBatch:
+def multihop(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  hops: int | Sequence[int] = 2,
+  num_distractor_chains: int = 2,
+  walk: bool = False,
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """Multi-hop chains: follow `x1 -> x2 -> ... -> y` from x1 to y.
 
   Each chain has `hops` links; the nodes x* are keys and the end y is a
@@ -802,14 +987,26 @@ def multihop(batch_size: int, *, seed, context_len: int,
       too few key ids.
   """
   batch_size, context_len = _check_batch_args(batch_size, context_len)
-  return _build_multihop(_make_rng(seed, "multihop"), batch_size, context_len,
-                         _check_vocab(vocab), hops=hops,
-                         num_distractor_chains=num_distractor_chains,
-                         walk=walk)
+  return _build_multihop(
+    _make_rng(seed, "multihop"),
+    batch_size,
+    context_len,
+    _check_vocab(vocab),
+    hops=hops,
+    num_distractor_chains=num_distractor_chains,
+    walk=walk,
+  )
 
 
-def overwrite(batch_size: int, *, seed, context_len: int, num_writes: int = 2,
-              num_distractors: int = 3, vocab: Vocab = VOCAB) -> TaskBatch:
+def overwrite(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  num_writes: int = 2,
+  num_distractors: int = 3,
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """Overwrite: the queried key is assigned `num_writes` times.
 
   The answer is the value of the latest (right-most) assignment; the earlier
@@ -831,13 +1028,24 @@ def overwrite(batch_size: int, *, seed, context_len: int, num_writes: int = 2,
       num_distractors), too few key or value ids.
   """
   batch_size, context_len = _check_batch_args(batch_size, context_len)
-  return _build_overwrite(_make_rng(seed, "overwrite"), batch_size, context_len,
-                          _check_vocab(vocab), num_writes=num_writes,
-                          num_distractors=num_distractors)
+  return _build_overwrite(
+    _make_rng(seed, "overwrite"),
+    batch_size,
+    context_len,
+    _check_vocab(vocab),
+    num_writes=num_writes,
+    num_distractors=num_distractors,
+  )
 
 
-def abstention(batch_size: int, *, seed, context_len: int,
-               num_distractors: int = 4, vocab: Vocab = VOCAB) -> TaskBatch:
+def abstention(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  num_distractors: int = 4,
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """Abstention: the queried key appears nowhere in the context.
 
   Same layout as `needle`; the correct answer is UNKNOWN.
@@ -856,17 +1064,21 @@ def abstention(batch_size: int, *, seed, context_len: int,
     ValueError: context_len < 1 + 3 * num_distractors, too few key ids.
   """
   batch_size, context_len = _check_batch_args(batch_size, context_len)
-  return _build_abstention(_make_rng(seed, "abstention"), batch_size,
-                           context_len, _check_vocab(vocab),
-                           num_distractors=num_distractors)
+  return _build_abstention(
+    _make_rng(seed, "abstention"),
+    batch_size,
+    context_len,
+    _check_vocab(vocab),
+    num_distractors=num_distractors,
+  )
 
 
 TASKS: dict[str, Callable[..., TaskBatch]] = {
-    "mqar": mqar,
-    "needle": needle,
-    "multihop": multihop,
-    "overwrite": overwrite,
-    "abstention": abstention,
+  "mqar": mqar,
+  "needle": needle,
+  "multihop": multihop,
+  "overwrite": overwrite,
+  "abstention": abstention,
 }
 """Task name -> generator `(batch_size, *, seed, context_len, **params)`;
 see each generator's docstring for its parameters."""
@@ -877,8 +1089,11 @@ def default_params(task: str) -> dict[str, object]:
   defaults."""
   _check_task(task)
   signature = inspect.signature(TASKS[task])
-  return {name: p.default for name, p in signature.parameters.items()
-          if name not in ("batch_size", "seed", "context_len")}
+  return {
+    name: p.default
+    for name, p in signature.parameters.items()
+    if name not in ("batch_size", "seed", "context_len")
+  }
 
 
 def _check_task(task) -> str:
@@ -892,13 +1107,14 @@ def _check_params(task: str, params: Mapping[str, object]):
   unknown = sorted(set(params) - set(allowed))
   if unknown:
     raise TypeError(
-        f"unknown parameter(s) {unknown} for task {task!r}; allowed: "
-        f"{sorted(allowed)}."
+      f"unknown parameter(s) {unknown} for task {task!r}; allowed: "
+      f"{sorted(allowed)}."
     )
 
 
-def make_batch(task: str, batch_size: int, *, seed, context_len: int,
-               **params) -> TaskBatch:
+def make_batch(
+  task: str, batch_size: int, *, seed, context_len: int, **params
+) -> TaskBatch:
   """A batch of one task: `TASKS[task](batch_size, seed=..., ...)`.
 
   Args:
@@ -943,18 +1159,21 @@ def min_context_len(task: str, **params) -> int:
   return 1
 
 
-def make_example(task: str, *, seed, context_len: int,
-                 **params) -> TaskExample:
+def make_example(task: str, *, seed, context_len: int, **params) -> TaskExample:
   """One example: row 0 of `make_batch(task, 1, ...)` without padding."""
   batch = make_batch(task, 1, seed=seed, context_len=context_len, **params)
   return batch.example(0, vocab=params.get("vocab", VOCAB))
 
 
-def make_mixture_batch(batch_size: int, *, seed, context_len: int,
-                       weights: Mapping[str, float] | None = None,
-                       task_params: Mapping[str, Mapping[str, object]]
-                       | None = None,
-                       vocab: Vocab = VOCAB) -> TaskBatch:
+def make_mixture_batch(
+  batch_size: int,
+  *,
+  seed,
+  context_len: int,
+  weights: Mapping[str, float] | None = None,
+  task_params: Mapping[str, Mapping[str, object]] | None = None,
+  vocab: Vocab = VOCAB,
+) -> TaskBatch:
   """A batch mixing tasks row by row, padded to a common T, A and C.
 
   Each row's task is drawn independently with probability proportional to
@@ -991,7 +1210,8 @@ def make_mixture_batch(batch_size: int, *, seed, context_len: int,
     weight = float(weight)
     if not np.isfinite(weight) or weight < 0:
       raise ValueError(
-          f"weights[{name!r}] must be finite and >= 0, got {weight}.")
+        f"weights[{name!r}] must be finite and >= 0, got {weight}."
+      )
     probabilities[TASK_NAMES.index(name)] = weight
   if probabilities.sum() <= 0:
     raise ValueError(f"weights must have a positive entry, got {weights}.")
@@ -1001,8 +1221,10 @@ def make_mixture_batch(batch_size: int, *, seed, context_len: int,
   for task_id, name in enumerate(TASK_NAMES):
     if probabilities[task_id] == 0:
       continue
-    params = {**DEFAULT_MIXTURE_PARAMS.get(name, {}),
-              **task_params.get(name, {})}
+    params = {
+      **DEFAULT_MIXTURE_PARAMS.get(name, {}),
+      **task_params.get(name, {}),
+    }
     _check_params(name, params)
     if "vocab" in params:
       raise TypeError("pass vocab to make_mixture_batch, not in task_params.")
@@ -1014,6 +1236,8 @@ def make_mixture_batch(batch_size: int, *, seed, context_len: int,
     _BUILDERS[TASK_NAMES[task_id]](rng, 0, context_len, vocab, **params)
   task_of_row = rng.choice(len(TASK_NAMES), size=batch_size, p=probabilities)
   return _grouped_rows(
-      task_of_row,
-      lambda task_id, count: _BUILDERS[TASK_NAMES[task_id]](
-          rng, count, context_len, vocab, **params_of[int(task_id)]))
+    task_of_row,
+    lambda task_id, count: _BUILDERS[TASK_NAMES[task_id]](
+      rng, count, context_len, vocab, **params_of[int(task_id)]
+    ),
+  )

@@ -71,17 +71,21 @@ class TaskScore(NamedTuple):
   num_examples: int
 
 
-
 def _check_unknown(unknown) -> None:
   """`unknown` (the abstention answer's id) must be an int >= 0."""
-  if isinstance(unknown, bool) or not isinstance(
-      unknown, (int, np.integer)) or unknown < 0:
-    raise ValueError(f"unknown must be a token id (an int >= 0), got "
-                     f"{unknown!r}.")
+  if (
+    isinstance(unknown, bool)
+    or not isinstance(unknown, (int, np.integer))
+    or unknown < 0
+  ):
+    raise ValueError(
+      f"unknown must be a token id (an int >= 0), got {unknown!r}."
+    )
 
-def predictions_from_logits(batch: TaskBatch, logits, *, offset=0,
-                            unknown: int = UNKNOWN
-                            ) -> tuple[np.ndarray, np.ndarray]:
+
+def predictions_from_logits(
+  batch: TaskBatch, logits, *, offset=0, unknown: int = UNKNOWN
+) -> tuple[np.ndarray, np.ndarray]:
   """Greedy answers and their confidence from next-token logits.
 
   The answer at position p is read from the logits at input position p - 1.
@@ -112,20 +116,23 @@ def predictions_from_logits(batch: TaskBatch, logits, *, offset=0,
   batch_size, num_answers = batch.answer_positions.shape
   if logits.ndim != 3 or logits.shape[0] != batch_size:
     raise ValueError(
-        f"logits must be [B={batch_size}, T, V], got shape {logits.shape}.")
+      f"logits must be [B={batch_size}, T, V], got shape {logits.shape}."
+    )
   # argmax over a vocabulary missing the answer ids (or UNKNOWN) would
   # silently score every such answer wrong instead of failing.
   valid_answers = batch.answers[batch.answer_positions >= 0]
-  largest = max(int(np.max(batch.tokens, initial=0)),
-                int(np.max(valid_answers, initial=0)))
+  largest = max(
+    int(np.max(batch.tokens, initial=0)), int(np.max(valid_answers, initial=0))
+  )
   _check_unknown(unknown)
   needed = max(int(unknown), largest) + 1
   if logits.shape[-1] < needed:
     raise ValueError(
-        f"logits have vocabulary size V={logits.shape[-1]}, but the batch "
-        f"needs V >= {needed} (UNKNOWN={unknown}; largest token or answer "
-        f"id in the batch: {largest}); were the logits computed over the "
-        "task vocabulary?")
+      f"logits have vocabulary size V={logits.shape[-1]}, but the batch "
+      f"needs V >= {needed} (UNKNOWN={unknown}; largest token or answer "
+      f"id in the batch: {largest}); were the logits computed over the "
+      "task vocabulary?"
+    )
   offset = np.broadcast_to(np.asarray(offset, dtype=np.int64), (batch_size,))
   valid = batch.answer_positions >= 0  # [B, A]
   index = batch.answer_positions - 1 - offset[:, None]  # [B, A]
@@ -133,9 +140,9 @@ def predictions_from_logits(batch: TaskBatch, logits, *, offset=0,
   if out_of_range.any():
     b, a = np.argwhere(out_of_range)[0]
     raise ValueError(
-        f"answer {a} of row {b} at position {batch.answer_positions[b, a]} "
-        f"is predicted from logits index {index[b, a]}, outside "
-        f"[0, {logits.shape[1]}) for offset={offset[b]}; check offset."
+      f"answer {a} of row {b} at position {batch.answer_positions[b, a]} "
+      f"is predicted from logits index {index[b, a]}, outside "
+      f"[0, {logits.shape[1]}) for offset={offset[b]}; check offset."
     )
   rows = np.arange(batch_size)[:, None]
   gathered = logits[rows, np.where(valid, index, 0)].astype(np.float64)
@@ -158,17 +165,19 @@ def _rates(correct, abstained, confident, valid, row_mask) -> TaskScore:
     nan = float("nan")
     return TaskScore(nan, nan, nan, nan, nan, 0, num_examples)
   wrong_committed = ~correct & ~abstained
+
   def share(flags):
     return float((flags & slots).sum() / num_answers)
+
   exact = (correct | ~valid).all(axis=1)
   return TaskScore(
-      accuracy=share(correct),
-      abstention_rate=share(abstained),
-      hallucination_rate=share(wrong_committed & confident),
-      low_confidence_error_rate=share(wrong_committed & ~confident),
-      exact_match=float(exact[rows_with_answers].mean()),
-      num_answers=num_answers,
-      num_examples=num_examples,
+    accuracy=share(correct),
+    abstention_rate=share(abstained),
+    hallucination_rate=share(wrong_committed & confident),
+    low_confidence_error_rate=share(wrong_committed & ~confident),
+    exact_match=float(exact[rows_with_answers].mean()),
+    num_answers=num_answers,
+    num_examples=num_examples,
   )
 
 
@@ -179,20 +188,31 @@ def _walk_units(walks, correct, abstained, confident, valid):
   last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
   step = np.where(wrong.any(axis=1), np.argmax(wrong, axis=1), last)
   rows = np.arange(valid.shape[0])
+
   def unit(flags):
     collapsed = np.zeros_like(flags)
     collapsed[:, 0] = flags[rows, step]
     return np.where(walks[:, None], collapsed, flags)
+
   has_answer = valid.any(axis=1)
   unit_valid = np.zeros_like(valid)
   unit_valid[:, 0] = has_answer
-  return (unit(correct), unit(abstained), unit(confident),
-          np.where(walks[:, None], unit_valid, valid))
+  return (
+    unit(correct),
+    unit(abstained),
+    unit(confident),
+    np.where(walks[:, None], unit_valid, valid),
+  )
 
 
-def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
-          threshold: float = 0.5,
-          unknown: int = UNKNOWN) -> dict[str, TaskScore]:
+def score(
+  batch: TaskBatch,
+  predicted_tokens,
+  *,
+  confidence=None,
+  threshold: float = 0.5,
+  unknown: int = UNKNOWN,
+) -> dict[str, TaskScore]:
   """Accuracy, abstention and hallucination rates per task.
 
   Definitions (per unit: an answer slot, or a whole multihop row judged at
@@ -240,15 +260,17 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
       values = values[:, None]
     if values.shape != answers.shape:
       raise ValueError(
-          f"{name} must have shape {answers.shape} like batch.answers"
-          + (f" (or {answers.shape[:1]})" if answers.shape[1] == 1 else "")
-          + f", got {values.shape}.")
+        f"{name} must have shape {answers.shape} like batch.answers"
+        + (f" (or {answers.shape[:1]})" if answers.shape[1] == 1 else "")
+        + f", got {values.shape}."
+      )
     return values
 
   predicted = as_slots("predicted_tokens", predicted_tokens)
   if not np.issubdtype(predicted.dtype, np.integer):
     raise ValueError(
-        f"predicted_tokens must hold integer ids, got dtype {predicted.dtype}.")
+      f"predicted_tokens must hold integer ids, got dtype {predicted.dtype}."
+    )
   threshold = float(threshold)
   if not 0.0 <= threshold <= 1.0:
     raise ValueError(f"threshold must be in [0, 1], got {threshold}.")
@@ -258,9 +280,11 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
     confidence = as_slots("confidence", confidence).astype(np.float64)
     checked = confidence[valid]
     if not np.all(np.isfinite(checked)) or np.any(
-        (checked < 0) | (checked > 1)):
-      raise ValueError("confidence must be finite and in [0, 1] in every "
-                       "answer slot.")
+      (checked < 0) | (checked > 1)
+    ):
+      raise ValueError(
+        "confidence must be finite and in [0, 1] in every answer slot."
+      )
     confident = confidence >= threshold
 
   correct = predicted == answers
@@ -269,12 +293,14 @@ def score(batch: TaskBatch, predicted_tokens, *, confidence=None,
   walks = batch.task_ids == TASK_NAMES.index("multihop")
   if walks.any() and answers.shape[1] > 1:
     correct, abstained, confident, valid = _walk_units(
-        walks, correct, abstained, confident, valid)
+      walks, correct, abstained, confident, valid
+    )
   results = {}
   for task_id, name in enumerate(TASK_NAMES):
     rows = batch.task_ids == task_id
     if rows.any():
       results[name] = _rates(correct, abstained, confident, valid, rows)
-  results["all"] = _rates(correct, abstained, confident, valid,
-                          np.ones(batch.batch_size, dtype=bool))
+  results["all"] = _rates(
+    correct, abstained, confident, valid, np.ones(batch.batch_size, dtype=bool)
+  )
   return results

@@ -120,34 +120,46 @@ class Words:
 
   def __post_init__(self):
     if not isinstance(self.vocab, Vocab):
-      raise TypeError(f"vocab must be a kvjax.tasks.Vocab, got "
-                      f"{self.vocab!r}.")
-    for name, size in (("fillers", self.vocab.num_filler),
-                       ("keys", self.vocab.num_keys),
-                       ("values", self.vocab.num_values)):
+      raise TypeError(f"vocab must be a kvjax.tasks.Vocab, got {self.vocab!r}.")
+    for name, size in (
+      ("fillers", self.vocab.num_filler),
+      ("keys", self.vocab.num_keys),
+      ("values", self.vocab.num_values),
+    ):
       value = getattr(self, name)
       if isinstance(value, str):
-        raise TypeError(f"Words.{name} must be a sequence of words, got a "
-                        "string.")
+        raise TypeError(
+          f"Words.{name} must be a sequence of words, got a string."
+        )
       object.__setattr__(self, name, tuple(value))
       if len(getattr(self, name)) != size:
-        raise ValueError(f"Words.{name} has {len(getattr(self, name))} "
-                         f"words, the vocabulary needs {size}.")
+        raise ValueError(
+          f"Words.{name} has {len(getattr(self, name))} "
+          f"words, the vocabulary needs {size}."
+        )
     seen = set()
     for word in self.all_words:
       if not isinstance(word, str) or not word or word.split() != [word]:
-        raise ValueError(f"every word must be a non-empty string without "
-                         f"whitespace, got {word!r}.")
+        raise ValueError(
+          f"every word must be a non-empty string without "
+          f"whitespace, got {word!r}."
+        )
       if word in seen:
-        raise ValueError(f"word {word!r} is used twice: a text would not "
-                         "say which id it stands for.")
+        raise ValueError(
+          f"word {word!r} is used twice: a text would not "
+          "say which id it stands for."
+        )
       seen.add(word)
 
   @property
   def all_words(self) -> tuple[str, ...]:
     """Markers, fillers, keys and values."""
-    return ((self.query, self.arrow, self.unknown) + self.fillers
-            + self.keys + self.values)
+    return (
+      (self.query, self.arrow, self.unknown)
+      + self.fillers
+      + self.keys
+      + self.values
+    )
 
   @property
   def answer_words(self) -> tuple[str, ...]:
@@ -159,12 +171,17 @@ class Words:
   def by_id(self) -> tuple[str | None, ...]:
     """[vocab.size] the word of every id; None where an id has none."""
     table = [None] * self.vocab.size
-    table[QUERY], table[ARROW], table[UNKNOWN] = (self.query, self.arrow,
-                                                  self.unknown)
-    for start, words in ((self.vocab.filler_start, self.fillers),
-                         (self.vocab.key_start, self.keys),
-                         (self.vocab.value_start, self.values)):
-      table[start:start + len(words)] = words
+    table[QUERY], table[ARROW], table[UNKNOWN] = (
+      self.query,
+      self.arrow,
+      self.unknown,
+    )
+    for start, words in (
+      (self.vocab.filler_start, self.fillers),
+      (self.vocab.key_start, self.keys),
+      (self.vocab.value_start, self.values),
+    ):
+      table[start : start + len(words)] = words
     return tuple(table)
 
   def word(self, token_id: int) -> str:
@@ -176,10 +193,12 @@ class Words:
     """
     token_id = int(token_id)
     if not 0 <= token_id < self.vocab.size or self.by_id[token_id] is None:
-      raise ValueError(f"private id {token_id} has no word: PAD and BOS are "
-                       "never rendered, ids 5..7 and ids past the values "
-                       f"are never generated (vocabulary of {self.vocab.size}"
-                       " ids).")
+      raise ValueError(
+        f"private id {token_id} has no word: PAD and BOS are "
+        "never rendered, ids 5..7 and ids past the values "
+        f"are never generated (vocabulary of {self.vocab.size}"
+        " ids)."
+      )
     return self.by_id[token_id]
 
   @classmethod
@@ -190,15 +209,23 @@ class Words:
       vocab: the private vocabulary.
       **markers: `query`, `arrow`, `unknown` overrides.
     """
-    return cls(vocab,
-               tuple(f"f{i}" for i in range(vocab.num_filler)),
-               tuple(f"K{i}" for i in range(vocab.num_keys)),
-               tuple(f"V{i}" for i in range(vocab.num_values)), **markers)
+    return cls(
+      vocab,
+      tuple(f"f{i}" for i in range(vocab.num_filler)),
+      tuple(f"K{i}" for i in range(vocab.num_keys)),
+      tuple(f"V{i}" for i in range(vocab.num_values)),
+      **markers,
+    )
 
   @classmethod
-  def from_tokenizer(cls, tokenizer: CheckpointTokenizer,
-                     vocab: Vocab = VOCAB, *, min_chars: int = 4,
-                     **markers) -> Words:
+  def from_tokenizer(
+    cls,
+    tokenizer: CheckpointTokenizer,
+    vocab: Vocab = VOCAB,
+    *,
+    min_chars: int = 4,
+    **markers,
+  ) -> Words:
     """Words that are one token each in `tokenizer`, deterministically.
 
     Candidates are the tokenizer's own word-initial pieces (`Ġword`,
@@ -222,33 +249,41 @@ class Words:
       ValueError: the tokenizer has too few such words.
     """
     markers_only = cls.names(vocab, **markers)
-    reserved = {markers_only.query, markers_only.arrow,
-                markers_only.unknown}
+    reserved = {markers_only.query, markers_only.arrow, markers_only.unknown}
     tok = _unwrap(tokenizer)
     candidates, seen = [], set()
     for piece, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
       word = piece[1:] if piece[:1] in ("Ġ", "▁") else piece
-      if (len(word) >= min_chars and word.isascii() and word.isalpha()
-          and word.islower() and word not in seen
-          and word not in reserved):
+      if (
+        len(word) >= min_chars
+        and word.isascii()
+        and word.isalpha()
+        and word.islower()
+        and word not in seen
+        and word not in reserved
+      ):
         seen.add(word)
         candidates.append(word)
     need = vocab.num_keys + vocab.num_values + vocab.num_filler
     chosen = []
     for i in range(0, len(candidates), 1024):
-      chunk = candidates[i:i + 1024]
+      chunk = candidates[i : i + 1024]
       counts = _probe(tok, markers_only.query, chunk)[0]
       chosen.extend(w for w, n in zip(chunk, counts) if n == 1)
       if len(chosen) >= need:
         break
     if len(chosen) < need:
       raise ValueError(
-          f"the tokenizer has {len(chosen)} single-token lowercase words of "
-          f">= {min_chars} letters, the vocabulary needs {need} (keys, "
-          "values, fillers); lower min_chars or pass your own Words.")
+        f"the tokenizer has {len(chosen)} single-token lowercase words of "
+        f">= {min_chars} letters, the vocabulary needs {need} (keys, "
+        "values, fillers); lower min_chars or pass your own Words."
+      )
     roles = {"keys": [], "values": [], "fillers": []}
-    sizes = {"keys": vocab.num_keys, "values": vocab.num_values,
-             "fillers": vocab.num_filler}
+    sizes = {
+      "keys": vocab.num_keys,
+      "values": vocab.num_values,
+      "fillers": vocab.num_filler,
+    }
     order = list(roles)
     turn = 0
     for word in chosen[:need]:
@@ -256,8 +291,13 @@ class Words:
         turn += 1
       roles[order[turn % 3]].append(word)
       turn += 1
-    return cls(vocab, tuple(roles["fillers"]), tuple(roles["keys"]),
-               tuple(roles["values"]), **markers)
+    return cls(
+      vocab,
+      tuple(roles["fillers"]),
+      tuple(roles["keys"]),
+      tuple(roles["values"]),
+      **markers,
+    )
 
 
 DEFAULT_WORDS = Words.names(VOCAB)
@@ -305,8 +345,10 @@ def _token_content(value) -> str | None:
   if isinstance(value, dict):
     value = value.get("content")
   if value is not None and not isinstance(value, str):
-    raise ValueError(f"a special token must be a string, an object with "
-                     f"'content' or null, got {value!r}.")
+    raise ValueError(
+      f"a special token must be a string, an object with "
+      f"'content' or null, got {value!r}."
+    )
   return value
 
 
@@ -345,19 +387,23 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
   if not os.path.exists(path):
     hint = ""
     if os.path.exists(os.path.join(checkpoint_dir, "tokenizer.model")):
-      hint = (" It has a SentencePiece tokenizer.model, which kvjax does not "
-              "read: save the fast tokenizer (tokenizer.json) with "
-              "transformers once, elsewhere.")
+      hint = (
+        " It has a SentencePiece tokenizer.model, which kvjax does not "
+        "read: save the fast tokenizer (tokenizer.json) with "
+        "transformers once, elsewhere."
+      )
     raise FileNotFoundError(
-        f"{checkpoint_dir!r} has no tokenizer.json: its task batches cannot "
-        f"be written in the checkpoint's vocabulary.{hint}")
+      f"{checkpoint_dir!r} has no tokenizer.json: its task batches cannot "
+      f"be written in the checkpoint's vocabulary.{hint}"
+    )
   tok = tokenizers.Tokenizer.from_file(path)
   tok.no_truncation()
   tok.no_padding()
   config = _read_json(os.path.join(checkpoint_dir, "tokenizer_config.json"))
   special = dict(config)
-  special.update(_read_json(os.path.join(checkpoint_dir,
-                                         "special_tokens_map.json")))
+  special.update(
+    _read_json(os.path.join(checkpoint_dir, "special_tokens_map.json"))
+  )
 
   def token_id(name):
     content = _token_content(special.get(name))
@@ -365,9 +411,11 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
       return None
     token = tok.token_to_id(content)
     if token is None:
-      raise ValueError(f"{name}={content!r} is named by the configs of "
-                       f"{checkpoint_dir!r} but tokenizer.json has no such "
-                       "token.")
+      raise ValueError(
+        f"{name}={content!r} is named by the configs of "
+        f"{checkpoint_dir!r} but tokenizer.json has no such "
+        "token."
+      )
     return token
 
   bos_id = token_id("bos_token")
@@ -381,17 +429,23 @@ def load_tokenizer(checkpoint_dir: str) -> CheckpointTokenizer:
   max_len = config.get("model_max_length")
   if not isinstance(max_len, (int, float)) or max_len >= _NO_LIMIT:
     max_len = None
-  return CheckpointTokenizer(tok, bos_id=bos_id, eos_id=token_id("eos_token"),
-                             pad_id=token_id("pad_token"),
-                             max_len=None if max_len is None else int(max_len),
-                             path=checkpoint_dir)
+  return CheckpointTokenizer(
+    tok,
+    bos_id=bos_id,
+    eos_id=token_id("eos_token"),
+    pad_id=token_id("pad_token"),
+    max_len=None if max_len is None else int(max_len),
+    path=checkpoint_dir,
+  )
 
 
 def _unwrap(tokenizer) -> tokenizers.Tokenizer:
   if isinstance(tokenizer, CheckpointTokenizer):
     return tokenizer.tokenizer
-  raise TypeError(f"tokenizer must be a CheckpointTokenizer (see "
-                  f"load_tokenizer), got {type(tokenizer).__name__}.")
+  raise TypeError(
+    f"tokenizer must be a CheckpointTokenizer (see "
+    f"load_tokenizer), got {type(tokenizer).__name__}."
+  )
 
 
 # --------------------------------------------------------------------------
@@ -414,17 +468,22 @@ def _char_spans(words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def _forbidden_ids(tok: tokenizers.Tokenizer) -> dict[int, str]:
   """Tokens a word must never become: special added tokens and the model's
   unknown token (both lose what the word said)."""
-  out = {i: t.content for i, t in tok.get_added_tokens_decoder().items()
-         if t.special}
+  out = {
+    i: t.content for i, t in tok.get_added_tokens_decoder().items() if t.special
+  }
   unk = getattr(tok.model, "unk_token", None)
   if unk is not None and tok.token_to_id(unk) is not None:
     out[tok.token_to_id(unk)] = unk
   return out
 
 
-def _word_tokens(encoding, words: Sequence[str], text: str,
-                 forbidden: dict[int, str], where: str
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _word_tokens(
+  encoding,
+  words: Sequence[str],
+  text: str,
+  forbidden: dict[int, str],
+  where: str,
+) -> tuple[np.ndarray, np.ndarray]:
   """[W] first token and one past the last token of every word of `text`.
 
   A token belongs to the words its character offsets overlap: none (it
@@ -445,11 +504,12 @@ def _word_tokens(encoding, words: Sequence[str], text: str,
   if merged.size:
     t = int(merged[0])
     raise ValueError(
-        f"{where}: token {encoding.tokens[t]!r} (characters "
-        f"{t0[t]}..{t1[t]}) spans the words {words[lo[t]]!r} and "
-        f"{words[lo[t] + 1]!r}: those positions would share one token. "
-        "The tokenizer merges across spaces; use one that splits on "
-        "whitespace or other words.")
+      f"{where}: token {encoding.tokens[t]!r} (characters "
+      f"{t0[t]}..{t1[t]}) spans the words {words[lo[t]]!r} and "
+      f"{words[lo[t] + 1]!r}: those positions would share one token. "
+      "The tokenizer merges across spaces; use one that splits on "
+      "whitespace or other words."
+    )
   owner = np.where(lo == hi, lo, -1)  # [num_tokens] word index or -1
   owned = owner[owner >= 0]
   if np.any(np.diff(owned) < 0):
@@ -457,9 +517,11 @@ def _word_tokens(encoding, words: Sequence[str], text: str,
   count = np.bincount(owned, minlength=len(words))
   if np.any(count == 0):
     w = int(np.argmin(count))
-    raise ValueError(f"{where}: the word {words[w]!r} got no token (are "
-                     "its characters unknown to the tokenizer, or was the "
-                     "text truncated?).")
+    raise ValueError(
+      f"{where}: the word {words[w]!r} got no token (are "
+      "its characters unknown to the tokenizer, or was the "
+      "text truncated?)."
+    )
   index = np.flatnonzero(owner >= 0)
   first = np.full(len(words), len(owner), np.int64)
   np.minimum.at(first, owned, index)
@@ -471,21 +533,26 @@ def _word_tokens(encoding, words: Sequence[str], text: str,
   uncovered = (t0[first] > starts) | (t1[last] < ends)
   if gap.any() or uncovered.any():
     w = int(owned[1:][gap][0]) if gap.any() else int(np.argmax(uncovered))
-    raise ValueError(f"{where}: characters of the word {words[w]!r} are in "
-                     "none of its tokens (did the tokenizer drop characters "
-                     "it cannot encode?).")
+    raise ValueError(
+      f"{where}: characters of the word {words[w]!r} are in "
+      "none of its tokens (did the tokenizer drop characters "
+      "it cannot encode?)."
+    )
   ids = np.asarray(encoding.ids, np.int64)
   bad = np.flatnonzero(np.isin(ids, list(forbidden)) & (owner >= 0))
   if bad.size:
     t = int(bad[0])
-    raise ValueError(f"{where}: the word {words[owner[t]]!r} became the "
-                     f"special or unknown token {forbidden[int(ids[t])]!r}, "
-                     "which loses what it said; choose other words.")
+    raise ValueError(
+      f"{where}: the word {words[owner[t]]!r} became the "
+      f"special or unknown token {forbidden[int(ids[t])]!r}, "
+      "which loses what it said; choose other words."
+    )
   return first, last + 1
 
 
-def _probe(tok: tokenizers.Tokenizer, lead: str, words: Sequence[str]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _probe(
+  tok: tokenizers.Tokenizer, lead: str, words: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
   """Tokens of `words` as a row writes them (after a space, behind `lead`).
 
   Returns:
@@ -496,8 +563,9 @@ def _probe(tok: tokenizers.Tokenizer, lead: str, words: Sequence[str]
   probe = [lead, *words]
   text = _join(probe)
   encoding = tok.encode(text, add_special_tokens=False)
-  first, end = _word_tokens(encoding, probe, text, _forbidden_ids(tok),
-                            "word table")
+  first, end = _word_tokens(
+    encoding, probe, text, _forbidden_ids(tok), "word table"
+  )
   first_id = np.asarray(encoding.ids, np.int64)[first]
   return np.diff(end), first_id[1:]
 
@@ -511,34 +579,39 @@ def _first_ids(tok: tokenizers.Tokenizer, words: Words) -> np.ndarray:
       the other.
   """
   vocab = words.vocab
-  ids = np.concatenate([
+  ids = np.concatenate(
+    [
       [QUERY, ARROW, UNKNOWN],
       np.arange(vocab.num_filler) + vocab.filler_start,
       np.arange(vocab.num_keys) + vocab.key_start,
-      np.arange(vocab.num_values) + vocab.value_start]).astype(np.int64)
+      np.arange(vocab.num_values) + vocab.value_start,
+    ]
+  ).astype(np.int64)
   all_words = words.all_words  # the same order
   _, first_id = _probe(tok, words.query, all_words)
   is_answer = vocab.is_key(ids) | vocab.is_value(ids) | (ids == UNKNOWN)
-  _, inverse, counts = np.unique(first_id, return_inverse=True,
-                                 return_counts=True)
+  _, inverse, counts = np.unique(
+    first_id, return_inverse=True, return_counts=True
+  )
   shared = np.flatnonzero(is_answer & (counts[inverse] > 1))
   if shared.size:
     i = int(shared[0])
-    j = int(next(k for k in np.flatnonzero(first_id == first_id[i])
-                 if k != i))
+    j = int(next(k for k in np.flatnonzero(first_id == first_id[i]) if k != i))
     raise ValueError(
-        f"the answer word {all_words[i]!r} and the word {all_words[j]!r} "
-        f"both start with the token {tok.id_to_token(int(first_id[i]))!r}: "
-        "answers are scored by their first token, which could not tell "
-        "them apart. Use words whose first tokens differ, e.g. "
-        "Words.from_tokenizer(tokenizer).")
+      f"the answer word {all_words[i]!r} and the word {all_words[j]!r} "
+      f"both start with the token {tok.id_to_token(int(first_id[i]))!r}: "
+      "answers are scored by their first token, which could not tell "
+      "them apart. Use words whose first tokens differ, e.g. "
+      "Words.from_tokenizer(tokenizer)."
+    )
   table = np.full(vocab.size, -1, np.int64)
   table[ids] = first_id
   return table
 
 
-def _single_token_fillers(tok: tokenizers.Tokenizer,
-                          words: Words) -> tuple[str, ...]:
+def _single_token_fillers(
+  tok: tokenizers.Tokenizer, words: Words
+) -> tuple[str, ...]:
   count, _ = _probe(tok, words.query, words.fillers)
   return tuple(w for w, n in zip(words.fillers, count) if n == 1)
 
@@ -599,8 +672,7 @@ def render(batch: TaskBatch, words: Words = DEFAULT_WORDS) -> list[str]:
       or BOS inside a row, reserved ids, ids outside `words.vocab`).
   """
   _check_batch(batch)
-  return [_join(_row_words(batch, b, words))
-          for b in range(batch.batch_size)]
+  return [_join(_row_words(batch, b, words)) for b in range(batch.batch_size)]
 
 
 def _check_batch(batch):
@@ -611,16 +683,25 @@ def _check_batch(batch):
 def _check_size(name, value):
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < 1):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or (value < 1)
+  ):
     raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
   return int(value)
 
 
-def tokenize(batch: TaskBatch, tokenizer: CheckpointTokenizer, *,
-             words: Words = DEFAULT_WORDS, critical: str = "all",
-             context_len: int | None = None, total_len: int | None = None,
-             max_len: int | None = None) -> TextBatch:
+def tokenize(
+  batch: TaskBatch,
+  tokenizer: CheckpointTokenizer,
+  *,
+  words: Words = DEFAULT_WORDS,
+  critical: str = "all",
+  context_len: int | None = None,
+  total_len: int | None = None,
+  max_len: int | None = None,
+) -> TextBatch:
   """Renders `batch` as text and encodes it with the checkpoint's tokenizer.
 
   Every position-bearing field is mapped through the tokens' character
@@ -663,9 +744,11 @@ def tokenize(batch: TaskBatch, tokenizer: CheckpointTokenizer, *,
   if max_len is None:
     max_len = tokenizer.max_len
   if tok.truncation is not None or tok.padding is not None:
-    raise ValueError("the tokenizer truncates or pads, which would cut or "
-                     "shift rows; call no_truncation() and no_padding() "
-                     "(load_tokenizer does).")
+    raise ValueError(
+      "the tokenizer truncates or pads, which would cut or "
+      "shift rows; call no_truncation() and no_padding() "
+      "(load_tokenizer does)."
+    )
   forbidden = _forbidden_ids(tok)
   if tokenizer.bos_id is not None:
     forbidden.setdefault(tokenizer.bos_id, tok.id_to_token(tokenizer.bos_id))
@@ -679,16 +762,17 @@ def tokenize(batch: TaskBatch, tokenizer: CheckpointTokenizer, *,
   query = [int(batch.context_end[b]) - 1 for b in range(B)]  # word index
   for b in range(B):
     if not 0 <= query[b] < len(rows[b]):
-      raise ValueError(f"row {b}: context_end={batch.context_end[b]} is not "
-                       "a position of the row.")
+      raise ValueError(
+        f"row {b}: context_end={batch.context_end[b]} is not "
+        "a position of the row."
+      )
 
   def encode(indices):
     texts = [_join(rows[b]) for b in indices]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
     out = {}
     for b, text, encoding in zip(indices, texts, encodings):
-      first, end = _word_tokens(encoding, rows[b], text, forbidden,
-                                f"row {b}")
+      first, end = _word_tokens(encoding, rows[b], text, forbidden, f"row {b}")
       out[b] = (text, encoding, first, end)
     return out
 
@@ -697,41 +781,55 @@ def tokenize(batch: TaskBatch, tokenizer: CheckpointTokenizer, *,
   target = int(context.max()) if context_len is None else context_len
   if context.max() > target:
     b = int(np.argmax(context))
-    raise ValueError(f"row {b}'s context is {context[b]} tokens, more than "
-                     f"context_len={target}.")
+    raise ValueError(
+      f"row {b}'s context is {context[b]} tokens, more than "
+      f"context_len={target}."
+    )
   short = [b for b in range(B) if context[b] < target]
   if short:
     pads = _single_token_fillers(tok, words)
     if not pads:
-      raise ValueError("rows encode their contexts to different numbers of "
-                       "tokens and no filler word is a single token to "
-                       "equalize them with; choose words with one.")
+      raise ValueError(
+        "rows encode their contexts to different numbers of "
+        "tokens and no filler word is a single token to "
+        "equalize them with; choose words with one."
+      )
     for b in short:
       extra = target - int(context[b])
       padding = [pads[i % len(pads)] for i in range(extra)]
-      rows[b][query[b]:query[b]] = padding
-      origins[b] = np.concatenate([origins[b][:query[b]],
-                                   np.full(extra, -1, np.int64),
-                                   origins[b][query[b]:]])
+      rows[b][query[b] : query[b]] = padding
+      origins[b] = np.concatenate(
+        [
+          origins[b][: query[b]],
+          np.full(extra, -1, np.int64),
+          origins[b][query[b] :],
+        ]
+      )
       query[b] += extra
     encoded.update(encode(short))
     for b in short:
       got = n_bos + int(encoded[b][2][query[b]])
       if got != target:
-        raise ValueError(f"row {b}: padding the context with single-token "
-                         f"filler gave {got} tokens, not {target} (the "
-                         "tokenizer encodes words depending on context).")
+        raise ValueError(
+          f"row {b}: padding the context with single-token "
+          f"filler gave {got} tokens, not {target} (the "
+          "tokenizer encodes words depending on context)."
+        )
 
   lengths = np.array([n_bos + len(encoded[b][1].ids) for b in range(B)])
   longest = int(lengths.max())
   if max_len is not None and longest > max_len:
     b = int(np.argmax(lengths))
-    raise ValueError(f"row {b} is {longest} tokens, longer than the model's "
-                     f"context max_len={max_len}; use a shorter context_len.")
+    raise ValueError(
+      f"row {b} is {longest} tokens, longer than the model's "
+      f"context max_len={max_len}; use a shorter context_len."
+    )
   T = longest if total_len is None else total_len
   if longest > T:
-    raise ValueError(f"row {int(np.argmax(lengths))} is {longest} tokens, "
-                     f"more than total_len={T}.")
+    raise ValueError(
+      f"row {int(np.argmax(lengths))} is {longest} tokens, "
+      f"more than total_len={T}."
+    )
 
   pad_id = 0 if tokenizer.pad_id is None else tokenizer.pad_id
   tokens = np.full((B, T), pad_id, np.int32)
@@ -752,59 +850,75 @@ def tokenize(batch: TaskBatch, tokenizer: CheckpointTokenizer, *,
     token_start[b, origins[b][kept]] = first[kept] + n_bos
     token_end[b, origins[b][kept]] = after[kept] + n_bos
     start, end = token_start[b], token_end[b]
-    for p in np.flatnonzero(batch.loss_mask[b, :batch.lengths[b]]):
-      loss_mask[b, start[p]:end[p]] = True
+    for p in np.flatnonzero(batch.loss_mask[b, : batch.lengths[b]]):
+      loss_mask[b, start[p] : end[p]] = True
     for a in np.flatnonzero(batch.answer_positions[b] >= 0):
       p = int(batch.answer_positions[b, a])
       token_id = int(tokens[b, start[p]])
       expected = first_of[batch.tokens[b, p]]
-      if not (words.vocab.is_key(batch.tokens[b, p])
-              or words.vocab.is_value(batch.tokens[b, p])
-              or batch.tokens[b, p] == UNKNOWN):
-        raise ValueError(f"row {b}: answer {a} is the private id "
-                         f"{batch.tokens[b, p]}, not a key, value or "
-                         "UNKNOWN.")
+      if not (
+        words.vocab.is_key(batch.tokens[b, p])
+        or words.vocab.is_value(batch.tokens[b, p])
+        or batch.tokens[b, p] == UNKNOWN
+      ):
+        raise ValueError(
+          f"row {b}: answer {a} is the private id "
+          f"{batch.tokens[b, p]}, not a key, value or "
+          "UNKNOWN."
+        )
       if token_id != expected:
         raise ValueError(
-            f"row {b}: the answer {words.word(batch.tokens[b, p])!r} starts "
-            f"with token {token_id} in the row but {expected} alone: the "
-            "tokenizer encodes it depending on context, so its first "
-            "token would not identify it.")
+          f"row {b}: the answer {words.word(batch.tokens[b, p])!r} starts "
+          f"with token {token_id} in the row but {expected} alone: the "
+          "tokenizer encodes it depending on context, so its first "
+          "token would not identify it."
+        )
       answer_positions[b, a] = start[p]
       answers[b, a] = token_id
     positions = batch.critical_positions[b]
     positions = positions[positions >= 0]
     if critical == "all":
-      critical_rows.append(np.concatenate(
+      critical_rows.append(
+        np.concatenate(
           [np.arange(start[p], end[p]) for p in positions]
-          + [np.zeros(0, np.int64)]))
+          + [np.zeros(0, np.int64)]
+        )
+      )
     else:
       critical_rows.append(end[positions] - 1)
   width = max([len(c) for c in critical_rows] + [0])
   critical_positions = np.full((B, width), -1, np.int32)
   for b, c in enumerate(critical_rows):
-    critical_positions[b, :len(c)] = c
+    critical_positions[b, : len(c)] = c
 
   answer_start = np.where(
-      batch.answer_start >= 0,
-      token_start[np.arange(B), np.maximum(batch.answer_start, 0)], -1)
-  out = TaskBatch(
-      tokens=tokens,
-      lengths=lengths.astype(np.int32),
-      context_end=np.full(B, target, np.int32),
-      answer_start=answer_start.astype(np.int32),
-      answer_positions=answer_positions,
-      answers=answers,
-      loss_mask=loss_mask,
-      critical_positions=critical_positions,
-      task_ids=np.asarray(batch.task_ids, np.int32).copy(),
+    batch.answer_start >= 0,
+    token_start[np.arange(B), np.maximum(batch.answer_start, 0)],
+    -1,
   )
-  return TextBatch(out, tuple(encoded[b][0] for b in range(B)), token_start,
-                   token_end, int(first_of[UNKNOWN]))
+  out = TaskBatch(
+    tokens=tokens,
+    lengths=lengths.astype(np.int32),
+    context_end=np.full(B, target, np.int32),
+    answer_start=answer_start.astype(np.int32),
+    answer_positions=answer_positions,
+    answers=answers,
+    loss_mask=loss_mask,
+    critical_positions=critical_positions,
+    task_ids=np.asarray(batch.task_ids, np.int32).copy(),
+  )
+  return TextBatch(
+    out,
+    tuple(encoded[b][0] for b in range(B)),
+    token_start,
+    token_end,
+    int(first_of[UNKNOWN]),
+  )
 
 
-def tokenized_batch(batch: TaskBatch, tokenizer: CheckpointTokenizer,
-                    **kwargs) -> TaskBatch:
+def tokenized_batch(
+  batch: TaskBatch, tokenizer: CheckpointTokenizer, **kwargs
+) -> TaskBatch:
   """`tokenize(batch, tokenizer, **kwargs).batch`: the batch in the
   checkpoint's ids, for code that takes a generator's batch."""
   return tokenize(batch, tokenizer, **kwargs).batch

@@ -32,11 +32,11 @@ UNKNOWN = 4
 NUM_SPECIAL = 8  # ids 5..7 are reserved so new markers keep old ids valid.
 
 _SPECIAL_NAMES = {
-    PAD: "<pad>",
-    BOS: "<bos>",
-    QUERY: "<q>",
-    ARROW: "->",
-    UNKNOWN: "<unk>",
+  PAD: "<pad>",
+  BOS: "<bos>",
+  QUERY: "<q>",
+  ARROW: "->",
+  UNKNOWN: "<unk>",
 }
 
 
@@ -58,15 +58,13 @@ class Vocab:
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"Vocab.{name} must be an int, got {value!r}.")
     if self.num_filler < 1:
-      raise ValueError(
-          f"Vocab.num_filler must be >= 1, got {self.num_filler}."
-      )
+      raise ValueError(f"Vocab.num_filler must be >= 1, got {self.num_filler}.")
     minimum = NUM_SPECIAL + self.num_filler + 2
     if self.size < minimum:
       raise ValueError(
-          f"Vocab.size={self.size} leaves no key/value ids after "
-          f"{NUM_SPECIAL} specials and num_filler={self.num_filler}: "
-          f"need size >= {minimum}."
+        f"Vocab.size={self.size} leaves no key/value ids after "
+        f"{NUM_SPECIAL} specials and num_filler={self.num_filler}: "
+        f"need size >= {minimum}."
       )
 
   @property
@@ -112,7 +110,7 @@ class Vocab:
     token_id = int(token_id)
     if not 0 <= token_id < self.size:
       raise ValueError(
-          f"token_id={token_id} is outside the vocabulary [0, {self.size})."
+        f"token_id={token_id} is outside the vocabulary [0, {self.size})."
       )
     if token_id in _SPECIAL_NAMES:
       return _SPECIAL_NAMES[token_id]
@@ -131,11 +129,11 @@ VOCAB = Vocab()
 
 
 def render(
-    token_ids,
-    vocab: Vocab = VOCAB,
-    *,
-    collapse_filler: bool = True,
-    strip_padding: bool = True,
+  token_ids,
+  vocab: Vocab = VOCAB,
+  *,
+  collapse_filler: bool = True,
+  strip_padding: bool = True,
 ) -> str:
   """Turns token ids into readable text for debugging.
 
@@ -157,14 +155,13 @@ def render(
   ids = np.asarray(token_ids)
   if ids.ndim == 2:
     return "\n".join(
-        render(row, vocab, collapse_filler=collapse_filler,
-               strip_padding=strip_padding)
-        for row in ids
+      render(
+        row, vocab, collapse_filler=collapse_filler, strip_padding=strip_padding
+      )
+      for row in ids
     )
   if ids.ndim != 1:
-    raise ValueError(
-        f"token_ids must be [T] or [B, T], got shape {ids.shape}."
-    )
+    raise ValueError(f"token_ids must be [T] or [B, T], got shape {ids.shape}.")
   ids = [int(i) for i in ids]
   if strip_padding:
     while ids and ids[-1] == PAD:

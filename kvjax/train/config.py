@@ -50,7 +50,8 @@ def _fail(where: str, value: Any, allowed: str):
 
 def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(
-      value, (bool, np.bool_))
+    value, (bool, np.bool_)
+  )
 
 
 def _int(where: str, value, minimum: int = 0) -> int:
@@ -59,14 +60,22 @@ def _int(where: str, value, minimum: int = 0) -> int:
   return int(value)
 
 
-def _float(where: str, value, low: float = 0.0, high: float = math.inf,
-           high_open: bool = False, low_open: bool = False) -> float:
-  ok = ((_is_int(value) or isinstance(value, (float, np.floating)))
-        and math.isfinite(value))
+def _float(
+  where: str,
+  value,
+  low: float = 0.0,
+  high: float = math.inf,
+  high_open: bool = False,
+  low_open: bool = False,
+) -> float:
+  ok = (
+    _is_int(value) or isinstance(value, (float, np.floating))
+  ) and math.isfinite(value)
   if ok:
     number = float(value)
     ok = (number > low if low_open else number >= low) and (
-        number < high if high_open else number <= high)
+      number < high if high_open else number <= high
+    )
   if not ok:
     left, right = "(" if low_open else "[", ")" if high_open else "]"
     high_text = "inf)" if high == math.inf else f"{high:g}{right}"
@@ -76,17 +85,26 @@ def _float(where: str, value, low: float = 0.0, high: float = math.inf,
 
 def _optional(check: Callable[..., Any], **kwargs):
   """`check`, or None when the value is None."""
+
   def run(where, value):
     return None if value is None else check(where, value, **kwargs)
+
   return run
 
 
-def _ints(where: str, value, minimum: int = 1,
-          allowed: Sequence[int] | None = None) -> tuple[int, ...]:
-  what = (f"a non-empty sequence of values in {tuple(allowed)}" if allowed
-          else f"a non-empty sequence of ints >= {minimum}")
-  if isinstance(value, (str, bytes, Mapping)) or not isinstance(
-      value, (Sequence, np.ndarray)) or len(value) == 0:
+def _ints(
+  where: str, value, minimum: int = 1, allowed: Sequence[int] | None = None
+) -> tuple[int, ...]:
+  what = (
+    f"a non-empty sequence of values in {tuple(allowed)}"
+    if allowed
+    else f"a non-empty sequence of ints >= {minimum}"
+  )
+  if (
+    isinstance(value, (str, bytes, Mapping))
+    or not isinstance(value, (Sequence, np.ndarray))
+    or len(value) == 0
+  ):
     _fail(where, value, what)
   for v in value:
     if not _is_int(v) or v < minimum or (allowed and v not in allowed):
@@ -96,9 +114,12 @@ def _ints(where: str, value, minimum: int = 1,
 
 def _names(where: str, value, allowed: Sequence[str]) -> tuple[str, ...]:
   what = f"a non-empty sequence of names in {tuple(allowed)}"
-  if isinstance(value, (str, bytes, Mapping)) or not isinstance(
-      value, Sequence) or len(value) == 0 or any(
-          v not in allowed for v in value):
+  if (
+    isinstance(value, (str, bytes, Mapping))
+    or not isinstance(value, Sequence)
+    or len(value) == 0
+    or any(v not in allowed for v in value)
+  ):
     _fail(where, value, what)
   return tuple(str(v) for v in value)
 
@@ -117,17 +138,21 @@ def _choice(where: str, value, allowed: Sequence[str]) -> str:
 
 def _fractions(where: str, value) -> tuple[tuple[str, float], ...]:
   """Task -> share, kept in the given order (it breaks rounding ties)."""
-  what = (f"a mapping from tasks in {generators.TASK_NAMES} to finite "
-          "shares >= 0, at least one > 0")
+  what = (
+    f"a mapping from tasks in {generators.TASK_NAMES} to finite "
+    "shares >= 0, at least one > 0"
+  )
   try:
-    pairs = tuple(value.items() if isinstance(value, Mapping)
-                   else value)
+    pairs = tuple(value.items() if isinstance(value, Mapping) else value)
     pairs = tuple((name, share) for name, share in pairs)
   except (TypeError, ValueError):
     _fail(where, value, what)
   names = [name for name, _ in pairs]
-  if (not pairs or len(set(names)) != len(names)
-      or any(name not in generators.TASK_NAMES for name in names)):
+  if (
+    not pairs
+    or len(set(names)) != len(names)
+    or any(name not in generators.TASK_NAMES for name in names)
+  ):
     _fail(where, dict(pairs) if pairs else value, what)
   shares = tuple(_float(f"{where}[{name!r}]", share) for name, share in pairs)
   if not any(shares):
@@ -137,9 +162,11 @@ def _fractions(where: str, value) -> tuple[tuple[str, float], ...]:
 
 def _steps(where: str, value) -> tuple[int, ...]:
   """A possibly empty sequence of steps >= 1."""
-  if isinstance(value, (str, bytes, Mapping)) or not isinstance(
-      value, (Sequence, np.ndarray)) or not all(
-          _is_int(v) and v >= 1 for v in value):
+  if (
+    isinstance(value, (str, bytes, Mapping))
+    or not isinstance(value, (Sequence, np.ndarray))
+    or not all(_is_int(v) and v >= 1 for v in value)
+  ):
     _fail(where, value, "a sequence of steps (ints >= 1)")
   return tuple(int(v) for v in value)
 
@@ -151,12 +178,17 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _check_keys(where: str, given: Sequence[str], allowed: Sequence[str],
-                required: Sequence[str] = ()):
+def _check_keys(
+  where: str,
+  given: Sequence[str],
+  allowed: Sequence[str],
+  required: Sequence[str] = (),
+):
   unknown = sorted(set(given) - set(allowed))
   if unknown:
-    raise ValueError(f"{where} has unknown field(s) {unknown}; allowed: "
-                     f"{sorted(allowed)}.")
+    raise ValueError(
+      f"{where} has unknown field(s) {unknown}; allowed: {sorted(allowed)}."
+    )
   missing = [name for name in required if name not in given]
   if missing:
     raise ValueError(f"{where} is missing the required field(s) {missing}.")
@@ -241,13 +273,16 @@ class Mixture(_Config):
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      value = _MIXTURE_CHECKS[field.name](f"Mixture.{field.name}",
-                                          getattr(self, field.name))
+      value = _MIXTURE_CHECKS[field.name](
+        f"Mixture.{field.name}", getattr(self, field.name)
+      )
       object.__setattr__(self, field.name, value)
     if self.copy_fraction + self.chain_fraction >= 1:
-      _fail("Mixture.copy_fraction + chain_fraction",
-            self.copy_fraction + self.chain_fraction,
-            "< 1 (task rows must remain)")
+      _fail(
+        "Mixture.copy_fraction + chain_fraction",
+        self.copy_fraction + self.chain_fraction,
+        "< 1 (task rows must remain)",
+      )
 
   @property
   def tasks(self) -> tuple[str, ...]:
@@ -261,21 +296,25 @@ class Mixture(_Config):
     `mqar_pairs` and `mqar_placements`.
     """
     return {
-        "mqar": {},
-        "needle": {"num_distractors": self.needle_distractors},
-        "multihop": {
-            "hops": self.multihop_hops,
-            "num_distractor_chains": self.multihop_distractor_chains,
-            "walk": self.multihop_walk},
-        "overwrite": {"num_writes": self.overwrite_writes,
-                      "num_distractors": self.overwrite_distractors},
-        "abstention": {"num_distractors": self.abstention_distractors},
+      "mqar": {},
+      "needle": {"num_distractors": self.needle_distractors},
+      "multihop": {
+        "hops": self.multihop_hops,
+        "num_distractor_chains": self.multihop_distractor_chains,
+        "walk": self.multihop_walk,
+      },
+      "overwrite": {
+        "num_writes": self.overwrite_writes,
+        "num_distractors": self.overwrite_distractors,
+      },
+      "abstention": {"num_distractors": self.abstention_distractors},
     }[_choice("task", task, generators.TASK_NAMES)]
 
   def to_dict(self) -> dict[str, Any]:
     """The fields as JSON-able values (`task_fractions` a dict)."""
-    return {name: _plain_field(name, getattr(self, name))
-            for name in MIXTURE_FIELDS}
+    return {
+      name: _plain_field(name, getattr(self, name)) for name in MIXTURE_FIELDS
+    }
 
 
 def _fraction_check(where, value):
@@ -283,27 +322,28 @@ def _fraction_check(where, value):
 
 
 _MIXTURE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "tokens_per_step": lambda w, v: _int(w, v, 1),
-    "task_fractions": _fractions,
-    "mqar_pairs": lambda w, v: _ints(w, v, 1),
-    "mqar_placements": lambda w, v: _names(w, v, generators.MQAR_PLACEMENTS),
-    "multihop_hops": lambda w, v: _ints(w, v, allowed=generators.HOPS),
-    "multihop_walk": _bool,
-    "multihop_distractor_chains": lambda w, v: _int(w, v, 0),
-    "needle_distractors": lambda w, v: _int(w, v, 0),
-    "overwrite_writes": lambda w, v: _int(w, v, 2),
-    "overwrite_distractors": lambda w, v: _int(w, v, 0),
-    "abstention_distractors": lambda w, v: _int(w, v, 0),
-    "copy_fraction": _fraction_check,
-    "chain_fraction": _fraction_check,
-    "chain_count": lambda w, v: _int(w, v, 1),
-    "chain_hops": lambda w, v: _ints(w, v, allowed=generators.HOPS),
-    "chain_queries": _optional(_int, minimum=1),
-    "chain_key_ends": lambda w, v: _float(w, v, 0.0, 1.0),
-    "lens_weight": lambda w, v: _float(w, v, 0.0),
+  "tokens_per_step": lambda w, v: _int(w, v, 1),
+  "task_fractions": _fractions,
+  "mqar_pairs": lambda w, v: _ints(w, v, 1),
+  "mqar_placements": lambda w, v: _names(w, v, generators.MQAR_PLACEMENTS),
+  "multihop_hops": lambda w, v: _ints(w, v, allowed=generators.HOPS),
+  "multihop_walk": _bool,
+  "multihop_distractor_chains": lambda w, v: _int(w, v, 0),
+  "needle_distractors": lambda w, v: _int(w, v, 0),
+  "overwrite_writes": lambda w, v: _int(w, v, 2),
+  "overwrite_distractors": lambda w, v: _int(w, v, 0),
+  "abstention_distractors": lambda w, v: _int(w, v, 0),
+  "copy_fraction": _fraction_check,
+  "chain_fraction": _fraction_check,
+  "chain_count": lambda w, v: _int(w, v, 1),
+  "chain_hops": lambda w, v: _ints(w, v, allowed=generators.HOPS),
+  "chain_queries": _optional(_int, minimum=1),
+  "chain_key_ends": lambda w, v: _float(w, v, 0.0, 1.0),
+  "lens_weight": lambda w, v: _float(w, v, 0.0),
 }
 MIXTURE_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(Mixture))
+  f.name for f in dataclasses.fields(Mixture)
+)
 """The fields of a Mixture, which a Phase may override."""
 
 
@@ -335,17 +375,30 @@ class Phase(_Config):
 
   def __post_init__(self):
     object.__setattr__(self, "until", _int("Phase.until", self.until, 1))
-    object.__setattr__(self, "context_lens",
-                       _ints("Phase.context_lens", self.context_lens, 1))
+    object.__setattr__(
+      self, "context_lens", _ints("Phase.context_lens", self.context_lens, 1)
+    )
     overrides = self.overrides
-    overrides = dict(overrides.items() if isinstance(overrides, Mapping)
-                     else overrides)
-    _check_keys(f"Phase(until={self.until}).overrides", list(overrides),
-                MIXTURE_FIELDS)
-    object.__setattr__(self, "overrides", tuple(
-        (name, _MIXTURE_CHECKS[name](f"Phase(until={self.until}).{name}",
-                                     overrides[name]))
-        for name in MIXTURE_FIELDS if name in overrides))
+    overrides = dict(
+      overrides.items() if isinstance(overrides, Mapping) else overrides
+    )
+    _check_keys(
+      f"Phase(until={self.until}).overrides", list(overrides), MIXTURE_FIELDS
+    )
+    object.__setattr__(
+      self,
+      "overrides",
+      tuple(
+        (
+          name,
+          _MIXTURE_CHECKS[name](
+            f"Phase(until={self.until}).{name}", overrides[name]
+          ),
+        )
+        for name in MIXTURE_FIELDS
+        if name in overrides
+      ),
+    )
 
   def mixture(self, default: Mixture) -> Mixture:
     """`default` with this phase's overrides."""
@@ -359,16 +412,22 @@ class Phase(_Config):
       ValueError: a missing or bad field.
     """
     d = dict(d)
-    _check_keys("phase", list(d), ("until", "context_lens", *MIXTURE_FIELDS),
-                ("until", "context_lens"))
+    _check_keys(
+      "phase",
+      list(d),
+      ("until", "context_lens", *MIXTURE_FIELDS),
+      ("until", "context_lens"),
+    )
     until, context_lens = d.pop("until"), d.pop("context_lens")
     return cls(until=until, context_lens=context_lens, overrides=d)
 
   def to_dict(self) -> dict[str, Any]:
     """`{"until", "context_lens", **overrides}`, JSON-able."""
-    return {"until": self.until, "context_lens": list(self.context_lens),
-            **{name: _plain_field(name, value)
-               for name, value in self.overrides}}
+    return {
+      "until": self.until,
+      "context_lens": list(self.context_lens),
+      **{name: _plain_field(name, value) for name, value in self.overrides},
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -395,9 +454,12 @@ class DataConfig(_Config):
 
   def __post_init__(self):
     phases = self.phases
-    if isinstance(phases, Phase) or not isinstance(
-        phases, Sequence) or not phases or not all(
-            isinstance(p, Phase) for p in phases):
+    if (
+      isinstance(phases, Phase)
+      or not isinstance(phases, Sequence)
+      or not phases
+      or not all(isinstance(p, Phase) for p in phases)
+    ):
       _fail("DataConfig.phases", phases, "a non-empty sequence of Phase")
     object.__setattr__(self, "phases", tuple(phases))
     if not isinstance(self.mixture, Mixture):
@@ -437,20 +499,27 @@ class DataConfig(_Config):
       ValueError: a missing or bad field.
     """
     d = dict(d)
-    _check_keys("data", list(d), ("phases", *MIXTURE_FIELDS),
-                ("phases", "tokens_per_step", "task_fractions",
-                 "mqar_pairs"))
+    _check_keys(
+      "data",
+      list(d),
+      ("phases", *MIXTURE_FIELDS),
+      ("phases", "tokens_per_step", "task_fractions", "mqar_pairs"),
+    )
     phases = d.pop("phases")
     if isinstance(phases, (str, bytes, Mapping)) or not isinstance(
-        phases, Sequence):
+      phases, Sequence
+    ):
       _fail("data.phases", phases, "a sequence of phase mappings")
-    return cls(phases=tuple(Phase.from_dict(p) for p in phases),
-               mixture=Mixture(**d))
+    return cls(
+      phases=tuple(Phase.from_dict(p) for p in phases), mixture=Mixture(**d)
+    )
 
   def to_dict(self) -> dict[str, Any]:
     """`{"phases": [...], **mixture fields}`, JSON-able."""
-    return {"phases": [p.to_dict() for p in self.phases],
-            **self.mixture.to_dict()}
+    return {
+      "phases": [p.to_dict() for p in self.phases],
+      **self.mixture.to_dict(),
+    }
 
 
 def _check_fits(where: str, context_len: int, mixture: Mixture):
@@ -467,11 +536,17 @@ def _check_fits(where: str, context_len: int, mixture: Mixture):
       _fail(where, context_len, f"lengths >= {needed} ({what})")
   if mixture.copy_fraction > 0 and context_len < 6:
     _fail(where, context_len, "lengths >= 6 (copy rows)")
-  if mixture.chain_fraction > 0 and (
-      context_len - 1) // (3 * max(mixture.chain_hops)) < 1:
+  if (
+    mixture.chain_fraction > 0
+    and (context_len - 1) // (3 * max(mixture.chain_hops)) < 1
+  ):
     needed = 1 + 3 * max(mixture.chain_hops)
-    _fail(where, context_len, f"lengths >= {needed} (one chain of "
-          f"chain_hops={mixture.chain_hops} per chain row)")
+    _fail(
+      where,
+      context_len,
+      f"lengths >= {needed} (one chain of "
+      f"chain_hops={mixture.chain_hops} per chain row)",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -516,26 +591,30 @@ class OptimizerConfig(_Config):
 
   def __post_init__(self):
     checks = {
-        "name": lambda w, v: _choice(w, v, optimizers.OPTIMIZERS),
-        "learning_rate": lambda w, v: _float(w, v, 0.0, low_open=True),
-        "adam_learning_rate": _optional(_float, low=0.0, low_open=True),
-        "weight_decay": lambda w, v: _float(w, v, 0.0),
-        "b1": lambda w, v: _float(w, v, 0.0, 1.0, high_open=True),
-        "b2": lambda w, v: _float(w, v, 0.0, 1.0, high_open=True),
-        "grad_clip": _optional(_float, low=0.0, low_open=True),
-        "warmup_steps": lambda w, v: _int(w, v, 0),
-        "decay_steps": lambda w, v: _int(w, v, 0),
-        "final_lr_fraction": lambda w, v: _float(w, v, 0.0, 1.0),
-        "restarts": _steps,
+      "name": lambda w, v: _choice(w, v, optimizers.OPTIMIZERS),
+      "learning_rate": lambda w, v: _float(w, v, 0.0, low_open=True),
+      "adam_learning_rate": _optional(_float, low=0.0, low_open=True),
+      "weight_decay": lambda w, v: _float(w, v, 0.0),
+      "b1": lambda w, v: _float(w, v, 0.0, 1.0, high_open=True),
+      "b2": lambda w, v: _float(w, v, 0.0, 1.0, high_open=True),
+      "grad_clip": _optional(_float, low=0.0, low_open=True),
+      "warmup_steps": lambda w, v: _int(w, v, 0),
+      "decay_steps": lambda w, v: _int(w, v, 0),
+      "final_lr_fraction": lambda w, v: _float(w, v, 0.0, 1.0),
+      "restarts": _steps,
     }
     for name, check in checks.items():
-      object.__setattr__(self, name,
-                         check(f"OptimizerConfig.{name}", getattr(self, name)))
+      object.__setattr__(
+        self, name, check(f"OptimizerConfig.{name}", getattr(self, name))
+      )
     if any(a >= b for a, b in itertools.pairwise(self.restarts)):
       _fail("OptimizerConfig.restarts", self.restarts, "increasing steps")
     if self.restarts and not self.decay_steps:
-      _fail("OptimizerConfig.restarts", self.restarts,
-            "() unless decay_steps > 0 (restarts are WSD cycles)")
+      _fail(
+        "OptimizerConfig.restarts",
+        self.restarts,
+        "() unless decay_steps > 0 (restarts are WSD cycles)",
+      )
 
   def make(self, total_steps: int):
     """The `optax.GradientTransformation` over `total_steps` steps.
@@ -544,12 +623,19 @@ class OptimizerConfig(_Config):
       ValueError: a schedule that does not fit total_steps.
     """
     return optimizers.make_optimizer(
-        self.name, learning_rate=self.learning_rate,
-        adam_learning_rate=self.adam_learning_rate, total_steps=total_steps,
-        warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
-        b1=self.b1, b2=self.b2, grad_clip=self.grad_clip,
-        final_lr_fraction=self.final_lr_fraction,
-        decay_steps=self.decay_steps, restarts=self.restarts)
+      self.name,
+      learning_rate=self.learning_rate,
+      adam_learning_rate=self.adam_learning_rate,
+      total_steps=total_steps,
+      warmup_steps=self.warmup_steps,
+      weight_decay=self.weight_decay,
+      b1=self.b1,
+      b2=self.b2,
+      grad_clip=self.grad_clip,
+      final_lr_fraction=self.final_lr_fraction,
+      decay_steps=self.decay_steps,
+      restarts=self.restarts,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -572,15 +658,16 @@ class EvalConfig(_Config):
 
   def __post_init__(self):
     checks = {
-        "every": lambda w, v: _int(w, v, 0),
-        "context_lens": lambda w, v: _ints(w, v, 1),
-        "num_examples": lambda w, v: _int(w, v, 1),
-        "seed": lambda w, v: _int(w, v, 0),
-        "mqar_pairs": _optional(_int, minimum=1),
+      "every": lambda w, v: _int(w, v, 0),
+      "context_lens": lambda w, v: _ints(w, v, 1),
+      "num_examples": lambda w, v: _int(w, v, 1),
+      "seed": lambda w, v: _int(w, v, 0),
+      "mqar_pairs": _optional(_int, minimum=1),
     }
     for name, check in checks.items():
-      object.__setattr__(self, name,
-                         check(f"EvalConfig.{name}", getattr(self, name)))
+      object.__setattr__(
+        self, name, check(f"EvalConfig.{name}", getattr(self, name))
+      )
 
 
 # --------------------------------------------------------------------------
@@ -588,21 +675,37 @@ class EvalConfig(_Config):
 
 # Flat key of the dict layout -> field of OptimizerConfig / EvalConfig.
 _OPTIMIZER_KEYS = {
-    "optimizer": "name", "learning_rate": "learning_rate",
-    "adam_learning_rate": "adam_learning_rate",
-    "weight_decay": "weight_decay", "b1": "b1", "b2": "b2",
-    "grad_clip": "grad_clip", "warmup_steps": "warmup_steps",
-    "decay_steps": "decay_steps", "final_lr_fraction": "final_lr_fraction",
-    "lr_restarts": "restarts",
+  "optimizer": "name",
+  "learning_rate": "learning_rate",
+  "adam_learning_rate": "adam_learning_rate",
+  "weight_decay": "weight_decay",
+  "b1": "b1",
+  "b2": "b2",
+  "grad_clip": "grad_clip",
+  "warmup_steps": "warmup_steps",
+  "decay_steps": "decay_steps",
+  "final_lr_fraction": "final_lr_fraction",
+  "lr_restarts": "restarts",
 }
 _EVAL_KEYS = {
-    "eval_every": "every", "eval_context_lens": "context_lens",
-    "eval_examples": "num_examples", "eval_seed": "seed",
-    "eval_mqar_pairs": "mqar_pairs",
+  "eval_every": "every",
+  "eval_context_lens": "context_lens",
+  "eval_examples": "num_examples",
+  "eval_seed": "seed",
+  "eval_mqar_pairs": "mqar_pairs",
 }
-_RUN_KEYS = ("model", "data", "total_steps", "seed", "init_std",
-             "init_out_std", "loss_on", "log_every", "checkpoint_every",
-             "max_checkpoints")
+_RUN_KEYS = (
+  "model",
+  "data",
+  "total_steps",
+  "seed",
+  "init_std",
+  "init_out_std",
+  "loss_on",
+  "log_every",
+  "checkpoint_every",
+  "max_checkpoints",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -641,33 +744,41 @@ class TrainConfig(_Config):
   evaluation: EvalConfig = EvalConfig()
 
   def __post_init__(self):
-    for name, kind in (("model", ModelConfig), ("data", DataConfig),
-                       ("optimizer", OptimizerConfig),
-                       ("evaluation", EvalConfig)):
+    for name, kind in (
+      ("model", ModelConfig),
+      ("data", DataConfig),
+      ("optimizer", OptimizerConfig),
+      ("evaluation", EvalConfig),
+    ):
       if not isinstance(getattr(self, name), kind):
-        _fail(f"TrainConfig.{name}", getattr(self, name),
-              f"a {kind.__name__}")
+        _fail(f"TrainConfig.{name}", getattr(self, name), f"a {kind.__name__}")
     checks = {
-        "total_steps": lambda w, v: _int(w, v, 1),
-        "seed": lambda w, v: _int(w, v, 0),
-        "init_std": lambda w, v: _float(w, v, 0.0, low_open=True),
-        "init_out_std": _optional(_float, low=0.0, low_open=True),
-        "loss_on": lambda w, v: _choice(w, v, losses.LOSS_ON),
-        "log_every": lambda w, v: _int(w, v, 1),
-        "checkpoint_every": lambda w, v: _int(w, v, 1),
-        "max_checkpoints": lambda w, v: _int(w, v, 1),
+      "total_steps": lambda w, v: _int(w, v, 1),
+      "seed": lambda w, v: _int(w, v, 0),
+      "init_std": lambda w, v: _float(w, v, 0.0, low_open=True),
+      "init_out_std": _optional(_float, low=0.0, low_open=True),
+      "loss_on": lambda w, v: _choice(w, v, losses.LOSS_ON),
+      "log_every": lambda w, v: _int(w, v, 1),
+      "checkpoint_every": lambda w, v: _int(w, v, 1),
+      "max_checkpoints": lambda w, v: _int(w, v, 1),
     }
     for name, check in checks.items():
-      object.__setattr__(self, name,
-                         check(f"TrainConfig.{name}", getattr(self, name)))
+      object.__setattr__(
+        self, name, check(f"TrainConfig.{name}", getattr(self, name))
+      )
     if self.model.vocab_size < VOCAB.size:
-      _fail("TrainConfig.model.vocab_size", self.model.vocab_size,
-            f">= {VOCAB.size}, the ids of kvjax.tasks.VOCAB")
+      _fail(
+        "TrainConfig.model.vocab_size",
+        self.model.vocab_size,
+        f">= {VOCAB.size}, the ids of kvjax.tasks.VOCAB",
+      )
     try:
       self.optimizer.make(self.total_steps)
     except ValueError as e:
-      raise ValueError(f"TrainConfig.optimizer does not fit total_steps="
-                       f"{self.total_steps}: {e}") from e
+      raise ValueError(
+        f"TrainConfig.optimizer does not fit total_steps="
+        f"{self.total_steps}: {e}"
+      ) from e
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -683,35 +794,56 @@ class TrainConfig(_Config):
       ValueError: an unknown, missing or bad field.
     """
     d = dict(d)
-    _check_keys("train config", list(d),
-                (*_RUN_KEYS, *_OPTIMIZER_KEYS, *_EVAL_KEYS),
-                ("model", "data", "total_steps", "learning_rate"))
-    optimizer = {field: d.pop(key) for key, field in _OPTIMIZER_KEYS.items()
-                 if key in d}
+    _check_keys(
+      "train config",
+      list(d),
+      (*_RUN_KEYS, *_OPTIMIZER_KEYS, *_EVAL_KEYS),
+      ("model", "data", "total_steps", "learning_rate"),
+    )
+    optimizer = {
+      field: d.pop(key) for key, field in _OPTIMIZER_KEYS.items() if key in d
+    }
     for field in ("grad_clip", "adam_learning_rate"):  # 0: none / default
       if field in optimizer and not optimizer[field]:
         optimizer[field] = None
-    evaluation = {field: d.pop(key) for key, field in _EVAL_KEYS.items()
-                  if key in d}
+    evaluation = {
+      field: d.pop(key) for key, field in _EVAL_KEYS.items() if key in d
+    }
     model = d.pop("model")
     if not isinstance(model, Mapping):
       _fail("model", model, "a mapping of ModelConfig fields")
     data = d.pop("data")
     if not isinstance(data, Mapping):
       _fail("data", data, "a mapping of DataConfig fields")
-    return cls(model=ModelConfig.from_dict(dict(model)),
-               data=DataConfig.from_dict(data),
-               optimizer=OptimizerConfig(**optimizer),
-               evaluation=EvalConfig(**evaluation), **d)
+    return cls(
+      model=ModelConfig.from_dict(dict(model)),
+      data=DataConfig.from_dict(data),
+      optimizer=OptimizerConfig(**optimizer),
+      evaluation=EvalConfig(**evaluation),
+      **d,
+    )
 
   def to_dict(self) -> dict[str, Any]:
     """The flat dict layout, JSON-able; `from_dict` inverts it."""
     out = {"model": self.model.to_dict()}
-    out.update({key: _plain(getattr(self.optimizer, field))
-                for key, field in _OPTIMIZER_KEYS.items()})
-    out.update({key: _plain(getattr(self, key)) for key in _RUN_KEYS
-                if key not in ("model", "data")})
+    out.update(
+      {
+        key: _plain(getattr(self.optimizer, field))
+        for key, field in _OPTIMIZER_KEYS.items()
+      }
+    )
+    out.update(
+      {
+        key: _plain(getattr(self, key))
+        for key in _RUN_KEYS
+        if key not in ("model", "data")
+      }
+    )
     out["data"] = self.data.to_dict()
-    out.update({key: _plain(getattr(self.evaluation, field))
-                for key, field in _EVAL_KEYS.items()})
+    out.update(
+      {
+        key: _plain(getattr(self.evaluation, field))
+        for key, field in _EVAL_KEYS.items()
+      }
+    )
     return out

@@ -44,23 +44,30 @@ def rows_per_task(mixture: Mixture, batch_size: int) -> dict[str, int]:
   Raises:
     ValueError: fewer rows than tasks.
   """
-  fractions = {name: share for name, share in mixture.task_fractions
-               if share > 0}
+  fractions = {
+    name: share for name, share in mixture.task_fractions if share > 0
+  }
   total = sum(fractions.values())
-  rows = {k: max(1, round(batch_size * v / total))
-          for k, v in fractions.items()}
+  rows = {
+    k: max(1, round(batch_size * v / total)) for k, v in fractions.items()
+  }
   # Give the rounding remainder to (or take it from) the largest task.
   largest = max(rows, key=rows.get)
   rows[largest] += batch_size - sum(rows.values())
   if rows[largest] < 1:
-    raise ValueError(f"batch_size={batch_size} is too small for "
-                     f"{len(rows)} tasks.")
+    raise ValueError(
+      f"batch_size={batch_size} is too small for {len(rows)} tasks."
+    )
   return rows
 
 
-def task_batch(data: DataConfig, seed: int, step: int,
-               context_len: int | None = None,
-               batch_size: int | None = None) -> TaskBatch:
+def task_batch(
+  data: DataConfig,
+  seed: int,
+  step: int,
+  context_len: int | None = None,
+  batch_size: int | None = None,
+) -> TaskBatch:
   """The TaskBatch of training step `step` (pure in seed, step).
 
   Args:
@@ -87,44 +94,66 @@ def task_batch(data: DataConfig, seed: int, step: int,
   copy_rows = round(B * mixture.copy_fraction)
   chain_rows = round(B * mixture.chain_fraction)
   if copy_rows + chain_rows >= B:
-    raise ValueError(f"copy_fraction + chain_fraction leave no task rows in "
-                     f"a batch of {B}.")
+    raise ValueError(
+      f"copy_fraction + chain_fraction leave no task rows in a batch of {B}."
+    )
   B -= copy_rows + chain_rows
   width = padded_length(mixture, context_len)
   pairs = [p for p in mixture.mqar_pairs if 2 * p + 1 <= context_len]
   parts = []
-  for i, (task, rows) in enumerate(sorted(rows_per_task(mixture,
-                                                        B).items())):
+  for i, (task, rows) in enumerate(sorted(rows_per_task(mixture, B).items())):
     params = mixture.generator_params(task)
     if task == "mqar":
       if not pairs:
         raise ValueError(f"no mqar_pairs fits context_len={context_len}.")
       placements = mixture.mqar_placements
-      params.update(num_pairs=pairs[rng.integers(len(pairs))],
-                    placement=placements[rng.integers(len(placements))])
-    parts.append(generators.make_batch(task, rows,
-                                       seed=(int(seed), int(step), i + 1),
-                                       context_len=context_len, **params))
+      params.update(
+        num_pairs=pairs[rng.integers(len(pairs))],
+        placement=placements[rng.integers(len(placements))],
+      )
+    parts.append(
+      generators.make_batch(
+        task,
+        rows,
+        seed=(int(seed), int(step), i + 1),
+        context_len=context_len,
+        **params,
+      )
+    )
   if copy_rows:
-    parts.append(copy_batch(copy_rows, context_len,
-                            seed=(int(seed), int(step), 0),
-                            max_copy=width - context_len - 1))
+    parts.append(
+      copy_batch(
+        copy_rows,
+        context_len,
+        seed=(int(seed), int(step), 0),
+        max_copy=width - context_len - 1,
+      )
+    )
   if chain_rows:
     # Questions take 4 tokens each, after the context.
     max_queries = (width - context_len) // 4
     if mixture.chain_queries is not None:
       max_queries = min(max_queries, mixture.chain_queries)
     hops = mixture.chain_hops
-    parts.append(chain_batch(
-        chain_rows, context_len, seed=(int(seed), int(step), 0, 1),
-        num_chains=min(mixture.chain_count,
-                       (context_len - 1) // (3 * max(hops))),
-        hops=hops, max_queries=max_queries, key_ends=mixture.chain_key_ends))
+    parts.append(
+      chain_batch(
+        chain_rows,
+        context_len,
+        seed=(int(seed), int(step), 0, 1),
+        num_chains=min(
+          mixture.chain_count, (context_len - 1) // (3 * max(hops))
+        ),
+        hops=hops,
+        max_queries=max_queries,
+        key_ends=mixture.chain_key_ends,
+      )
+    )
   return pad_batch(generators.concat_batches(parts), width)
 
 
-def copy_batch(batch_size: int, context_len: int, seed,
-               max_copy: int | None = None) -> TaskBatch:
+def copy_batch(
+  batch_size: int, context_len: int, seed, max_copy: int | None = None
+) -> TaskBatch:
   """Rows `BOS f.. s f.. QUERY s`: a random sequence s in filler, then s again.
 
   A training aid for the recall circuit, not a task of the suite: every
@@ -160,31 +189,46 @@ def copy_batch(batch_size: int, context_len: int, seed,
     ids = VOCAB.key_start + rng.choice(2 * VOCAB.num_keys, n, replace=False)
     start = int(rng.integers(1, context_len - n + 1))
     tokens[b, :context_len] = VOCAB.filler_start + rng.integers(
-        0, VOCAB.num_filler, context_len)
+      0, VOCAB.num_filler, context_len
+    )
     tokens[b, 0] = BOS
-    tokens[b, start:start + n] = ids
+    tokens[b, start : start + n] = ids
     tokens[b, context_len] = QUERY
-    tokens[b, context_len + 1:context_len + 1 + n] = ids
-    loss_mask[b, context_len + 2:context_len + 1 + n] = True
+    tokens[b, context_len + 1 : context_len + 1 + n] = ids
+    loss_mask[b, context_len + 2 : context_len + 1 + n] = True
     lengths[b] = context_len + 1 + n
-    answer_positions[b, :n - 1] = np.arange(context_len + 2,
-                                            context_len + 1 + n)
-  answers = np.where(answer_positions >= 0,
-                     np.take_along_axis(tokens, np.maximum(answer_positions,
-                                                           0), 1), PAD)
+    answer_positions[b, : n - 1] = np.arange(
+      context_len + 2, context_len + 1 + n
+    )
+  answers = np.where(
+    answer_positions >= 0,
+    np.take_along_axis(tokens, np.maximum(answer_positions, 0), 1),
+    PAD,
+  )
   full = lambda v: np.full((batch_size,), v, np.int32)
   return TaskBatch(
-      tokens=tokens, lengths=lengths, context_end=full(context_len),
-      answer_start=full(context_len + 2), answer_positions=answer_positions,
-      answers=answers.astype(np.int32), loss_mask=loss_mask,
-      critical_positions=np.full((batch_size, 0), -1, np.int32),
-      task_ids=full(COPY_TASK_ID))
+    tokens=tokens,
+    lengths=lengths,
+    context_end=full(context_len),
+    answer_start=full(context_len + 2),
+    answer_positions=answer_positions,
+    answers=answers.astype(np.int32),
+    loss_mask=loss_mask,
+    critical_positions=np.full((batch_size, 0), -1, np.int32),
+    task_ids=full(COPY_TASK_ID),
+  )
 
 
-def chain_batch(batch_size: int, context_len: int, seed, *,
-                num_chains: int = 4, hops: Sequence[int] = (2,),
-                max_queries: int | None = None,
-                key_ends: float = 0.0) -> TaskBatch:
+def chain_batch(
+  batch_size: int,
+  context_len: int,
+  seed,
+  *,
+  num_chains: int = 4,
+  hops: Sequence[int] = (2,),
+  max_queries: int | None = None,
+  key_ends: float = 0.0,
+) -> TaskBatch:
   """Rows of `num_chains` multi-hop chains, several asked: a dense aid.
 
   A training aid for multi-hop, not a task of the suite. A multihop row
@@ -216,25 +260,31 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
   if num_chains < 1:
     raise ValueError(f"num_chains must be >= 1, got {num_chains}.")
   if not hops or any(h not in generators.HOPS for h in hops):
-    raise ValueError(f"hops must be a non-empty sequence of values in "
-                     f"{generators.HOPS}, got {hops!r}.")
+    raise ValueError(
+      f"hops must be a non-empty sequence of values in "
+      f"{generators.HOPS}, got {hops!r}."
+    )
   if max_queries is not None and max_queries < 1:
     raise ValueError(f"max_queries must be >= 1, got {max_queries}.")
   if not 0.0 <= key_ends <= 1.0:
     raise ValueError(f"key_ends must be in [0, 1], got {key_ends}.")
   if 1 + 3 * num_chains * max(hops) > context_len:
     raise ValueError(
-        f"{num_chains} chains of up to {max(hops)} links (3 tokens each) "
-        f"do not fit in context_len={context_len} (BOS included).")
+      f"{num_chains} chains of up to {max(hops)} links (3 tokens each) "
+      f"do not fit in context_len={context_len} (BOS included)."
+    )
   if num_chains * (max(hops) + 1) > VOCAB.num_keys:
-    raise ValueError(f"{num_chains} chains of {max(hops)} links need more "
-                     f"than the {VOCAB.num_keys} key ids.")
+    raise ValueError(
+      f"{num_chains} chains of {max(hops)} links need more "
+      f"than the {VOCAB.num_keys} key ids."
+    )
   rng = np.random.default_rng(seed)
   q = num_chains if max_queries is None else min(num_chains, max_queries)
   T = context_len + 4 * q
   tokens = np.zeros((batch_size, T), np.int32)
-  answer_positions = np.broadcast_to(context_len + 3 + 4 * np.arange(q),
-                                     (batch_size, q)).astype(np.int32)
+  answer_positions = np.broadcast_to(
+    context_len + 3 + 4 * np.arange(q), (batch_size, q)
+  ).astype(np.int32)
   answers = np.zeros((batch_size, q), np.int32)
   for b in range(batch_size):
     lengths = rng.choice(np.asarray(hops), num_chains)
@@ -242,25 +292,29 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
     # Key ends draw extra ids only when asked for, so rows without them
     # are the same draws as before the option existed.
     nodes = VOCAB.key_start + rng.choice(
-        VOCAB.num_keys, num_links + (num_chains if key_ends else 0),
-        replace=False)
-    ends = VOCAB.value_start + rng.choice(VOCAB.num_values, num_chains,
-                                          replace=False)
+      VOCAB.num_keys, num_links + (num_chains if key_ends else 0), replace=False
+    )
+    ends = VOCAB.value_start + rng.choice(
+      VOCAB.num_values, num_chains, replace=False
+    )
     if key_ends:
-      ends = np.where(rng.random(num_chains) < key_ends, nodes[num_links:],
-                      ends)
+      ends = np.where(
+        rng.random(num_chains) < key_ends, nodes[num_links:], ends
+      )
     keys, values, firsts = [], [], []
     offset = 0
     for chain, length in enumerate(lengths):
-      chain_nodes = list(nodes[offset:offset + length]) + [ends[chain]]
+      chain_nodes = list(nodes[offset : offset + length]) + [ends[chain]]
       offset += length
       keys += chain_nodes[:-1]
       values += chain_nodes[1:]
       firsts.append(chain_nodes[0])
     starts = generators._fact_starts(  # pylint: disable=protected-access
-        rng, 1, len(keys), 3, context_len)[0]
+      rng, 1, len(keys), 3, context_len
+    )[0]
     tokens[b, :context_len] = VOCAB.filler_start + rng.integers(
-        0, VOCAB.num_filler, context_len)
+      0, VOCAB.num_filler, context_len
+    )
     tokens[b, 0] = BOS
     tokens[b, starts] = keys
     tokens[b, starts + 1] = ARROW
@@ -275,11 +329,16 @@ def chain_batch(batch_size: int, context_len: int, seed, *,
   np.put_along_axis(loss_mask, answer_positions, True, axis=1)
   full = lambda v: np.full((batch_size,), v, np.int32)
   return TaskBatch(
-      tokens=tokens, lengths=full(T), context_end=full(context_len),
-      answer_start=full(context_len + 3), answer_positions=answer_positions,
-      answers=answers, loss_mask=loss_mask,
-      critical_positions=np.full((batch_size, 0), -1, np.int32),
-      task_ids=full(CHAIN_TASK_ID))
+    tokens=tokens,
+    lengths=full(T),
+    context_end=full(context_len),
+    answer_start=full(context_len + 3),
+    answer_positions=answer_positions,
+    answers=answers,
+    loss_mask=loss_mask,
+    critical_positions=np.full((batch_size, 0), -1, np.int32),
+    task_ids=full(CHAIN_TASK_ID),
+  )
 
 
 def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:
@@ -293,8 +352,9 @@ def pad_batch(batch: TaskBatch, total_len: int) -> TaskBatch:
     raise ValueError(f"batch has T={T} > total_len={total_len}.")
   pad = total_len - T
   return batch._replace(
-      tokens=np.pad(batch.tokens, ((0, 0), (0, pad))),
-      loss_mask=np.pad(batch.loss_mask, ((0, 0), (0, pad))))
+    tokens=np.pad(batch.tokens, ((0, 0), (0, pad))),
+    loss_mask=np.pad(batch.loss_mask, ((0, 0), (0, pad))),
+  )
 
 
 # Tasks whose every answer needs a single lookup (multihop: the rows with
@@ -320,15 +380,18 @@ def lens_mask(batch: TaskBatch) -> np.ndarray:
   mask = batch.loss_mask & rows[:, None]
   for r in np.flatnonzero(batch.task_ids == CHAIN_TASK_ID):
     tokens, context_len = batch.tokens[r], int(batch.context_end[r])
-    link = {int(tokens[i - 1]): int(tokens[i + 1])
-            for i in np.flatnonzero(tokens[:context_len] == ARROW)}
+    link = {
+      int(tokens[i - 1]): int(tokens[i + 1])
+      for i in np.flatnonzero(tokens[:context_len] == ARROW)
+    }
     for p in np.flatnonzero(batch.loss_mask[r]):  # asked x, answer y at p
       mask[r, p] = link[int(tokens[p - 2])] == tokens[p]  # a 1-link chain
   return mask
 
 
-def model_inputs(batch: TaskBatch, loss_on: str = "answers",
-                 lens_weight: float = 0.0) -> dict[str, np.ndarray]:
+def model_inputs(
+  batch: TaskBatch, loss_on: str = "answers", lens_weight: float = 0.0
+) -> dict[str, np.ndarray]:
   """The arrays a train step consumes, shifted for next-token prediction.
 
   Args:
@@ -351,13 +414,20 @@ def model_inputs(batch: TaskBatch, loss_on: str = "answers",
   tokens = batch.tokens
   T = tokens.shape[1]
   return {
-      "inputs": tokens[:, :-1].astype(np.int32),
-      "targets": tokens[:, 1:].astype(np.int32),
-      "weights": np.asarray(losses.loss_weights(
-          batch.loss_mask, batch.lengths, loss_on), np.float32),
-      "token_mask": np.arange(T - 1)[None, :] < batch.lengths[:, None],
-      "answer_mask": np.asarray(batch.loss_mask[:, 1:], bool),
-      "task_ids": np.asarray(batch.task_ids, np.int32),
-      **({"lens_weights": lens_mask(batch)[:, 1:].astype(np.float32),
-          "lens_scale": np.float32(lens_weight)} if lens_weight > 0 else {}),
+    "inputs": tokens[:, :-1].astype(np.int32),
+    "targets": tokens[:, 1:].astype(np.int32),
+    "weights": np.asarray(
+      losses.loss_weights(batch.loss_mask, batch.lengths, loss_on), np.float32
+    ),
+    "token_mask": np.arange(T - 1)[None, :] < batch.lengths[:, None],
+    "answer_mask": np.asarray(batch.loss_mask[:, 1:], bool),
+    "task_ids": np.asarray(batch.task_ids, np.int32),
+    **(
+      {
+        "lens_weights": lens_mask(batch)[:, 1:].astype(np.float32),
+        "lens_scale": np.float32(lens_weight),
+      }
+      if lens_weight > 0
+      else {}
+    ),
   }

@@ -18,9 +18,9 @@ LOSS_ON = ("answers", "all")
 
 
 def weighted_cross_entropy(
-    logits: Array,  # [B, T, V]
-    targets: Array,  # [B, T] int
-    weights: Array,  # [B, T] float or bool
+  logits: Array,  # [B, T, V]
+  targets: Array,  # [B, T] int
+  weights: Array,  # [B, T] float or bool
 ) -> tuple[Array, dict[str, Array]]:
   """Mean cross-entropy and accuracy over the positions with weight > 0.
 
@@ -38,16 +38,21 @@ def weighted_cross_entropy(
     ValueError: for mismatched shapes.
   """
   if logits.ndim != 3 or logits.shape[:2] != targets.shape:
-    raise ValueError(f"logits must be [B, T, V] with [B, T] = targets.shape "
-                     f"{tuple(targets.shape)}, got {tuple(logits.shape)}.")
+    raise ValueError(
+      f"logits must be [B, T, V] with [B, T] = targets.shape "
+      f"{tuple(targets.shape)}, got {tuple(logits.shape)}."
+    )
   if weights.shape != targets.shape:
-    raise ValueError(f"weights shape {tuple(weights.shape)} != targets shape "
-                     f"{tuple(targets.shape)}.")
+    raise ValueError(
+      f"weights shape {tuple(weights.shape)} != targets shape "
+      f"{tuple(targets.shape)}."
+    )
   logits = logits.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32),
-                             axis=-1)[..., 0]  # [B, T]
+  nll = -jnp.take_along_axis(
+    log_probs, targets[..., None].astype(jnp.int32), axis=-1
+  )[..., 0]  # [B, T]
   total = jnp.sum(weights)
   denom = jnp.maximum(total, 1.0)
   loss = jnp.sum(weights * nll) / denom

@@ -60,8 +60,9 @@ def test_uniform_over_ten_keys():
   assert support.active_support(probs).dtype == jnp.int32
   # Ties at the boundary go to the lower slots.
   mask = np.asarray(support.active_support_mask(probs, 0.9))
-  np.testing.assert_array_equal(mask[0, 0], (np.arange(16) >= 3) &
-                                (np.arange(16) < 12))
+  np.testing.assert_array_equal(
+    mask[0, 0], (np.arange(16) >= 3) & (np.arange(16) < 12)
+  )
 
 
 def test_one_hot_zero_rows_and_valid_mask():
@@ -69,17 +70,25 @@ def test_one_hot_zero_rows_and_valid_mask():
   probs[0, 5] = 1.0  # one-hot
   probs[2, :] = 1 / 8  # uniform, masked out below
   for share, uniform in ((0.1, 1), (0.9, 8), (1.0, 8)):
-    np.testing.assert_array_equal(support.active_support(probs, share),
-                                  [1, 0, uniform])
+    np.testing.assert_array_equal(
+      support.active_support(probs, share), [1, 0, uniform]
+    )
   valid = np.array([True, True, False])
   np.testing.assert_array_equal(
-      support.active_support(probs, 0.9, valid=valid), [1, 0, 0])
+    support.active_support(probs, 0.9, valid=valid), [1, 0, 0]
+  )
 
 
 def test_known_row_and_slot_order_invariance():
   p = np.array([0.05, 0.5, 0.15, 0.3], np.float32)  # sorted: .5 .3 .15 .05
-  for share, want in ((0.5, 1), (0.8, 2), (0.81, 3), (0.95, 3), (0.96, 4),
-                      (1.0, 4)):
+  for share, want in (
+    (0.5, 1),
+    (0.8, 2),
+    (0.81, 3),
+    (0.95, 3),
+    (0.96, 4),
+    (1.0, 4),
+  ):
     assert int(support.active_support(p, share)) == want, share
     assert int(support.active_support(p[::-1].copy(), share)) == want
   mask = np.asarray(support.active_support_mask(p, 0.8))
@@ -104,8 +113,9 @@ def test_support_matches_brute_force():
     dropped_max = np.where(mask, -np.inf, probs).max(-1)
     assert np.all(kept_min >= dropped_max)
   # At share 1.0 every key of positive probability counts.
-  np.testing.assert_array_equal(support.active_support(probs, 1.0),
-                                (probs > 0).sum(-1))
+  np.testing.assert_array_equal(
+    support.active_support(probs, 1.0), (probs > 0).sum(-1)
+  )
 
 
 def test_support_summary_and_histogram():
@@ -142,19 +152,23 @@ def test_head_consensus():
   got = np.asarray(support.head_consensus(probs))
   np.testing.assert_allclose(got, [[[1 / N, 1.0, 2 / N]]])
   # In position space: both kv heads hold position 9 (in slots 1 and 4).
-  key_pos = np.array([[[[0, 9, 2, 3, 4, 5], [10, 11, 12, 13, 9, 15]]]],
-                     np.int32)
+  key_pos = np.array(
+    [[[[0, 9, 2, 3, 4, 5], [10, 11, 12, 13, 9, 15]]]], np.int32
+  )
   got = np.asarray(support.head_consensus(probs, key_pos=key_pos))
   np.testing.assert_allclose(got, [[[2 / N, 1.0, 1 / N]]])
   # Masked and zero-mass queries give 0; slot order does not matter.
   probs[0, 0, :, 1] = 0.0
   mask = np.array([[False, True, True]])
   np.testing.assert_allclose(
-      support.head_consensus(probs, key_pos, mask), [[[0, 0, 1 / N]]])
-  kp, _, pp = _permute_slots(np.random.default_rng(1), key_pos,
-                             np.ones_like(key_pos, bool), probs)
-  np.testing.assert_allclose(support.head_consensus(pp, kp, mask),
-                             [[[0, 0, 1 / N]]])
+    support.head_consensus(probs, key_pos, mask), [[[0, 0, 1 / N]]]
+  )
+  kp, _, pp = _permute_slots(
+    np.random.default_rng(1), key_pos, np.ones_like(key_pos, bool), probs
+  )
+  np.testing.assert_allclose(
+    support.head_consensus(pp, kp, mask), [[[0, 0, 1 / N]]]
+  )
 
 
 def test_support_bad_arguments():
@@ -175,11 +189,14 @@ def test_support_bad_arguments():
   with pytest.raises(ValueError, match="no query"):
     support.support_summary(np.ones((1, 2, 1, 3)), np.zeros((2, 3), bool))
   with pytest.raises(ValueError, match="bins"):
-    support.support_histogram(np.ones((1, 2, 1, 3)), np.ones((2, 3), bool),
-                              bins=[3, 1])
+    support.support_histogram(
+      np.ones((1, 2, 1, 3)), np.ones((2, 3), bool), bins=[3, 1]
+    )
   with pytest.raises(ValueError, match="key_pos"):
-    support.head_consensus(np.ones((1, 1, 4, 2, 5), np.float32),
-                           key_pos=np.zeros((1, 1, 3, 5), np.int32))
+    support.head_consensus(
+      np.ones((1, 1, 4, 2, 5), np.float32),
+      key_pos=np.zeros((1, 1, 3, 5), np.int32),
+    )
 
 
 def test_nonfinite_probs_raise_and_give_a_sentinel_under_jit():
@@ -187,17 +204,22 @@ def test_nonfinite_probs_raise_and_give_a_sentinel_under_jit():
   probs[1, 3] = np.nan
   probs[3, 0] = np.inf
   for fn in (support.active_support, support.active_support_mask):
-    with pytest.raises(ValueError, match=r"probs holds NaN or inf in 2 of 4 "
-                       r"rows \(first at index \(1,\)"):
+    with pytest.raises(
+      ValueError,
+      match=r"probs holds NaN or inf in 2 of 4 "
+      r"rows \(first at index \(1,\)",
+    ):
       fn(probs)
   # Rows masked by `valid` are not queries: no error, count 0.
   valid = np.array([True, False, True, False])
-  np.testing.assert_array_equal(support.active_support(probs, valid=valid),
-                                [8, 0, 8, 0])
+  np.testing.assert_array_equal(
+    support.active_support(probs, valid=valid), [8, 0, 8, 0]
+  )
   # Under jit nothing can raise: the count is -1, never a plausible count.
   got = jax.jit(support.active_support)(probs)
-  np.testing.assert_array_equal(got, [8, support.NONFINITE_SUPPORT, 8,
-                                      support.NONFINITE_SUPPORT])
+  np.testing.assert_array_equal(
+    got, [8, support.NONFINITE_SUPPORT, 8, support.NONFINITE_SUPPORT]
+  )
   mask = np.asarray(jax.jit(support.active_support_mask)(probs))
   np.testing.assert_array_equal(mask.sum(-1), [8, 0, 8, 0])
   # Summaries refuse the sentinel.
@@ -206,23 +228,31 @@ def test_nonfinite_probs_raise_and_give_a_sentinel_under_jit():
     support.support_summary(counts, np.ones((2, 2), bool))
   with pytest.raises(ValueError, match=r"counts must be >= 0"):
     support.support_histogram(counts, np.ones((2, 2), bool))
-  assert support.support_summary(counts, np.array(
-      [[True, False], [True, False]]))["median"] == 8
+  assert (
+    support.support_summary(counts, np.array([[True, False], [True, False]]))[
+      "median"
+    ]
+    == 8
+  )
 
 
 def test_nonfinite_probs_in_head_consensus():
   probs = np.zeros((1, 1, 2, 3, 4), np.float32)
   probs[..., 0] = 1.0
   probs[0, 0, 1, 2, 1] = np.nan  # query 2 of head 1
-  with pytest.raises(ValueError, match=r"probs holds NaN or inf in 1 of 3 "
-                     r"\(layer, row, query\) triples \(first at index "
-                     r"\(0, 0, 2\) of the \[L, B, T\] dims\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"probs holds NaN or inf in 1 of 3 "
+    r"\(layer, row, query\) triples \(first at index "
+    r"\(0, 0, 2\) of the \[L, B, T\] dims\)",
+  ):
     support.head_consensus(probs)
   got = np.asarray(jax.jit(support.head_consensus)(probs))
   assert np.isnan(got[0, 0, 2]) and np.all(got[0, 0, :2] == 0.5)
   mask = np.array([[True, True, False]])
-  np.testing.assert_allclose(support.head_consensus(probs, query_mask=mask),
-                             [[[0.5, 0.5, 0.0]]])
+  np.testing.assert_allclose(
+    support.head_consensus(probs, query_mask=mask), [[[0.5, 0.5, 0.0]]]
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -241,15 +271,18 @@ def test_global_eviction_ratio_counts_only_tokens_gone_everywhere():
   valid[0, 1, 0, 3] = False
   positions = np.array([[7, 1, -1], [7, 6, 2], [-1, -1, -1]], np.int32)
   np.testing.assert_array_equal(
-      graph.evicted_everywhere(pos, valid, positions),
-      [[True, False, False], [False, True, False], [False, False, False]])
+    graph.evicted_everywhere(pos, valid, positions),
+    [[True, False, False], [False, True, False], [False, False, False]],
+  )
   np.testing.assert_array_equal(
-      graph.evicted_per_layer(pos, valid, positions)[:, 1],
-      [[True, True, False], [False, True, False]])
+    graph.evicted_per_layer(pos, valid, positions)[:, 1],
+    [[True, True, False], [False, True, False]],
+  )
   ger = np.asarray(graph.global_eviction_ratio(pos, valid, positions))
   np.testing.assert_allclose(ger, [0.5, 1 / 3, 0.0])
-  per_layer = np.asarray(graph.global_eviction_ratio(pos, valid, positions,
-                                                     per_layer=True))
+  per_layer = np.asarray(
+    graph.global_eviction_ratio(pos, valid, positions, per_layer=True)
+  )
   np.testing.assert_allclose(per_layer, [[0.5, 2 / 3, 0], [0.5, 1 / 3, 0]])
   mean, n = graph.mean_over_rows(ger, positions)
   assert int(n) == 2 and np.isclose(float(mean), (0.5 + 1 / 3) / 2)
@@ -266,8 +299,9 @@ def test_eviction_after_compaction_and_shuffling():
   config = kvjax.get_config("tiny", num_layers=L, num_kv_heads=K)
   cache = kvjax.init_cache(config, B, S)
   cache = cache._replace(
-      pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (L, B, K, S)),
-      valid=jnp.ones((L, B, K, S), bool))
+    pos=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (L, B, K, S)),
+    valid=jnp.ones((L, B, K, S), bool),
+  )
   keep = rng.random((L, B, K, S)) < 0.4
   keep[:, :, :, 5] = False  # row 0: position 5 gone everywhere
   keep[1, 1, 1, 5] = True  # row 1: kept by one head of one layer
@@ -283,13 +317,16 @@ def test_eviction_after_compaction_and_shuffling():
   assert want[0, 0] and not want[1, 0]
   got = graph.evicted_everywhere(compacted.pos, compacted.valid, positions)
   np.testing.assert_array_equal(got, want)
-  kp, kv = _permute_slots(rng, np.asarray(compacted.pos),
-                          np.asarray(compacted.valid))
-  np.testing.assert_array_equal(graph.evicted_everywhere(kp, kv, positions),
-                                want)
+  kp, kv = _permute_slots(
+    rng, np.asarray(compacted.pos), np.asarray(compacted.valid)
+  )
+  np.testing.assert_array_equal(
+    graph.evicted_everywhere(kp, kv, positions), want
+  )
   np.testing.assert_allclose(
-      graph.global_eviction_ratio(kp, kv, positions),
-      want.sum(-1) / (positions >= 0).sum(-1))
+    graph.global_eviction_ratio(kp, kv, positions),
+    want.sum(-1) / (positions >= 0).sum(-1),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -311,20 +348,30 @@ def test_token_graph_from_known_pattern_any_slot_order():
   key_valid = np.ones_like(key_pos, bool)
   probs = _scatter_to_slots(probs_pos, key_pos)
   want = np.zeros((L, B, P, P), bool)
-  for l, i, j in [(0, 4, 1), (0, 4, 2), (0, 4, 3), (0, 5, 5), (1, 5, 0),
-                  (1, 5, 3), (1, 4, 4)]:
+  for l, i, j in [
+    (0, 4, 1),
+    (0, 4, 2),
+    (0, 4, 3),
+    (0, 5, 5),
+    (1, 5, 0),
+    (1, 5, 3),
+    (1, 4, 4),
+  ]:
     want[l, 0, i, j] = True
   adj = graph.token_graph(probs, query_pos, key_pos, key_valid, P, eps=0.01)
   np.testing.assert_array_equal(adj, want)
-  kp, kv, pp = _permute_slots(np.random.default_rng(2), key_pos, key_valid,
-                              probs)
+  kp, kv, pp = _permute_slots(
+    np.random.default_rng(2), key_pos, key_valid, probs
+  )
   np.testing.assert_array_equal(
-      graph.token_graph(pp, query_pos, kp, kv, P, eps=0.01), want)
+    graph.token_graph(pp, query_pos, kp, kv, P, eps=0.01), want
+  )
   # An invalid slot carries no edge, a padding query row neither.
   kv2 = key_valid.copy()
   kv2[1, 0, 0, 3] = False
-  adj2 = graph.token_graph(probs, np.array([[-1, 5]], np.int32), key_pos, kv2,
-                           P, eps=0.01)
+  adj2 = graph.token_graph(
+    probs, np.array([[-1, 5]], np.int32), key_pos, kv2, P, eps=0.01
+  )
   want2 = want.copy()
   want2[:, 0, 4] = False
   want2[1, 0, 5, 3] = False
@@ -411,16 +458,18 @@ def test_graph_bad_arguments():
   with pytest.raises(ValueError, match="positions"):
     graph.global_eviction_ratio(pos, valid, np.zeros((3, 2), np.int32))
   with pytest.raises(TypeError, match="per_layer"):
-    graph.global_eviction_ratio(pos, valid, np.zeros((1, 2), np.int32),
-                                per_layer=1)
+    graph.global_eviction_ratio(
+      pos, valid, np.zeros((1, 2), np.int32), per_layer=1
+    )
   adj = np.zeros((2, 1, 4, 4), bool)
   with pytest.raises(ValueError, match="targets"):
     graph.reachable(adj, np.array([[1]]), np.array([[4]]))
   with pytest.raises(TypeError, match="adj"):
     graph.reachable(adj.astype(np.int32), np.array([[1]]), np.array([[2]]))
   with pytest.raises(ValueError, match="adj"):
-    graph.reachable(np.zeros((2, 1, 4, 3), bool), np.array([[1]]),
-                    np.array([[2]]))
+    graph.reachable(
+      np.zeros((2, 1, 4, 3), bool), np.array([[1]]), np.array([[2]])
+    )
   probs = np.zeros((2, 1, 4, 3, 4), np.float32)
   qpos = np.array([[0, 1, 2]], np.int32)
   with pytest.raises(ValueError, match="num_positions"):
@@ -474,26 +523,28 @@ def _hand_route_case():
 
 def _route_sets(route):
   route = np.asarray(route)
-  return [set(np.flatnonzero(route[l, 0]).tolist())
-          for l in range(route.shape[0])]
+  return [
+    set(np.flatnonzero(route[l, 0]).tolist()) for l in range(route.shape[0])
+  ]
 
 
 def test_route_of_known_pattern():
   probs, qpos, key_pos, key_valid = _hand_route_case()
   answer = np.array([1], np.int32)
   cases = {
-      # share 0.6: top head 1 follows only question position 5 -> row 0 is
-      # needed at layer 0 and brings in 4 and 0 (0.7 >= 0.6).
-      (0.6, "share"): [{0, 1, 4}, {2}],
-      (0.5, "share"): [{0, 1, 4}, {2}],
-      (1.0, "share"): [{0, 1, 4}, {2, 3}],
-      (1.0, "visible"): [{0, 1, 4}, {2, 3}],
-      # share 0.4: row 0's head 1 keeps only position 0 (0.7).
-      (0.4, "visible"): [{0, 1, 4}, {2}],
+    # share 0.6: top head 1 follows only question position 5 -> row 0 is
+    # needed at layer 0 and brings in 4 and 0 (0.7 >= 0.6).
+    (0.6, "share"): [{0, 1, 4}, {2}],
+    (0.5, "share"): [{0, 1, 4}, {2}],
+    (1.0, "share"): [{0, 1, 4}, {2, 3}],
+    (1.0, "visible"): [{0, 1, 4}, {2, 3}],
+    # share 0.4: row 0's head 1 keeps only position 0 (0.7).
+    (0.4, "visible"): [{0, 1, 4}, {2}],
   }
   for (share, follow), want in cases.items():
-    route = graph.token_route(probs, qpos, key_pos, key_valid, answer,
-                              share=share, follow=follow)
+    route = graph.token_route(
+      probs, qpos, key_pos, key_valid, answer, share=share, follow=follow
+    )
     assert route.shape == (2, 1, 7)
     assert _route_sets(route) == want, (share, follow)
   # Following only the top 0.6 of a head that puts 0.6 on context 3 instead:
@@ -502,22 +553,33 @@ def test_route_of_known_pattern():
   probs2 = probs.copy()
   slot = {int(p): s for s, p in enumerate(key_pos[0, 0, 0])}
   probs2[1, 0, 1, 1, slot[5]], probs2[1, 0, 1, 1, slot[3]] = 0.4, 0.6
-  r_share = graph.token_route(probs2, qpos, key_pos, key_valid, answer,
-                              share=0.6, follow="share")
-  r_vis = graph.token_route(probs2, qpos, key_pos, key_valid, answer,
-                            share=0.6, follow="visible")
+  r_share = graph.token_route(
+    probs2, qpos, key_pos, key_valid, answer, share=0.6, follow="share"
+  )
+  r_vis = graph.token_route(
+    probs2, qpos, key_pos, key_valid, answer, share=0.6, follow="visible"
+  )
   assert _route_sets(r_share) == [{1}, {2, 3}]
   assert _route_sets(r_vis) == [{0, 1, 4}, {2, 3}]
   # Slot order does not matter; several answer rows take the union.
-  kp, kv, pp = _permute_slots(np.random.default_rng(4), key_pos, key_valid,
-                              probs)
+  kp, kv, pp = _permute_slots(
+    np.random.default_rng(4), key_pos, key_valid, probs
+  )
   np.testing.assert_array_equal(
-      graph.token_route(pp, qpos, kp, kv, answer, share=0.6, follow="share"),
-      graph.token_route(probs, qpos, key_pos, key_valid, answer, share=0.6,
-                        follow="share"))
-  both = graph.token_route(probs, qpos, key_pos, key_valid,
-                           np.array([[1, 0]], np.int32), share=1.0,
-                           num_positions=9)
+    graph.token_route(pp, qpos, kp, kv, answer, share=0.6, follow="share"),
+    graph.token_route(
+      probs, qpos, key_pos, key_valid, answer, share=0.6, follow="share"
+    ),
+  )
+  both = graph.token_route(
+    probs,
+    qpos,
+    key_pos,
+    key_valid,
+    np.array([[1, 0]], np.int32),
+    share=1.0,
+    num_positions=9,
+  )
   assert both.shape == (2, 1, 9)
   assert _route_sets(both) == [{0, 1, 4}, {0, 2, 3}]
 
@@ -527,19 +589,22 @@ def test_keep_only_route_invalidates_off_route_entries():
   cache = kvjax.init_cache(config, 1, 5)
   L, K = config.num_layers, config.num_kv_heads
   pos = np.array([[3, 0, 1, 2, -1], [4, 1, 0, 9, 2]], np.int32)  # 2 kv heads
-  cache = cache._replace(pos=jnp.broadcast_to(jnp.asarray(pos), (L, 1, K, 5)),
-                         valid=jnp.asarray(np.broadcast_to(pos >= 0,
-                                                           (L, 1, K, 5))))
+  cache = cache._replace(
+    pos=jnp.broadcast_to(jnp.asarray(pos), (L, 1, K, 5)),
+    valid=jnp.asarray(np.broadcast_to(pos >= 0, (L, 1, K, 5))),
+  )
   route = np.zeros((L, 1, 5), bool)
   route[0, 0, [0, 2, 4]] = True
   route[1, 0, [1]] = True
   kept = graph.keep_only_route(cache, jnp.asarray(route))
   np.testing.assert_array_equal(
-      kept.valid[0, 0], [[False, True, False, True, False],
-                         [True, False, True, False, True]])
+    kept.valid[0, 0],
+    [[False, True, False, True, False], [True, False, True, False, True]],
+  )
   np.testing.assert_array_equal(
-      kept.valid[1, 0], [[False, False, True, False, False],
-                         [False, True, False, False, False]])
+    kept.valid[1, 0],
+    [[False, False, True, False, False], [False, True, False, False, False]],
+  )
   np.testing.assert_array_equal(kept.pos, cache.pos)
 
 
@@ -549,22 +614,31 @@ def _question_run(config, std, B=2, C=16, Q=4):
   Every forward has the same shapes and capture, so one compilation serves
   the whole run (and the reruns)."""
   params = kvjax.init_params(config, jax.random.key(0), std=std)
-  tokens = jax.random.randint(jax.random.key(1), (B, C + Q), 0,
-                              config.vocab_size)
-  run = lambda toks, cache: _forward(params, toks, cache, config=config,
-                                     capture=("attn_probs",))
+  tokens = jax.random.randint(
+    jax.random.key(1), (B, C + Q), 0, config.vocab_size
+  )
+  run = lambda toks, cache: _forward(
+    params, toks, cache, config=config, capture=("attn_probs",)
+  )
   cache0 = kvjax.init_cache(config, B, C + Q)
   chunks = []  # (probs, query positions, cache after the chunk)
   for start in range(0, C, Q):
-    _, cache0, aux = run(tokens[:, start:start + Q], cache0)
-    qpos = jnp.broadcast_to(jnp.arange(start, start + Q, dtype=jnp.int32),
-                            (B, Q))
+    _, cache0, aux = run(tokens[:, start : start + Q], cache0)
+    qpos = jnp.broadcast_to(
+      jnp.arange(start, start + Q, dtype=jnp.int32), (B, Q)
+    )
     chunks.append((aux["attn_probs"], qpos, cache0))
   logits, cache1, aux = run(tokens[:, C:], cache0)
   qpos = jnp.broadcast_to(jnp.arange(C, C + Q, dtype=jnp.int32), (B, Q))
-  return dict(cache0=cache0, chunks=chunks, logits=logits, cache1=cache1,
-              probs=aux["attn_probs"], qpos=qpos,
-              rerun=lambda cache: run(tokens[:, C:], cache)[0])
+  return dict(
+    cache0=cache0,
+    chunks=chunks,
+    logits=logits,
+    cache1=cache1,
+    probs=aux["attn_probs"],
+    qpos=qpos,
+    rerun=lambda cache: run(tokens[:, C:], cache)[0],
+  )
 
 
 def test_route_with_sliding_window_is_exact_and_reachability_agrees():
@@ -576,9 +650,15 @@ def test_route_with_sliding_window_is_exact_and_reachability_agrees():
   run = _question_run(config, std=0.1)
   B, Q = run["qpos"].shape
   answer = jnp.full((B,), Q - 1, jnp.int32)
-  route = graph.token_route(run["probs"], run["qpos"], run["cache1"].pos,
-                            run["cache1"].valid, answer, share=1.0,
-                            num_positions=20)
+  route = graph.token_route(
+    run["probs"],
+    run["qpos"],
+    run["cache1"].pos,
+    run["cache1"].valid,
+    answer,
+    share=1.0,
+    num_positions=20,
+  )
   want = np.zeros((2, B, 20), bool)
   want[0, :, 11:16] = True
   want[1, :, 14:16] = True
@@ -589,23 +669,32 @@ def test_route_with_sliding_window_is_exact_and_reachability_agrees():
   np.testing.assert_allclose(logits[:, -1], run["logits"][:, -1], atol=1e-5)
   # Reachability on the merged prefill + question graph (eps=0: any weight)
   # reaches exactly positions >= 19 - 2 * 5 from the answer row.
-  question_adj = graph.token_graph(run["probs"], run["qpos"],
-                                   run["cache1"].pos, run["cache1"].valid,
-                                   20, eps=0.0)
+  question_adj = graph.token_graph(
+    run["probs"],
+    run["qpos"],
+    run["cache1"].pos,
+    run["cache1"].valid,
+    20,
+    eps=0.0,
+  )
   adj = question_adj
   for probs, qpos, cache in run["chunks"]:
-    adj = graph.merge_graphs(adj, graph.token_graph(
-        probs, qpos, cache.pos, cache.valid, 20, eps=0.0))
+    adj = graph.merge_graphs(
+      adj, graph.token_graph(probs, qpos, cache.pos, cache.valid, 20, eps=0.0)
+    )
   targets = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (B, 20))
   reach = graph.reachable(adj, jnp.full((B, 1), 19, jnp.int32), targets)
-  np.testing.assert_array_equal(reach, np.broadcast_to(np.arange(20) >= 9,
-                                                       (B, 20)))
+  np.testing.assert_array_equal(
+    reach, np.broadcast_to(np.arange(20) >= 9, (B, 20))
+  )
   # The question graph alone cannot see past the cache: its edges point into
   # the context, but context-to-context edges come from the prefill only.
-  reach_q = graph.reachable(question_adj, jnp.full((B, 1), 19, jnp.int32),
-                            targets)
-  np.testing.assert_array_equal(reach_q, np.broadcast_to(np.arange(20) >= 11,
-                                                         (B, 20)))
+  reach_q = graph.reachable(
+    question_adj, jnp.full((B, 1), 19, jnp.int32), targets
+  )
+  np.testing.assert_array_equal(
+    reach_q, np.broadcast_to(np.arange(20) >= 11, (B, 20))
+  )
 
 
 def test_route_on_peaked_model_is_sparse_and_keeps_the_answer():
@@ -619,8 +708,14 @@ def test_route_on_peaked_model_is_sparse_and_keeps_the_answer():
   ref = np.asarray(run["logits"][:, -1])
   sizes = []
   for share, rtol in ((1.0, 1e-5), (0.9, 1e-3)):
-    route = graph.token_route(run["probs"], run["qpos"], run["cache1"].pos,
-                              run["cache1"].valid, answer, share=share)
+    route = graph.token_route(
+      run["probs"],
+      run["qpos"],
+      run["cache1"].pos,
+      run["cache1"].valid,
+      answer,
+      share=share,
+    )
     kept = graph.keep_only_route(run["cache0"], route)
     sizes.append(int(kept.valid.sum()))
     logits = np.asarray(run["rerun"](kept)[:, -1])

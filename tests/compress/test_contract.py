@@ -38,35 +38,38 @@ def _int8(h):
 
 
 POLICIES = {
-    "random": lambda: compress.random(0.5),
-    "knorm": lambda: compress.knorm(0.5),
-    "snapkv": lambda: compress.snapkv(0.5, window_size=8),
-    "expected_attention": lambda: compress.expected_attention(0.5),
-    "oracle": lambda: compress.oracle(0.5),
-    "streaming_llm": lambda: compress.streaming_llm(0.5),
-    "tova": lambda: compress.tova(0.5),
-    "h2o": lambda: compress.h2o(0.5),
-    "pyramidkv": lambda: compress.pyramidkv(0.5, window_size=8),
-    "adakv": lambda: compress.adakv("snapkv", 0.5, window_size=8),
-    "scored_policy": lambda: compress.scored_policy(compress.knorm_scorer(),
-                                                    budget=12),
+  "random": lambda: compress.random(0.5),
+  "knorm": lambda: compress.knorm(0.5),
+  "snapkv": lambda: compress.snapkv(0.5, window_size=8),
+  "expected_attention": lambda: compress.expected_attention(0.5),
+  "oracle": lambda: compress.oracle(0.5),
+  "streaming_llm": lambda: compress.streaming_llm(0.5),
+  "tova": lambda: compress.tova(0.5),
+  "h2o": lambda: compress.h2o(0.5),
+  "pyramidkv": lambda: compress.pyramidkv(0.5, window_size=8),
+  "adakv": lambda: compress.adakv("snapkv", 0.5, window_size=8),
+  "scored_policy": lambda: compress.scored_policy(
+    compress.knorm_scorer(), budget=12
+  ),
 }
 CODECS = {
-    "uniform": lambda: compress.uniform(4),
-    "quantize": lambda: compress.quantize(_int8, _int8, name="int8"),
-    "fp8": compress.fp8,
-    "kivi": lambda: compress.kivi(2, group_size=8, residual=16),
-    "windowed_quantize": lambda: compress.windowed_quantize(
-        4, 8, 16, "token", "token"),
-    "lowrank": lambda: compress.lowrank(8),
-    "turboquant": lambda: compress.turboquant(3),
-    "qjl": lambda: compress.qjl(64),
-    "polarquant": compress.polarquant,
+  "uniform": lambda: compress.uniform(4),
+  "quantize": lambda: compress.quantize(_int8, _int8, name="int8"),
+  "fp8": compress.fp8,
+  "kivi": lambda: compress.kivi(2, group_size=8, residual=16),
+  "windowed_quantize": lambda: compress.windowed_quantize(
+    4, 8, 16, "token", "token"
+  ),
+  "lowrank": lambda: compress.lowrank(8),
+  "turboquant": lambda: compress.turboquant(3),
+  "qjl": lambda: compress.qjl(64),
+  "polarquant": compress.polarquant,
 }
 OTHER = {
-    "identity": compress.identity,
-    "chain": lambda: compress.chain(compress.snapkv(0.5, window_size=8),
-                                    compress.kivi(2, 8, 16)),
+  "identity": compress.identity,
+  "chain": lambda: compress.chain(
+    compress.snapkv(0.5, window_size=8), compress.kivi(2, 8, 16)
+  ),
 }
 FACTORIES = {**POLICIES, **CODECS, **OTHER}
 # Free slots not exact for the fullest row: a KIVI window holds the pending
@@ -77,9 +80,10 @@ VARIABLE = ("kivi", "windowed_quantize", "chain", "adakv")
 
 # A shape stand-in for each extra input a transform may declare.
 EXTRA_INPUTS = {
-    # The oracle's future mass over `slots` cache slots.
-    "future_mass": lambda slots: jnp.ones(
-        (CONFIG.num_layers, 2, CONFIG.num_heads, slots)),
+  # The oracle's future mass over `slots` cache slots.
+  "future_mass": lambda slots: jnp.ones(
+    (CONFIG.num_layers, 2, CONFIG.num_heads, slots)
+  ),
 }
 
 
@@ -89,10 +93,13 @@ def _extra(transform, slots):
 
 
 def test_every_exported_factory_is_covered():
-  exported = {n for n in dir(compress)
-              if inspect.isfunction(getattr(compress, n))
-              and getattr(getattr(compress, n), "by_value", False)
-              and not n.endswith("_scorer")}
+  exported = {
+    n
+    for n in dir(compress)
+    if inspect.isfunction(getattr(compress, n))
+    and getattr(getattr(compress, n), "by_value", False)
+    and not n.endswith("_scorer")
+  }
   assert exported == set(FACTORIES)
 
 
@@ -108,7 +115,7 @@ def _check_reserve(name, transform, cache):
   _, fed, _ = kvjax.forward(PARAMS, MORE[:, :R], cache, config=CONFIG)
   assert not cache_overflowed(fed)
   with pytest.raises(ValueError, match="capacity"):
-    kvjax.forward(PARAMS, MORE[:, :free + 1], cache, config=CONFIG)
+    kvjax.forward(PARAMS, MORE[:, : free + 1], cache, config=CONFIG)
   return fed
 
 
@@ -123,27 +130,50 @@ def test_reserve_holds_after_prefill_and_decode(name, count_compiles):
   _check_reserve(name, transform, cache)
   # The same R tokens written by decode, through the transform.
   extra = _extra(transform, cache.capacity)
-  _, num, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
-                             max_new_tokens=R, transform=transform, **extra)
+  _, num, out = kvjax.decode(
+    PARAMS,
+    cache,
+    MORE[:, 0],
+    config=CONFIG,
+    max_new_tokens=R,
+    transform=transform,
+    **extra,
+  )
   assert (np.asarray(num) == R).all()
   assert not cache_overflowed(out)
   if transform.bounded:  # a budget-keeping policy decodes on and on
-    _, _, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
-                             max_new_tokens=3 * R, transform=transform,
-                             **extra)
+    _, _, out = kvjax.decode(
+      PARAMS,
+      cache,
+      MORE[:, 0],
+      config=CONFIG,
+      max_new_tokens=3 * R,
+      transform=transform,
+      **extra,
+    )
     assert not cache_overflowed(out)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES) + ["kivi", "uniform"])
 def test_reserve_holds_after_compress_cache(name):
   transform = FACTORIES[name]()
-  _, full, aux = kvjax.forward(PARAMS, TOKENS, kvjax.init_cache(CONFIG, 2, T),
-                               config=CONFIG,
-                               capture=("q", "q_pre_rope", "attn_mass"))
+  _, full, aux = kvjax.forward(
+    PARAMS,
+    TOKENS,
+    kvjax.init_cache(CONFIG, 2, T),
+    config=CONFIG,
+    capture=("q", "q_pre_rope", "attn_mass"),
+  )
   cache = kvjax.compress_cache(
-      full, transform, config=CONFIG, observed=aux,
-      positions=jnp.broadcast_to(jnp.arange(T), (2, T)),
-      mask=jnp.ones((2, T), bool), reserve=R, **_extra(transform, T))
+    full,
+    transform,
+    config=CONFIG,
+    observed=aux,
+    positions=jnp.broadcast_to(jnp.arange(T), (2, T)),
+    mask=jnp.ones((2, T), bool),
+    reserve=R,
+    **_extra(transform, T),
+  )
   _check_reserve(name, transform, cache)
 
 
@@ -152,8 +182,9 @@ def test_reserve_holds_after_compress_observing(name):
   transform = FACTORIES[name]()
   _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, capacity=T + 12)
   question = MORE[:, :12]
-  cache = kvjax.compress_observing(PARAMS, full, question, config=CONFIG,
-                                   transform=transform, reserve=R)
+  cache = kvjax.compress_observing(
+    PARAMS, full, question, config=CONFIG, transform=transform, reserve=R
+  )
   _check_reserve(name, transform, cache)
 
 
@@ -161,21 +192,29 @@ def test_reserve_holds_after_compress_observing(name):
 # Every policy x every codec.
 
 DECODE_TIME = ("streaming_llm", "tova", "h2o")
-PAIRS = [(p, c) for p in sorted(set(POLICIES) - {"scored_policy"})
-         for c in sorted(set(CODECS) - {"quantize"})]
+PAIRS = [
+  (p, c)
+  for p in sorted(set(POLICIES) - {"scored_policy"})
+  for c in sorted(set(CODECS) - {"quantize"})
+]
 
 
 @pytest.mark.parametrize("policy,codec", PAIRS)
-def test_policy_then_codec_generates_and_compiles_once(policy, codec,
-                                                       count_compiles):
+def test_policy_then_codec_generates_and_compiles_once(
+  policy, codec, count_compiles
+):
   make = lambda: compress.chain(POLICIES[policy](), CODECS[codec]())
   if policy in DECODE_TIME and codec in ("kivi", "windowed_quantize"):
     with pytest.raises(ValueError, match="evicts during decode"):
       make()
     return
   transform = make()
-  kw = dict(config=CONFIG, max_new_tokens=4, prompt_lengths=LENGTHS,
-            **_extra(transform, T + 3))
+  kw = dict(
+    config=CONFIG,
+    max_new_tokens=4,
+    prompt_lengths=LENGTHS,
+    **_extra(transform, T + 3),
+  )
   out = kvjax.generate(PARAMS, TOKENS, transform=transform, **kw)
   assert (np.asarray(out.num_generated) == 4).all()
   assert not cache_overflowed(out.cache)
@@ -199,33 +238,43 @@ def _plain_bytes(shape_lbks, h, itemsize):
 
 
 def _bookkeeping(cache):
-  return (cache.pos.size * 4 + cache.valid.size + cache.end.size * 4 +
-          cache.length.size * 4)
+  return (
+    cache.pos.size * 4
+    + cache.valid.size
+    + cache.end.size * 4
+    + cache.length.size * 4
+  )
 
 
 def test_plain_cache_bytes():
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                           prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, prompt_lengths=LENGTHS
+  )
   H = CONFIG.head_dim
   assert kvjax.kv_bytes(cache) == 2 * _plain_bytes(cache.pos.shape, H, 4) + (
-      _bookkeeping(cache))
+    _bookkeeping(cache)
+  )
   live = int(np.asarray(cache.valid).sum())
   assert live == (40 + 29) * CONFIG.num_kv_heads
   assert logical_bytes(cache) == 2 * live * H * 4
 
 
-@pytest.mark.parametrize("name,bits", [
+@pytest.mark.parametrize(
+  "name,bits",
+  [
     ("uniform", 4 + 32 / 32),  # int4, min and scale per 32 channels
     ("fp8", 8 + 16 / 32),  # e4m3 + a float16 scale per entry
     ("turboquant", (32 * 3 + 16) / 32),  # 3-bit codes + a float16 norm
     # 16 4-bit angles, 8 and 4 2-bit ones, 2 2-bit ones padded to a byte,
     # 2 float16 radii.
     ("polarquant", (4 * 16 + 2 * 8 + 2 * 4 + 8 + 16 * 2) / 32),
-])
+  ],
+)
 def test_entry_codec_bytes_equal_the_stated_bits(name, bits):
   transform = CODECS[name]()
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                           prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, transform=transform, prompt_lengths=LENGTHS
+  )
   H = CONFIG.head_dim
   assert transform.bits(H) == (bits, bits)
   slots = int(np.prod(cache.pos.shape))
@@ -237,9 +286,13 @@ def test_entry_codec_bytes_equal_the_stated_bits(name, bits):
 
 
 def test_lowrank_bytes_count_the_basis_once():
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                           transform=compress.lowrank(8),
-                           prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    transform=compress.lowrank(8),
+    prompt_lengths=LENGTHS,
+  )
   H, L, K = CONFIG.head_dim, CONFIG.num_layers, CONFIG.num_kv_heads
   basis = L * 2 * K * H * 8 * 4  # [L, B, K, H, rank] float32, per tensor
   live = int(np.asarray(cache.valid).sum())
@@ -251,8 +304,9 @@ def test_kivi_bytes_count_code_region_and_window_apart():
   element (codes + per-channel float16 min and scale per 8 tokens for
   keys, per 8 channels for values), each window entry 32 bits."""
   transform = compress.kivi(2, group_size=8, residual=16)
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                           capacity=T + R)
+  _, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, transform=transform, capacity=T + R
+  )
   H = CONFIG.head_dim
   assert transform.bits(H) == (6.0, 6.0)
   sc = cache.k.code_slots  # (46 // 16) * 16 = 32
@@ -271,15 +325,18 @@ def test_kivi_bytes_count_code_region_and_window_apart():
 
 def test_evict_then_code_bytes():
   transform = compress.chain(compress.knorm(0.75), compress.uniform(4))
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                           prompt_lengths=LENGTHS)
+  _, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, transform=transform, prompt_lengths=LENGTHS
+  )
   H = CONFIG.head_dim
   live = int(np.asarray(cache.valid).sum())
   assert live == (10 + 7) * CONFIG.num_kv_heads
   assert cache.capacity == 10
   assert logical_bytes(cache) == 2 * live * H * 5 / 8
-  assert kvjax.cache.payload_bytes(cache) == 2 * int(np.prod(
-      cache.pos.shape)) * H * 5 / 8
+  assert (
+    kvjax.cache.payload_bytes(cache)
+    == 2 * int(np.prod(cache.pos.shape)) * H * 5 / 8
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -288,17 +345,30 @@ def test_evict_then_code_bytes():
 
 def test_kivi_that_could_never_quantize_is_refused():
   with pytest.raises(compress.Degenerate, match="never fill"):
-    kvjax.prefill(PARAMS, TOKENS[:, :10], config=CONFIG,
-                  transform=compress.kivi(2, group_size=8, residual=16))
+    kvjax.prefill(
+      PARAMS,
+      TOKENS[:, :10],
+      config=CONFIG,
+      transform=compress.kivi(2, group_size=8, residual=16),
+    )
   with pytest.warns(UserWarning, match="nothing is quantized"):
-    kvjax.generate(PARAMS, TOKENS[:, :10], config=CONFIG, max_new_tokens=12,
-                   transform=compress.kivi(2, group_size=8, residual=16))
+    kvjax.generate(
+      PARAMS,
+      TOKENS[:, :10],
+      config=CONFIG,
+      max_new_tokens=12,
+      transform=compress.kivi(2, group_size=8, residual=16),
+    )
 
 
 def test_fp8_keeps_tiny_vectors_finite():
   codec = compress.fp8_codec()
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 3, 32)),
-                  jnp.float32) * jnp.asarray([1e-5, 1e-7, 1.0])[:, None]
+  x = (
+    jnp.asarray(
+      np.random.default_rng(0).normal(size=(1, 2, 3, 32)), jnp.float32
+    )
+    * jnp.asarray([1e-5, 1e-7, 1.0])[:, None]
+  )
   x = x.at[0, 0, 0].set(0.0)
   out = np.asarray(codec.decode(codec.encode(x, {}), {}))
   assert np.isfinite(out).all()
@@ -312,24 +382,46 @@ def test_fp8_keeps_tiny_vectors_finite():
   assert np.isfinite(np.asarray(codec.decode(codec.encode(big, {}), {}))).all()
 
 
-@pytest.mark.parametrize("name,capacity", [
+@pytest.mark.parametrize(
+  "name,capacity",
+  [
     ("h2o", 20 + 1),  # the budget + one slot of headroom: decode evicts
     ("snapkv", 20 + R),  # prefill-only: room for every decode step
     ("kivi", 32 + 16),  # no forward reserve: a bare window; R fits in code
-    ("identity", T + R)])
+    ("identity", T + R),
+  ],
+)
 def test_prefill_decode_steps_go_through_the_transform(name, capacity):
   """`prefill(decode_steps=R)`: those free slots are for decoding through
   the transform, so a budget-keeping policy needs none of them."""
   transform = FACTORIES[name]()
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                           capacity=T + R, decode_steps=R)
+  _, cache = kvjax.prefill(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    transform=transform,
+    capacity=T + R,
+    decode_steps=R,
+  )
   assert cache.capacity == capacity
-  _, num, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
-                             max_new_tokens=R, transform=transform)
+  _, num, out = kvjax.decode(
+    PARAMS,
+    cache,
+    MORE[:, 0],
+    config=CONFIG,
+    max_new_tokens=R,
+    transform=transform,
+  )
   assert (np.asarray(num) == R).all() and not cache_overflowed(out)
   with pytest.raises(ValueError, match="decode_steps"):
-    kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                  capacity=T + R, decode_steps=R + 1)
+    kvjax.prefill(
+      PARAMS,
+      TOKENS,
+      config=CONFIG,
+      transform=transform,
+      capacity=T + R,
+      decode_steps=R + 1,
+    )
 
 
 def test_replace_makes_a_new_value():
@@ -359,12 +451,19 @@ def test_chain_is_bounded_only_if_it_keeps_a_budget_to_the_end():
 @pytest.mark.parametrize("name", DECODE_TIME)
 def test_decode_time_policy_returns_to_its_budget_after_a_question(name):
   transform = FACTORIES[name]()
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                           capacity=T + R)
+  _, cache = kvjax.prefill(
+    PARAMS, TOKENS, config=CONFIG, transform=transform, capacity=T + R
+  )
   _, fed, _ = kvjax.forward(PARAMS, MORE[:, :R], cache, config=CONFIG)
   assert (np.asarray(fed.valid.sum(-1)) == 20 + R).all()
-  _, _, out = kvjax.decode(PARAMS, fed, MORE[:, R], config=CONFIG,
-                           max_new_tokens=3 * R, transform=transform)
+  _, _, out = kvjax.decode(
+    PARAMS,
+    fed,
+    MORE[:, R],
+    config=CONFIG,
+    max_new_tokens=3 * R,
+    transform=transform,
+  )
   assert not cache_overflowed(out)
   assert (np.asarray(out.valid.sum(-1)) == 20).all()  # the budget again
 
@@ -374,13 +473,31 @@ def test_kivi_decode_room_is_its_code_region_and_its_window():
   and then the window; `decode` admits exactly that many steps and
   refuses one more before running."""
   transform = compress.kivi(2, group_size=4, residual=4)
-  _, cache = kvjax.prefill(PARAMS, TOKENS[:, :4], config=CONFIG,
-                           transform=transform, capacity=8, decode_steps=4)
+  _, cache = kvjax.prefill(
+    PARAMS,
+    TOKENS[:, :4],
+    config=CONFIG,
+    transform=transform,
+    capacity=8,
+    decode_steps=4,
+  )
   assert cache.k.code_slots == 8 and cache.capacity == 12
-  _, num, out = kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG,
-                             max_new_tokens=8, transform=transform)
+  _, num, out = kvjax.decode(
+    PARAMS,
+    cache,
+    MORE[:, 0],
+    config=CONFIG,
+    max_new_tokens=8,
+    transform=transform,
+  )
   assert (np.asarray(num) == 8).all() and not cache_overflowed(out)
   assert (np.asarray(out.valid).sum(-1) == 12).all()  # nothing lost
   with pytest.raises(ValueError, match="needs 1 more slots"):
-    kvjax.decode(PARAMS, cache, MORE[:, 0], config=CONFIG, max_new_tokens=9,
-                 transform=transform)
+    kvjax.decode(
+      PARAMS,
+      cache,
+      MORE[:, 0],
+      config=CONFIG,
+      max_new_tokens=9,
+      transform=transform,
+    )

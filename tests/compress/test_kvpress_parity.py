@@ -28,14 +28,25 @@ RATIOS = (0.25, 0.5, 0.75)
 def models(tmp_path_factory):
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
-      vocab_size=256, hidden_size=64, intermediate_size=128,
-      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-      initializer_range=0.1, eos_token_id=None, bos_token_id=None,
-      pad_token_id=None,
-      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0,
-                           factor=8.0, low_freq_factor=1.0,
-                           high_freq_factor=4.0,
-                           original_max_position_embeddings=64))
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+    rope_parameters=dict(
+      rope_type="llama3",
+      rope_theta=500000.0,
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=64,
+    ),
+  )
   model = transformers.LlamaForCausalLM(cfg).eval()
   path = str(tmp_path_factory.mktemp("llama"))
   model.save_pretrained(path)
@@ -66,8 +77,9 @@ def kvpress_kept(models, press):
 
 def kvjax_kept(models, transform):
   _, _, config, params, tokens = models
-  _, cache = kvjax.prefill(params, jnp.asarray(tokens, jnp.int32),
-                           config=config, transform=transform)
+  _, cache = kvjax.prefill(
+    params, jnp.asarray(tokens, jnp.int32), config=config, transform=transform
+  )
   pos, valid = np.asarray(cache.pos[:, 0]), np.asarray(cache.valid[:, 0])
   return {(l, h, int(pos[l, h, s])) for l, h, s in zip(*np.nonzero(valid))}
 
@@ -77,29 +89,44 @@ def jaccard(a, b):
 
 
 METHODS = {
-    "snapkv": (lambda r: kvpress.SnapKVPress(compression_ratio=r),
-               lambda r: compress.snapkv(r)),
-    "streaming_llm": (lambda r: kvpress.StreamingLLMPress(compression_ratio=r),
-                      lambda r: compress.streaming_llm(r)),
-    "knorm": (lambda r: kvpress.KnormPress(compression_ratio=r),
-              lambda r: compress.knorm(r)),
-    "tova": (lambda r: kvpress.TOVAPress(compression_ratio=r),
-             lambda r: compress.tova(r)),
-    "pyramidkv": (lambda r: kvpress.PyramidKVPress(compression_ratio=r),
-                  lambda r: compress.pyramidkv(r)),
-    # Small window and beta so that budgets really fall with depth at T=256
-    # (with the defaults PyramidKV is uniform below ~2.5k tokens).
-    "pyramidkv_w8_beta2": (
-        lambda r: kvpress.PyramidKVPress(compression_ratio=r, window_size=8,
-                                         beta=2),
-        lambda r: compress.pyramidkv(r, window_size=8, beta=2)),
-    "snapkv_w16_k3": (
-        lambda r: kvpress.SnapKVPress(compression_ratio=r, window_size=16,
-                                      kernel_size=3),
-        lambda r: compress.snapkv(r, window_size=16, kernel_size=3)),
-    "expected_attention": (
-        lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r),
-        lambda r: compress.expected_attention(r)),
+  "snapkv": (
+    lambda r: kvpress.SnapKVPress(compression_ratio=r),
+    lambda r: compress.snapkv(r),
+  ),
+  "streaming_llm": (
+    lambda r: kvpress.StreamingLLMPress(compression_ratio=r),
+    lambda r: compress.streaming_llm(r),
+  ),
+  "knorm": (
+    lambda r: kvpress.KnormPress(compression_ratio=r),
+    lambda r: compress.knorm(r),
+  ),
+  "tova": (
+    lambda r: kvpress.TOVAPress(compression_ratio=r),
+    lambda r: compress.tova(r),
+  ),
+  "pyramidkv": (
+    lambda r: kvpress.PyramidKVPress(compression_ratio=r),
+    lambda r: compress.pyramidkv(r),
+  ),
+  # Small window and beta so that budgets really fall with depth at T=256
+  # (with the defaults PyramidKV is uniform below ~2.5k tokens).
+  "pyramidkv_w8_beta2": (
+    lambda r: kvpress.PyramidKVPress(
+      compression_ratio=r, window_size=8, beta=2
+    ),
+    lambda r: compress.pyramidkv(r, window_size=8, beta=2),
+  ),
+  "snapkv_w16_k3": (
+    lambda r: kvpress.SnapKVPress(
+      compression_ratio=r, window_size=16, kernel_size=3
+    ),
+    lambda r: compress.snapkv(r, window_size=16, kernel_size=3),
+  ),
+  "expected_attention": (
+    lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r),
+    lambda r: compress.expected_attention(r),
+  ),
 }
 
 
@@ -126,14 +153,16 @@ def kvpress_adakv_kept(models, ratio):
   cache = transformers.DynamicCache(config=model.config)
   with torch.no_grad(), press(model):
     model(torch.from_numpy(tokens), past_key_values=cache)
-    masked = [layer.self_attn.masked_key_indices
-              for layer in model.model.layers]
+    masked = [
+      layer.self_attn.masked_key_indices for layer in model.model.layers
+    ]
   kept = set()
   for l, (_, heads, seqs) in enumerate(masked):
     gone = set(zip(heads.tolist(), seqs.tolist()))
     K = full_keys[l].shape[0]
-    kept |= {(l, h, p) for h in range(K) for p in range(T)
-             if (h, p) not in gone}
+    kept |= {
+      (l, h, p) for h in range(K) for p in range(T) if (h, p) not in gone
+    }
   return kept
 
 
@@ -146,8 +175,9 @@ def test_adakv_matches_kvpress_and_saves_memory(models, ratio):
   # kvpress keeps every entry in memory; kvjax's cache is physically
   # smaller, with the head-budget padding visible in the logical figure.
   _, _, config, params, tokens = models
-  _, cache = kvjax.prefill(params, jnp.asarray(tokens, jnp.int32),
-                           config=config, transform=transform)
+  _, cache = kvjax.prefill(
+    params, jnp.asarray(tokens, jnp.int32), config=config, transform=transform
+  )
   full = kvjax.init_cache(config, 1, T)
   # The static capacity is the largest head budget any head could reach:
   # min(T, K * n - (K - 1) * n_safe). With K = 2 at ratio 0.25 that is T

@@ -17,41 +17,49 @@ LENGTHS = jnp.array([160, 97])
 TOKENS = jax.random.randint(jax.random.key(1), (2, T), 1, CONFIG.vocab_size)
 
 PREFILL_POLICIES = {
-    "random": lambda r: compress.random(r),
-    "knorm": lambda r: compress.knorm(r),
-    "snapkv": lambda r: compress.snapkv(r, window_size=16),
-    "expected_attention": lambda r: compress.expected_attention(r),
-    "oracle": lambda r: compress.oracle(r),
+  "random": lambda r: compress.random(r),
+  "knorm": lambda r: compress.knorm(r),
+  "snapkv": lambda r: compress.snapkv(r, window_size=16),
+  "expected_attention": lambda r: compress.expected_attention(r),
+  "oracle": lambda r: compress.oracle(r),
 }
 DECODE_POLICIES = {
-    "streaming_llm": lambda r: compress.streaming_llm(r),
-    "tova": lambda r: compress.tova(r),
-    "h2o": lambda r: compress.h2o(r),
+  "streaming_llm": lambda r: compress.streaming_llm(r),
+  "tova": lambda r: compress.tova(r),
+  "h2o": lambda r: compress.h2o(r),
 }
 
 
 def _prefill(transform, **kw):
-  return kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=transform,
-                       prompt_lengths=LENGTHS, **kw)
+  return kvjax.prefill(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    transform=transform,
+    prompt_lengths=LENGTHS,
+    **kw,
+  )
 
 
 def _future_mass():
-  return compress.oracle_future_mass(PARAMS, TOKENS, config=CONFIG,
-                                     context_end=T)
+  return compress.oracle_future_mass(
+    PARAMS, TOKENS, config=CONFIG, context_end=T
+  )
 
 
-@pytest.mark.parametrize("name", sorted({**PREFILL_POLICIES,
-                                         **DECODE_POLICIES}))
+@pytest.mark.parametrize(
+  "name", sorted({**PREFILL_POLICIES, **DECODE_POLICIES})
+)
 @pytest.mark.parametrize("ratio", [0.5, 0.8])
 def test_budget_per_row_and_physical_size(name, ratio):
   transform = {**PREFILL_POLICIES, **DECODE_POLICIES}[name](ratio)
   extra = {}
   if name == "oracle":
     # Future queries = the whole prompt here (a shape check, not a meaning).
-    extra = dict(future_mass=jnp.ones((CONFIG.num_layers, 2,
-                                       CONFIG.num_heads, T)))
-  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                          prompt_lengths=LENGTHS)
+    extra = dict(
+      future_mass=jnp.ones((CONFIG.num_layers, 2, CONFIG.num_heads, T))
+    )
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, prompt_lengths=LENGTHS)
   _, cache = _prefill(transform, **extra)
   kept = np.asarray(cache.valid.sum(-1))  # [L, B, K]
   for b, n in enumerate(np.asarray(LENGTHS)):
@@ -63,8 +71,9 @@ def test_budget_per_row_and_physical_size(name, ratio):
   pos = np.asarray(cache.pos)
   full_k = np.asarray(full.k)
   for l, b, h, s in zip(*np.nonzero(np.asarray(cache.valid))):
-    np.testing.assert_array_equal(cache.k[l, b, h, s],
-                                  full_k[l, b, h, pos[l, b, h, s]])
+    np.testing.assert_array_equal(
+      cache.k[l, b, h, s], full_k[l, b, h, pos[l, b, h, s]]
+    )
     if b == 1:
       assert pos[l, b, h, s] < 97  # padding never survives
 
@@ -76,8 +85,9 @@ def test_snapkv_keeps_its_window_and_streaming_keeps_sinks_and_recent():
     kept = set(pos[0, b, 0][np.asarray(cache.valid[0, b, 0])].tolist())
     assert set(range(n - 16, n)) <= kept
   _, cache = _prefill(compress.streaming_llm(0.5))
-  kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
-      cache.valid[0, 1, 0])].tolist())
+  kept = sorted(
+    np.asarray(cache.pos[0, 1, 0])[np.asarray(cache.valid[0, 1, 0])].tolist()
+  )
   n = int(97 * 0.5)
   assert kept == [0, 1, 2, 3] + list(range(97 - (n - 4), 97))
 
@@ -86,22 +96,37 @@ def test_oracle_keeps_what_the_future_attends_to():
   context = 120
   mass = _future_mass()[..., :context]
   tokens = TOKENS[:, :context]
-  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
-                           transform=compress.oracle(0.75), future_mass=mass)
-  per_kv = np.asarray(mass).reshape(CONFIG.num_layers, 2, CONFIG.num_kv_heads,
-                                    -1, context).mean(3)
+  _, cache = kvjax.prefill(
+    PARAMS,
+    tokens,
+    config=CONFIG,
+    transform=compress.oracle(0.75),
+    future_mass=mass,
+  )
+  per_kv = (
+    np.asarray(mass)
+    .reshape(CONFIG.num_layers, 2, CONFIG.num_kv_heads, -1, context)
+    .mean(3)
+  )
   for l in range(CONFIG.num_layers):
     top = set(np.argsort(-per_kv[l, 0, 0])[:30].tolist())
-    kept = set(np.asarray(cache.pos[l, 0, 0])[np.asarray(
-        cache.valid[l, 0, 0])].tolist())
+    kept = set(
+      np.asarray(cache.pos[l, 0, 0])[np.asarray(cache.valid[l, 0, 0])].tolist()
+    )
     assert kept == top
 
 
 @pytest.mark.parametrize("name", sorted(DECODE_POLICIES))
 def test_decode_time_policies_hold_their_budget(name):
   transform = DECODE_POLICIES[name](0.5)
-  out = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=12,
-                       prompt_lengths=LENGTHS, transform=transform)
+  out = kvjax.generate(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    max_new_tokens=12,
+    prompt_lengths=LENGTHS,
+    transform=transform,
+  )
   cache = out.cache
   assert cache.capacity == 80 + 1
   kept = np.asarray(cache.valid.sum(-1))
@@ -111,8 +136,9 @@ def test_decode_time_policies_hold_their_budget(name):
     newest = n + 12 - 2
     assert (np.asarray(cache.pos[:, b]) == newest).any(-1).all()
   if name == "streaming_llm":
-    kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
-        cache.valid[0, 1, 0])].tolist())
+    kept = sorted(
+      np.asarray(cache.pos[0, 1, 0])[np.asarray(cache.valid[0, 1, 0])].tolist()
+    )
     assert kept[:4] == [0, 1, 2, 3] and kept[-1] == 97 + 10
 
 
@@ -123,9 +149,13 @@ def test_h2o_accumulated_attention_moves_with_entries():
   here by original position, independently of slots)."""
   transform = compress.h2o(0.5)
   tokens, T0 = TOKENS[:, :48], 48
-  _, full, aux = kvjax.forward(PARAMS, tokens,
-                               kvjax.init_cache(CONFIG, 2, T0),
-                               config=CONFIG, capture=("attn_mass",))
+  _, full, aux = kvjax.forward(
+    PARAMS,
+    tokens,
+    kvjax.init_cache(CONFIG, 2, T0),
+    config=CONFIG,
+    capture=("attn_mass",),
+  )
   K = CONFIG.num_kv_heads
   G = CONFIG.num_heads // K
 
@@ -135,41 +165,56 @@ def test_h2o_accumulated_attention_moves_with_entries():
 
   # Expected accumulator by (layer, row, kv head, position).
   want = {}
-  m, p, v = per_kv(aux["attn_mass"]), np.asarray(full.pos), np.asarray(
-      full.valid)
+  m, p, v = (
+    per_kv(aux["attn_mass"]),
+    np.asarray(full.pos),
+    np.asarray(full.valid),
+  )
   for idx in zip(*np.nonzero(v)):
     want[idx[:3] + (p[idx],)] = m[idx]
   ctx = compress.CompressContext(
-      phase="prefill", step=jnp.int32(0),
-      q_pos=jnp.broadcast_to(jnp.arange(T0), (2, T0)),
-      q_mask=jnp.ones((2, T0), bool), attn_mass=aux["attn_mass"], reserve=0,
-      geometry=CONFIG.geometry, live_bound=T0)
+    phase="prefill",
+    step=jnp.int32(0),
+    q_pos=jnp.broadcast_to(jnp.arange(T0), (2, T0)),
+    q_mask=jnp.ones((2, T0), bool),
+    attn_mass=aux["attn_mass"],
+    reserve=0,
+    geometry=CONFIG.geometry,
+    live_bound=T0,
+  )
   cache, state = transform.apply(full, transform.init(full), ctx)
   cache = cache._replace(state=state)
   token = tokens[:, -1]
   for step in range(1, 9):
-    _, cache, aux = kvjax.forward(PARAMS, token[:, None], cache,
-                                  config=CONFIG, capture=("attn_mass",))
-    m, p, v = per_kv(aux["attn_mass"]), np.asarray(cache.pos), np.asarray(
-        cache.valid)
+    _, cache, aux = kvjax.forward(
+      PARAMS, token[:, None], cache, config=CONFIG, capture=("attn_mass",)
+    )
+    m, p, v = (
+      per_kv(aux["attn_mass"]),
+      np.asarray(cache.pos),
+      np.asarray(cache.valid),
+    )
     for idx in zip(*np.nonzero(v)):
       key = idx[:3] + (p[idx],)
       want[key] = want.get(key, 0.0) + m[idx]
-    ctx = ctx._replace(phase="decode", step=jnp.int32(step),
-                       q_pos=cache.length[:, None] - 1,
-                       q_mask=jnp.ones((2, 1), bool),
-                       attn_mass=aux["attn_mass"])
+    ctx = ctx._replace(
+      phase="decode",
+      step=jnp.int32(step),
+      q_pos=cache.length[:, None] - 1,
+      q_mask=jnp.ones((2, 1), bool),
+      attn_mass=aux["attn_mass"],
+    )
     cache, state = transform.apply(cache, cache.state, ctx)
     cache = cache._replace(state=state)
     token = (token + 7) % CONFIG.vocab_size
     acc = state.mass
-    acc, p, v = np.asarray(acc), np.asarray(cache.pos), np.asarray(
-        cache.valid)
+    acc, p, v = np.asarray(acc), np.asarray(cache.pos), np.asarray(cache.valid)
     assert (v.sum(-1) == 24).all()  # the budget holds
     assert (acc[~v] == 0).all()
     for idx in zip(*np.nonzero(v)):
-      np.testing.assert_allclose(acc[idx], want[idx[:3] + (p[idx],)],
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        acc[idx], want[idx[:3] + (p[idx],)], rtol=1e-5, atol=1e-6
+      )
 
 
 def test_adakv_head_budgets_vary_and_sum_to_the_layer_budget():
@@ -186,22 +231,26 @@ def test_adakv_head_budgets_vary_and_sum_to_the_layer_budget():
 def test_pyramid_budgets_formula():
   b = np.asarray(compress.pyramid_budgets(jnp.array([4096]), 0.5, 4, 64, 20))
   # max_capacity = 64 + 2048; min = 2048/20 = 102.4; max = 4096 - 102.4.
-  np.testing.assert_array_equal(b[:, 0], np.round(
-      3993.6 - np.arange(4) * (3993.6 - 102.4) / 3).astype(int))
-  assert (compress.pyramid_budgets(jnp.array([100]), 0.5, 4)[:, 0] == 50
-          ).all()
+  np.testing.assert_array_equal(
+    b[:, 0], np.round(3993.6 - np.arange(4) * (3993.6 - 102.4) / 3).astype(int)
+  )
+  assert (compress.pyramid_budgets(jnp.array([100]), 0.5, 4)[:, 0] == 50).all()
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: compress.snapkv(0.5, window_size=16),
     lambda: compress.h2o(0.5),
     lambda: compress.chain(compress.knorm(0.5), compress.kivi(2, 16, 32)),
     lambda: compress.turboquant(3),
-])
+  ],
+)
 def test_compressed_decode_compiles_once(count_compiles, make):
   transform = make()
-  kw = dict(config=CONFIG, max_new_tokens=5, prompt_lengths=LENGTHS,
-            transform=transform)
+  kw = dict(
+    config=CONFIG, max_new_tokens=5, prompt_lengths=LENGTHS, transform=transform
+  )
   kvjax.generate(PARAMS, TOKENS, **kw)
   other = (TOKENS + 1) % CONFIG.vocab_size
   with count_compiles() as c:
@@ -213,24 +262,27 @@ def test_compressed_decode_compiles_once(count_compiles, make):
   token, keys = TOKENS[:, 0], [jax.random.key(i) for i in range(4)]
   with count_compiles() as c:
     for key in keys:
-      token, _, cache = kvjax.decode_step(PARAMS, token, cache, key,
-                                          config=CONFIG)
+      token, _, cache = kvjax.decode_step(
+        PARAMS, token, cache, key, config=CONFIG
+      )
   assert c["n"] == 1
 
 
 def test_chain_composes_and_identity_is_a_no_op():
-  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                          prompt_lengths=LENGTHS)
+  _, full = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, prompt_lengths=LENGTHS)
   _, same = _prefill(compress.chain())
   jax.tree.map(np.testing.assert_array_equal, full, same)
-  two = compress.chain(compress.snapkv(0.5, window_size=16),
-                       compress.knorm(0.5))
+  two = compress.chain(
+    compress.snapkv(0.5, window_size=16), compress.knorm(0.5)
+  )
   _, cache = _prefill(two)
   assert cache.capacity == 40 and two.keeps(160) == 40
   assert two.name == "snapkv+knorm"
 
 
-@pytest.mark.parametrize("make,match", [
+@pytest.mark.parametrize(
+  "make,match",
+  [
     (lambda: compress.snapkv(1.0), "ratio must be a float in"),
     (lambda: compress.knorm(-0.1), "ratio must be a float in"),
     (lambda: compress.knorm(ratio=0.5, budget=10), "exactly one of"),
@@ -239,7 +291,8 @@ def test_chain_composes_and_identity_is_a_no_op():
     (lambda: compress.adakv("nope", 0.5), "unknown scorer"),
     (lambda: compress.tova(0.5, every=0), "every must be"),
     (lambda: compress.chain(compress.knorm(0.5), "x"), "KVTransform"),
-])
+  ],
+)
 def test_bad_arguments_raise(make, match):
   with pytest.raises((ValueError, TypeError), match=match):
     make()
@@ -253,8 +306,9 @@ def test_oracle_without_future_mass_raises():
 def test_snapkv_on_a_1024_token_prompt_keeps_a_quarter_of_the_bytes():
   tokens = jax.random.randint(jax.random.key(5), (2, 1024), 1, 512)
   _, full = kvjax.prefill(PARAMS, tokens, config=CONFIG)
-  _, cache = kvjax.prefill(PARAMS, tokens, config=CONFIG,
-                           transform=compress.snapkv(0.75))
+  _, cache = kvjax.prefill(
+    PARAMS, tokens, config=CONFIG, transform=compress.snapkv(0.75)
+  )
   ratio = kvjax.kv_bytes(cache) / kvjax.kv_bytes(full)
   assert ratio <= 0.27, ratio
   assert base.static_keep(1024, 0.75, None) == cache.capacity == 256
@@ -264,17 +318,23 @@ def test_snapkv_window_longer_than_a_row_uses_the_rows_tokens():
   """A row shorter than the window: its padding queries get no weight and
   its whole prompt is the window (everything kept up to the budget)."""
   lengths = jnp.array([160, 10])
-  _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG,
-                           transform=compress.snapkv(0.5, window_size=16),
-                           prompt_lengths=lengths)
-  kept = sorted(np.asarray(cache.pos[0, 1, 0])[np.asarray(
-      cache.valid[0, 1, 0])].tolist())
+  _, cache = kvjax.prefill(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    transform=compress.snapkv(0.5, window_size=16),
+    prompt_lengths=lengths,
+  )
+  kept = sorted(
+    np.asarray(cache.pos[0, 1, 0])[np.asarray(cache.valid[0, 1, 0])].tolist()
+  )
   assert kept == list(range(5, 10))  # the 5 newest: all in the window
   # A window covering every entry of every row would only keep the newest:
   # refused with the numbers, not run as "SnapKV".
   with pytest.raises(base.Degenerate, match="covers all 8 cached entries"):
-    kvjax.prefill(PARAMS, TOKENS[:, :8], config=CONFIG,
-                  transform=compress.snapkv(0.5))  # w=64 > T=8
+    kvjax.prefill(
+      PARAMS, TOKENS[:, :8], config=CONFIG, transform=compress.snapkv(0.5)
+    )  # w=64 > T=8
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -289,10 +349,14 @@ def test_evict_one_keeps_what_a_sort_keeps(seed):
   valid = np.broadcast_to(valid, (L, B, K, S))
   pos = np.where(valid, rng.permutation(100)[:S][None, None, None], -1)
   k = rng.normal(size=(L, B, K, S, H)).astype(np.float32)
-  cache = kvjax.KVCache(k=jnp.asarray(k), v=jnp.asarray(-k),
-                        pos=jnp.asarray(pos, jnp.int32),
-                        valid=jnp.asarray(valid), end=jnp.asarray(end),
-                        length=jnp.asarray(end))
+  cache = kvjax.KVCache(
+    k=jnp.asarray(k),
+    v=jnp.asarray(-k),
+    pos=jnp.asarray(pos, jnp.int32),
+    valid=jnp.asarray(valid),
+    end=jnp.asarray(end),
+    length=jnp.asarray(end),
+  )
   scores = jnp.asarray(rng.normal(size=(L, B, K, S)), jnp.float32)
   over = jnp.array([True, False, True])
   out, _, _ = base.evict_one(cache, scores, over)
@@ -317,15 +381,30 @@ def test_decode_eviction_paths_keep_the_budget(name):
   steps) both end at each row's budget; StreamingLLM's scores do not depend
   on attention, so both keep the same entries."""
   make = DECODE_POLICIES[name]
-  fast = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=9,
-                        prompt_lengths=LENGTHS, transform=make(0.5))
-  kept = lambda c, b: sorted(np.asarray(c.pos[:, b])[np.asarray(
-      c.valid[:, b])].tolist())
-  transform = {"streaming_llm": compress.streaming_llm(0.5, every=2),
-               "tova": compress.tova(0.5, every=2),
-               "h2o": compress.h2o(0.5, every=2)}[name]
-  slow = kvjax.generate(PARAMS, TOKENS, config=CONFIG, max_new_tokens=9,
-                        prompt_lengths=LENGTHS, transform=transform)
+  fast = kvjax.generate(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    max_new_tokens=9,
+    prompt_lengths=LENGTHS,
+    transform=make(0.5),
+  )
+  kept = lambda c, b: sorted(
+    np.asarray(c.pos[:, b])[np.asarray(c.valid[:, b])].tolist()
+  )
+  transform = {
+    "streaming_llm": compress.streaming_llm(0.5, every=2),
+    "tova": compress.tova(0.5, every=2),
+    "h2o": compress.h2o(0.5, every=2),
+  }[name]
+  slow = kvjax.generate(
+    PARAMS,
+    TOKENS,
+    config=CONFIG,
+    max_new_tokens=9,
+    prompt_lengths=LENGTHS,
+    transform=transform,
+  )
   assert slow.cache.capacity == 82
   if name == "streaming_llm":  # scores do not depend on attention
     for b in range(2):

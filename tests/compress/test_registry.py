@@ -10,8 +10,13 @@ from kvjax.compress import registry
 
 # by_value factories that assemble a transform from parts (a scorer, codec
 # functions, other transforms): no method by themselves.
-BUILDING_BLOCKS = {"chain", "identity", "quantize", "windowed_quantize",
-                   "scored_policy"}
+BUILDING_BLOCKS = {
+  "chain",
+  "identity",
+  "quantize",
+  "windowed_quantize",
+  "scored_policy",
+}
 
 
 @pytest.mark.parametrize("name", registry.POLICY_NAMES)
@@ -36,8 +41,9 @@ def test_names_are_distinct_and_composable():
   assert not any(registry.SEPARATOR in n for n in names)
 
 
-@pytest.mark.parametrize("policy,codec", itertools.product(
-    registry.POLICY_NAMES, registry.CODEC_NAMES))
+@pytest.mark.parametrize(
+  "policy,codec", itertools.product(registry.POLICY_NAMES, registry.CODEC_NAMES)
+)
 def test_composed_name_is_the_chain_name(policy, codec):
   method = f"{policy}{registry.SEPARATOR}{codec}"
   assert registry.parse(method) == (policy, codec)
@@ -47,8 +53,9 @@ def test_composed_name_is_the_chain_name(policy, codec):
     assert "chain(" in str(e)  # windowed codec, saying why
     return
   assert transform.name == method
-  assert transform == compress.chain(registry.build(policy, 0.5),
-                                     registry.build(codec))
+  assert transform == compress.chain(
+    registry.build(policy, 0.5), registry.build(codec)
+  )
 
 
 def test_unknown_names_raise_listing_the_allowed():
@@ -68,10 +75,14 @@ def test_unknown_names_raise_listing_the_allowed():
 def test_registry_covers_every_exported_method_factory():
   """Every by_value factory of kvjax.compress that is a method is built by
   some registry name, and the registry builds nothing else."""
-  exported = {n for n in dir(compress)
-              if inspect.isfunction(getattr(compress, n))
-              and getattr(getattr(compress, n), "by_value", False)
-              and not n.endswith("_scorer")}
-  built = ({registry.build(n, 0.5).spec[1] for n in registry.POLICY_NAMES}
-           | {registry.build(n).spec[1] for n in registry.CODEC_NAMES})
+  exported = {
+    n
+    for n in dir(compress)
+    if inspect.isfunction(getattr(compress, n))
+    and getattr(getattr(compress, n), "by_value", False)
+    and not n.endswith("_scorer")
+  }
+  built = {registry.build(n, 0.5).spec[1] for n in registry.POLICY_NAMES} | {
+    registry.build(n).spec[1] for n in registry.CODEC_NAMES
+  }
   assert exported - BUILDING_BLOCKS == built

@@ -13,8 +13,10 @@ def test_anatomy_report_on_a_random_model(tmp_path):
   L = rep["num_layers"]
   assert len(rep["norm_growth"]["rms"]) == L + 1
   np.testing.assert_allclose(
-      np.array(rep["norm_growth"]["rms"][1:]) / rep["norm_growth"]["rms"][:-1],
-      rep["norm_growth"]["growth"], rtol=1e-5)
+    np.array(rep["norm_growth"]["rms"][1:]) / rep["norm_growth"]["rms"][:-1],
+    rep["norm_growth"]["growth"],
+    rtol=1e-5,
+  )
   assert len(rep["writes"]["attn_energy"]) == L
   assert len(rep["logit_lens"]["accuracy"]) == L + 1
   # Every (layer, kind, mode) once; ablating a write changes the output.

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 PROBES = ("pilot_plateau", "twohop_probe", "walk_links")
 
 
@@ -18,8 +19,11 @@ def _tree(name):
 @pytest.mark.parametrize("name", PROBES)
 def test_probe_is_an_absl_main(name):
   tree = _tree(name)
-  guard = [node for node in tree.body if isinstance(node, ast.If)
-           and "__main__" in ast.unparse(node.test)]
+  guard = [
+    node
+    for node in tree.body
+    if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+  ]
   assert len(guard) == 1 and "app.run(main)" in ast.unparse(guard[0]), name
   # Nothing runs at import but definitions (flags included).
   for node in tree.body:
@@ -33,11 +37,16 @@ def test_probe_uses_no_private_experiment_names(name):
   modules = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.module.startswith(
-        ("experiments", "kvjax")):
+      ("experiments", "kvjax")
+    ):
       for alias in node.names:
         assert not alias.name.startswith("_"), (name, alias.name)
         modules.add(alias.asname or alias.name)
   for node in ast.walk(tree):
-    if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-        and isinstance(node.value, ast.Name) and node.value.id in modules):
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr.startswith("_")
+      and isinstance(node.value, ast.Name)
+      and node.value.id in modules
+    ):
       pytest.fail(f"{name} reads {node.value.id}.{node.attr}")

@@ -38,8 +38,12 @@ def _cfg(workdir, **overrides):
 
 
 def test_plan_units_and_bad_names():
-  cfg = _cfg("/tmp/unused", methods="snapkv,kivi2,snapkv+kivi2",
-             ratios="0,0.5,0.9", tasks="needle,mqar")
+  cfg = _cfg(
+    "/tmp/unused",
+    methods="snapkv,kivi2,snapkv+kivi2",
+    ratios="0,0.5,0.9",
+    tasks="needle,mqar",
+  )
   units = plan.plan_units(cfg)
   keys = [(u["method"], u["ratio"], u["task"], u["mode"]) for u in units]
   assert len(keys) == len(set(keys))
@@ -49,11 +53,12 @@ def test_plan_units_and_bad_names():
   assert ("none", 0.0, "mqar", "agnostic") in keys
   assert ("none", 0.0, "mqar", "aware") not in keys
   assert ("snapkv", 0.0, "mqar", "agnostic") not in keys
-  for field, value, match in (("methods", "snapkv,bogus", "unknown method"),
-                              ("ratios", "0.5,1.0", "ratios"),
-                              ("tasks", "needle,chess",
-                               "unknown suite entry"),
-                              ("modes", "agnostic,psychic", "unknown mode")):
+  for field, value, match in (
+    ("methods", "snapkv,bogus", "unknown method"),
+    ("ratios", "0.5,1.0", "ratios"),
+    ("tasks", "needle,chess", "unknown suite entry"),
+    ("modes", "agnostic,psychic", "unknown mode"),
+  ):
     with pytest.raises(ValueError, match=match):
       plan.plan_units(_cfg("/tmp/unused", **{field: value}))
   with pytest.raises(ValueError, match="policy\\+codec"):
@@ -88,7 +93,8 @@ def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
   assert none["reachability"] == pytest.approx(1.0)
   half = by[("snapkv", 0.5, "agnostic")]
   assert half["logical_bytes_per_token"] == pytest.approx(
-      0.5 * none["logical_bytes_per_token"], rel=0.05)
+    0.5 * none["logical_bytes_per_token"], rel=0.05
+  )
   assert 0.0 <= half["ger"] <= 1.0 and half["kl"] > 0
   # Evicted everywhere implies evicted from each layer.
   assert len(half["ger_per_layer"]) == 2
@@ -111,8 +117,12 @@ def test_every_default_method_runs_once(tmp_path):
   """Each method of the default config, at ratio 0.5 (quantizers at 0) on
   one task, both modes: no refusal, bytes below the uncompressed cache,
   codecs store every kept entry coded but KIVI's window."""
-  cfg = _cfg(tmp_path, methods=sweep_config.get_config().methods,
-             ratios="0,0.5", context_len=256)
+  cfg = _cfg(
+    tmp_path,
+    methods=sweep_config.get_config().methods,
+    ratios="0,0.5",
+    context_len=256,
+  )
   rows = loop.run(cfg)
   assert len(rows) == 1 + 2 * 11
   by = {(r["method"], r["mode"]): r for r in rows}
@@ -122,8 +132,9 @@ def test_every_default_method_runs_once(tmp_path):
     assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["kl"])
     if method == "none":
       continue
-    assert r["logical_bytes_per_token"] < 0.75 * none[
-        "logical_bytes_per_token"], (method, mode)
+    assert (
+      r["logical_bytes_per_token"] < 0.75 * none["logical_bytes_per_token"]
+    ), (method, mode)
     coded = r["coded_share"][0]
     if "kivi" in method:  # whole blocks of 128 coded, the rest windowed
       assert 0.5 < coded <= 1.0, (method, coded)
@@ -136,12 +147,13 @@ def test_every_default_method_runs_once(tmp_path):
 def test_bad_configs_fail_before_anything_is_written(tmp_path):
   workdir = tmp_path / "w"
   for field, value, match in (
-      ("ratios", "abc", "config.ratios='abc' is not a comma-separated list"),
-      ("methods", "", "config.methods is empty"),
-      ("num_examples", 0, "config.num_examples=0: must be int in"),
-      ("support_share", 0.0, "config.support_share=0.0: must be float in"),
-      ("context_len", -4, "config.context_len=-4"),
-      ("confidence", float("nan"), "config.confidence")):
+    ("ratios", "abc", "config.ratios='abc' is not a comma-separated list"),
+    ("methods", "", "config.methods is empty"),
+    ("num_examples", 0, "config.num_examples=0: must be int in"),
+    ("support_share", 0.0, "config.support_share=0.0: must be float in"),
+    ("context_len", -4, "config.context_len=-4"),
+    ("confidence", float("nan"), "config.confidence"),
+  ):
     cfg = _cfg(workdir)
     cfg[field] = value
     with pytest.raises(ValueError, match=match):
@@ -151,10 +163,12 @@ def test_bad_configs_fail_before_anything_is_written(tmp_path):
 
 def test_unknown_config_field_is_one_clear_line():
   with pytest.raises(SystemExit, match="--config.bogus: no such config"):
-    common.check_config_overrides(["sweep", "--config.bogus=1"],
-                                  sweep_config.get_config())
-  common.check_config_overrides(["sweep", "--config.ratios=0,0.5"],
-                                sweep_config.get_config())
+    common.check_config_overrides(
+      ["sweep", "--config.bogus=1"], sweep_config.get_config()
+    )
+  common.check_config_overrides(
+    ["sweep", "--config.ratios=0,0.5"], sweep_config.get_config()
+  )
 
 
 def test_changed_code_reruns_every_unit(tmp_path, monkeypatch):
@@ -163,38 +177,70 @@ def test_changed_code_reruns_every_unit(tmp_path, monkeypatch):
   policies = tmp_path / "policies.py"
   policies.write_text(open(compress.policies.__file__).read())
   files = store.code_files()
-  monkeypatch.setattr(store, "code_files",
-                      lambda: [f for f in files if "policies" not in f] +
-                      [str(policies)])
+  monkeypatch.setattr(
+    store,
+    "code_files",
+    lambda: [f for f in files if "policies" not in f] + [str(policies)],
+  )
   cfg = _cfg(tmp_path / "w", methods="snapkv", ratios="0,0.5")
   first = loop.run(cfg)
   assert len(loop.run(cfg)) == len(first)  # nothing new: all done
   path = tmp_path / "w" / "results.jsonl"
   assert len(path.read_text().splitlines()) == len(first)
-  policies.write_text(policies.read_text().replace(
-      "_BIG = 1e30", "_BIG = 1e29"))  # a changed definition
+  policies.write_text(
+    policies.read_text().replace("_BIG = 1e30", "_BIG = 1e29")
+  )  # a changed definition
   rerun = loop.run(cfg)
   assert len(rerun) == len(first)
   assert {r["key"].split("|")[0] for r in rerun}.isdisjoint(
-      {r["key"].split("|")[0] for r in first})
+    {r["key"].split("|")[0] for r in first}
+  )
   assert len(path.read_text().splitlines()) == 2 * len(first)
 
 
 def test_summary_collapse_and_pearson():
   rows = []
   for task in ("a", "b"):
-    rows.append(dict(method="none", ratio=0.0, task=task, mode="agnostic",
-                     accuracy=1.0, hallucination_rate=0.0,
-                     abstention_rate=0.0, ger=0.0, reachability=1.0, kl=0.0,
-                     physical_bytes_per_token=100.0,
-                     logical_bytes_per_token=100.0, seconds=1.0))
-    for ratio, acc, ger in ((0.5, 0.9, 0.1), (0.75, 0.6, 0.3),
-                            (0.9, 0.2, 0.7)):
-      rows.append(dict(rows[0], method="snapkv", ratio=ratio, task=task,
-                       accuracy=acc, hallucination_rate=ger / 2, ger=ger,
-                       logical_bytes_per_token=100 * (1 - ratio)))
-  rows.append(dict(method="kivi2", ratio=0.0, task="a", mode="aware",
-                   status="refused", reason="never fills a block"))
+    rows.append(
+      dict(
+        method="none",
+        ratio=0.0,
+        task=task,
+        mode="agnostic",
+        accuracy=1.0,
+        hallucination_rate=0.0,
+        abstention_rate=0.0,
+        ger=0.0,
+        reachability=1.0,
+        kl=0.0,
+        physical_bytes_per_token=100.0,
+        logical_bytes_per_token=100.0,
+        seconds=1.0,
+      )
+    )
+    for ratio, acc, ger in ((0.5, 0.9, 0.1), (0.75, 0.6, 0.3), (0.9, 0.2, 0.7)):
+      rows.append(
+        dict(
+          rows[0],
+          method="snapkv",
+          ratio=ratio,
+          task=task,
+          accuracy=acc,
+          hallucination_rate=ger / 2,
+          ger=ger,
+          logical_bytes_per_token=100 * (1 - ratio),
+        )
+      )
+  rows.append(
+    dict(
+      method="kivi2",
+      ratio=0.0,
+      task="a",
+      mode="aware",
+      status="refused",
+      reason="never fills a block",
+    )
+  )
   text, facts = report.summarize(rows)
   assert facts["refused"] == [("aware", "kivi2", 0.0)]
   assert "- aware kivi2 0: never fills a block" in text
@@ -229,8 +275,12 @@ def test_run_tag_follows_the_weights_and_the_task_definitions(monkeypatch):
   assert store.run_tag(cfg, config, retrained) != tag
   # Same weights, another architecture setting (e.g. an edited config.json).
   assert store.run_tag(cfg, config.replace(rope_theta=5e4), params) != tag
-  changed = [e._replace(params=dict(e.params, num_distractors=5))
-             if e.name == "needle" else e for e in suite.SUITE]
+  changed = [
+    e._replace(params=dict(e.params, num_distractors=5))
+    if e.name == "needle"
+    else e
+    for e in suite.SUITE
+  ]
   monkeypatch.setattr(suite, "SUITE", tuple(changed))
   assert store.run_tag(cfg, config, params) != tag
 
@@ -239,26 +289,46 @@ def test_code_fingerprint_covers_every_module_that_computes_a_row():
   """A sweep module is either hashed into the run tag or only reads rows
   (a new module must be put in one group or the other)."""
   hashed = {os.path.relpath(f, store.ROOT) for f in store.code_files()}
-  modules = {os.path.relpath(f, store.ROOT) for f in glob.glob(
-      os.path.join(store.ROOT, "experiments", "sweeps", "*.py"))}
-  reads_rows = {f"experiments/sweeps/{n}.py"
-                for n in ("__init__", "store", "report", "figures")}
+  modules = {
+    os.path.relpath(f, store.ROOT)
+    for f in glob.glob(
+      os.path.join(store.ROOT, "experiments", "sweeps", "*.py")
+    )
+  }
+  reads_rows = {
+    f"experiments/sweeps/{n}.py"
+    for n in ("__init__", "store", "report", "figures")
+  }
   assert modules - reads_rows <= hashed
   assert not reads_rows & hashed
-  assert {"experiments/common.py", "kvjax/compress/registry.py",
-          "kvjax/tasks/suite.py", "kvjax/compress/policies.py"} <= hashed
+  assert {
+    "experiments/common.py",
+    "kvjax/compress/registry.py",
+    "kvjax/tasks/suite.py",
+    "kvjax/compress/policies.py",
+  } <= hashed
   # Every repository module the sweep loads (directly or not) is hashed,
   # unless it only reads rows.
   import experiments.sweep  # pylint: disable=g-import-not-at-top,unused-import
-  loaded = {os.path.relpath(m.__file__, store.ROOT)
-            for m in list(sys.modules.values())
-            if getattr(m, "__file__", None) and os.path.abspath(
-                m.__file__).startswith(store.ROOT + os.sep)}
-  loaded = {f for f in loaded if f.startswith(("kvjax/", "experiments/"))
-            and not f.startswith("experiments/configs/")}
-  reads_only = reads_rows | {"experiments/sweep.py",
-                             "experiments/__init__.py",
-                             "experiments/plotting.py", "kvjax/nn/__init__.py"}
+
+  loaded = {
+    os.path.relpath(m.__file__, store.ROOT)
+    for m in list(sys.modules.values())
+    if getattr(m, "__file__", None)
+    and os.path.abspath(m.__file__).startswith(store.ROOT + os.sep)
+  }
+  loaded = {
+    f
+    for f in loaded
+    if f.startswith(("kvjax/", "experiments/"))
+    and not f.startswith("experiments/configs/")
+  }
+  reads_only = reads_rows | {
+    "experiments/sweep.py",
+    "experiments/__init__.py",
+    "experiments/plotting.py",
+    "kvjax/nn/__init__.py",
+  }
   assert loaded - reads_only <= hashed, sorted(loaded - reads_only - hashed)
 
 
@@ -272,43 +342,70 @@ def test_extra_inputs_follow_the_transforms_declaration():
   oracle = plan.method_transform("oracle", 0.5)
   assert set(units.extra_inputs(td, oracle)) == {"future_mass"}
   assert units.extra_inputs(
-      td, plan.method_transform("oracle+kivi2", 0.5)).keys() == {
-          "future_mass"}
+    td, plan.method_transform("oracle+kivi2", 0.5)
+  ).keys() == {"future_mass"}
   assert units.extra_inputs(td, plan.method_transform("snapkv", 0.5)) == {}
   needy = compress.snapkv(0.5)._replace(extras=("crystal_ball",))
   with pytest.raises(ValueError, match="crystal_ball"):
     units.extra_inputs(td, needy)
   for mode in plan.MODES:
-    row = units.run_unit(cfg, td, dict(method="oracle", ratio=0.5,
-                                       task="needle", mode=mode))
+    row = units.run_unit(
+      cfg, td, dict(method="oracle", ratio=0.5, task="needle", mode=mode)
+    )
     assert row["status"] == "ok" and 0.0 <= row["accuracy"] <= 1.0
 
 
 def test_figures_from_rows(tmp_path):
-  rows = [dict(method="none", ratio=0.0, task="a", mode="agnostic",
-               accuracy=1.0, hallucination_rate=0.0, ger=0.0,
-               physical_bytes_per_token=100.0,
-               logical_bytes_per_token=100.0)]
+  rows = [
+    dict(
+      method="none",
+      ratio=0.0,
+      task="a",
+      mode="agnostic",
+      accuracy=1.0,
+      hallucination_rate=0.0,
+      ger=0.0,
+      physical_bytes_per_token=100.0,
+      logical_bytes_per_token=100.0,
+    )
+  ]
   for mode in plan.MODES:
     for ratio, ger in ((0.5, 0.1), (0.75, 0.3), (0.9, 0.7)):
-      rows.append(dict(rows[0], method="snapkv", ratio=ratio, mode=mode,
-                       accuracy=1 - ger, hallucination_rate=ger / 2, ger=ger,
-                       logical_bytes_per_token=100 * (1 - ratio)))
-  support = dict(share=0.9, bin_edges=[1, 2, 4], histogram=[[3, 1], [2, 2]],
-                 median_per_layer=[1.0, 2.0])
+      rows.append(
+        dict(
+          rows[0],
+          method="snapkv",
+          ratio=ratio,
+          mode=mode,
+          accuracy=1 - ger,
+          hallucination_rate=ger / 2,
+          ger=ger,
+          logical_bytes_per_token=100 * (1 - ratio),
+        )
+      )
+  support = dict(
+    share=0.9,
+    bin_edges=[1, 2, 4],
+    histogram=[[3, 1], [2, 2]],
+    median_per_layer=[1.0, 2.0],
+  )
   figures.plot(rows, support, str(tmp_path))
   for name in figures.FILES:
     assert (tmp_path / name).exists(), name
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("methods", "snapkv,snapkv", "lists \\['snapkv'\\] more than once"),
     ("ratios", "0.5,0.50", "lists \\['0.5'\\] more than once"),
     ("tasks", "needle,needle", "more than once"),
     ("methods", "h2o+kivi2", "h2o\\+kivi2 at ratio 0.5 cannot be built"),
-])
-def test_plan_refuses_repeated_units_and_refused_compositions(field, value,
-                                                              match):
+  ],
+)
+def test_plan_refuses_repeated_units_and_refused_compositions(
+  field, value, match
+):
   """A repeated value would run and average its units twice; a chain that
   `chain` refuses would fail mid-sweep after rows were written."""
   cfg = _cfg("/tmp/unused", **{field: value})

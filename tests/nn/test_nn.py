@@ -16,15 +16,28 @@ from kvjax import nn as knn  # pylint: disable=g-import-not-at-top
 
 # A plain Llama-style config and one with every switch (Qwen2 biases, Qwen3
 # q/k norm, output bias, tied embeddings, llama3 rope scaling, a window).
-LLAMA = kvjax.ModelConfig(vocab_size=64, d_model=32, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                          name="nn-llama")
+LLAMA = kvjax.ModelConfig(
+  vocab_size=64,
+  d_model=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  name="nn-llama",
+)
 EVERY_SWITCH = LLAMA.replace(
-    qkv_bias=True, qk_norm=True, o_bias=True, tie_embeddings=True,
-    sliding_window=6, rope_scaling=kvjax.RopeScaling(
-        "llama3", 8.0, 1.0, 4.0, 16), name="nn-every-switch")
-CONFIGS = pytest.mark.parametrize("config", [LLAMA, EVERY_SWITCH],
-                                  ids=lambda c: c.name)
+  qkv_bias=True,
+  qk_norm=True,
+  o_bias=True,
+  tie_embeddings=True,
+  sliding_window=6,
+  rope_scaling=kvjax.RopeScaling("llama3", 8.0, 1.0, 4.0, 16),
+  name="nn-every-switch",
+)
+CONFIGS = pytest.mark.parametrize(
+  "config", [LLAMA, EVERY_SWITCH], ids=lambda c: c.name
+)
 
 
 # Inputs and params are drawn with NumPy: an eager or jitted jax draw
@@ -49,8 +62,9 @@ def _rngs(seed):
 
 
 def _tokens(config, B, T, seed=1):
-  return np.random.default_rng(seed).integers(1, config.vocab_size, (B, T),
-                                              dtype=np.int32)
+  return np.random.default_rng(seed).integers(
+    1, config.vocab_size, (B, T), dtype=np.int32
+  )
 
 
 def _mask(lengths, T):
@@ -72,8 +86,9 @@ def _decoder_step(decoder, tokens, cache, token_mask, capture=()):
 
 @jax.jit(static_argnames=("config", "capture"))
 def _forward_step(params, tokens, cache, token_mask, config, capture=()):
-  return kvjax.forward(params, tokens, cache, config=config,
-                       token_mask=token_mask, capture=capture)
+  return kvjax.forward(
+    params, tokens, cache, config=config, token_mask=token_mask, capture=capture
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -95,13 +110,17 @@ def test_decoder_logits_equal_forward_prefill_and_decode(config):
   want = _forward_step(params, tokens, cache, mask, config, capture)
   got = _decoder_step(decoder, tokens, cache, mask, capture)
   live = mask[..., None]
-  np.testing.assert_allclose(np.where(live, got.logits, 0),
-                             np.where(live, want.logits, 0), rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.where(live, got.logits, 0),
+    np.where(live, want.logits, 0),
+    rtol=1e-6,
+    atol=1e-6,
+  )
   assert set(got.aux) == set(capture)
   for name in capture:
-    np.testing.assert_allclose(got.aux[name], want.aux[name], rtol=1e-6,
-                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+      got.aux[name], want.aux[name], rtol=1e-6, atol=1e-6, err_msg=name
+    )
   np.testing.assert_array_equal(got.cache.pos, want.cache.pos)
   np.testing.assert_array_equal(got.cache.end, lengths)
   np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-6, atol=1e-6)
@@ -111,9 +130,12 @@ def test_decoder_logits_equal_forward_prefill_and_decode(config):
   step_mask = np.array([[True], [False], [True]])
   want = _forward_step(params, step, want.cache, step_mask, config)
   got = _decoder_step(decoder, step, got.cache, step_mask)
-  np.testing.assert_allclose(got.logits[step_mask[:, 0]],
-                             want.logits[step_mask[:, 0]], rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    got.logits[step_mask[:, 0]],
+    want.logits[step_mask[:, 0]],
+    rtol=1e-6,
+    atol=1e-6,
+  )
   np.testing.assert_array_equal(got.cache.end, [10, 5, 8])
   np.testing.assert_array_equal(got.cache.length, want.cache.length)
 
@@ -128,8 +150,10 @@ def test_params_to_nnx_to_params_is_exact(config):
   back = knn.Decoder.from_params(params, config).to_params()
   _assert_trees_equal(back, params)
   # No copy: the decoder wraps the very arrays.
-  assert all(x is y for x, y in zip(jax.tree.leaves(back),
-                                    jax.tree.leaves(params), strict=True))
+  assert all(
+    x is y
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True)
+  )
 
 
 @CONFIGS
@@ -151,33 +175,57 @@ def test_nnx_to_params_to_nnx_is_exact(config):
 
 @nnx.jit(static_argnames=("transform", "max_new_tokens"))
 def _nnx_generate(decoder, tokens, lengths, transform, max_new_tokens):
-  return knn.generate(decoder, tokens, prompt_lengths=lengths,
-                      transform=transform, max_new_tokens=max_new_tokens)
+  return knn.generate(
+    decoder,
+    tokens,
+    prompt_lengths=lengths,
+    transform=transform,
+    max_new_tokens=max_new_tokens,
+  )
 
 
 def _snapkv_kivi():
   """Evict half (SnapKV), then quantize to 2 bits (KIVI, small blocks)."""
-  return compress.chain(compress.snapkv(ratio=0.5, window_size=4),
-                        compress.kivi(bits=2, group_size=4, residual=8))
+  return compress.chain(
+    compress.snapkv(ratio=0.5, window_size=4),
+    compress.kivi(bits=2, group_size=4, residual=8),
+  )
 
 
 def test_nnx_jit_generate_with_transform_matches_and_compiles_once(
-    count_compiles):
+  count_compiles,
+):
   config = LLAMA
   params = _params(config)
   decoder = knn.Decoder.from_params(params, config)
   tokens, lengths = _tokens(config, 2, 40), np.array([40, 33])
-  want = kvjax.generate(params, tokens, config=config, max_new_tokens=6,
-                        prompt_lengths=lengths, transform=_snapkv_kivi())
+  want = kvjax.generate(
+    params,
+    tokens,
+    config=config,
+    max_new_tokens=6,
+    prompt_lengths=lengths,
+    transform=_snapkv_kivi(),
+  )
   got = _nnx_generate(decoder, tokens, lengths, _snapkv_kivi(), 6)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.num_generated, want.num_generated)
   assert got.cache.capacity < 40  # compacted
   with count_compiles() as c:
-    again = _nnx_generate(decoder, _tokens(config, 2, 40, seed=5),
-                          np.array([31, 40]), _snapkv_kivi(), 6)
-    eager = knn.generate(decoder, tokens, prompt_lengths=lengths,
-                         transform=_snapkv_kivi(), max_new_tokens=6)
+    again = _nnx_generate(
+      decoder,
+      _tokens(config, 2, 40, seed=5),
+      np.array([31, 40]),
+      _snapkv_kivi(),
+      6,
+    )
+    eager = knn.generate(
+      decoder,
+      tokens,
+      prompt_lengths=lengths,
+      transform=_snapkv_kivi(),
+      max_new_tokens=6,
+    )
   assert c["n"] == 0, f"a freshly built equal transform compiled {c['n']}"
   assert again.tokens.shape == (2, 6)
   np.testing.assert_array_equal(eager.tokens, want.tokens)
@@ -191,15 +239,22 @@ def test_decoder_captures_drive_compress_cache_like_prefill():
   decoder = knn.Decoder.from_params(params, config)
   tokens, lengths = _tokens(config, 2, 32), np.array([32, 27])
   t = _snapkv_kivi()
-  want = knn.prefill(decoder, tokens, prompt_lengths=lengths, transform=t,
-                     capacity=34)
+  want = knn.prefill(
+    decoder, tokens, prompt_lengths=lengths, transform=t, capacity=34
+  )
   mask = _mask(lengths, 32)
-  _, cache, aux = _decoder_step(decoder, tokens,
-                                kvjax.init_cache(config, 2, 34), mask,
-                                ("q", "attn_mass"))
-  got = kvjax.compress_cache(cache, t, config=config, observed=aux,
-                             positions=np.cumsum(mask, axis=1) - 1,
-                             mask=mask, reserve=2)
+  _, cache, aux = _decoder_step(
+    decoder, tokens, kvjax.init_cache(config, 2, 34), mask, ("q", "attn_mass")
+  )
+  got = kvjax.compress_cache(
+    cache,
+    t,
+    config=config,
+    observed=aux,
+    positions=np.cumsum(mask, axis=1) - 1,
+    mask=mask,
+    reserve=2,
+  )
   np.testing.assert_array_equal(got.pos, want.cache.pos)
   np.testing.assert_array_equal(got.valid, want.cache.valid)
   # The Decoder reads the compacted, coded cache as forward does.
@@ -209,8 +264,9 @@ def test_decoder_captures_drive_compress_cache_like_prefill():
   np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
   # And kvjax's decode loop continues it from the decoder's weights.
   nn_out = knn.decode(decoder, want.cache, step[:, 0], max_new_tokens=2)
-  ref = kvjax.decode(params, want.cache, step[:, 0], config=config,
-                     max_new_tokens=2)
+  ref = kvjax.decode(
+    params, want.cache, step[:, 0], config=config, max_new_tokens=2
+  )
   np.testing.assert_array_equal(nn_out.tokens, ref.tokens)
 
 
@@ -219,7 +275,6 @@ def test_decoder_captures_drive_compress_cache_like_prefill():
 
 
 class _Block(nnx.Module):
-
   def __init__(self, d, geometry, *, rngs):
     self.norm1 = nnx.LayerNorm(d, rngs=rngs)
     self.attn = knn.CachedAttention(d, geometry, qkv_bias=True, rngs=rngs)
@@ -233,21 +288,26 @@ class _TinyLM(nnx.Module):
 
   def __init__(self, vocab, d, geometry, num_layers, *, rngs):
     self.embed = nnx.Embed(vocab, d, rngs=rngs)
-    self.blocks = nnx.List([_Block(d, geometry, rngs=rngs)
-                            for _ in range(num_layers)])
+    self.blocks = nnx.List(
+      [_Block(d, geometry, rngs=rngs) for _ in range(num_layers)]
+    )
     self.head = nnx.Linear(d, vocab, rngs=rngs)
 
   def __call__(self, tokens, cache, token_mask, capture=()):
     x, aux = self.embed(tokens), []
     for i, block in enumerate(self.blocks):
-      y, cache, a = block.attn(block.norm1(x), cache, layer=i,
-                               token_mask=token_mask, capture=capture)
+      y, cache, a = block.attn(
+        block.norm1(x), cache, layer=i, token_mask=token_mask, capture=capture
+      )
       x = x + y
       x = x + block.down(nnx.gelu(block.up(block.norm2(x))))
       aux.append(a)
     cache = kvjax.cache.advance(cache, token_mask)
-    return (self.head(x), cache,
-            {n: jnp.stack([a[n] for a in aux]) for n in capture})
+    return (
+      self.head(x),
+      cache,
+      {n: jnp.stack([a[n] for a in aux]) for n in capture},
+    )
 
 
 @nnx.jit(static_argnames=("capture",))
@@ -267,13 +327,24 @@ def test_cached_attention_in_a_handwritten_model_with_a_compacted_cache():
   assert aux["q"].shape == (L, B, T, 4, 8)
   # compress_cache checks the cache against a ModelConfig: this model's
   # attention geometry and depth (the other fields are not read).
-  shape = kvjax.ModelConfig(vocab_size=V, d_model=D, num_layers=L,
-                            num_heads=4, num_kv_heads=2, head_dim=8,
-                            mlp_dim=2 * D)
+  shape = kvjax.ModelConfig(
+    vocab_size=V,
+    d_model=D,
+    num_layers=L,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=2 * D,
+  )
   small = kvjax.compress_cache(
-      full, compress.snapkv(ratio=0.5, window_size=4), config=shape,
-      observed=aux, positions=np.cumsum(mask, axis=1) - 1, mask=mask,
-      reserve=2)
+    full,
+    compress.snapkv(ratio=0.5, window_size=4),
+    config=shape,
+    observed=aux,
+    positions=np.cumsum(mask, axis=1) - 1,
+    mask=mask,
+    reserve=2,
+  )
   assert small.capacity < full.capacity
   kept_counts = np.asarray(small.valid).sum(-1)  # [L, B, K]
   assert (kept_counts < np.array([24, 19])[None, :, None]).all()
@@ -303,7 +374,8 @@ def _attn_and_cache():
   geometry = kvjax.AttentionGeometry(num_heads=4, num_kv_heads=2, head_dim=8)
   # Abstract parameters suffice: the checks run before any compute.
   attn = nnx.eval_shape(
-      lambda: knn.CachedAttention(16, geometry, rngs=nnx.Rngs(0)))
+    lambda: knn.CachedAttention(16, geometry, rngs=nnx.Rngs(0))
+  )
   cache = kvjax.init_cache(geometry, 2, 8, num_layers=2, dtype="float32")
   return attn, cache, np.ones((2, 3, 16), np.float32)
 
@@ -325,8 +397,9 @@ def test_cached_attention_rejects_bad_arguments():
     attn(x, cache, layer=0, token_mask=np.ones((2, 4), bool))
   with pytest.raises(ValueError, match="capture must be"):
     attn(x, cache, layer=0, capture=("attn_out",))
-  other = kvjax.init_cache(kvjax.AttentionGeometry(4, 1, 8), 2, 8,
-                           num_layers=2, dtype="float32")
+  other = kvjax.init_cache(
+    kvjax.AttentionGeometry(4, 1, 8), 2, 8, num_layers=2, dtype="float32"
+  )
   with pytest.raises(ValueError, match="kv heads"):
     attn(x, other, layer=0)
   with pytest.raises(ValueError, match="capacity exceeded"):
@@ -339,8 +412,9 @@ def test_decoder_and_generate_reject_bad_arguments():
     knn.Decoder.from_params(params, "tiny")
   with pytest.raises(TypeError, match="params must be"):
     knn.Decoder.from_params([params], LLAMA)
-  with pytest.raises(ValueError,
-                     match=r"params\['layers'\]\['\w+'\] has shape"):
+  with pytest.raises(
+    ValueError, match=r"params\['layers'\]\['\w+'\] has shape"
+  ):
     knn.Decoder.from_params(params, LLAMA.replace(head_dim=4))
   decoder = knn.Decoder.from_params(params, LLAMA)
   tokens = _tokens(LLAMA, 2, 4)

@@ -12,18 +12,19 @@ CONTEXT_LEN = 96
 BATCH = 16
 # Small but non-trivial settings per task, all fitting CONTEXT_LEN.
 PARAMS = {
-    "mqar": {"num_pairs": 6},
-    "needle": {"num_distractors": 3},
-    "multihop": {"hops": 3, "num_distractor_chains": 2},
-    "overwrite": {"num_writes": 3, "num_distractors": 3},
-    "abstention": {"num_distractors": 4},
+  "mqar": {"num_pairs": 6},
+  "needle": {"num_distractors": 3},
+  "multihop": {"hops": 3, "num_distractor_chains": 2},
+  "overwrite": {"num_writes": 3, "num_distractors": 3},
+  "abstention": {"num_distractors": 4},
 }
 
 
 def _batch(task, seed=0, batch_size=BATCH, context_len=CONTEXT_LEN, **extra):
   params = {**PARAMS[task], **extra}
-  return tasks.make_batch(task, batch_size, seed=seed,
-                          context_len=context_len, **params)
+  return tasks.make_batch(
+    task, batch_size, seed=seed, context_len=context_len, **params
+  )
 
 
 # --------------------------------------------------------------------------
@@ -58,8 +59,9 @@ def solve(tokens, visible, context_end, task, vocab=VOCAB):
     results = []
     for key in query_keys:
       found = values_of.get(int(key), set())
-      results.append(UNKNOWN if not found else
-                     (found.pop() if len(found) == 1 else None))
+      results.append(
+        UNKNOWN if not found else (found.pop() if len(found) == 1 else None)
+      )
     return results
   # Parse `key ARROW object` facts left to right; facts never overlap, so a
   # token taken as an object is not read again as a key. A hidden token
@@ -68,8 +70,11 @@ def solve(tokens, visible, context_end, task, vocab=VOCAB):
   p = 1
   while p < context_end - 2:
     arrow_ok = context[p + 1] in (ARROW, PAD)
-    if (is_key(context[p]) and arrow_ok
-        and (is_key(context[p + 2]) or is_value(context[p + 2]))):
+    if (
+      is_key(context[p])
+      and arrow_ok
+      and (is_key(context[p + 2]) or is_value(context[p + 2]))
+    ):
       facts.setdefault(int(context[p]), []).append((p, int(context[p + 2])))
       p += 3
     else:
@@ -112,19 +117,20 @@ def test_tuple_seed_gives_a_stream_and_tasks_are_independent():
   step0 = _batch("needle", seed=(7, 0))
   step1 = _batch("needle", seed=(7, 1))
   assert not np.array_equal(step0.tokens, step1.tokens)
-  np.testing.assert_array_equal(_batch("needle", seed=(7, 1)).tokens,
-                                step1.tokens)
+  np.testing.assert_array_equal(
+    _batch("needle", seed=(7, 1)).tokens, step1.tokens
+  )
   needle = _batch("needle", seed=7)
   abstain = _batch("abstention", seed=7)
   assert not np.array_equal(needle.tokens[:, :40], abstain.tokens[:, :40])
 
 
 EXPECTED_SHAPES = {  # task -> (T, A, C)
-    "mqar": (CONTEXT_LEN + 1 + 2 * 6, 6, 12),
-    "needle": (CONTEXT_LEN + 4, 1, 2),
-    "multihop": (CONTEXT_LEN + 4, 1, 6),
-    "overwrite": (CONTEXT_LEN + 4, 1, 2),
-    "abstention": (CONTEXT_LEN + 4, 1, 0),
+  "mqar": (CONTEXT_LEN + 1 + 2 * 6, 6, 12),
+  "needle": (CONTEXT_LEN + 4, 1, 2),
+  "multihop": (CONTEXT_LEN + 4, 1, 6),
+  "overwrite": (CONTEXT_LEN + 4, 1, 2),
+  "abstention": (CONTEXT_LEN + 4, 1, 0),
 }
 
 
@@ -139,8 +145,9 @@ def test_shapes_dtypes_and_layout(task):
   for field in ("lengths", "context_end", "answer_start", "task_ids"):
     assert getattr(batch, field).shape == (BATCH,), field
     assert getattr(batch, field).dtype == np.int32, field
-  assert batch.answers.shape == batch.answer_positions.shape == (
-      BATCH, num_answers)
+  assert (
+    batch.answers.shape == batch.answer_positions.shape == (BATCH, num_answers)
+  )
   assert batch.critical_positions.shape == (BATCH, num_critical)
   for field in ("answers", "answer_positions", "critical_positions"):
     assert getattr(batch, field).dtype == np.int32, field
@@ -155,13 +162,15 @@ def test_shapes_dtypes_and_layout(task):
   context = batch.tokens[:, :CONTEXT_LEN]
   assert not np.isin(context[:, 1:], [PAD, BOS, QUERY, UNKNOWN]).any()
   # The answers are in the tokens, marked by loss_mask and nothing else.
-  np.testing.assert_array_equal(batch.tokens[rows, batch.answer_positions],
-                                batch.answers)
+  np.testing.assert_array_equal(
+    batch.tokens[rows, batch.answer_positions], batch.answers
+  )
   expected_mask = np.zeros_like(batch.loss_mask)
   expected_mask[rows, batch.answer_positions] = True
   np.testing.assert_array_equal(batch.loss_mask, expected_mask)
-  np.testing.assert_array_equal(batch.answer_start,
-                                batch.answer_positions[:, 0])
+  np.testing.assert_array_equal(
+    batch.answer_start, batch.answer_positions[:, 0]
+  )
   assert (batch.answer_positions > batch.context_end[:, None]).all()
   # Critical positions are inside the context and are key/value tokens.
   crit = batch.critical_positions
@@ -236,7 +245,7 @@ def test_overwrite_without_latest_write_gives_the_stale_value():
 def test_mqar_keys_and_values_from_their_halves_each_key_queried_once():
   batch = _batch("mqar", num_pairs=6)
   end = CONTEXT_LEN
-  query_keys = batch.tokens[:, end + 1::2]  # [B, 6]
+  query_keys = batch.tokens[:, end + 1 :: 2]  # [B, 6]
   assert VOCAB.is_key(query_keys).all()
   assert VOCAB.is_value(batch.answers).all()
   assert VOCAB.key_start + VOCAB.num_keys == VOCAB.value_start
@@ -264,7 +273,8 @@ def test_mqar_scattered_and_partial_queries():
     visible = np.zeros(end, dtype=bool)
     visible[_critical(batch, row)] = True
     assert solve(batch.tokens[row], visible, end, "mqar") == _answers(
-        batch, row)
+      batch, row
+    )
 
 
 @pytest.mark.parametrize("num_writes", [2, 4])
@@ -273,14 +283,19 @@ def test_overwrite_answer_is_the_latest_assignment(num_writes):
   for row in range(BATCH):
     tokens = batch.tokens[row]
     query = tokens[CONTEXT_LEN + 1]
-    writes = [p for p in range(1, CONTEXT_LEN - 2)
-              if tokens[p] == query and tokens[p + 1] == ARROW]
+    writes = [
+      p
+      for p in range(1, CONTEXT_LEN - 2)
+      if tokens[p] == query and tokens[p + 1] == ARROW
+    ]
     assert len(writes) == num_writes
     values = [tokens[p + 2] for p in writes]
     assert len(set(values)) == num_writes
     assert batch.answers[row, 0] == tokens[max(writes) + 2]
-    assert batch.critical_positions[row].tolist() == [max(writes),
-                                                      max(writes) + 2]
+    assert batch.critical_positions[row].tolist() == [
+      max(writes),
+      max(writes) + 2,
+    ]
 
 
 def test_abstention_key_is_absent_and_answer_is_unknown():
@@ -306,8 +321,9 @@ def test_multihop_every_link_present_in_chain_order(hops):
     chain = tokens[key_positions].tolist() + [tokens[value_positions[-1]]]
     assert chain[0] == tokens[CONTEXT_LEN + 1]  # starts at the question
     assert chain[-1] == batch.answers[row, 0]  # ends at the answer
-    np.testing.assert_array_equal(tokens[value_positions[:-1]],
-                                  tokens[key_positions[1:]])  # linked
+    np.testing.assert_array_equal(
+      tokens[value_positions[:-1]], tokens[key_positions[1:]]
+    )  # linked
     assert VOCAB.is_key(chain[:-1]).all() and VOCAB.is_value(chain[-1])
     assert len(set(chain)) == hops + 1
     # 3 chains of `hops` links in the context.
@@ -324,7 +340,8 @@ def test_multihop_mixed_hops_pads_critical_positions():
     visible = np.zeros(end, dtype=bool)
     visible[_critical(batch, row)] = True
     assert solve(batch.tokens[row], visible, end, "multihop") == _answers(
-        batch, row)
+      batch, row
+    )
 
 
 @pytest.mark.parametrize("hops", tasks.HOPS)
@@ -335,17 +352,21 @@ def test_multihop_walk_asks_every_node_after_the_start(hops):
   assert batch.tokens.shape == (BATCH, c + 2 + 2 * hops)
   assert batch.answers.shape == (BATCH, hops)
   # The same context, links and end as the latent question.
-  np.testing.assert_array_equal(batch.tokens[:, :c + 2],
-                                latent.tokens[:, :c + 2])
-  np.testing.assert_array_equal(batch.critical_positions,
-                                latent.critical_positions)
+  np.testing.assert_array_equal(
+    batch.tokens[:, : c + 2], latent.tokens[:, : c + 2]
+  )
+  np.testing.assert_array_equal(
+    batch.critical_positions, latent.critical_positions
+  )
   np.testing.assert_array_equal(batch.answers[:, -1], latent.answers[:, 0])
-  np.testing.assert_array_equal(batch.answer_positions[0],
-                                c + 3 + 2 * np.arange(hops))
+  np.testing.assert_array_equal(
+    batch.answer_positions[0], c + 3 + 2 * np.arange(hops)
+  )
   assert (batch.tokens[:, batch.answer_positions[0] - 1] == ARROW).all()
   rows = np.arange(BATCH)[:, None]
-  np.testing.assert_array_equal(batch.tokens[rows, batch.answer_positions],
-                                batch.answers)
+  np.testing.assert_array_equal(
+    batch.tokens[rows, batch.answer_positions], batch.answers
+  )
   # Step j is the value slot of link j: its key is the step before.
   value_slots = batch.critical_positions[:, 1::2]
   np.testing.assert_array_equal(batch.tokens[rows, value_slots], batch.answers)
@@ -354,12 +375,14 @@ def test_multihop_walk_asks_every_node_after_the_start(hops):
     visible = np.zeros(end, dtype=bool)
     visible[_critical(batch, row)] = True
     assert solve(batch.tokens[row], visible, end, "multihop") == _answers(
-        batch, row)
+      batch, row
+    )
     for position in _critical(batch, row):  # every link is needed
       visible = np.ones(end, dtype=bool)
       visible[position] = False
       assert solve(batch.tokens[row], visible, end, "multihop") != _answers(
-          batch, row)
+        batch, row
+      )
 
 
 def test_multihop_mixed_walks_pad_tokens_and_answers():
@@ -369,29 +392,30 @@ def test_multihop_mixed_walks_pad_tokens_and_answers():
   np.testing.assert_array_equal(steps, hops)
   assert set(steps.tolist()) == {1, 3}
   np.testing.assert_array_equal(batch.lengths, CONTEXT_LEN + 2 + 2 * hops)
-  assert (batch.tokens[steps == 1, CONTEXT_LEN + 4:] == PAD).all()
+  assert (batch.tokens[steps == 1, CONTEXT_LEN + 4 :] == PAD).all()
 
 
 def test_question_mask_is_the_question_before_any_answer():
   c = CONTEXT_LEN
   walk = _batch("multihop", hops=3, walk=True)
   expected = np.zeros_like(walk.loss_mask)
-  expected[:, c:c + 3] = True  # QUERY x1 ARROW, not `x2 ARROW x3 ARROW y`
+  expected[:, c : c + 3] = True  # QUERY x1 ARROW, not `x2 ARROW x3 ARROW y`
   np.testing.assert_array_equal(tasks.question_mask(walk), expected)
   mqar = _batch("mqar", num_pairs=4)
   expected = np.zeros_like(mqar.loss_mask)
   expected[:, c] = True
-  expected[:, c + 1::2] = True  # every queried key
+  expected[:, c + 1 :: 2] = True  # every queried key
   np.testing.assert_array_equal(tasks.question_mask(mqar), expected)
   for task in ("needle", "overwrite", "abstention"):
     batch = _batch(task)
     expected = np.zeros_like(batch.loss_mask)
-    expected[:, c:c + 3] = True
+    expected[:, c : c + 3] = True
     np.testing.assert_array_equal(tasks.question_mask(batch), expected)
   mixed = tasks.question_mask(tasks.concat_batches([walk, mqar]))
   width = walk.tokens.shape[1]
-  np.testing.assert_array_equal(mixed[:BATCH, :width],
-                                tasks.question_mask(walk))
+  np.testing.assert_array_equal(
+    mixed[:BATCH, :width], tasks.question_mask(walk)
+  )
   assert not mixed[:BATCH, width:].any()
   np.testing.assert_array_equal(mixed[BATCH:], tasks.question_mask(mqar))
 
@@ -407,7 +431,7 @@ def test_needle_depth(depth):
   else:
     filler = CONTEXT_LEN - 1 - 4 * 3
     for row in range(BATCH):
-      before = VOCAB.is_filler(batch.tokens[row, :key_positions[row]]).sum()
+      before = VOCAB.is_filler(batch.tokens[row, : key_positions[row]]).sum()
       assert before == round(0.5 * filler)
 
 
@@ -431,8 +455,9 @@ def test_mixture_batch_pads_and_keeps_each_row_valid():
     task = batch.task_names[row]
     visible = np.zeros(CONTEXT_LEN, dtype=bool)
     visible[_critical(batch, row)] = True
-    assert solve(batch.tokens[row, :length], visible, CONTEXT_LEN,
-                 task) == _answers(batch, row)
+    assert solve(
+      batch.tokens[row, :length], visible, CONTEXT_LEN, task
+    ) == _answers(batch, row)
   # The mixture's multihop rows draw their hops from 1..4.
   multihop_rows = np.array(batch.task_names) == "multihop"
   hops = (batch.critical_positions[multihop_rows] >= 0).sum(axis=1) // 2
@@ -441,9 +466,12 @@ def test_mixture_batch_pads_and_keeps_each_row_valid():
 
 def test_mixture_weights_and_task_params():
   batch = tasks.make_mixture_batch(
-      32, seed=0, context_len=CONTEXT_LEN,
-      weights={"needle": 1.0, "abstention": 3.0},
-      task_params={"needle": {"depth": 0.0}})
+    32,
+    seed=0,
+    context_len=CONTEXT_LEN,
+    weights={"needle": 1.0, "abstention": 3.0},
+    task_params={"needle": {"depth": 0.0}},
+  )
   assert set(batch.task_names) == {"needle", "abstention"}
   needle_rows = np.array(batch.task_names) == "needle"
   assert (batch.critical_positions[needle_rows, 0] == 1).all()
@@ -467,9 +495,10 @@ def test_make_example_matches_batch_row_and_renders():
 
 def test_vocab_ranges_partition_the_ids():
   ids = np.arange(VOCAB.size)
-  kinds = (VOCAB.is_filler(ids).astype(int) + VOCAB.is_key(ids)
-           + VOCAB.is_value(ids))
-  assert (kinds[tasks.NUM_SPECIAL:] == 1).all()
+  kinds = (
+    VOCAB.is_filler(ids).astype(int) + VOCAB.is_key(ids) + VOCAB.is_value(ids)
+  )
+  assert (kinds[tasks.NUM_SPECIAL :] == 1).all()
   assert (kinds[: tasks.NUM_SPECIAL] == 0).all()
   assert VOCAB.num_keys == VOCAB.num_values
   small = tasks.Vocab(size=64, num_filler=16)
@@ -481,13 +510,16 @@ def test_vocab_ranges_partition_the_ids():
 # Bad input.
 
 
-@pytest.mark.parametrize("task, params, context_len", [
+@pytest.mark.parametrize(
+  "task, params, context_len",
+  [
     ("mqar", {"num_pairs": 8}, 16),
     ("needle", {"num_distractors": 5}, 18),
     ("multihop", {"hops": 4, "num_distractor_chains": 1}, 24),
     ("overwrite", {"num_writes": 3, "num_distractors": 2}, 15),
     ("abstention", {"num_distractors": 4}, 12),
-])
+  ],
+)
 def test_context_too_short_raises(task, params, context_len):
   with pytest.raises(ValueError, match=r"context_len=\d+ is too short.*>= "):
     tasks.make_batch(task, 2, seed=0, context_len=context_len, **params)
@@ -508,46 +540,102 @@ def test_hops_out_of_range_raises(hops):
     tasks.make_batch("multihop", 2, seed=0, context_len=128, hops=hops)
 
 
-@pytest.mark.parametrize("call, error, pattern", [
-    (lambda: tasks.make_batch("needle", 2, seed=0, context_len=64, hops=2),
-     TypeError, r"unknown parameter.*'hops'.*allowed.*num_distractors"),
-    (lambda: tasks.make_batch("needle", 0, seed=0, context_len=64),
-     ValueError, r"batch_size must be >= 1"),
-    (lambda: tasks.make_batch("needle", 2.0, seed=0, context_len=64),
-     TypeError, r"batch_size must be an int"),
-    (lambda: tasks.make_batch("needle", 2, seed=-1, context_len=64),
-     ValueError, r"seed must be non-negative"),
-    (lambda: tasks.make_batch("needle", 2, seed="a", context_len=64),
-     TypeError, r"seed must be an int"),
-    (lambda: tasks.make_batch("needle", 2, seed=0, context_len=64, depth=1.5),
-     ValueError, r"depth.*\[0, 1\]"),
-    (lambda: tasks.make_batch("mqar", 2, seed=0, context_len=64,
-                              num_pairs=4, num_queries=5),
-     ValueError, r"num_queries.*<= 4"),
-    (lambda: tasks.make_batch("mqar", 2, seed=0, context_len=64,
-                              placement="middle"),
-     ValueError, r"placement='middle'.*'prefix'.*'scattered'"),
-    (lambda: tasks.make_batch("multihop", 2, seed=0, context_len=64,
-                              walk="yes"),
-     TypeError, r"walk \(multihop\) must be a bool"),
-    (lambda: tasks.make_batch("overwrite", 2, seed=0, context_len=64,
-                              num_writes=1),
-     ValueError, r"num_writes.*>= 2"),
-    (lambda: tasks.make_batch("mqar", 2, seed=0, context_len=999,
-                              num_pairs=300),
-     ValueError, r"300 distinct key ids.*188"),
-    (lambda: tasks.make_mixture_batch(2, seed=0, context_len=64,
-                                      weights={"needle": -1.0}),
-     ValueError, r"weights\['needle'\] must be finite and >= 0"),
-    (lambda: tasks.make_mixture_batch(2, seed=0, context_len=64,
-                                      weights={"needle": 0.0}),
-     ValueError, r"weights must have a positive entry"),
-    (lambda: tasks.make_mixture_batch(
-        2, seed=0, context_len=64, task_params={"mqar": {"num_pairs": 40}}),
-     ValueError, r"context_len=64 is too short for mqar"),
-    (lambda: tasks.Vocab(size=20, num_filler=16),
-     ValueError, r"Vocab.size=20.*size >= 26"),
-])
+@pytest.mark.parametrize(
+  "call, error, pattern",
+  [
+    (
+      lambda: tasks.make_batch("needle", 2, seed=0, context_len=64, hops=2),
+      TypeError,
+      r"unknown parameter.*'hops'.*allowed.*num_distractors",
+    ),
+    (
+      lambda: tasks.make_batch("needle", 0, seed=0, context_len=64),
+      ValueError,
+      r"batch_size must be >= 1",
+    ),
+    (
+      lambda: tasks.make_batch("needle", 2.0, seed=0, context_len=64),
+      TypeError,
+      r"batch_size must be an int",
+    ),
+    (
+      lambda: tasks.make_batch("needle", 2, seed=-1, context_len=64),
+      ValueError,
+      r"seed must be non-negative",
+    ),
+    (
+      lambda: tasks.make_batch("needle", 2, seed="a", context_len=64),
+      TypeError,
+      r"seed must be an int",
+    ),
+    (
+      lambda: tasks.make_batch("needle", 2, seed=0, context_len=64, depth=1.5),
+      ValueError,
+      r"depth.*\[0, 1\]",
+    ),
+    (
+      lambda: tasks.make_batch(
+        "mqar", 2, seed=0, context_len=64, num_pairs=4, num_queries=5
+      ),
+      ValueError,
+      r"num_queries.*<= 4",
+    ),
+    (
+      lambda: tasks.make_batch(
+        "mqar", 2, seed=0, context_len=64, placement="middle"
+      ),
+      ValueError,
+      r"placement='middle'.*'prefix'.*'scattered'",
+    ),
+    (
+      lambda: tasks.make_batch(
+        "multihop", 2, seed=0, context_len=64, walk="yes"
+      ),
+      TypeError,
+      r"walk \(multihop\) must be a bool",
+    ),
+    (
+      lambda: tasks.make_batch(
+        "overwrite", 2, seed=0, context_len=64, num_writes=1
+      ),
+      ValueError,
+      r"num_writes.*>= 2",
+    ),
+    (
+      lambda: tasks.make_batch(
+        "mqar", 2, seed=0, context_len=999, num_pairs=300
+      ),
+      ValueError,
+      r"300 distinct key ids.*188",
+    ),
+    (
+      lambda: tasks.make_mixture_batch(
+        2, seed=0, context_len=64, weights={"needle": -1.0}
+      ),
+      ValueError,
+      r"weights\['needle'\] must be finite and >= 0",
+    ),
+    (
+      lambda: tasks.make_mixture_batch(
+        2, seed=0, context_len=64, weights={"needle": 0.0}
+      ),
+      ValueError,
+      r"weights must have a positive entry",
+    ),
+    (
+      lambda: tasks.make_mixture_batch(
+        2, seed=0, context_len=64, task_params={"mqar": {"num_pairs": 40}}
+      ),
+      ValueError,
+      r"context_len=64 is too short for mqar",
+    ),
+    (
+      lambda: tasks.Vocab(size=20, num_filler=16),
+      ValueError,
+      r"Vocab.size=20.*size >= 26",
+    ),
+  ],
+)
 def test_bad_arguments_raise_clear_errors(call, error, pattern):
   with pytest.raises(error, match=pattern):
     call()

@@ -48,8 +48,9 @@ def test_confidence_threshold_separates_hallucinations():
   # Wrong with confidence >= 0.5: rows 4 and 5 (the threshold is inclusive).
   assert result.hallucination_rate == pytest.approx(2 / 8)
   assert result.low_confidence_error_rate == pytest.approx(2 / 8)
-  stricter = tasks.score(batch, predicted, confidence=confidence,
-                         threshold=0.95)["overwrite"]
+  stricter = tasks.score(
+    batch, predicted, confidence=confidence, threshold=0.95
+  )["overwrite"]
   assert stricter.hallucination_rate == 0.0
   assert stricter.low_confidence_error_rate == pytest.approx(0.5)
 
@@ -67,8 +68,9 @@ def test_abstention_task_correct_means_unknown():
 
 
 def test_mqar_rates_are_per_answer_slot_and_exact_match_per_row():
-  batch = tasks.make_batch("mqar", 4, seed=3, context_len=CONTEXT_LEN,
-                           num_pairs=4)
+  batch = tasks.make_batch(
+    "mqar", 4, seed=3, context_len=CONTEXT_LEN, num_pairs=4
+  )
   predicted = batch.answers.copy()  # [4, 4]
   predicted[0, 0] = UNKNOWN
   predicted[1, :2] = _wrong_value(batch.answers[1, :2])
@@ -81,8 +83,9 @@ def test_mqar_rates_are_per_answer_slot_and_exact_match_per_row():
 
 
 def test_a_walk_is_one_unit_judged_at_its_first_wrong_step():
-  batch = tasks.make_batch("multihop", 6, seed=7, context_len=CONTEXT_LEN,
-                           hops=3, walk=True)
+  batch = tasks.make_batch(
+    "multihop", 6, seed=7, context_len=CONTEXT_LEN, hops=3, walk=True
+  )
   answers = batch.answers  # [6, 3]: x2, x3, y
   predicted = answers.copy()
   predicted[1, 2] = _wrong_value(answers[1, 2])  # wrong end
@@ -102,20 +105,24 @@ def test_a_walk_is_one_unit_judged_at_its_first_wrong_step():
   assert r.hallucination_rate == pytest.approx(2 / 6)  # rows 1, 3
   assert r.low_confidence_error_rate == pytest.approx(1 / 6)  # row 4
   # A one-step walk scores like the latent question with the same answer.
-  k1 = tasks.make_batch("multihop", 6, seed=7, context_len=CONTEXT_LEN,
-                        hops=1, walk=True)
-  k1_latent = tasks.make_batch("multihop", 6, seed=7,
-                               context_len=CONTEXT_LEN, hops=1)
+  k1 = tasks.make_batch(
+    "multihop", 6, seed=7, context_len=CONTEXT_LEN, hops=1, walk=True
+  )
+  k1_latent = tasks.make_batch(
+    "multihop", 6, seed=7, context_len=CONTEXT_LEN, hops=1
+  )
   np.testing.assert_array_equal(k1.tokens, k1_latent.tokens)
   guesses = np.where(np.arange(6) % 2 == 0, k1.answers[:, 0], UNKNOWN)
   assert tasks.score(k1, guesses) == tasks.score(k1_latent, guesses)
 
 
 def test_walks_mixed_with_mqar_keep_mqar_slots():
-  walk = tasks.make_batch("multihop", 4, seed=8, context_len=CONTEXT_LEN,
-                          hops=(1, 2, 4), walk=True)
-  mqar = tasks.make_batch("mqar", 4, seed=8, context_len=CONTEXT_LEN,
-                          num_pairs=3)
+  walk = tasks.make_batch(
+    "multihop", 4, seed=8, context_len=CONTEXT_LEN, hops=(1, 2, 4), walk=True
+  )
+  mqar = tasks.make_batch(
+    "mqar", 4, seed=8, context_len=CONTEXT_LEN, num_pairs=3
+  )
   batch = tasks.concat_batches([walk, mqar])
   predicted = batch.answers.copy()
   valid = batch.answer_positions >= 0
@@ -134,9 +141,12 @@ def test_walks_mixed_with_mqar_keep_mqar_slots():
 
 def test_mixture_is_split_per_task_and_padding_ignored():
   batch = tasks.make_mixture_batch(
-      40, seed=4, context_len=CONTEXT_LEN,
-      weights={"mqar": 1, "needle": 1, "abstention": 1},
-      task_params={"mqar": {"num_pairs": 3}})
+    40,
+    seed=4,
+    context_len=CONTEXT_LEN,
+    weights={"mqar": 1, "needle": 1, "abstention": 1},
+    task_params={"mqar": {"num_pairs": 3}},
+  )
   names = np.array(batch.task_names)
   predicted = batch.answers.copy()  # [B, 3], PAD in padded slots
   valid = batch.answer_positions >= 0
@@ -150,10 +160,10 @@ def test_mixture_is_split_per_task_and_padding_ignored():
   assert result["mqar"].accuracy == 1.0
   assert result["mqar"].num_answers == 3 * (names == "mqar").sum()
   assert result["needle"].accuracy == pytest.approx(1 - 1 / len(needle_rows))
-  assert result["needle"].abstention_rate == pytest.approx(
-      1 / len(needle_rows))
+  assert result["needle"].abstention_rate == pytest.approx(1 / len(needle_rows))
   assert result["abstention"].hallucination_rate == pytest.approx(
-      1 / len(abstention_rows))
+    1 / len(abstention_rows)
+  )
   total = valid.sum()
   assert result["all"].num_answers == total
   assert result["all"].accuracy == pytest.approx(1 - 2 / total)
@@ -162,19 +172,31 @@ def test_mixture_is_split_per_task_and_padding_ignored():
 
 def test_rates_partition_on_non_abstention_tasks():
   rng = np.random.default_rng(0)
-  batch = tasks.make_batch("multihop", 200, seed=5, context_len=CONTEXT_LEN,
-                           hops=2, num_distractor_chains=1)
-  predicted = rng.choice([batch.answers[0, 0], UNKNOWN,
-                          tasks.VOCAB.value_start], size=(200, 1))
+  batch = tasks.make_batch(
+    "multihop",
+    200,
+    seed=5,
+    context_len=CONTEXT_LEN,
+    hops=2,
+    num_distractor_chains=1,
+  )
+  predicted = rng.choice(
+    [batch.answers[0, 0], UNKNOWN, tasks.VOCAB.value_start], size=(200, 1)
+  )
   confidence = rng.random((200, 1))
   r = tasks.score(batch, predicted, confidence=confidence)["multihop"]
-  assert (r.accuracy + r.abstention_rate + r.hallucination_rate
-          + r.low_confidence_error_rate) == pytest.approx(1.0)
+  assert (
+    r.accuracy
+    + r.abstention_rate
+    + r.hallucination_rate
+    + r.low_confidence_error_rate
+  ) == pytest.approx(1.0)
 
 
 def test_predictions_from_logits_full_and_question_only():
-  batch = tasks.make_batch("mqar", 3, seed=6, context_len=CONTEXT_LEN,
-                           num_pairs=2)
+  batch = tasks.make_batch(
+    "mqar", 3, seed=6, context_len=CONTEXT_LEN, num_pairs=2
+  )
   batch_size, total_len = batch.tokens.shape
   vocab_size = tasks.VOCAB.size
   logits = np.zeros((batch_size, total_len, vocab_size), dtype=np.float32)
@@ -188,7 +210,8 @@ def test_predictions_from_logits_full_and_question_only():
   # Logits of the question only, after prefilling the context.
   question_logits = logits[:, CONTEXT_LEN:]
   predicted_q, confidence_q = tasks.predictions_from_logits(
-      batch, question_logits, offset=batch.context_end)
+    batch, question_logits, offset=batch.context_end
+  )
   np.testing.assert_array_equal(predicted_q, predicted)
   np.testing.assert_allclose(confidence_q, confidence)
   result = tasks.score(batch, predicted, confidence=confidence)["mqar"]
@@ -200,10 +223,15 @@ def test_predictions_from_logits_full_and_question_only():
 
 def test_predictions_from_logits_padded_slots():
   batch = tasks.make_mixture_batch(
-      6, seed=0, context_len=CONTEXT_LEN,
-      weights={"mqar": 1, "needle": 1}, task_params={"mqar": {"num_pairs": 2}})
+    6,
+    seed=0,
+    context_len=CONTEXT_LEN,
+    weights={"mqar": 1, "needle": 1},
+    task_params={"mqar": {"num_pairs": 2}},
+  )
   logits = np.random.default_rng(0).normal(
-      size=batch.tokens.shape + (tasks.VOCAB.size,))
+    size=batch.tokens.shape + (tasks.VOCAB.size,)
+  )
   predicted, confidence = tasks.predictions_from_logits(batch, logits)
   padded = batch.answer_positions < 0
   assert (predicted[padded] == PAD).all() and (confidence[padded] == 0).all()
@@ -216,37 +244,54 @@ def test_predictions_from_logits_rejects_a_small_vocabulary():
   assert needed > UNKNOWN + 1 and needed <= tasks.VOCAB.size
   for vocab_size in (UNKNOWN, needed - 1):
     logits = np.zeros(batch.tokens.shape + (vocab_size,), np.float32)
-    with pytest.raises(ValueError, match=rf"vocabulary size V={vocab_size}, "
-                       rf"but the batch needs V >= {needed}"):
+    with pytest.raises(
+      ValueError,
+      match=rf"vocabulary size V={vocab_size}, "
+      rf"but the batch needs V >= {needed}",
+    ):
       tasks.predictions_from_logits(batch, logits)
   logits = np.zeros(batch.tokens.shape + (needed,), np.float32)
   predicted, _ = tasks.predictions_from_logits(batch, logits)
   assert predicted.shape == batch.answers.shape
   # UNKNOWN must be predictable even when no token of the batch is as large.
-  tiny = batch._replace(tokens=np.zeros_like(batch.tokens),
-                        answers=np.zeros_like(batch.answers))
+  tiny = batch._replace(
+    tokens=np.zeros_like(batch.tokens), answers=np.zeros_like(batch.answers)
+  )
   with pytest.raises(ValueError, match=rf"needs V >= {UNKNOWN + 1}"):
     tasks.predictions_from_logits(tiny, logits[..., :UNKNOWN])
 
 
 def test_task_with_no_answers_reports_nan():
   batch = tasks.make_batch("needle", 2, seed=0, context_len=CONTEXT_LEN)
-  batch = batch._replace(answer_positions=np.full_like(
-      batch.answer_positions, -1))
+  batch = batch._replace(
+    answer_positions=np.full_like(batch.answer_positions, -1)
+  )
   result = tasks.score(batch, batch.answers)["needle"]
   assert math.isnan(result.accuracy) and result.num_answers == 0
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
-    ({"predicted_tokens": np.zeros((4, 2), np.int32)}, ValueError,
-     r"predicted_tokens must have shape \(4, 1\)"),
-    ({"predicted_tokens": np.zeros((4, 1), np.float32)}, ValueError,
-     r"integer ids"),
+@pytest.mark.parametrize(
+  "kwargs, error, pattern",
+  [
+    (
+      {"predicted_tokens": np.zeros((4, 2), np.int32)},
+      ValueError,
+      r"predicted_tokens must have shape \(4, 1\)",
+    ),
+    (
+      {"predicted_tokens": np.zeros((4, 1), np.float32)},
+      ValueError,
+      r"integer ids",
+    ),
     ({"confidence": np.full((4, 1), 1.5)}, ValueError, r"confidence.*\[0, 1\]"),
-    ({"confidence": np.ones((3, 1))}, ValueError,
-     r"confidence must have shape"),
+    (
+      {"confidence": np.ones((3, 1))},
+      ValueError,
+      r"confidence must have shape",
+    ),
     ({"threshold": 2.0}, ValueError, r"threshold must be in \[0, 1\]"),
-])
+  ],
+)
 def test_bad_score_arguments(kwargs, error, pattern):
   batch = tasks.make_batch("needle", 4, seed=0, context_len=CONTEXT_LEN)
   call = {"predicted_tokens": batch.answers, **kwargs}

@@ -26,10 +26,12 @@ NAMES = text.DEFAULT_WORDS
 
 
 def _suite_batches():
-  return {entry.name: tasks.make_batch(entry.task, BATCH, seed=(7, i),
-                                       context_len=CONTEXT_LEN,
-                                       **entry.params)
-          for i, entry in enumerate(SUITE)}
+  return {
+    entry.name: tasks.make_batch(
+      entry.task, BATCH, seed=(7, i), context_len=CONTEXT_LEN, **entry.params
+    )
+    for i, entry in enumerate(SUITE)
+  }
 
 
 BATCHES = _suite_batches()
@@ -41,19 +43,30 @@ def _train(corpus, pre_tokenizer, vocab_size=4000, decoder=None):
     tok.pre_tokenizer = pre_tokenizer
   if decoder is not None:
     tok.decoder = decoder
-  alphabet = (pre_tokenizers.ByteLevel.alphabet()
-              if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel) else [])
-  tok.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=SPECIALS,
-      initial_alphabet=alphabet, show_progress=False))
+  alphabet = (
+    pre_tokenizers.ByteLevel.alphabet()
+    if isinstance(pre_tokenizer, pre_tokenizers.ByteLevel)
+    else []
+  )
+  tok.train_from_iterator(
+    corpus,
+    tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=SPECIALS,
+      initial_alphabet=alphabet,
+      show_progress=False,
+    ),
+  )
   return tok
 
 
 def _checkpoint(directory, tok, config=None, special_map=None):
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
-  for name, data in (("tokenizer_config.json", config),
-                     ("special_tokens_map.json", special_map)):
+  for name, data in (
+    ("tokenizer_config.json", config),
+    ("special_tokens_map.json", special_map),
+  ):
     if data is not None:
       with open(os.path.join(directory, name), "w") as f:
         json.dump(data, f)
@@ -66,8 +79,13 @@ def _corpus(words):
   return lines + [" ".join(words.all_words)] * 3
 
 
-LLAMA_LIKE = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-              "add_bos_token": True, "model_max_length": 4096}
+LLAMA_LIKE = {
+  "bos_token": "<s>",
+  "eos_token": "</s>",
+  "pad_token": "<pad>",
+  "add_bos_token": True,
+  "model_max_length": 4096,
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +101,9 @@ def _coded_words(vocab=tasks.VOCAB):
   consonants = "bcdfghjklmnpqrstvwxz"
   codes = ["".join(p) for p in itertools.product(consonants, repeat=2)]
   keys = tuple(f"{codes[i]}{i}" for i in range(vocab.num_keys))
-  values = tuple(f"{codes[vocab.num_keys + i]}{i}"
-                 for i in range(vocab.num_values))
+  values = tuple(
+    f"{codes[vocab.num_keys + i]}{i}" for i in range(vocab.num_values)
+  )
   return text.Words(vocab, text.DEFAULT_WORDS.fillers, keys, values)
 
 
@@ -94,9 +113,11 @@ CODED = _coded_words()
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
   """GPT-2 style byte-level BPE: letters and digits are separate tokens."""
-  tok = _train(_corpus(CODED) + _corpus(NAMES),
-               pre_tokenizers.ByteLevel(add_prefix_space=False),
-               decoder=decoders.ByteLevel())
+  tok = _train(
+    _corpus(CODED) + _corpus(NAMES),
+    pre_tokenizers.ByteLevel(add_prefix_space=False),
+    decoder=decoders.ByteLevel(),
+  )
   return _checkpoint(tmp_path_factory.mktemp("split"), tok, LLAMA_LIKE)
 
 
@@ -117,10 +138,14 @@ def test_render_is_the_names_of_the_ids():
   texts = text.render(batch)
   assert texts == text.render(batch)  # deterministic
   for b, row in enumerate(texts):
-    ids = batch.tokens[b, 1:batch.lengths[b]]
-    expected = [{tasks.QUERY: "Query:", tasks.ARROW: "->",
-                 tasks.UNKNOWN: "unknown"}.get(int(i))
-                or tasks.VOCAB.token_name(i) for i in ids]
+    ids = batch.tokens[b, 1 : batch.lengths[b]]
+    expected = [
+      {tasks.QUERY: "Query:", tasks.ARROW: "->", tasks.UNKNOWN: "unknown"}.get(
+        int(i)
+      )
+      or tasks.VOCAB.token_name(i)
+      for i in ids
+    ]
     assert row.split() == expected
   assert texts[0].split()[CONTEXT_LEN - 1] == "Query:"
 
@@ -172,7 +197,8 @@ def test_suite_fields_point_at_the_right_tokens(whole, name):
     old_c = batch.critical_positions[b][batch.critical_positions[b] >= 0]
     new_c = new.critical_positions[b][new.critical_positions[b] >= 0]
     assert [_id_word(whole, i) for i in new.tokens[b, new_c]] == [
-        NAMES.word(i) for i in batch.tokens[b, old_c]]
+      NAMES.word(i) for i in batch.tokens[b, old_c]
+    ]
     assert (new_c < new.context_end[b]).all()
     # Answers: the answer word's token, at the mapped position.
     valid = batch.answer_positions[b] >= 0
@@ -180,14 +206,16 @@ def test_suite_fields_point_at_the_right_tokens(whole, name):
     pos = new.answer_positions[b][valid]
     assert (new.tokens[b, pos] == new.answers[b][valid]).all()
     assert [_id_word(whole, i) for i in new.answers[b][valid]] == [
-        NAMES.word(i) for i in batch.answers[b][valid]]
+      NAMES.word(i) for i in batch.answers[b][valid]
+    ]
     assert new.answer_start[b] == pos[0]
     assert (np.flatnonzero(new.loss_mask[b]) == pos).all()
     # The question proper covers exactly the question's words.
     old_q = np.flatnonzero(question_mask(batch)[b])
     new_q = np.flatnonzero(question_mask(new)[b])
     assert [_id_word(whole, i) for i in new.tokens[b, new_q]] == [
-        NAMES.word(i) for i in batch.tokens[b, old_q]]
+      NAMES.word(i) for i in batch.tokens[b, old_q]
+    ]
     assert _id_word(whole, new.tokens[b, new.context_end[b]]) == "Query:"
   if name == "abstention":
     assert _id_word(whole, tb.unknown_id) == "unknown"
@@ -208,8 +236,7 @@ def test_scoring_reads_the_mapped_answers(whole, name):
   assert scoring.score(new, predicted)["all"].accuracy == 1.0
   # Offset by the context, as after a prefill.
   L = int(new.context_end[0])
-  predicted, _ = scoring.predictions_from_logits(new, logits[:, L:],
-                                                 offset=L)
+  predicted, _ = scoring.predictions_from_logits(new, logits[:, L:], offset=L)
   assert (predicted == new.answers).all()
 
 
@@ -220,8 +247,9 @@ def test_mixture_rows_keep_their_padding(whole):
     valid = batch.answer_positions[b] >= 0
     assert ((new.answer_positions[b] >= 0) == valid).all()
     assert (new.answers[b][~valid] == whole.pad_id).all()
-    assert (new.tokens[b, new.answer_positions[b][valid]]
-            == new.answers[b][valid]).all()
+    assert (
+      new.tokens[b, new.answer_positions[b][valid]] == new.answers[b][valid]
+    ).all()
     n = (batch.critical_positions[b] >= 0).sum()
     assert (new.critical_positions[b, :n] >= 0).all()
     assert (new.critical_positions[b, n:] == -1).all()
@@ -244,13 +272,16 @@ def test_split_critical_words(split, name):
     old_c = batch.critical_positions[b][batch.critical_positions[b] >= 0]
     # Every critical word is two tokens here, ` bc` + `12`.
     assert ((end - start)[old_c] == 2).all()
-    assert [_span_text(split, tokens[start[p]:end[p]]) for p in old_c] == [
-        CODED.word(i) for i in batch.tokens[b, old_c]]
+    assert [_span_text(split, tokens[start[p] : end[p]]) for p in old_c] == [
+      CODED.word(i) for i in batch.tokens[b, old_c]
+    ]
     all_c = every.batch.critical_positions[b]
-    assert (all_c == np.concatenate(
-        [np.arange(start[p], end[p]) for p in old_c])).all()
-    assert (last.batch.critical_positions[b][:len(old_c)]
-            == end[old_c] - 1).all()
+    assert (
+      all_c == np.concatenate([np.arange(start[p], end[p]) for p in old_c])
+    ).all()
+    assert (
+      last.batch.critical_positions[b][: len(old_c)] == end[old_c] - 1
+    ).all()
 
 
 def test_split_answers_score_by_first_token(split):
@@ -266,8 +297,9 @@ def test_split_answers_score_by_first_token(split):
     targets = np.concatenate([np.arange(start[p], end[p]) for p in old_a])
     assert (np.flatnonzero(new.loss_mask[b]) == targets).all()
     assert not question_mask(new)[b, targets].any()
-    assert [_span_text(split, new.tokens[b, start[p]:end[p]])
-            for p in old_a] == [CODED.word(i) for i in batch.answers[b]]
+    assert [
+      _span_text(split, new.tokens[b, start[p] : end[p]]) for p in old_a
+    ] == [CODED.word(i) for i in batch.answers[b]]
   # Same first token exactly when the same answer word.
   same_new = new.answers.ravel()[:, None] == new.answers.ravel()[None, :]
   same_old = batch.answers.ravel()[:, None] == batch.answers.ravel()[None, :]
@@ -312,17 +344,26 @@ def uneven(tmp_path_factory):
   """Fillers f64.. never seen whole: two tokens (`f6` `4`); the rest one."""
   corpus = _corpus(NAMES)
   held_out = set(NAMES.fillers[64:])
-  corpus = [" ".join(w for w in line.split() if w not in held_out)
-            for line in corpus]
+  corpus = [
+    " ".join(w for w in line.split() if w not in held_out) for line in corpus
+  ]
   tok = _train(corpus, pre_tokenizers.WhitespaceSplit())
   return _checkpoint(tmp_path_factory.mktemp("uneven"), tok, LLAMA_LIKE)
 
 
 def test_contexts_are_padded_to_one_length(uneven):
   batch = tasks.make_batch("needle", 6, seed=3, context_len=CONTEXT_LEN)
-  alone = [int(text.tokenize(batch._replace(
-      **{f: getattr(batch, f)[b:b + 1] for f in batch._fields}), uneven
-                             ).batch.context_end[0]) for b in range(6)]
+  alone = [
+    int(
+      text.tokenize(
+        batch._replace(
+          **{f: getattr(batch, f)[b : b + 1] for f in batch._fields}
+        ),
+        uneven,
+      ).batch.context_end[0]
+    )
+    for b in range(6)
+  ]
   assert len(set(alone)) > 1  # the rows' contexts differ in tokens
   tb = text.tokenize(batch, uneven)
   new = tb.batch
@@ -331,17 +372,21 @@ def test_contexts_are_padded_to_one_length(uneven):
     words = tb.texts[b].split()
     query = words.index("Query:")
     added = max(alone) - alone[b]
-    assert words[:query - added] == text.render(batch)[b].split()[
-        :CONTEXT_LEN - 1]
-    assert all(w in NAMES.fillers[:64] for w in words[query - added:query])
+    assert (
+      words[: query - added] == text.render(batch)[b].split()[: CONTEXT_LEN - 1]
+    )
+    assert all(w in NAMES.fillers[:64] for w in words[query - added : query])
     # Fields still point at their words.
     p = batch.critical_positions[b]
-    assert [_id_word(uneven, i) for i in new.tokens[b, tb.token_start[b, p]]
-            ] == [NAMES.word(i) for i in batch.tokens[b, p]]
+    assert [
+      _id_word(uneven, i) for i in new.tokens[b, tb.token_start[b, p]]
+    ] == [NAMES.word(i) for i in batch.tokens[b, p]]
     assert _id_word(uneven, new.answers[b, 0]) == NAMES.word(
-        batch.answers[b, 0])
-  fixed = text.tokenize(batch, uneven, context_len=max(alone) + 5,
-                        total_len=200)
+      batch.answers[b, 0]
+    )
+  fixed = text.tokenize(
+    batch, uneven, context_len=max(alone) + 5, total_len=200
+  )
   assert (fixed.batch.context_end == max(alone) + 5).all()
   assert fixed.batch.tokens.shape == (6, 200)
   with pytest.raises(ValueError, match="more than context_len"):
@@ -369,13 +414,15 @@ def test_lengths_past_the_model_context_raise(whole):
 
 def test_model_max_length_is_the_default_limit(tmp_path):
   tok = _train(_corpus(NAMES), pre_tokenizers.WhitespaceSplit())
-  short = _checkpoint(tmp_path / "short", tok,
-                      {**LLAMA_LIKE, "model_max_length": 64})
+  short = _checkpoint(
+    tmp_path / "short", tok, {**LLAMA_LIKE, "model_max_length": 64}
+  )
   assert short.max_len == 64
   with pytest.raises(ValueError, match="max_len=64"):
     text.tokenize(BATCHES["needle"], short)
-  unlimited = _checkpoint(tmp_path / "huge", tok,
-                          {**LLAMA_LIKE, "model_max_length": 1e30})
+  unlimited = _checkpoint(
+    tmp_path / "huge", tok, {**LLAMA_LIKE, "model_max_length": 1e30}
+  )
   assert unlimited.max_len is None
 
 
@@ -399,15 +446,19 @@ def test_special_tokens(tmp_path):
   ck = _checkpoint(tmp_path / "a", tok, LLAMA_LIKE)
   assert (ck.bos_id, ck.eos_id, ck.pad_id) == (bos, eos, pad)
   # special_tokens_map.json wins, AddedToken objects are read.
-  ck = _checkpoint(tmp_path / "b", tok, {"bos_token": "</s>",
-                                        "add_bos_token": True},
-                   {"bos_token": {"content": "<s>", "lstrip": False}})
+  ck = _checkpoint(
+    tmp_path / "b",
+    tok,
+    {"bos_token": "</s>", "add_bos_token": True},
+    {"bos_token": {"content": "<s>", "lstrip": False}},
+  )
   assert (ck.bos_id, ck.eos_id, ck.pad_id) == (bos, None, None)
   # Not said by the config: used only if the post-processor adds it.
   ck = _checkpoint(tmp_path / "c", tok, {"bos_token": "<s>"})
   assert ck.bos_id is None
   tok.post_processor = processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", bos)])
+    single="<s> $A", special_tokens=[("<s>", bos)]
+  )
   ck = _checkpoint(tmp_path / "d", tok, {"bos_token": "<s>"})
   assert ck.bos_id == bos
   # A BOS the tokenizer lacks.
@@ -417,8 +468,7 @@ def test_special_tokens(tmp_path):
 
 def test_without_bos_position_0_has_no_token(tmp_path):
   tok = _train(_corpus(NAMES), pre_tokenizers.WhitespaceSplit())
-  ck = _checkpoint(tmp_path, tok, {"bos_token": "<s>",
-                                   "add_bos_token": False})
+  ck = _checkpoint(tmp_path, tok, {"bos_token": "<s>", "add_bos_token": False})
   assert ck.bos_id is None
   batch = BATCHES["overwrite"]
   tb = text.tokenize(batch, ck)
@@ -454,60 +504,82 @@ def test_words_from_tokenizer_are_single_tokens(tmp_path):
   rng = np.random.default_rng(0)
   letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
   pseudo = sorted({"".join(rng.choice(letters, 6)) for _ in range(120)})
-  tok = _train([" ".join(pseudo)] * 20 + ["Query: -> unknown 1 2"] * 20,
-               pre_tokenizers.ByteLevel(add_prefix_space=False),
-               decoder=decoders.ByteLevel())
+  tok = _train(
+    [" ".join(pseudo)] * 20 + ["Query: -> unknown 1 2"] * 20,
+    pre_tokenizers.ByteLevel(add_prefix_space=False),
+    decoder=decoders.ByteLevel(),
+  )
   ck = _checkpoint(tmp_path, tok, LLAMA_LIKE)
   vocab = tasks.Vocab(size=72, num_filler=16)  # 24 keys, 24 values
   words = text.Words.from_tokenizer(ck, vocab)
   assert words == text.Words.from_tokenizer(ck, vocab)  # deterministic
   chosen = words.keys + words.values + words.fillers
   assert all(len(tok.encode(" " + w).ids) == 1 for w in chosen)
-  for task, params in (("needle", {}), ("multihop", {"hops": 2}),
-                       ("mqar", {"num_pairs": 8})):
-    batch = tasks.make_batch(task, 4, seed=1, context_len=48, vocab=vocab,
-                             **params)
+  for task, params in (
+    ("needle", {}),
+    ("multihop", {"hops": 2}),
+    ("mqar", {"num_pairs": 8}),
+  ):
+    batch = tasks.make_batch(
+      task, 4, seed=1, context_len=48, vocab=vocab, **params
+    )
     tb = text.tokenize(batch, ck, words=words)
     real = batch.tokens[:, 1:] != tasks.PAD
     width = (tb.token_end - tb.token_start)[:, 1:]
     # Every marker, key, value and filler is one token: positions shift by
     # the markers' extra tokens only.
-    assert ((width == 1) | ~real | np.isin(batch.tokens[:, 1:], (
-        tasks.QUERY, tasks.ARROW, tasks.UNKNOWN))).all()
+    assert (
+      (width == 1)
+      | ~real
+      | np.isin(batch.tokens[:, 1:], (tasks.QUERY, tasks.ARROW, tasks.UNKNOWN))
+    ).all()
     assert tb.batch.critical_positions.shape == batch.critical_positions.shape
   with pytest.raises(ValueError, match="single-token lowercase words"):
     text.Words.from_tokenizer(ck, tasks.VOCAB)
 
 
 # The pre-tokenizers of real checkpoints, on a corpus of made-up words.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                r"\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+  r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+  r"\s+(?!\S)|\s+"
+)
 
 
 def _family_tokenizer(family):
   rng = np.random.default_rng(0)
   letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-  pseudo = sorted({"".join(rng.choice(letters, rng.integers(4, 8)))
-                   for _ in range(700)})
+  pseudo = sorted(
+    {"".join(rng.choice(letters, rng.integers(4, 8))) for _ in range(700)}
+  )
   corpus = [" ".join(pseudo)] * 10 + [" Query: -> unknown"] * 10
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(byte_fallback=True))
   alphabet = []
   if family == "llama3":  # regex split, then bytes
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [
         pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
   elif family == "metaspace":  # Mistral, newer SentencePiece conversions
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
   else:  # Llama 2's legacy conversion: no pre-tokenizer at all
     tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
-  tok.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
-      vocab_size=3000, special_tokens=SPECIALS, initial_alphabet=alphabet,
-      show_progress=False))
+  tok.train_from_iterator(
+    corpus,
+    tokenizers.trainers.BpeTrainer(
+      vocab_size=3000,
+      special_tokens=SPECIALS,
+      initial_alphabet=alphabet,
+      show_progress=False,
+    ),
+  )
   if family == "legacy":
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
-                                           normalizers.Replace(" ", "▁")])
+    tok.normalizer = normalizers.Sequence(
+      [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
     tok.pre_tokenizer = None
   return text.CheckpointTokenizer(tok, bos_id=tok.token_to_id("<s>"))
 
@@ -529,19 +601,25 @@ def test_tokenizer_families(family):
       c = batch.critical_positions[b][batch.critical_positions[b] >= 0]
       new_c = new.critical_positions[b][new.critical_positions[b] >= 0]
       assert [word_of(i) for i in new.tokens[b, new_c]] == [
-          words.word(i) for i in batch.tokens[b, c]]
+        words.word(i) for i in batch.tokens[b, c]
+      ]
       valid = batch.answer_positions[b] >= 0
       assert [word_of(i) for i in new.answers[b][valid]] == [
-          words.word(i) for i in batch.answers[b][valid]]
+        words.word(i) for i in batch.answers[b][valid]
+      ]
       # The question's tokens: its words' (`Query:` may be two) and at most
       # space-only tokens between them.
-      spans = [np.arange(tb.token_start[b, p], tb.token_end[b, p])
-               for p in np.flatnonzero(question_mask(batch)[b])]
+      spans = [
+        np.arange(tb.token_start[b, p], tb.token_end[b, p])
+        for p in np.flatnonzero(question_mask(batch)[b])
+      ]
       covered = np.concatenate(spans)
       new_q = np.flatnonzero(question_mask(new)[b])
       assert set(covered) <= set(new_q)
-      assert all(word_of(i) == "" for i in
-                 new.tokens[b, sorted(set(new_q) - set(covered))])
-      assert ("".join(word_of(i) for i in new.tokens[b, covered])
-              == "".join(words.word(i) for i in batch.tokens[
-                  b, question_mask(batch)[b]]))
+      assert all(
+        word_of(i) == ""
+        for i in new.tokens[b, sorted(set(new_q) - set(covered))]
+      )
+      assert "".join(word_of(i) for i in new.tokens[b, covered]) == "".join(
+        words.word(i) for i in batch.tokens[b, question_mask(batch)[b]]
+      )

@@ -17,8 +17,9 @@ from kvjax.tasks.suite import SUITE
 from kvjax.train import evaluate
 from kvjax.train.config import TrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 @pytest.mark.parametrize("preset", train_configs.PRESETS)
@@ -27,8 +28,9 @@ def test_presets_build_and_their_phases_cover_the_run(preset):
   # The typed config checks every field, the schedule against total_steps
   # and that every phase's rows fit its contexts; its dict form reads back.
   config = train_job.train_config(cfg)
-  assert TrainConfig.from_dict(json.loads(json.dumps(
-      config.to_dict()))) == config
+  assert (
+    TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  )
   untils = [int(p.until) for p in cfg.data.phases]
   assert untils == sorted(untils) and len(set(untils)) == len(untils)
   assert untils[-1] >= cfg.total_steps
@@ -36,8 +38,9 @@ def test_presets_build_and_their_phases_cover_the_run(preset):
     # WSD: the decay sits inside the last phase, so lengthening the run
     # or its last phase leaves every earlier step's rate unchanged; each
     # cycle starts with a phase, the last cycle with the last phase.
-    assert 0 < cfg.decay_steps and cfg.total_steps - cfg.decay_steps >= (
-        untils[-2])
+    assert (
+      0 < cfg.decay_steps and cfg.total_steps - cfg.decay_steps >= (untils[-2])
+    )
     assert set(cfg.lr_restarts) <= set(untils[:-1])
     assert cfg.lr_restarts[-1] == untils[-2]
 
@@ -52,7 +55,8 @@ def test_the_shipped_record_is_the_tiny_preset():
   that reproduces it."""
   record = pretrained.training_record("kvjax-tiny")
   assert TrainConfig.from_dict(record["config"]) == train_job.train_config(
-      train_configs.get_config("tiny"))
+    train_configs.get_config("tiny")
+  )
 
 
 def test_a_bad_override_names_the_field():
@@ -65,9 +69,19 @@ def test_a_bad_override_names_the_field():
 def _run(*args):
   """`python -m experiments.train` from the repository root."""
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.train",
-       "--config=experiments/configs/train.py:smoke", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      "--config=experiments/configs/train.py:smoke",
+      *args,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -106,7 +120,8 @@ def test_smoke_run_trains_evaluates_exports_and_compares(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, cfg.total_steps + 1))
     (phase,) = cfg.data.phases
     assert {(r["context_len"], r["batch_size"]) for r in rows} == {
-        (c, cfg.data.tokens_per_step // c) for c in phase.context_lens}
+      (c, cfg.data.tokens_per_step // c) for c in phase.context_lens
+    }
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     # Every step draws a new batch, so compare means of five: both
     # optimizers take the loss from ln 512 = 6.24 down by 0.2-0.35 in 20
@@ -127,21 +142,38 @@ def test_smoke_run_trains_evaluates_exports_and_compares(tmp_path):
   assert config.d_model == 64 and config.num_layers == 2
   suite = [e for e in SUITE if e.name == "abstention"]
   recomputed = evaluate.evaluate_suite(
-      params, config, context_lens=(context,), num_examples=cfg.eval_examples,
-      seed=cfg.eval_seed, mqar_pairs=cfg.eval_mqar_pairs, suite=suite)
+    params,
+    config,
+    context_lens=(context,),
+    num_examples=cfg.eval_examples,
+    seed=cfg.eval_seed,
+    mqar_pairs=cfg.eval_mqar_pairs,
+    suite=suite,
+  )
   assert recomputed[context] == {
-      name: scores["adamw"][str(context)][name] for name, _, _ in suite}
+    name: scores["adamw"][str(context)][name] for name, _, _ in suite
+  }
   record = _json(tmp_path / "export" / "training.json")
   assert TrainConfig.from_dict(record["config"]) == train_job.train_config(
-      cfg)  # the smoke preset runs adamw
+    cfg
+  )  # the smoke preset runs adamw
   assert record["steps"] == cfg.total_steps
   assert record["eval"]["accuracy"] == scores["adamw"]
   assert record["eval"]["seed"] == cfg.eval_seed
   assert record["eval"]["num_examples"] == cfg.eval_examples
 
-  subprocess.run([sys.executable, "-m", "experiments.train",
-                  f"--compare={runs['adamw']},{runs['muon_split']}"],
-                 cwd=ROOT, check=True, capture_output=True, timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      f"--compare={runs['adamw']},{runs['muon_split']}",
+    ],
+    cwd=ROOT,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   # comparison.md: one row per run with its last-25-step loss and eval.json.
   lines = (tmp_path / "comparison.md").read_text().splitlines()
   header = _cells(lines, "| optimizer |")
@@ -149,8 +181,12 @@ def test_smoke_run_trains_evaluates_exports_and_compares(tmp_path):
   for optimizer, workdir in runs.items():
     row = _cells(lines, f"| {optimizer} |")
     loss = [r["loss"] for r in _loss_rows(workdir)][-25:]
-    assert row[:3] == [optimizer, str(context),
-                       f"{sum(loss) / len(loss):.4f}"], row
-    assert row[4:] == [f"{scores[optimizer][str(context)][name]:.3f}"
-                       for name in suite_names], row
+    assert row[:3] == [
+      optimizer,
+      str(context),
+      f"{sum(loss) / len(loss):.4f}",
+    ], row
+    assert row[4:] == [
+      f"{scores[optimizer][str(context)][name]:.3f}" for name in suite_names
+    ], row
   assert os.path.getsize(tmp_path / "comparison.png") > 0
