@@ -474,9 +474,9 @@ def check_transform(
   # Imported here: kvjax.compress imports kvjax.model, which imports this.
   from kvjax.compress import base  # pylint: disable=g-import-not-at-top
 
-  if transform is None and not required:
-    return
-  if not isinstance(transform, base.KVTransform):
+  if not isinstance(transform, base.KVTransform) and not (
+    transform is None and not required
+  ):
     allowed = "a KVTransform" if required else "None or a KVTransform"
     raise TypeError(
       f"{entry}: transform must be {allowed} built by a "

@@ -483,7 +483,7 @@ def test_prefill_and_compress_raise_on_overflow():
     ValueError,
     match=r"prefill: cache overflow: rows "
     r"\[0, 1\] ran past the capacity 8 \(write index up to "
-    "16\)",
+    r"16\)",
   ):
     kvjax.prefill(PARAMS, TOKENS, config=CONFIG, transform=LEAKS["overrun"])
   _, cache = kvjax.prefill(PARAMS, TOKENS, config=CONFIG, capacity=T + 3)
@@ -498,7 +498,7 @@ def test_generate_and_decode_raise_on_overflow():
     ValueError,
     match="generate: cache overflow: rows "
     r"\[0, 1\] ran past the capacity 8 \(write index up to "
-    "11\)",
+    r"11\)",
   ):
     _generate(transform=LEAKS["no_room"])
   leak = LEAKS["no_evict"]
@@ -522,7 +522,7 @@ def test_generate_and_decode_raise_on_overflow():
     ValueError,
     match="cache capacity exceeded: decoding "
     "with leaky_no_evict .* needs 1 more slots than row 0 "
-    "has \(capacity 9\)",
+    r"has \(capacity 9\)",
   ):
     kvjax.decode(
       PARAMS, full, first, config=CONFIG, max_new_tokens=3, transform=leak
@@ -541,3 +541,41 @@ def test_decode_step_leaves_the_overflow_flag_to_the_caller():
   # ... but the entries that do read it refuse a cache that lost writes.
   with pytest.raises(ValueError, match=r"cache \(given\): cache overflow"):
     kvjax.forward(PARAMS, token[:, None], over, config=CONFIG)
+
+
+def test_an_extra_input_that_reaches_no_transform_is_refused():
+  tokens = jnp.ones((2, 8), jnp.int32)
+  mass = jnp.ones((CONFIG.num_layers, 2, CONFIG.num_heads, 12))
+  with pytest.raises(
+    ValueError,
+    match=r"\['future_mass'\] reach no "
+    r"transform \(snapkv declares none\)",
+  ):
+    kvjax.prefill(
+      PARAMS,
+      tokens,
+      config=CONFIG,
+      capacity=12,
+      transform=compress.snapkv(0.5, window_size=2),
+      future_mass=mass,
+    )
+  with pytest.raises(ValueError, match="no transform is given"):
+    kvjax.prefill(PARAMS, tokens, config=CONFIG, future_mass=mass)
+  _, cache = kvjax.prefill(
+    PARAMS,
+    tokens,
+    config=CONFIG,
+    capacity=12,
+    transform=compress.oracle(0.5),
+    future_mass=mass,
+  )
+  with pytest.raises(ValueError, match="acts at prefill only"):
+    kvjax.decode(
+      PARAMS,
+      cache,
+      jnp.ones((2,), jnp.int32),
+      config=CONFIG,
+      max_new_tokens=2,
+      transform=compress.oracle(0.5),
+      future_mass=mass,
+    )

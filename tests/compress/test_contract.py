@@ -128,8 +128,9 @@ def test_reserve_holds_after_prefill_and_decode(name, count_compiles):
     kvjax.prefill(PARAMS, SHIFTED, transform=FACTORIES[name](), **kw)
   assert c["n"] == 0, name
   _check_reserve(name, transform, cache)
-  # The same R tokens written by decode, through the transform.
-  extra = _extra(transform, cache.capacity)
+  # The same R tokens written by decode, through the transform (a
+  # prefill-only one gets no extra inputs there: they would reach nothing).
+  extra = _extra(transform, cache.capacity) if transform.every else {}
   _, num, out = kvjax.decode(
     PARAMS,
     cache,
