@@ -53,25 +53,15 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
   if transform is None:
     return td.cache
   extra = extra_inputs(td, transform)
-  if unit["mode"] == "agnostic":
-    return kvjax.compress_cache(
-      td.cache,
-      transform,
-      config=td.config,
-      observed=td.context_observed,
-      positions=td.context_pos,
-      mask=td.context_mask,
-      reserve=td.Tq,
-      **extra,
-    )
-  # The same as kvjax.compress_observing, reusing the question run.
+  # Aware: as kvjax.compress_observing, reusing the question run.
+  agnostic = unit["mode"] == "agnostic"
   return kvjax.compress_cache(
     td.cache,
     transform,
     config=td.config,
-    observed=td.question_observed,
-    positions=td.question_pos,
-    mask=td.observe_mask,
+    observed=td.context_observed if agnostic else td.question_observed,
+    positions=td.context_pos if agnostic else td.question_pos,
+    mask=td.context_mask if agnostic else td.observe_mask,
     reserve=td.Tq,
     **extra,
   )
