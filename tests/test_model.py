@@ -342,13 +342,13 @@ def test_one_tap_list_serves_capture_intervention_and_compression():
   assert names == model_lib.CAPTURE_NAMES and len(set(names)) == len(names)
   fields = kvjax.compress.CompressContext._fields
   assert set(model_lib.COMPRESS_TAPS) <= set(fields)
+  cache = kvjax.init_cache(config, 2, 6)
+  plain = kvjax.forward(params, tokens, cache, config=config)
   for name in model_lib.INTERVENE_NAMES:
 
     def fill(layer, tap, value, name=name):
       return jnp.full_like(value, 0.5) if tap == name else value
 
-    cache = kvjax.init_cache(config, 2, 6)
-    plain = kvjax.forward(params, tokens, cache, config=config)
     out = kvjax.forward(
       params, tokens, cache, config=config, capture=(name,), intervene=fill
     )
