@@ -26,7 +26,7 @@ from kvjax.config import AttentionGeometry, ModelConfig
 Array = jax.Array
 
 
-def replace_dropping(field: str):
+def replace_dropping(*fields: str):
   """A NamedTuple `_replace` that resets the value-identity `field` to its
   default unless it is given: a transform, scorer or codec changed with
   `_replace` is a new value, never equal to the one it came from (else a
@@ -36,7 +36,8 @@ def replace_dropping(field: str):
     unknown = sorted(set(kwargs) - set(self._fields))
     if unknown:
       raise ValueError(f"got unexpected field names: {unknown}")
-    kwargs.setdefault(field, type(self)._field_defaults[field])
+    for field in fields:
+      kwargs.setdefault(field, type(self)._field_defaults[field])
     return type(self)._make(
       [kwargs.get(f, v) for f, v in zip(self._fields, self)]
     )
@@ -64,6 +65,9 @@ class Codec(NamedTuple):
     params: hashable parameters that determine the codec; two codecs with
       equal non-empty params compare and hash equal (so equal codecs built
       twice share a compiled program); empty params: identity.
+    tile: the codec's `pallas_kernels.tiles.TileCodec`, how the Pallas
+      kernels read its payload block by block; None: the kernels decode
+      each tile with `decode` (`tiles.Decoded`).
   """
 
   name: str
@@ -72,6 +76,7 @@ class Codec(NamedTuple):
   scores: Any = None
   bits: Any = None
   params: tuple = ()
+  tile: Any = None
 
   def __eq__(self, other):
     if not isinstance(other, Codec):
@@ -88,7 +93,7 @@ class Codec(NamedTuple):
     return hash(self.params) if self.params else id(self)
 
 
-Codec._replace = replace_dropping("params")
+Codec._replace = replace_dropping("params", "tile")
 
 
 @jax.tree_util.register_pytree_node_class

@@ -9,11 +9,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 STAMP=.venv/.kvjax-installed
-WANT="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1) ${KVJAX_EXTRAS:=test,hf,plot,peers,nn}"
+WANT="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1) ${KVJAX_EXTRAS:=test,hf,plot,peers,nn,tpu}"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "Installing kvjax[${KVJAX_EXTRAS:=test,hf,plot,peers,nn}] into .venv ..."
+  echo "Installing kvjax[${KVJAX_EXTRAS:=test,hf,plot,peers,nn,tpu}] into .venv ..."
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[${KVJAX_EXTRAS:=test,hf,plot,peers,nn}]"
+  .venv/bin/python -m pip install -q -e ".[${KVJAX_EXTRAS:=test,hf,plot,peers,nn,tpu}]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite (CPU). Usage: bash launch/test.sh [pytest args]
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# The CPU suite: libtpu (the `tpu` extra) is there to compile TPU kernels
+# ahead of time, not to be picked as a platform.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # 8 simulated CPU devices for the sharded-path tests.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 # Two workers (pytest-xdist): the suite is mostly XLA compiles, which a

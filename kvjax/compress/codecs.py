@@ -31,6 +31,7 @@ import numpy as np
 from kvjax.cache import Codec, CodedKV, KVCache, TailedKV, is_coded
 from kvjax.compress import base
 from kvjax.compress.packing import pack_bits, unpack_bits
+from pallas_kernels import tiles
 
 Array = jax.Array
 INT_BITS = (2, 4, 8)
@@ -84,7 +85,15 @@ def fp8_codec() -> Codec:
     del shared
     return enc["codes"].astype(jnp.float32) * enc["scale"].astype(jnp.float32)
 
-  return Codec("fp8_e4m3", encode, decode, None, lambda h: 8 + 16 / h, ("fp8",))
+  return Codec(
+    "fp8_e4m3",
+    encode,
+    decode,
+    None,
+    lambda h: 8 + 16 / h,
+    ("fp8",),
+    tiles.Fp8(),
+  )
 
 
 def int_codec(
@@ -140,6 +149,10 @@ def int_codec(
     None,
     lambda h: bits + 32 / g,
     ("int", bits, g, head_dim),
+    # Bit planes need whole groups of codes per scale group.
+    tiles.IntTokens(bits, g, head_dim)
+    if g % tiles.codes_per_group(bits) == 0
+    else None,
   )
 
 
@@ -348,6 +361,7 @@ def channel_codec(bits: int, group_size: int, head_dim: int) -> Codec:
     None,
     lambda h: bits + 32 / group_size,
     ("channel", bits, group_size, head_dim),
+    tiles.IntChannels(bits, group_size, head_dim),
   )
 
 
@@ -635,6 +649,7 @@ def lowrank_codec(rank: int, head_dim: int) -> Codec:
     scores,
     lambda h: 16 * rank / h,
     ("lowrank", rank, head_dim),
+    tiles.LowRank(rank),
   )
 
 

@@ -41,6 +41,7 @@ from kvjax.cache import Codec
 from kvjax.compress import base
 from kvjax.compress.codecs import int_codec, quantize
 from kvjax.compress.packing import pack_bits, unpack_bits
+from pallas_kernels import tiles
 
 Array = jax.Array
 _NORM_DTYPE = jnp.float16
@@ -379,6 +380,20 @@ def turboquant_codec(
     scores,
     bits_fn,
     ("turbo", bits, head_dim, variant, n_out, outlier_bits, seed),
+    tiles.TurboQuant(
+      bits=tuple(group_bits),
+      dims=tuple(dims),
+      variant=variant,
+      books=tiles.books_of(
+        lloyd_max_codebook(d, cb) if cb else ()
+        for d, cb in zip(
+          dims, [b if variant == "mse" else b - 1 for b in group_bits]
+        )
+      ),
+      params=("turbo", bits, head_dim, variant, n_out, outlier_bits, seed),
+      rotations=tuple(rots),
+      projections=tuple(projs),
+    ),
   )
 
 
@@ -448,6 +463,7 @@ def qjl_codec(projections: int, head_dim: int, seed: int = 0) -> Codec:
     scores,
     lambda h: (projections + 16) / h,
     ("qjl", projections, head_dim, seed),
+    tiles.Qjl(projections, ("qjl", projections, head_dim, seed), proj),
   )
 
 
