@@ -53,16 +53,27 @@ class Backend(enum.Enum):
   """Which attention implementation runs (resolve once: `resolve_backend`).
 
   AUTO picks by platform; REFERENCE is the definition (materializes [T, S]);
-  XLA is the blockwise engine. The Pallas kernels add their members here.
+  XLA is the blockwise engine; PALLAS_TPU / PALLAS_GPU run the kernels of
+  `pallas_kernels` (flash attention for prefill over a plain cache, split-K
+  decode attention reading coded payloads through their codec's tile
+  plug-in; `kvjax.kernels`), compiled on their platform and in interpret
+  mode elsewhere (slow: for checking on a CPU machine).
   """
 
   AUTO = "auto"
   REFERENCE = "reference"
   XLA = "xla"
+  PALLAS_TPU = "pallas_tpu"
+  PALLAS_GPU = "pallas_gpu"
 
 
-# What AUTO means on each platform (the Pallas kernels will claim tpu/gpu).
-_AUTO = {"cpu": Backend.XLA, "gpu": Backend.XLA, "tpu": Backend.XLA}
+# What AUTO means on each platform.
+_AUTO = {
+  "cpu": Backend.XLA,
+  "gpu": Backend.PALLAS_GPU,
+  "tpu": Backend.PALLAS_TPU,
+}
+_PALLAS_TARGET = {Backend.PALLAS_TPU: "tpu", Backend.PALLAS_GPU: "gpu"}
 
 
 def resolve_backend(backend: Backend | str) -> Backend:
@@ -673,6 +684,33 @@ def cached_attention(
       sliding_window=sliding_window,
     )
     return res if return_probs else res._replace(probs=None)
+  if backend in _PALLAS_TARGET:
+    from kvjax import kernels  # pallas_kernels imports lazily
+
+    parts = kernels.attention(
+      view,
+      q,
+      q_pos=q_pos.astype(jnp.int32),
+      scale=scale,
+      sliding_window=sliding_window,
+      target=_PALLAS_TARGET[backend],
+    )
+    if parts is not None:
+      res = AttentionOutput(*parts[0])
+      for part in parts[1:]:
+        res = merge_attention(res, AttentionOutput(*part))
+      probs = None
+      if return_probs:
+        probs = attention_probs(
+          q,
+          view,
+          res.lse,
+          q_pos=q_pos,
+          scale=scale,
+          sliding_window=sliding_window,
+        )
+      return AttentionOutput(res.out.astype(q.dtype), res.lse, probs)
+    backend = Backend.XLA  # the kernels cannot take this payload (warned)
   if backend is not Backend.XLA:
     raise ValueError(f"backend {backend} is not available in this build.")
   if (
@@ -750,10 +788,13 @@ def attention_mass(
   sliding_window: int | None = None,
   key_block: int | None = None,
   query_block: int = QUERY_BLOCK,
+  backend: Backend | str = Backend.XLA,
 ) -> Array:
   """Per-slot attention mass sum_t weights[t] * p[t, s], [B, N, S] float32,
   from the queries' LSE in a second blockwise pass (as flash attention's
-  backward does): no [T, S] probabilities are allocated.
+  backward does): no [T, S] probabilities are allocated. A Pallas backend
+  runs the flash mass kernel over a plain cache (a coded one: this
+  engine's pass).
 
   Args:
     q: the queries attention ran with.
@@ -766,6 +807,22 @@ def attention_mass(
   K = view.pos.shape[2]
   G = _check_heads(N, K)
   scale = H**-0.5 if scale is None else scale
+  backend = resolve_backend(backend)
+  if backend in _PALLAS_TARGET:
+    from kvjax import kernels
+
+    mass = kernels.mass(
+      view,
+      q,
+      lse,
+      weights.astype(jnp.float32),
+      q_pos=q_pos.astype(jnp.int32),
+      scale=scale,
+      sliding_window=sliding_window,
+      target=_PALLAS_TARGET[backend],
+    )
+    if mass is not None:
+      return mass
   kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
   qs, ps = _query_blocks(q, q_pos.astype(jnp.int32), tq)

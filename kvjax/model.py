@@ -377,6 +377,7 @@ def decoder_layer(
         q_live,
         q_pos=positions,
         sliding_window=c.sliding_window,
+        backend=backend,
       )
   return x, layer_cache, captured
 

@@ -49,8 +49,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # 0..511; on hf:PATH arbitrary tokens: a warning, and every row says
   # "tokens": "raw"). hf:PATH without tokenizer.json is refused unless raw.
   c.tokens = "auto"
-  # Attention backend: "auto" (by platform), "xla" (blockwise) or
-  # "reference" (the definition; materializes [T, S]).
+  # Attention backend: "auto" (by platform: xla on CPU, the Pallas kernels
+  # on TPU/GPU), "xla" (blockwise), "reference" (the definition;
+  # materializes [T, S]), "pallas_tpu" or "pallas_gpu" (interpret mode off
+  # their accelerator: slow, for checking).
   c.backend = "auto"
   # Method names (see experiments/sweep.py METHODS): eviction policies run
   # at every ratio > 0, quantizers once, "A+B" evicts with A then encodes
