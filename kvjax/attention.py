@@ -684,6 +684,15 @@ def cached_attention(
       sliding_window=sliding_window,
     )
     return res if return_probs else res._replace(probs=None)
+  if (
+    isinstance(query_block, bool)
+    or not isinstance(query_block, int)
+    or (query_block < 1)
+  ):
+    raise ValueError(
+      f"query_block must be a positive int, got {query_block!r}."
+    )
+  _tiles(key_block, query_block, T, B, N)  # checks key_block
   if backend in _PALLAS_TARGET:
     from kvjax import kernels  # pallas_kernels imports lazily
 
@@ -713,14 +722,6 @@ def cached_attention(
     backend = Backend.XLA  # the kernels cannot take this payload (warned)
   if backend is not Backend.XLA:
     raise ValueError(f"backend {backend} is not available in this build.")
-  if (
-    isinstance(query_block, bool)
-    or not isinstance(query_block, int)
-    or (query_block < 1)
-  ):
-    raise ValueError(
-      f"query_block must be a positive int, got {query_block!r}."
-    )
   kb, tq = _tiles(key_block, query_block, T, B, N)
   runs = _plan(view, kb)
   q_pos = q_pos.astype(jnp.int32)

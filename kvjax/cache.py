@@ -66,8 +66,8 @@ class Codec(NamedTuple):
       equal non-empty params compare and hash equal (so equal codecs built
       twice share a compiled program); empty params: identity.
     tile: the codec's `pallas_kernels.tiles.TileCodec`, how the Pallas
-      kernels read its payload block by block; None: the kernels decode
-      each tile with `decode` (`tiles.Decoded`).
+      kernels read its payload block by block; None: the Pallas backends
+      run this codec's attention on the XLA engine (and warn).
   """
 
   name: str

@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kvjax.cache import CodedKV, TailedKV
 from pallas_kernels import Unsupported, tiles
@@ -95,6 +96,17 @@ def _regions(x, capacity: int) -> list[tuple[int, int, Any]]:
   return [(0, capacity, x)]
 
 
+def _flash_takes(view, q) -> bool:
+  """Flash attention reads plain float32 / bfloat16 entries of q's dtype
+  (other caches go through the decode kernel, which computes in float32)."""
+  return (
+    not isinstance(view.k, (CodedKV, TailedKV))
+    and not isinstance(view.v, (CodedKV, TailedKV))
+    and view.k.dtype == view.v.dtype == q.dtype
+    and q.dtype in (jnp.float32, jnp.bfloat16)
+  )
+
+
 def attention(view, q, *, q_pos, scale, sliding_window, target: str):
   """Attention of q over one layer (`LayerView`) on the Pallas `target`
   ("tpu" | "gpu"): a list of (out [B, T, N, H], lse [B, N, T]) over
@@ -103,11 +115,8 @@ def attention(view, q, *, q_pos, scale, sliding_window, target: str):
   S = view.pos.shape[-1]
   interpret = interpret_for(target)
   T = q.shape[1]
-  plain = not isinstance(view.k, (CodedKV, TailedKV)) and not isinstance(
-    view.v, (CodedKV, TailedKV)
-  )
   try:
-    if plain and T > DECODE_QUERIES:
+    if _flash_takes(view, q) and T > DECODE_QUERIES:
       try:
         return [
           flash_attention(
@@ -140,7 +149,8 @@ def attention(view, q, *, q_pos, scale, sliding_window, target: str):
       try:
         parts.append(
           decode_attention(
-            q,
+            # float32 in and out: regions merge before the one rounding.
+            q.astype(jnp.float32),
             k_leaves,
             v_leaves,
             q_pos,
@@ -170,11 +180,16 @@ def attention(view, q, *, q_pos, scale, sliding_window, target: str):
 def mass(view, q, lse, weights, *, q_pos, scale, sliding_window, target):
   """[B, N, S] attention mass by the flash mass kernel (a plain cache), or
   None where the XLA engine's second pass runs instead."""
-  if isinstance(view.k, (CodedKV, TailedKV)):
-    return None  # scoring reads plain prefill caches; coded: XLA engine
+  if not _flash_takes(view, q):
+    _warn_once(
+      "the mass kernel reads plain caches of the queries' float32 / "
+      "bfloat16 dtype (a decode-time policy scoring a coded cache, or a "
+      "cache dtype other than the queries')"
+    )
+    return None
   try:
     return flash_attention_mass(
-      q.astype(view.k.dtype),
+      q,
       view.k,
       q_pos,
       view.pos,

@@ -52,29 +52,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import Unsupported
+
 Array = jax.Array
 _NT = (((1,), (1,)), ((), ()))  # a [M, d] x b [n, d] -> [M, n]
 _NN = (((1,), (0,)), ((), ()))  # a [M, n] x b [n, d] -> [M, d]
 
 
-def dot_nt(a: Array, b: Array) -> Array:
-  """a [M, d] . b [n, d]^T -> [M, n] float32."""
+def _dot(a: Array, b: Array, dims) -> Array:
+  # float32 operands at full precision: Triton's default is TF32 and the
+  # 0/1 selection dots must be exact.
   return jax.lax.dot_general(
     a.astype(jnp.float32),
     b.astype(jnp.float32),
-    _NT,
+    dims,
+    precision=jax.lax.Precision.HIGHEST,
     preferred_element_type=jnp.float32,
   )
+
+
+def dot_nt(a: Array, b: Array) -> Array:
+  """a [M, d] . b [n, d]^T -> [M, n] float32."""
+  return _dot(a, b, _NT)
 
 
 def dot_nn(a: Array, b: Array) -> Array:
   """a [M, n] . b [n, d] -> [M, d] float32."""
-  return jax.lax.dot_general(
-    a.astype(jnp.float32),
-    b.astype(jnp.float32),
-    _NN,
-    preferred_element_type=jnp.float32,
-  )
+  return _dot(a, b, _NN)
 
 
 def _iota(shape, axis):
@@ -220,40 +224,49 @@ class TileCodec:
 
   def query(self, q: Array, shared: dict) -> tuple[Array, ...]:
     """q [..., M, H] float32 -> query features [..., M, d_j] (outside)."""
-    raise NotImplementedError(f"{type(self).__name__} cannot score keys")
+    raise Unsupported(f"{type(self).__name__} tiles cannot score keys")
 
   def logits(self, qf: tuple, t: dict) -> Array:
     """Query features [M, d_j] and one block's tiles -> [M, n] float32."""
-    raise NotImplementedError(f"{type(self).__name__} cannot score keys")
+    raise Unsupported(f"{type(self).__name__} tiles cannot score keys")
 
   def value_dims(self, head_dim: int) -> tuple[int, ...]:
     """Widths e_j of the value features `values` returns."""
-    raise NotImplementedError(f"{type(self).__name__} cannot read values")
+    raise Unsupported(f"{type(self).__name__} tiles cannot read values")
 
   def values(self, p: Array, t: dict) -> tuple[Array, ...]:
     """p [M, n] float32 and one block's tiles -> features [M, e_j]."""
-    raise NotImplementedError(f"{type(self).__name__} cannot read values")
+    raise Unsupported(f"{type(self).__name__} tiles cannot read values")
 
   def output(self, parts: tuple, shared: dict) -> Array:
     """Summed value features [..., M, e_j] -> [..., M, H] (outside)."""
-    raise NotImplementedError(f"{type(self).__name__} cannot read values")
+    raise Unsupported(f"{type(self).__name__} tiles cannot read values")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plain(TileCodec):
-  """Uncompressed float entries (float32 or bfloat16): leaf "x" [n, H]."""
+  """Uncompressed float entries: leaf "x" [n, H] (float32, bfloat16, or
+  float16 read as its bits, which Mosaic loads where it loads no float16)."""
+
+  def kernel_leaves(self, enc):
+    x = enc["x"]
+    return {"x": _as_uint16(x) if x.dtype == jnp.float16 else x}
+
+  def _x(self, t):
+    x = t["x"]
+    return float16_bits(x) if x.dtype == jnp.uint16 else x
 
   def query(self, q, shared):
     return (q,)
 
   def logits(self, qf, t):
-    return dot_nt(qf[0], t["x"])
+    return dot_nt(qf[0], self._x(t))
 
   def value_dims(self, head_dim):
     return (head_dim,)
 
   def values(self, p, t):
-    return (dot_nn(p, t["x"]),)
+    return (dot_nn(p, self._x(t)),)
 
   def output(self, parts, shared):
     return parts[0]
@@ -518,7 +531,7 @@ class TurboQuant(TileCodec):
 
   def value_dims(self, head_dim):
     if self.variant != "mse":
-      raise NotImplementedError("TurboQuant-prod codes keys only")
+      raise Unsupported("TurboQuant-prod tiles read keys only")
     out = ()
     for i, d in enumerate(self.dims):
       C = codes_per_group(self.bits[i])

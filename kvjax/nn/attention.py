@@ -335,6 +335,7 @@ class CachedAttention(nnx.Module):
           q_live,
           q_pos=positions,
           sliding_window=g.sliding_window,
+          backend=backend,
         )
     aux = {name: captured[name] for name in capture}
     return CachedAttentionOutput(out, cache, aux)

@@ -196,7 +196,8 @@ def decode_attention(
   nblk = -(-S // n)
   splits = max(1, min(num_splits, nblk))
   bps = -(-nblk // splits)
-  layer = jnp.asarray(layer, jnp.int32).reshape(1)
+  # A traced layer is clamped (a concrete one is checked by the caller).
+  layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, L - 1).reshape(1)
 
   # Query rows of each kv head: row g * T + t is query head h * G + g at
   # step t. Gpu programs pad the rows to a power of two >= 16 (Triton dots).
@@ -243,6 +244,8 @@ def decode_attention(
     )
   qpos = rows_pos[..., None]  # [B, M, 1]
 
+  # Named after the codecs: in compiler errors and profiles.
+  name = f"decode_attention_{type(k_codec).__name__}_{type(v_codec).__name__}"
   k_leaves = k_codec.kernel_leaves(k)
   v_leaves = v_codec.kernel_leaves(v)
   k_names, v_names = list(k_leaves), list(v_leaves)
@@ -323,6 +326,7 @@ def decode_attention(
         dimension_semantics=("parallel",) * 4 + ("arbitrary",)
       ),
       interpret=interpret,
+      name=name,
     )(layer, last, *inputs)
   else:
     from jax.experimental.pallas import triton as pltriton
@@ -349,6 +353,7 @@ def decode_attention(
       grid=(B, K, splits * nmb),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
+      name=name,
     )(layer, last, *inputs)
 
   *parts, lse = res  # [B, K, splits, Mp, e_j], [B, K, splits, Mp, 1]

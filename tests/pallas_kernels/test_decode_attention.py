@@ -61,46 +61,52 @@ def _close(got, want, atol=2e-5):
   )
 
 
-@pytest.mark.parametrize("target", ["tpu", "gpu"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_every_codec_matches_the_reference(name, target):
+def test_every_codec_matches_the_reference(name):
+  """Both variants (interpret mode) against the reference over kvjax's
+  decode of the same payload: GQA, batch 2, ragged rows, a compacted cache
+  with holes, layer 1 of 2, a padding query."""
   k, v, pos, valid = _cache()
   q, q_pos = _queries()
   kc, vc, kl, vl, ksh, vsh, kd, vd = payload(name, k, v, 1)
-  try:
-    got = decode_attention(
-      q,
-      kl,
-      vl,
-      q_pos,
-      pos,
-      valid,
-      1,
-      ksh,
-      vsh,
-      k_codec=kc,
-      v_codec=vc,
-      block_k=128,
-      num_splits=2,
-      target=target,
-      interpret=True,
-    )
-  except Unsupported:
-    assert target == "gpu" and name in TRITON_UNSUPPORTED
-    return
   want = decode_attention_reference(q, kd, vd, q_pos, pos[1], valid[1])
-  _close(got, want)
-  assert np.all(np.asarray(got[1])[1, :, 1] == -np.inf)  # the padding query
+  for target in ("tpu", "gpu"):
+    try:
+      got = decode_attention(
+        q,
+        kl,
+        vl,
+        q_pos,
+        pos,
+        valid,
+        1,
+        ksh,
+        vsh,
+        k_codec=kc,
+        v_codec=vc,
+        block_k=128,
+        num_splits=2,
+        target=target,
+        interpret=True,
+      )
+    except Unsupported:
+      assert target == "gpu" and name in TRITON_UNSUPPORTED
+      continue
+    _close(got, want)
+    assert np.all(np.asarray(got[1])[1, :, 1] == -np.inf)  # padding query
 
 
 @pytest.mark.parametrize("name", ["f32", "int4", "kivi2", "turbo3", "fp8"])
 def test_strict_tpu_interpreter(name):
-  """`pltpu.InterpretParams()` raises on out-of-bounds block indices (the
-  clamped index of skipped blocks must stay in bounds)."""
-  k, v, pos, valid = _cache()
+  """`pltpu.InterpretParams()` raises on out-of-bounds block indices: the
+  clamped index of skipped blocks (a dead tail, a kv head with nothing
+  live, and splits x blocks per split > blocks) must stay in bounds."""
+  k, v, pos, valid = _cache(S=384)
+  valid = valid.at[:, 0, :, 128:].set(False)  # row 0: last live block 0
+  valid = valid.at[:, 1, 0].set(False)  # row 1, kv head 0: nothing live
   q, q_pos = _queries()
   kc, vc, kl, vl, ksh, vsh, kd, vd = payload(name, k, v, 0)
-  try:
+  try:  # 3 blocks in 2 splits of 2: block index 3 does not exist
     got = decode_attention(
       q,
       kl,
@@ -321,14 +327,29 @@ def _compile_args(name):
 
 
 @pytest.mark.parametrize("generation", sorted(compile_check.TPU_TOPOLOGIES))
-@pytest.mark.parametrize("name", sorted(set(CASES) - MOSAIC_UNSUPPORTED))
-def test_compiles_for_tpu(name, generation):
+def test_every_codec_compiles_for_tpu(generation):
+  """One program holding the decode kernel of every codec (each
+  pallas_call named after its tiles), compiled by Mosaic for a real TPU."""
   pytest.importorskip("libtpu")
-  f, args = _compile_args(name)
+  names = sorted(set(CASES) - MOSAIC_UNSUPPORTED)
+  fns, arg_lists = zip(*(_compile_args(name) for name in names))
+
+  def every_codec(*arg_lists):
+    return [f(*a, target="tpu") for f, a in zip(fns, arg_lists)]
+
   compiled = compile_check.compile_for_tpu(
-    functools.partial(f, target="tpu"), *args, generation=generation
+    every_codec, *arg_lists, generation=generation
   )
-  assert "tpu_custom_call" in compiled.as_text()
+  assert compiled.as_text().count("tpu_custom_call") == len(names)
+
+
+def test_the_generic_plug_in_does_not_compile_for_tpu():
+  """What MOSAIC_UNSUPPORTED says: a codec's own jnp decode (uint8
+  arithmetic) is for interpret mode."""
+  pytest.importorskip("libtpu")
+  f, args = _compile_args("decoded_int4")
+  with pytest.raises(Exception, match="Mosaic failed to compile"):
+    compile_check.compile_for_tpu(functools.partial(f, target="tpu"), *args)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
