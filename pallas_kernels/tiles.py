@@ -587,11 +587,12 @@ class Qjl(TileCodec):
 
 
 @dataclasses.dataclass(frozen=True)
-class Decoded(TileCodec):
+class Decoded(Plain):
   """Any codec without tile functions of its own: the kernel decodes each
   tile with the codec's jnp `decode` (its per-slot leaves only; no shared
-  leaves). Correct wherever the decode's ops lower (interpret mode always);
-  gathers and float16 loads do not compile for Mosaic or Triton.
+  leaves) and attends as over plain entries. Correct wherever the decode's
+  ops lower (interpret mode always); gathers, uint8 arithmetic and float16
+  loads do not compile for Mosaic or Triton.
 
   Attributes:
     decode: (enc dict of [n, X] tiles, None) -> [n, H] float32.
@@ -601,23 +602,11 @@ class Decoded(TileCodec):
   params: tuple
   decode: Callable = dataclasses.field(compare=False, hash=False, default=None)
 
-  def query(self, q, shared):
-    return (q,)
+  def kernel_leaves(self, enc):
+    return dict(enc)
 
   def _x(self, t):
     return self.decode({k: v[None, None] for k, v in t.items()}, None)[0, 0]
-
-  def logits(self, qf, t):
-    return dot_nt(qf[0], self._x(t))
-
-  def value_dims(self, head_dim):
-    return (head_dim,)
-
-  def values(self, p, t):
-    return (dot_nn(p, self._x(t)),)
-
-  def output(self, parts, shared):
-    return parts[0]
 
 
 def books_of(books) -> tuple[tuple[float, ...], ...]:

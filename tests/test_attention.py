@@ -327,63 +327,6 @@ def test_auto_name_and_member_share_one_compile(count_compiles):
   assert c["n"] == 0
 
 
-# A model and prompts for the end-to-end agreement of the two backends.
-CONFIG = kvjax.get_config("tiny", num_layers=2, d_model=64, mlp_dim=128)
-PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
-PROMPT = jax.random.randint(jax.random.key(1), (2, 96), 1, CONFIG.vocab_size)
-LENGTHS = jnp.array([96, 71])
-QUESTION = jax.random.randint(jax.random.key(2), (2, 5), 1, CONFIG.vocab_size)
-
-METHODS = {
-  "none": lambda: None,
-  "snapkv": lambda: compress.snapkv(0.5, window_size=8),
-  "h2o": lambda: compress.h2o(0.5),
-  "tova": lambda: compress.tova(0.5),
-  "adakv": lambda: compress.adakv("snapkv", 0.5, window_size=8),
-  "int4": lambda: compress.uniform(4),
-  "fp8": compress.fp8,
-  "kivi": lambda: compress.kivi(2, group_size=8, residual=16),
-  "turboquant": lambda: compress.turboquant(3),
-  "qjl": lambda: compress.qjl(64),
-  "lowrank": lambda: compress.lowrank(8),
-  "polarquant": compress.polarquant,
-  "snapkv+kivi": lambda: compress.chain(
-    compress.snapkv(0.5, window_size=8), compress.kivi(2, 8, 16)
-  ),
-  "streaming+turboquant": lambda: compress.chain(
-    compress.streaming_llm(0.5), compress.turboquant(3)
-  ),
-}
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_xla_and_reference_agree_on_every_codec_and_policy(name):
-  """Compress with each method, then feed a question and decode through the
-  transform: logits of both backends agree on the same compressed cache,
-  and so do the generated tokens."""
-  transform = METHODS[name]()
-  kw = dict(config=CONFIG, transform=transform, prompt_lengths=LENGTHS)
-  _, cache = kvjax.prefill(PARAMS, PROMPT, capacity=96 + 5, backend="xla", **kw)
-  logits = {
-    b: kvjax.forward(PARAMS, QUESTION, cache, config=CONFIG, backend=b)[0]
-    for b in ("reference", "xla")
-  }
-  np.testing.assert_allclose(
-    logits["xla"], logits["reference"], atol=2e-4, rtol=1e-4
-  )
-  out = {
-    b: kvjax.generate(PARAMS, PROMPT, max_new_tokens=6, backend=b, **kw)
-    for b in ("reference", "xla")
-  }
-  np.testing.assert_allclose(
-    out["xla"].prompt_logits,
-    out["reference"].prompt_logits,
-    atol=2e-4,
-    rtol=1e-4,
-  )
-  np.testing.assert_array_equal(out["xla"].tokens, out["reference"].tokens)
-
-
 def test_prefill_with_mass_allocates_no_scores_over_the_cache():
   """H2O needs the attention mass of every prompt query: the engine's
   compiled prefill holds no [T, S] array (the reference's does)."""

@@ -42,6 +42,7 @@ CODE_GLOBS = (
   "kvjax/cache.py",
   "kvjax/model.py",
   "kvjax/attention.py",
+  "kvjax/kernels.py",  # the Pallas backends (imported when chosen)
   "kvjax/generate.py",
   "kvjax/config.py",
   "kvjax/checks.py",
@@ -51,6 +52,8 @@ CODE_GLOBS = (
   "kvjax/analysis/*.py",
   "kvjax/tasks/*.py",
   "kvjax/train/*.py",
+  "pallas_kernels/*.py",
+  "pallas_kernels/*/*.py",
   "experiments/common.py",
   "experiments/sweeps/plan.py",
   "experiments/sweeps/task_data.py",

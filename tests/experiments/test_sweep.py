@@ -307,6 +307,10 @@ def test_code_fingerprint_covers_every_module_that_computes_a_row():
     "kvjax/compress/registry.py",
     "kvjax/tasks/suite.py",
     "kvjax/compress/policies.py",
+    "kvjax/kernels.py",  # loaded only when a Pallas backend is chosen
+    "pallas_kernels/tiles.py",
+    "pallas_kernels/decode_attention/kernel.py",
+    "pallas_kernels/flash_attention/kernel.py",
   } <= hashed
   # Every repository module the sweep loads (directly or not) is hashed,
   # unless it only reads rows (imported in a fresh process: other tests
@@ -332,7 +336,7 @@ def test_code_fingerprint_covers_every_module_that_computes_a_row():
   loaded = {
     f
     for f in loaded
-    if f.startswith(("kvjax/", "experiments/"))
+    if f.startswith(("kvjax/", "experiments/", "pallas_kernels/"))
     and not f.startswith("experiments/configs/")
   }
   reads_only = reads_rows | {

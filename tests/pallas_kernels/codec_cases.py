@@ -61,6 +61,10 @@ CASES = {
     lambda x: _plain(x.astype(jnp.bfloat16)),
     lambda x: _plain(x.astype(jnp.bfloat16)),
   ),
+  "f16": (
+    lambda x: _plain(x.astype(jnp.float16)),
+    lambda x: _plain(x.astype(jnp.float16)),
+  ),
   "int8": (
     lambda x: _codec(codecs.int_codec(8, None, x.shape[-1]), x),
     lambda x: _codec(codecs.int_codec(8, None, x.shape[-1]), x),

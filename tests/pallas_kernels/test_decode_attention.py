@@ -70,7 +70,7 @@ def test_every_codec_matches_the_reference(name):
   q, q_pos = _queries()
   kc, vc, kl, vl, ksh, vsh, kd, vd = payload(name, k, v, 1)
   want = decode_attention_reference(q, kd, vd, q_pos, pos[1], valid[1])
-  for target in ("tpu", "gpu"):
+  for target in ("tpu", "gpu") if name in GPU_CASES else ("tpu",):
     try:
       got = decode_attention(
         q,
@@ -295,6 +295,23 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------
 # Hardware this machine does not have.
 
+# The GPU kernel runs the same tile functions as the TPU kernel; it is run
+# (interpreted) on one case of each kind of leaf and load: plain, packed
+# codes with folded and grouped scales, per-group statistics, float8 bits,
+# per-row scalars, the generic decode, and tiles Triton refuses (all lower
+# for CUDA below).
+GPU_CASES = {
+  "f32",
+  "f16",
+  "int4",
+  "int4_g16",
+  "kivi2",
+  "fp8",
+  "qjl",
+  "lowrank",
+  "decoded_int4",
+  "turbo3",
+}
 # 3-bit codes and the outlier split give tiles Triton cannot lower.
 TRITON_UNSUPPORTED = {"turbo3", "turbo2_outliers", "turbo_prod3"}
 # The generic plug-in decodes with the codec's jnp code (uint8 arithmetic):
@@ -303,14 +320,14 @@ MOSAIC_UNSUPPORTED = {"decoded_int4"}
 
 
 def _compile_args(name):
-  Bc, Tc, Nc, Kc, Sc, Hc, Lc = 2, 1, 8, 2, 1024, 128, 2
+  Bc, Tc, Nc, Kc, Sc, Hc, Lc = 2, 1, 8, 2, 512, 128, 2
   r = np.random.default_rng(0)
   q = jnp.zeros((Bc, Tc, Nc, Hc), jnp.float32)
   k = jnp.asarray(r.standard_normal((Lc, Bc, Kc, Sc, Hc)), jnp.float32)
   pos = jnp.zeros((Lc, Bc, Kc, Sc), jnp.int32)
   kc, vc, kl, vl, ksh, vsh, _, _ = payload(name, k, k, 1)
   f = functools.partial(
-    decode_attention, k_codec=kc, v_codec=vc, block_k=512, num_splits=2
+    decode_attention, k_codec=kc, v_codec=vc, block_k=256, num_splits=2
   )
   args = (
     q,
