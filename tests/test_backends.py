@@ -31,7 +31,6 @@ TPU_FALLBACK = {"polarquant"}
 # Every policy and every codec of the registry, each once, as chains (a
 # policy evicts, then a codec stores what is kept).
 METHODS = (
-  "none",
   "snapkv+kivi2",
   "h2o+int4",
   "streaming_llm+fp8",
@@ -41,18 +40,16 @@ METHODS = (
   "knorm+lowrank16",
   "expected_attention+turboquant2",
   "random+kivi4",
-  "oracle",
+  "oracle",  # a policy alone: the plain (uncompressed-bytes) paths
 )
 
 
 def test_the_methods_cover_the_registry():
-  named = {p for m in METHODS for p in m.split("+")} - {"none"}
+  named = {p for m in METHODS for p in m.split("+")}
   assert named == set(registry.POLICY_NAMES) | set(registry.CODEC_NAMES)
 
 
 def _transform(method):
-  if method == "none":
-    return None
   if method == "snapkv+kivi2":  # a residual block the evicted cache fills
     return compress.chain(
       compress.snapkv(ratio=0.5), compress.kivi(2, group_size=16, residual=32)
@@ -98,7 +95,7 @@ def _flow(method, backend):
 # pallas_gpu end to end on the paths that differ (its kernels are checked
 # per codec in tests/pallas_kernels): flash prefill and plain decode, KIVI's
 # two regions, a decode-time policy over int4, a codec Triton cannot take.
-GPU_METHODS = ("none", "snapkv+kivi2", "h2o+int4", "tova+turboquant3")
+GPU_METHODS = ("oracle", "snapkv+kivi2", "h2o+int4", "tova+turboquant3")
 
 
 @pytest.mark.parametrize("method", METHODS)

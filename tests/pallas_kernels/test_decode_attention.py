@@ -319,6 +319,7 @@ TRITON_UNSUPPORTED = {"turbo3", "turbo2_outliers", "turbo_prod3"}
 MOSAIC_UNSUPPORTED = {"decoded_int4"}
 
 
+@functools.cache
 def _compile_args(name):
   Bc, Tc, Nc, Kc, Sc, Hc, Lc = 2, 1, 8, 2, 512, 128, 2
   r = np.random.default_rng(0)
