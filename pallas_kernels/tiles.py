@@ -273,23 +273,13 @@ class Plain(TileCodec):
 
 
 @dataclasses.dataclass(frozen=True)
-class IntTokens(TileCodec):
-  """Per-token min-max integer codes (kvjax `int_codec`): "codes" [n,
-  H * bits / 8] uint8 packed over channels, "zero"/"scale" [n, H / group]
-  float16. With one group per token the scales fold into the logits and
-  probabilities; with several, each tile is dequantized in VMEM."""
+class _IntCodes(TileCodec):
+  """Integer codes packed over channels ("codes" [n, H * bits / 8] uint8)
+  with float16 "zero" / "scale" statistics: the parts both layouts share."""
 
   bits: int
   group: int
   head_dim: int
-
-  def __post_init__(self):
-    C = codes_per_group(self.bits)
-    if self.group % C or self.head_dim % self.group:
-      raise ValueError(
-        f"group={self.group} must be a multiple of {C} dividing "
-        f"head_dim={self.head_dim} for {self.bits}-bit tiles."
-      )
 
   def kernel_leaves(self, enc):
     return {
@@ -300,6 +290,29 @@ class IntTokens(TileCodec):
 
   def query(self, q, shared):
     return split_planes(q, self.bits)
+
+  def value_dims(self, head_dim):
+    C = codes_per_group(self.bits)
+    return (head_dim // C,) * C
+
+  def output(self, parts, shared):
+    return merge_planes(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntTokens(_IntCodes):
+  """Per-token min-max integer codes (kvjax `int_codec`): "codes" [n,
+  H * bits / 8] uint8 packed over channels, "zero"/"scale" [n, H / group]
+  float16. With one group per token the scales fold into the logits and
+  probabilities; with several, each tile is dequantized in VMEM."""
+
+  def __post_init__(self):
+    C = codes_per_group(self.bits)
+    if self.group % C or self.head_dim % self.group:
+      raise ValueError(
+        f"group={self.group} must be a multiple of {C} dividing "
+        f"head_dim={self.head_dim} for {self.bits}-bit tiles."
+      )
 
   @property
   def _folded(self) -> bool:
@@ -326,10 +339,6 @@ class IntTokens(TileCodec):
       return raw * s + qsum * z
     return sum(dot_nt(qi, ki) for qi, ki in zip(qf, self._dequantized(t)))
 
-  def value_dims(self, head_dim):
-    C = codes_per_group(self.bits)
-    return (head_dim // C,) * C
-
   def values(self, p, t):
     M = p.shape[0]
     if self._folded:
@@ -341,30 +350,13 @@ class IntTokens(TileCodec):
       )
     return tuple(dot_nn(p, v) for v in self._dequantized(t))
 
-  def output(self, parts, shared):
-    return merge_planes(parts)
-
 
 @dataclasses.dataclass(frozen=True)
-class IntChannels(TileCodec):
+class IntChannels(_IntCodes):
   """Per-channel integer codes (KIVI keys): "codes" [n, H * bits / 8]
   uint8 per token, "zero"/"scale" [n / group, H] float16 per (group of
   `group` tokens, channel). The statistics are expanded over tokens and
   split into bit planes with exact 0/1 dots, and the tile dequantized."""
-
-  bits: int
-  group: int
-  head_dim: int
-
-  def kernel_leaves(self, enc):
-    return {
-      "codes": enc["codes"],
-      "zero": _as_uint16(enc["zero"]),
-      "scale": _as_uint16(enc["scale"]),
-    }
-
-  def query(self, q, shared):
-    return split_planes(q, self.bits)
 
   def _dequantized(self, t):
     C = codes_per_group(self.bits)
@@ -379,15 +371,8 @@ class IntChannels(TileCodec):
   def logits(self, qf, t):
     return sum(dot_nt(qi, ki) for qi, ki in zip(qf, self._dequantized(t)))
 
-  def value_dims(self, head_dim):
-    C = codes_per_group(self.bits)
-    return (head_dim // C,) * C
-
   def values(self, p, t):
     return tuple(dot_nn(p, v) for v in self._dequantized(t))
-
-  def output(self, parts, shared):
-    return merge_planes(parts)
 
 
 @dataclasses.dataclass(frozen=True)
