@@ -671,6 +671,24 @@ def cached_attention(
   if tuple(q_pos.shape) != (B, T):
     raise ValueError(f"q_pos must be [B={B}, T={T}], got {tuple(q_pos.shape)}.")
   scale = H**-0.5 if scale is None else scale
+  from kvjax.parallel import mesh as parallel_mesh  # imports kvjax.cache only
+
+  mesh = parallel_mesh.context_mesh()
+  if mesh is not None:  # a sharded cache: per-shard partials, merged by LSE
+    from kvjax.parallel import attention as parallel_attention
+
+    return parallel_attention.sharded_attention(
+      q,
+      view,
+      q_pos=q_pos.astype(jnp.int32),
+      scale=scale,
+      sliding_window=sliding_window,
+      backend=backend,
+      return_probs=return_probs,
+      key_block=key_block,
+      query_block=query_block,
+      mesh=mesh,
+    )
   if backend is Backend.REFERENCE:
     kl, vl = _layer_of(view.k, view.layer), _layer_of(view.v, view.layer)
     res = reference_attention(
@@ -809,6 +827,25 @@ def attention_mass(
   G = _check_heads(N, K)
   scale = H**-0.5 if scale is None else scale
   backend = resolve_backend(backend)
+  from kvjax.parallel import mesh as parallel_mesh
+
+  mesh = parallel_mesh.context_mesh()
+  if mesh is not None:  # each shard sums its own slots' mass
+    from kvjax.parallel import attention as parallel_attention
+
+    return parallel_attention.sharded_mass(
+      q,
+      view,
+      lse,
+      weights,
+      q_pos=q_pos.astype(jnp.int32),
+      scale=scale,
+      sliding_window=sliding_window,
+      key_block=key_block,
+      query_block=query_block,
+      backend=backend,
+      mesh=mesh,
+    )
   if backend in _PALLAS_TARGET:
     from kvjax import kernels
 

@@ -8,6 +8,7 @@ call with new prompt values compiles nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import checks
+from kvjax import parallel
 from kvjax.attention import Backend, resolve_backend
 from kvjax import model as model_lib
 from kvjax.cache import KVCache, init_cache
@@ -164,6 +166,31 @@ def _live_bound(cache: KVCache) -> int | None:
   return int(np.max(np.asarray(cache.end))) if cache.end.size else 0
 
 
+def _on_mesh(mesh, params, kv_heads, rows=(), cache=None):
+  """The context to run a jitted entry in, and its inputs placed on `mesh`:
+  params replicated, per-row arrays `rows` split along `data`, the cache
+  in its sharded layout (padded when it does not split; warned). Without a
+  mesh: a null context and the inputs unchanged."""
+  mesh = parallel.mesh.check_mesh(mesh)
+  if mesh is None:
+    return contextlib.nullcontext(), params, rows, cache
+  batch = rows[0].shape[0] if cache is None else cache.batch_size
+  parallel.mesh._check_rows_heads(batch, kv_heads, mesh, "mesh")
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  data = parallel.mesh._axis(mesh, "data")
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  params = put(params, P())
+  rows = tuple(
+    None if x is None else put(x, P(data, *([None] * (jnp.ndim(x) - 1))))
+    for x in rows
+  )
+  if cache is not None:
+    cache = parallel.shard_cache(cache, mesh).cache
+  return jax.set_mesh(mesh), params, rows, cache
+
+
 def _chunked_forward(
   params, tokens, cache, mask, capture, chunk, config, backend
 ):
@@ -222,7 +249,16 @@ def _prefill_and_compress(
   `capacity - T` free slots, `decode_reserve` are for decode steps run
   through the transform (`generate`), the rest the reserve for `forward`."""
   B, T = tokens.shape
-  cache = init_cache(config, B, capacity, dtype=cache_dtype)
+  # Under a mesh that splits the slots: a capacity that splits evenly (the
+  # extra slots stay empty; the reserve below counts the asked capacity).
+  cache = parallel.constrain_cache(
+    init_cache(
+      config,
+      B,
+      parallel.mesh.round_up(capacity, parallel.seq_shards()),
+      dtype=cache_dtype,
+    )
+  )
   mask = _prompt_mask(tokens, prompt_lengths)
   capture = (
     ()
@@ -242,6 +278,7 @@ def _prefill_and_compress(
       token_mask=mask,
       capture=capture,
       backend=backend,
+      context_parallel=True,
     )
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
@@ -257,7 +294,7 @@ def _prefill_and_compress(
       live_bound=T,
       decode_reserve=decode_reserve,
     )
-  return logits, cache
+  return logits, parallel.constrain_cache(cache)
 
 
 def _apply_transform(
@@ -347,6 +384,7 @@ def prefill(
   backend: Backend | str = Backend.AUTO,
   prefill_chunk: int | None = None,
   decode_steps: int = 0,
+  mesh: Any = None,
   **extra,
 ) -> PrefillOutput:
   """Runs the prompt through an empty cache, then compresses it (jitted).
@@ -377,6 +415,10 @@ def prefill(
       decode-time policy keeps its budget and needs none of them, KIVI
       flushes its window into the coded region (0: every free slot is
       reserve for `forward`, e.g. a question).
+    mesh: a `jax.sharding.Mesh` (`kvjax.parallel.make_mesh`) to run on:
+      the cache's slots split along `seq`, rows along `data`, kv heads
+      along `heads`, params replicated; the same tokens as on one device.
+      None: the default device.
     **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
@@ -408,19 +450,26 @@ def prefill(
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
   checks.warn_past_context(T, config, "prompt length")
-  logits, cache = _prefill(
+  on, params, (tokens, prompt_lengths), _ = _on_mesh(
+    mesh,
     params,
-    jnp.asarray(tokens, jnp.int32),
-    prompt_lengths,
-    transform,
-    extra,
-    config=config,
-    capacity=capacity,
-    cache_dtype=cache_dtype,
-    backend=resolve_backend(backend),
-    prefill_chunk=prefill_chunk,
-    decode_steps=decode_steps,
+    config.num_kv_heads,
+    (jnp.asarray(tokens, jnp.int32), prompt_lengths),
   )
+  with on:
+    logits, cache = _prefill(
+      params,
+      tokens,
+      prompt_lengths,
+      transform,
+      extra,
+      config=config,
+      capacity=capacity,
+      cache_dtype=cache_dtype,
+      backend=resolve_backend(backend),
+      prefill_chunk=prefill_chunk,
+      decode_steps=decode_steps,
+    )
   checks.check_no_overflow(cache, "prefill")
   return PrefillOutput(logits, cache)
 
@@ -597,6 +646,7 @@ def compress_observing(
   observe_mask: Array | None = None,
   reserve: int | None = None,
   backend: Backend | str = Backend.AUTO,
+  mesh: Any = None,
   **extra,
 ) -> KVCache:
   """Question-aware compression of a prefilled cache (jitted).
@@ -622,6 +672,9 @@ def compress_observing(
       default T, room to feed `observe` afterwards).
     backend: attention backend, a `kvjax.attention.Backend` or its name
       ("auto", "reference", "xla"); AUTO picks by platform.
+    mesh: a `jax.sharding.Mesh` to run on (see `prefill`); a cache not
+      laid out for it is placed first (padded when a region does not
+      split; warned).
     **extra: passed to the transform.
 
   Returns:
@@ -666,19 +719,27 @@ def compress_observing(
       "Prefill with a larger `capacity`.",
     )
   reserve = T if reserve is None else checks.check_reserve(reserve)
-  out = _compress_observing(
+  on, params, (observe, token_mask, observe_mask), cache = _on_mesh(
+    mesh,
     params,
+    config.num_kv_heads,
+    (jnp.asarray(observe, jnp.int32), token_mask, observe_mask),
     cache,
-    jnp.asarray(observe, jnp.int32),
-    token_mask,
-    observe_mask,
-    transform,
-    extra,
-    config=config,
-    reserve=reserve,
-    backend=resolve_backend(backend),
-    live_bound=_live_bound(cache),
   )
+  with on:
+    out = _compress_observing(
+      params,
+      cache,
+      observe,
+      token_mask,
+      observe_mask,
+      transform,
+      extra,
+      config=config,
+      reserve=reserve,
+      backend=resolve_backend(backend),
+      live_bound=_live_bound(cache),
+    )
   checks.check_no_overflow(out, "compress_observing")
   return out
 
@@ -691,7 +752,9 @@ def _decode_step_impl(
   )
   logits = logits[:, 0]
   return StepOutput(
-    sample_logits(logits, rng, temperature, top_k), logits, cache
+    sample_logits(logits, rng, temperature, top_k),
+    logits,
+    parallel.constrain_cache(cache),
   )
 
 
@@ -715,6 +778,7 @@ def decode_step(
   top_k: int | None = None,
   backend: Backend | str = Backend.AUTO,
   donate_cache: bool = False,
+  mesh: Any = None,
 ) -> StepOutput:
   """One jitted decode step: feeds token [B], samples the next.
 
@@ -742,6 +806,11 @@ def decode_step(
       new entries into them in place (no copy of the cache per call); the
       `cache` passed in is then deleted, use the returned one. False: the
       step copies the cache once per call and the input stays valid.
+    mesh: a `jax.sharding.Mesh` (`kvjax.parallel.make_mesh`) to run on:
+      the cache's slots split along `seq`, rows along `data`, kv heads
+      along `heads`, params replicated; the same tokens as on one device.
+      A cache not laid out for it is placed first. None: the
+      default device.
 
   Returns:
     A `StepOutput`: the next token [B] int32, the step's logits [B, V]
@@ -758,16 +827,20 @@ def decode_step(
   if not isinstance(donate_cache, bool):
     raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
   step = _decode_step_donating if donate_cache else _decode_step
-  return step(
-    params,
-    jnp.asarray(token, jnp.int32),
-    cache,
-    rng,
-    config=config,
-    temperature=temperature,
-    top_k=top_k,
-    backend=resolve_backend(backend),
+  on, params, (token,), cache = _on_mesh(
+    mesh, params, config.num_kv_heads, (jnp.asarray(token, jnp.int32),), cache
   )
+  with on:
+    return step(
+      params,
+      token,
+      cache,
+      rng,
+      config=config,
+      temperature=temperature,
+      top_k=top_k,
+      backend=resolve_backend(backend),
+    )
 
 
 @functools.partial(
@@ -901,6 +974,7 @@ def _decode_loop(
       cache = jax.lax.cond(
         step % transform.every == 0, compress, lambda c: c, cache
       )
+    cache = parallel.constrain_cache(cache)
     rng, key = jax.random.split(rng)
     nxt = sample_logits(logits[:, 0], key, temperature, top_k)
     nxt = jnp.where(done, pad_token, nxt)
@@ -909,7 +983,9 @@ def _decode_loop(
     done = done | (nxt == stop)
     return DecodeState(step + 1, out, cache, done, num, rng)
 
-  carry = DecodeState(jnp.int32(1), out, cache, done, num, rng)
+  carry = DecodeState(
+    jnp.int32(1), out, parallel.constrain_cache(cache), done, num, rng
+  )
   final = jax.lax.while_loop(cond, body, carry)
   return DecodeOutput(final.tokens, final.num_generated, final.cache)
 
@@ -979,6 +1055,7 @@ def decode(
   pad_token: int = 0,
   backend: Backend | str = Backend.AUTO,
   donate_cache: bool = False,
+  mesh: Any = None,
   **extra,
 ) -> DecodeOutput:
   """Continues decoding from a cache (e.g. one returned by `prefill`).
@@ -1007,6 +1084,11 @@ def decode(
       them in place; the `cache` passed in is then deleted, use the
       returned one. False: the call copies the cache once (the loop itself
       always updates its copy in place) and the input stays valid.
+    mesh: a `jax.sharding.Mesh` (`kvjax.parallel.make_mesh`) to run on:
+      the cache's slots split along `seq`, rows along `data`, kv heads
+      along `heads`, params replicated; the same tokens as on one device.
+      A cache not laid out for it is placed first (padded when
+      a region does not split; warned). None: the default device.
     **extra: passed to the transform.
 
   Returns:
@@ -1066,21 +1148,25 @@ def decode(
   if not isinstance(donate_cache, bool):
     raise TypeError(f"donate_cache must be a bool, got {donate_cache!r}.")
   run = _decode_donating if donate_cache else _decode
-  out, num, cache = run(
-    params,
-    cache,
-    jnp.asarray(token, jnp.int32),
-    rng,
-    transform,
-    extra,
-    config=config,
-    max_new_tokens=max_new_tokens,
-    temperature=temperature,
-    top_k=top_k,
-    stop_token=stop_token,
-    pad_token=pad_token,
-    backend=resolve_backend(backend),
+  on, params, (token,), cache = _on_mesh(
+    mesh, params, config.num_kv_heads, (jnp.asarray(token, jnp.int32),), cache
   )
+  with on:
+    out, num, cache = run(
+      params,
+      cache,
+      token,
+      rng,
+      transform,
+      extra,
+      config=config,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      stop_token=stop_token,
+      pad_token=pad_token,
+      backend=resolve_backend(backend),
+    )
   checks.check_no_overflow(cache, "decode")
   return DecodeOutput(out, num, cache)
 
@@ -1102,6 +1188,7 @@ def generate(
   backend: Backend | str = Backend.AUTO,
   transform: compress_base.KVTransform | None = None,
   prefill_chunk: int | None = None,
+  mesh: Any = None,
   **extra,
 ) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row after ragged prompts.
@@ -1127,6 +1214,10 @@ def generate(
       steps.
     prefill_chunk: prefill the prompt this many tokens at a time (see
       `prefill`).
+    mesh: a `jax.sharding.Mesh` (`kvjax.parallel.make_mesh`) to run on:
+      the cache's slots split along `seq`, rows along `data`, kv heads
+      along `heads`, params replicated; the same tokens as on one device.
+      None: the default device.
     **extra: passed to the transform.
 
   Returns:
@@ -1172,23 +1263,30 @@ def generate(
     config,
     f"prompt length {T} + max_new_tokens {max_new_tokens}",
   )
-  out = _generate(
+  on, params, (prompt_tokens, prompt_lengths), _ = _on_mesh(
+    mesh,
     params,
-    jnp.asarray(prompt_tokens, jnp.int32),
-    prompt_lengths,
-    rng,
-    transform,
-    extra,
-    config=config,
-    max_new_tokens=max_new_tokens,
-    capacity=capacity,
-    temperature=temperature,
-    top_k=top_k,
-    stop_token=stop_token,
-    pad_token=pad_token,
-    cache_dtype=cache_dtype,
-    backend=resolve_backend(backend),
-    prefill_chunk=prefill_chunk,
+    config.num_kv_heads,
+    (jnp.asarray(prompt_tokens, jnp.int32), prompt_lengths),
   )
+  with on:
+    out = _generate(
+      params,
+      prompt_tokens,
+      prompt_lengths,
+      rng,
+      transform,
+      extra,
+      config=config,
+      max_new_tokens=max_new_tokens,
+      capacity=capacity,
+      temperature=temperature,
+      top_k=top_k,
+      stop_token=stop_token,
+      pad_token=pad_token,
+      cache_dtype=cache_dtype,
+      backend=resolve_backend(backend),
+      prefill_chunk=prefill_chunk,
+    )
   checks.check_no_overflow(out.cache, "generate")
   return out

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvjax import attention as attention_lib
 from kvjax import checks
-from kvjax.cache import KVCache, next_entries, write_slots
+from kvjax.cache import KVCache, is_coded, next_entries, write_slots
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -283,6 +283,7 @@ def decoder_layer(
   layer: Array | int,  # [] int32 layer index (traced inside the scan)
   intervene: Intervene | None = None,
   mass_weights: Array | None = None,  # [B, T] bool: "attn_mass" queries
+  context_parallel: bool = False,
 ) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
@@ -337,13 +338,39 @@ def decoder_layer(
   want_probs = "attn_probs" in capture or (
     "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE
   )
-  att = attention_lib.cached_attention(
-    q,
-    view,
-    q_pos=positions,
-    sliding_window=c.sliding_window,
-    backend=backend,
-    return_probs=want_probs,
+  ring = None
+  if context_parallel and not want_probs and not is_coded(layer_cache[0]):
+    from kvjax import parallel
+
+    mesh = parallel.context_mesh()
+    shards = parallel.seq_shards()
+    if mesh is not None and shards > 1 and q.shape[1] % shards == 0:
+      # The cache held nothing before these tokens: attending over the new
+      # entries (as stored) is attending over the cache, so the prompt's
+      # shards pass their blocks round the ring instead.
+      dt = layer_cache[0].dtype
+      ring = parallel.ring_attention(
+        q,
+        k.astype(dt),
+        v.astype(dt),
+        q_pos=positions,
+        k_pos=positions,
+        k_valid=slots < view.pos.shape[-1],
+        sliding_window=c.sliding_window,
+        backend=backend,
+        mesh=mesh,
+      )
+  att = (
+    ring
+    if ring is not None
+    else attention_lib.cached_attention(
+      q,
+      view,
+      q_pos=positions,
+      sliding_window=c.sliding_window,
+      backend=backend,
+      return_probs=want_probs,
+    )
   )
   out, probs = att.out, att.probs  # out [B, T, N, H]
   if "attn_probs" in capture:
@@ -434,6 +461,7 @@ def forward(
   backend: attention_lib.Backend | str = attention_lib.Backend.AUTO,
   intervene: Intervene | None = None,
   mass_mask: Array | None = None,
+  context_parallel: bool = False,
 ) -> ForwardOutput:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -472,6 +500,11 @@ def forward(
     mass_mask: optional [B, T] bool, the queries whose attention the
       "attn_mass" capture sums (default: every token written to the
       cache; the mask narrows that).
+    context_parallel: the cache holds no entry yet (a prefill on a fresh
+      cache; raises when it visibly does). Under a mesh with a `seq` axis
+      (`jax.set_mesh`) the prompt's attention then runs as ring attention
+      (`kvjax.parallel.ring_attention`) when T splits over the shards;
+      otherwise, and without a mesh, it changes nothing.
 
   Returns:
     A `ForwardOutput` (unpacks as `logits, cache, aux`): logits [B, T, V]
@@ -492,6 +525,19 @@ def forward(
     params, tokens, cache, config, positions, token_mask, capture, intervene
   )
   backend = attention_lib.resolve_backend(backend)
+  if not isinstance(context_parallel, bool):
+    raise TypeError(
+      f"context_parallel must be a bool, got {type(context_parallel).__name__}."
+    )
+  if (
+    context_parallel
+    and checks.is_concrete(cache.valid)
+    and bool(np.asarray(cache.valid).any())
+  ):
+    raise ValueError(
+      "context_parallel=True needs an empty cache (a fresh prefill); this "
+      "one holds entries."
+    )
   B, T = tokens.shape
   S = cache.capacity
   if token_mask is None:
@@ -535,6 +581,7 @@ def forward(
       layer=layer,
       intervene=intervene,
       mass_weights=mass_weights,
+      context_parallel=context_parallel,
     )
     return (x, layer_cache), captured
 

@@ -396,14 +396,31 @@ def static_keep(live: int, ratio: float | None, budget: int | None) -> int:
 # Selection and compaction.
 
 
-def keep_top(scores: Array, n: Array, valid: Array) -> Array:
+def keep_top(
+  scores: Array, n: Array, valid: Array, max_keep: int | None = None
+) -> Array:
   """[L, B, K, S] bool: the n highest-scoring valid slots per (l, b, k).
+
+  Ties go to the lower slot. Under a mesh that splits the slots (`jax.
+  set_mesh`, `prefill(mesh=...)`), the selection is a global top-k from
+  per-shard proposals (`kvjax.parallel.global_keep_top`): the same set.
 
   Args:
     scores: [L, B, K, S] float, higher is kept first.
     n: int array broadcastable to [L, B, K]: how many to keep.
     valid: [L, B, K, S] bool; invalid slots are never kept.
+    max_keep: optional static upper bound on n (how many each shard
+      proposes under a mesh; None: all its slots).
   """
+  from kvjax import parallel
+
+  mesh = parallel.context_mesh()
+  if (
+    mesh is not None
+    and parallel.seq_shards() > 1
+    and scores.shape[-1] % parallel.seq_shards() == 0
+  ):
+    return parallel.global_keep_top(scores, n, valid, max_keep, mesh)
   s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
   order = jnp.argsort(-s, axis=-1, stable=True)  # best first
   rank = jnp.argsort(order, axis=-1, stable=True)  # rank of each slot
@@ -429,13 +446,19 @@ def compact(
     cache: the cache (payload leaves must have leading [L, B, K, S]).
     keep: [L, B, K, S] bool.
     capacity: static slot count of the result; must hold every kept entry
-      (checked eagerly when possible).
+      (checked eagerly when possible). Under a mesh that splits the slots
+      it is rounded up to a multiple of the shards.
 
   Returns:
     (the compacted cache, idx [L, B, K, capacity] source slot of each new
     slot, for transforms that keep per-slot state).
   """
+  from kvjax import parallel
+
   S = cache.capacity
+  # Under a mesh that splits the slots the result must split evenly too:
+  # the capacity is rounded up to a multiple of the shards (empty slots).
+  capacity = parallel.mesh.round_up(capacity, parallel.seq_shards())
   key = jnp.where(keep, cache.pos, jnp.iinfo(jnp.int32).max)
   order = jnp.argsort(key, axis=-1, stable=True)  # kept first, by position
   counts = jnp.sum(keep, axis=-1)  # [L, B, K]
@@ -460,14 +483,15 @@ def compact(
   )
   pos = jnp.where(live, gather(cache.pos), -1)
   end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
-  return cache._replace(k=k, v=v, pos=pos, valid=live, end=end), idx
+  out = cache._replace(k=k, v=v, pos=pos, valid=live, end=end)
+  return parallel.constrain_cache(out), idx
 
 
 def evict(
   cache: KVCache, scores: Array, n: Array, capacity: int
 ) -> tuple[KVCache, Array]:
   """Keeps the top-n valid slots per (layer, row, head) and compacts."""
-  return compact(cache, keep_top(scores, n, cache.valid), capacity)
+  return compact(cache, keep_top(scores, n, cache.valid, capacity), capacity)
 
 
 def live_counts(cache: KVCache) -> Array:

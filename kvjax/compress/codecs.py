@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kvjax import parallel
 from kvjax.cache import Codec, CodedKV, KVCache, TailedKV, is_coded
 from kvjax.compress import base
 from kvjax.compress.packing import pack_bits, unpack_bits
@@ -526,6 +527,11 @@ def windowed_quantize(
       )
     sc = (total // R) * R  # code slots: every block that can be flushed
     tail = R + ctx.reserve  # a window + what forward may write unflushed
+    # Under a mesh that splits the slots each region splits evenly (whole
+    # statistic groups per shard): empty slots round both up.
+    shards = parallel.seq_shards()
+    sc = parallel.mesh.round_up(sc, shards * G)
+    tail = parallel.mesh.round_up(tail, shards)
     end = cache.end  # [B] entries per row, contiguous from slot 0
     q = (end // R) * R  # [B] quantized per row
     pad = max(0, sc - cache.capacity)
