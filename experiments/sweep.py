@@ -49,10 +49,14 @@ from experiments import common
 from experiments.configs import sweep as sweep_config
 from experiments.sweeps import loop
 from experiments.sweeps import plan
+from kvjax import parallel
 
 
 def main(argv):
   del argv
+  # One of several processes (a TPU pod's workers, or local processes
+  # given KVJAX_COORDINATOR etc.): join the others first.
+  parallel.initialize()
   try:  # a bad config is one clear line, before anything runs
     plan.plan_units(_CONFIG.value)
   except ValueError as e:

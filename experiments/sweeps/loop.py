@@ -9,9 +9,11 @@ context in the model's tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
+import jax
 import tqdm
 
 from experiments import common
@@ -23,11 +25,16 @@ from experiments.sweeps import store
 from experiments.sweeps import tokens as tokens_lib
 from experiments.sweeps import units
 from experiments.sweeps.task_data import TaskData
+from kvjax import parallel
 
 
 def run(cfg) -> list[dict[str, Any]]:
   """Runs (or resumes) the sweep of `cfg`; returns every row of this run
   (every row of the workdir's results file with this run's tag).
+
+  With `cfg.mesh` ("seq:8", "data:2,seq:4", ...) every step runs under
+  that mesh over all devices (of every process, when launched as several:
+  `kvjax.parallel.initialize`); process 0 alone writes.
 
   Raises:
     ValueError: a bad config (before anything is written: an hf:PATH
@@ -35,6 +42,13 @@ def run(cfg) -> list[dict[str, Any]]:
       task rows the model cannot read (raw ids past its vocabulary, text
       the tokenizer cannot map; before any row is written).
   """
+  mesh = parallel.make_mesh(cfg.mesh) if cfg.get("mesh", "") else None
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    return _run(cfg)
+
+
+def _run(cfg) -> list[dict[str, Any]]:
+  writer = jax.process_index() == 0
   planned = plan.plan_units(cfg)
   path = os.path.join(cfg.workdir, "results.jsonl")
   config, params = common.load_model(cfg.model, cfg.dtype)
@@ -56,11 +70,12 @@ def run(cfg) -> list[dict[str, Any]]:
     return task_data[name]
 
   limit = int(cfg.stop_after_units) or len(todo)
-  compiled = set()
+  compiled, computed = set(), []
   # Every task is built (and so checked) before the first row is written.
   for name in sorted({u["task"] for u in todo[:limit]}):
     task(name)
-  os.makedirs(cfg.workdir, exist_ok=True)
+  if writer:
+    os.makedirs(cfg.workdir, exist_ok=True)
   for unit in tqdm.tqdm(todo[:limit], desc="sweep", dynamic_ncols=True):
     td = task(unit["task"])
     # Text tasks may differ in shape: each shape compiles its own program.
@@ -74,7 +89,11 @@ def run(cfg) -> list[dict[str, Any]]:
       includes_compile=program not in compiled,
     )
     compiled.add(program)
-    store.append_row(path, row)
+    computed.append(row)
+    if writer:
+      store.append_row(path, row)
+  if not writer:  # the rows are process 0's to write and report
+    return computed
   # This config's units only (the workdir may hold other methods' rows).
   keys = {store.unit_key(u, tag) for u in planned}
   rows = [r for r in store.read_results(path) if r["key"] in keys]

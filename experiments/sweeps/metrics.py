@@ -47,8 +47,9 @@ def answer_eviction(
     ger_per_layer (evicted from every head of that layer: the lookup
     layer's loss can break an answer that GER still calls kept) and
     reachability (share of the critical tokens the answer queries still
-    reach in the token-attention graph); all None for rows with nothing to
-    find (abstention).
+    reach in the token-attention graph; None without a prefill graph,
+    `config.reachability` off); all None for rows with nothing to find
+    (abstention).
   """
   has_targets = (td.targets >= 0).any(axis=1)
   if not has_targets.any():
@@ -62,6 +63,8 @@ def answer_eviction(
     round(float(x), 6)
     for x in np.asarray(per_layer)[:, has_targets].mean(axis=1)
   ]
+  if td.prefill_graph is None:
+    return dict(ger=ger, ger_per_layer=per_layer, reachability=None)
   q_graph = graph_lib.token_graph(
     probs,
     jnp.asarray(td.query_pos),

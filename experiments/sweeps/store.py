@@ -26,6 +26,7 @@ import tokenizers
 from experiments.sweeps import plan
 from experiments.sweeps import tokens as tokens_lib
 import kvjax
+from kvjax import parallel
 from kvjax.attention import resolve_backend
 from kvjax.tasks import suite
 
@@ -49,6 +50,7 @@ CODE_GLOBS = (
   "kvjax/pretrained.py",
   "kvjax/hf.py",
   "kvjax/compress/*.py",
+  "kvjax/parallel/*.py",
   "kvjax/analysis/*.py",
   "kvjax/tasks/*.py",
   "kvjax/train/*.py",
@@ -144,6 +146,12 @@ def run_tag(cfg, config, params) -> str:
     graph_eps=cfg.graph_eps,
     backend=resolve_backend(cfg.backend).value,
   )
+  # A mesh pads capacities (bytes per token differ); one device: no field,
+  # so single-device tags are what they were.
+  if cfg.get("mesh", ""):
+    fields["mesh"] = parallel.mesh.parse_spec(cfg.mesh, jax.device_count())
+  if not cfg.get("reachability", True):  # rows without that metric
+    fields["reachability"] = False
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[
     :10
   ]

@@ -25,6 +25,7 @@ import numpy as np
 from experiments.sweeps import tokens as tokens_lib
 import kvjax
 from kvjax import model as model_lib
+from kvjax import parallel
 from kvjax.analysis import graph as graph_lib
 from kvjax.analysis import support as support_lib
 from kvjax.attention import resolve_backend
@@ -62,14 +63,17 @@ def ask(
     ValueError: the question did not fit into the cache (under jit the
       writes past capacity would be dropped: the question lost).
   """
-  logits, aux, pos, valid, end = _question(
-    params,
-    cache,
-    question,
-    mask,
-    config=config,
-    backend=backend,
-    capture=capture,
+  # On the host (gathered from every process under a multi-process mesh).
+  logits, aux, pos, valid, end = parallel.to_host(
+    _question(
+      params,
+      cache,
+      question,
+      mask,
+      config=config,
+      backend=backend,
+      capture=capture,
+    )
   )
   most = int(np.max(np.asarray(end)))
   if most > cache.capacity:
@@ -198,8 +202,13 @@ class TaskData:
     self.backend = resolve_backend(cfg.backend)
     # One prefill serves every unit: agnostic transforms observe the end of
     # the context, aware ones the question's own queries.
+    # Under a mesh that splits the slots: a capacity that splits evenly.
     self.cache, self.context_observed = _prefill(
-      params, self.context, config=config, capacity=T, backend=self.backend
+      params,
+      self.context,
+      config=config,
+      capacity=parallel.mesh.round_up(T, parallel.seq_shards()),
+      backend=self.backend,
     )
     B = self.context.shape[0]
     self.context_pos = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -227,7 +236,10 @@ class TaskData:
     self.future_mass = jnp.einsum(
       "lbnts,bt->lbns", probs, self.qmask.astype(jnp.float32)
     )
-    self.prefill_graph = self._prefill_graph(cfg)
+    # None: reachability off (config.reachability; [T, T] per layer).
+    self.prefill_graph = (
+      self._prefill_graph(cfg) if cfg.get("reachability", True) else None
+    )
     self.support = np.asarray(
       support_lib.active_support(
         self._answer_rows(probs), share=float(cfg.support_share)
@@ -246,12 +258,14 @@ class TaskData:
     parts = []
     B = self.context.shape[0]
     for i in range(0, B, rows):
-      probs, pos, valid = _prefill_probs(
-        self.params,
-        self.context[i : i + rows],
-        config=self.config,
-        capacity=self.L,
-        backend=self.backend,
+      probs, pos, valid = parallel.to_host(
+        _prefill_probs(
+          self.params,
+          self.context[i : i + rows],
+          config=self.config,
+          capacity=parallel.mesh.round_up(self.L, parallel.seq_shards()),
+          backend=self.backend,
+        )
       )
       n = probs.shape[1]
       qpos = np.broadcast_to(np.arange(self.L), (n, self.L))

@@ -21,6 +21,7 @@ from experiments.sweeps import plan
 from experiments.sweeps.task_data import TaskData, ask
 import kvjax
 from kvjax import compress
+from kvjax import parallel
 from kvjax.cache import coded_share, kv_bytes, logical_bytes
 from kvjax.tasks import scoring
 
@@ -84,8 +85,11 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     cache = compress_unit(td, unit)
   except compress.Degenerate as e:
     return refuse(str(e))
+  # What the metrics read, on the host (gathered from every process under
+  # a multi-process mesh); the device cache answers the question.
+  host = parallel.to_host(cache)
   _, codec = plan.method_parts(unit["method"])
-  if codec is not None and max(coded_share(cache)) == 0:
+  if codec is not None and max(coded_share(host)) == 0:
     return refuse(
       f"{codec} stored none of the kept entries coded (all in "
       "its full-precision window): not a compressed unit."
@@ -120,7 +124,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     answers,
   )
   eviction = metrics.answer_eviction(
-    td, cache, probs, pos, valid, float(cfg.graph_eps)
+    td, host, probs, pos, valid, float(cfg.graph_eps)
   )
   tokens = td.batch.batch_size * td.L  # context tokens (text: tokenized)
   return dict(
@@ -137,9 +141,9 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     ger_per_layer=eviction["ger_per_layer"],
     reachability=eviction["reachability"],
     kl=kl,
-    physical_bytes_per_token=kv_bytes(cache) / tokens,
-    logical_bytes_per_token=logical_bytes(cache) / tokens,
-    coded_share=list(coded_share(cache)),
+    physical_bytes_per_token=kv_bytes(host) / tokens,
+    logical_bytes_per_token=logical_bytes(host) / tokens,
+    coded_share=list(coded_share(host)),
     seconds=round(seconds, 4),
     num_examples=score.num_examples,
     num_answers=score.num_answers,
