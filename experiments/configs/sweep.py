@@ -7,13 +7,19 @@
   python -m experiments.sweep --config=experiments/configs/sweep.py:full
   python -m experiments.sweep --config.model=hf:/path/to/checkpoint \\
       --config.tokens=raw       # no tokenizer.json: arbitrary token ids
+  python -m experiments.sweep --config=experiments/configs/sweep.py:long \\
+      --config.context_len=131072                 # 128k, sequence-sharded
+  bash launch/tpu_pod.sh NAME ZONE                # "long" on a TPU pod slice
 
 The argument after ':' picks a preset: "default" (8 eviction methods, 2
 quantizers and one eviction + quantization composition at ratios
 {0, 0.5, 0.75, 0.9, 0.95} on five tasks, both question modes; about 10
-minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests), or
-"full" (every method, more rows, every task; for an accelerator). Any field
-can be overridden with --config.<field>=<value>.
+minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests),
+"full" (every method, more rows, every task; for an accelerator) or "long"
+(the default's methods, ratios and tasks at a 32k context, bfloat16, the
+cache sharded along the sequence over every device; for accelerators, see
+`launch/tpu_pod.sh`). Any field can be overridden with
+--config.<field>=<value>.
 
 On hf:PATH the tasks are written as words and encoded by the checkpoint's
 own tokenizer.json (`kvjax.tasks.text`); context_len counts the tasks'
@@ -34,10 +40,13 @@ EVICTION = (
 )
 
 
+PRESETS = ("default", "smoke", "full", "long")
+
+
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-  """Returns the sweep config of `preset` ("default", "smoke" or "full")."""
-  if preset not in ("default", "smoke", "full"):
-    raise ValueError(f"preset={preset!r}; allowed: default, smoke, full.")
+  """Returns the sweep config of `preset` (one of `PRESETS`)."""
+  if preset not in PRESETS:
+    raise ValueError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}.")
   c = ml_collections.ConfigDict()
   # "kvjax-tiny" (shipped), "hf:PATH" (a Hugging Face checkpoint directory)
   # or "random:PRESET" (random weights of a kvjax.config preset; plumbing).
@@ -54,6 +63,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # materializes [T, S]), "pallas_tpu" or "pallas_gpu" (interpret mode off
   # their accelerator: slow, for checking).
   c.backend = "auto"
+  # Device mesh, "axis:size" pairs joined by commas, e.g. "seq:8" or
+  # "data:2,seq:4" (axes data, seq, heads; a size of -1 takes the devices
+  # the other axes leave). "" runs on one device.
+  c.mesh = ""
   # Method names (see experiments/sweep.py METHODS): eviction policies run
   # at every ratio > 0, quantizers once, "A+B" evicts with A then encodes
   # with B at every ratio > 0. Ratio 0 is the uncompressed model ("none").
@@ -71,6 +84,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.seed = 2024  # Held-out task seed (kvjax-tiny trained on others).
   c.support_share = 0.9  # Attention share of the active support.
   c.graph_eps = 0.01  # Edge threshold of the token-attention graph.
+  # The reachability metric: builds the context's token-attention graph
+  # from materialized [T, T] prefill attention per layer and row (off for
+  # long contexts, where that does not fit; the rows then record None).
+  c.reachability = True
   c.confidence = 0.5  # Max-softmax at which a wrong answer is confident.
   # results.jsonl, summary.md and PNGs go here (results/sweep/ holds the
   # committed copy of the default run).
@@ -113,4 +130,19 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     )
     c.num_examples = 128
     c.workdir = "results/sweep_full"
+  elif preset == "long":
+    # 32k positions. 64k and 128k: --config.context_len=65536 or 131072
+    # (the cache grows linearly; add devices to the seq axis to keep the
+    # per-device share).
+    c.context_len = 32768
+    # kvjax-tiny (trained at 512 positions) only exercises the machinery
+    # here; pass --config.model=hf:PATH for a long-context checkpoint.
+    c.dtype = "bfloat16"  # half the cache and weights of float32
+    # Rows per task: every row holds a 32k-token cache and its prefill
+    # captures; 8 instead of 32.
+    c.num_examples = 8
+    c.reachability = False  # [T, T] attention per layer does not fit
+    c.mesh = "seq:-1"  # the cache sharded along the sequence, all devices
+    c.backend = "auto"  # the Pallas kernels on TPU/GPU
+    c.workdir = "runs/sweep_long"
   return c
