@@ -26,6 +26,20 @@ from kvjax.config import AttentionGeometry, ModelConfig
 Array = jax.Array
 
 
+def host_array(x) -> np.ndarray:
+  """The global value of x on the host. A jax.Array that spans devices of
+  other processes (a multi-process mesh) is gathered with
+  `multihost_utils.process_allgather`, a collective: every process must
+  call this at the same point."""
+  if isinstance(x, jax.Array) and not (
+    x.is_fully_addressable or x.is_fully_replicated
+  ):
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def replace_dropping(*fields: str):
   """A NamedTuple `_replace` that resets the value-identity `field` to its
   default unless it is given: a transform, scorer or codec changed with
@@ -535,7 +549,7 @@ def _check_entries(cache: KVCache, k, v, token_mask, positions, all_layers):
   )
   if concrete:
     need = np.asarray(token_mask).astype(bool).sum(1)
-    room = cache.capacity - np.asarray(cache.end)
+    room = cache.capacity - host_array(cache.end)
     if (need > room).any():
       b = int(np.argmax(need - room))
       raise ValueError(
@@ -752,7 +766,7 @@ def logical_bytes(cache: KVCache) -> int:
   group. The gap between `kv_bytes` and this figure is the padding a
   static layout pays.
   """
-  valid = np.asarray(cache.valid)
+  valid = host_array(cache.valid)
   total = 0.0
   per_slot_leaves = []
   for x in (cache.k, cache.v):
@@ -769,7 +783,7 @@ def coded_share(cache: KVCache) -> tuple[float, float]:
   """(keys, values): the share of valid entries stored by a codec (0 for a
   plain payload, 1 for a coded one, the code region's share for a
   TailedKV). A quantizer that stored nothing coded shows 0 here."""
-  valid = np.asarray(cache.valid)
+  valid = host_array(cache.valid)
   n = max(int(valid.sum()), 1)
   out = []
   for x in (cache.k, cache.v):

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import KVCache, TailedKV, cache_overflowed, is_coded
+from kvjax.cache import (
+  KVCache,
+  TailedKV,
+  cache_overflowed,
+  host_array,
+  is_coded,
+)
 from kvjax.config import AttentionGeometry, ModelConfig, as_geometry
 
 Array = jax.Array
@@ -427,11 +433,11 @@ def check_room(
   """
   if not is_concrete(cache.end, cache.pos, writes):
     return
-  end = np.asarray(cache.end)
+  end = host_array(cache.end)
   room = cache.capacity - end
   if flushing and isinstance(cache.k, TailedKV):
     sc = cache.k.code_slots
-    used = np.asarray(cache.pos)[..., :sc] >= 0  # [L, B, K, sc]
+    used = host_array(cache.pos)[..., :sc] >= 0  # [L, B, K, sc]
     last = np.where(used.any(-1), sc - np.argmax(used[..., ::-1], -1), 0)
     room = room + sc - last.max(axis=(0, 2))
   short = np.asarray(writes) - room
@@ -452,7 +458,7 @@ def check_no_overflow(cache: KVCache, entry: str) -> None:
   """
   if not is_concrete(cache.end) or not cache_overflowed(cache):
     return
-  end = np.asarray(cache.end)
+  end = host_array(cache.end)
   rows = np.flatnonzero(end > cache.capacity).tolist()
   raise ValueError(
     f"{entry}: cache overflow: rows {rows} ran past the capacity "

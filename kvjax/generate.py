@@ -20,7 +20,7 @@ from kvjax import checks
 from kvjax import parallel
 from kvjax.attention import Backend, resolve_backend
 from kvjax import model as model_lib
-from kvjax.cache import KVCache, init_cache
+from kvjax.cache import KVCache, host_array, init_cache
 from kvjax.compress import base as compress_base
 from kvjax.config import AttentionGeometry, ModelConfig, as_geometry
 
@@ -163,7 +163,7 @@ def _live_bound(cache: KVCache) -> int | None:
   traced (the transform then bounds by the capacity)."""
   if not checks.is_concrete(cache.end):
     return None
-  return int(np.max(np.asarray(cache.end))) if cache.end.size else 0
+  return int(np.max(host_array(cache.end))) if cache.end.size else 0
 
 
 def _on_mesh(mesh, params, kv_heads, rows=(), cache=None):
@@ -1139,7 +1139,7 @@ def decode(
     flushing=transform is not None and transform.every > 0,
   )
   if checks.is_concrete(cache.length):
-    most = int(np.max(np.asarray(cache.length)))
+    most = int(np.max(host_array(cache.length)))
     checks.warn_past_context(
       most + max_new_tokens,
       config,

@@ -532,7 +532,7 @@ def forward(
   if (
     context_parallel
     and checks.is_concrete(cache.valid)
-    and bool(np.asarray(cache.valid).any())
+    and bool(jnp.any(cache.valid))
   ):
     raise ValueError(
       "context_parallel=True needs an empty cache (a fresh prefill); this "

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import tqdm
 
 from experiments import common
@@ -47,6 +48,13 @@ def run(cfg) -> list[dict[str, Any]]:
     return _run(cfg)
 
 
+def _rows(path, planned, tag) -> list[dict[str, Any]]:
+  """This config's rows of the results file (the workdir may hold other
+  methods' rows)."""
+  keys = {store.unit_key(u, tag) for u in planned}
+  return [r for r in store.read_results(path) if r["key"] in keys]
+
+
 def _run(cfg) -> list[dict[str, Any]]:
   writer = jax.process_index() == 0
   planned = plan.plan_units(cfg)
@@ -55,7 +63,14 @@ def _run(cfg) -> list[dict[str, Any]]:
   tokens = tokens_lib.load(cfg)
   tag = store.run_tag(cfg, config, params)
   done = {r["key"] for r in store.read_results(path)}
-  todo = [u for u in planned if store.unit_key(u, tag) not in done]
+  todo = [store.unit_key(u, tag) not in done for u in planned]
+  if jax.process_count() > 1:
+    # Process 0's file decides (the others write none): every process runs
+    # the same units, so the same collectives, in the same order.
+    from jax.experimental import multihost_utils
+
+    todo = multihost_utils.broadcast_one_to_all(np.array(todo, bool))
+  todo = [u for u, t in zip(planned, todo) if t]
   print(
     f"sweep: {len(planned)} units, {len(planned) - len(todo)} already "
     f"in {path}, model {cfg.model} ({config.num_layers} layers), "
@@ -92,17 +107,16 @@ def _run(cfg) -> list[dict[str, Any]]:
     computed.append(row)
     if writer:
       store.append_row(path, row)
-  if not writer:  # the rows are process 0's to write and report
-    return computed
-  # This config's units only (the workdir may hold other methods' rows).
-  keys = {store.unit_key(u, tag) for u in planned}
-  rows = [r for r in store.read_results(path) if r["key"] in keys]
   if len(todo) > limit:
     print(f"stopped after {limit} units; rerun to resume.")
-    return rows
+    return _rows(path, planned, tag) if writer else computed
+  # Every process builds every task (their steps are collectives).
   for name in plan.parse_list(cfg.tasks):
     task(name)
   support = metrics.active_support(task_data, float(cfg.support_share))
+  if not writer:  # the rows are process 0's to write and report
+    return computed
+  rows = _rows(path, planned, tag)
   text = report.write(cfg, rows, support)
   if cfg.plots:
     figures.plot(rows, support, cfg.workdir)

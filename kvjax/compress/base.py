@@ -411,17 +411,25 @@ def keep_top(
     valid: [L, B, K, S] bool; invalid slots are never kept.
     max_keep: optional static upper bound on n (how many each shard
       proposes under a mesh; None: all its slots).
+
+  Scores that a mesh's axes do not split (AdaKV's [L, B, 1, K * S] over a
+  `heads` axis) are ranked by XLA's partitioner instead: the same set.
   """
   from kvjax import parallel
 
+  # One order on every path: -0.0 is 0.0, and a NaN score ranks lowest.
+  s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+  s = jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
   mesh = parallel.context_mesh()
+  L, B, K, S = scores.shape
   if (
     mesh is not None
     and parallel.seq_shards() > 1
-    and scores.shape[-1] % parallel.seq_shards() == 0
+    and S % parallel.seq_shards() == 0
+    and B % parallel.mesh.axis_size(mesh, "data") == 0
+    and K % parallel.mesh.axis_size(mesh, "heads") == 0
   ):
-    return parallel.global_keep_top(scores, n, valid, max_keep, mesh)
-  s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    return parallel.global_keep_top(s, n, valid, max_keep, mesh)
   order = jnp.argsort(-s, axis=-1, stable=True)  # best first
   rank = jnp.argsort(order, axis=-1, stable=True)  # rank of each slot
   return (rank < jnp.asarray(n)[..., None]) & valid
@@ -458,15 +466,18 @@ def compact(
   S = cache.capacity
   # Under a mesh that splits the slots the result must split evenly too:
   # the capacity is rounded up to a multiple of the shards (empty slots).
-  capacity = parallel.mesh.round_up(capacity, parallel.seq_shards())
+  asked, capacity = (
+    capacity,
+    parallel.mesh.round_up(capacity, parallel.seq_shards()),
+  )
   key = jnp.where(keep, cache.pos, jnp.iinfo(jnp.int32).max)
   order = jnp.argsort(key, axis=-1, stable=True)  # kept first, by position
   counts = jnp.sum(keep, axis=-1)  # [L, B, K]
   if not isinstance(counts, jax.core.Tracer):
     most = int(jnp.max(counts)) if counts.size else 0
-    if most > capacity:
+    if most > asked:
       raise ValueError(
-        f"compact: {most} kept entries do not fit in capacity={capacity}."
+        f"compact: {most} kept entries do not fit in capacity={asked}."
       )
   if capacity <= S:
     idx = order[..., :capacity]
@@ -483,6 +494,9 @@ def compact(
   )
   pos = jnp.where(live, gather(cache.pos), -1)
   end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
+  # More than the asked capacity is an overflow even where the rounding
+  # made room: flagged past the capacity, as without a mesh.
+  end = jnp.where(end > asked, jnp.maximum(end, capacity + 1), end)
   out = cache._replace(k=k, v=v, pos=pos, valid=live, end=end)
   return parallel.constrain_cache(out), idx
 

@@ -666,10 +666,26 @@ def _svd_basis(rank: int):
   def init(cache, which):
     x = (cache.k if which == "k" else cache.v).astype(jnp.float32)
     x = jnp.where(cache.valid[..., None], x, 0.0)  # [L, B, K, S, H]
-    _, _, vt = jnp.linalg.svd(x, full_matrices=False)  # [L, B, K, H, H]
+    vt = _right_singular_vectors(x)  # [L, B, K, H, H]
     return {"basis": jnp.swapaxes(vt[..., :rank, :], -1, -2)}
 
   return init
+
+
+def _right_singular_vectors(x: Array) -> Array:
+  """V^T of each matrix of a batch [..., S, H] (reduced SVD)."""
+  from kvjax import parallel
+
+  if parallel.context_mesh() is not None and jax.default_backend() == "cpu":
+    # jaxlib's CPU LAPACK kernels split a batch over the intra-op thread
+    # pool, which the simulated devices' executors occupy too: with every
+    # device inside one batched SVD at once, each waits for pool threads
+    # the others hold, forever (8 CPU devices, jaxlib 0.10.2). One matrix
+    # per call runs inline; the results are the same matrices.
+    flat = x.reshape(-1, *x.shape[-2:])
+    vt = jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False)[2], flat)
+    return vt.reshape(*x.shape[:-2], *vt.shape[-2:])
+  return jnp.linalg.svd(x, full_matrices=False)[2]
 
 
 @base.by_value

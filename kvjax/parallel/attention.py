@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kvjax import attention as attention_lib
-from kvjax.cache import CodedKV, TailedKV
+from kvjax.cache import TailedKV
 from kvjax.parallel import mesh as mesh_lib
 
 Array = jax.Array
@@ -37,32 +37,44 @@ def _specs(mesh):
 
 
 def _regions(view: attention_lib.LayerView):
-  """[(k region, v region, pos, valid)] of a view: one region, or a
-  TailedKV's code region and its tail (sharded apart)."""
+  """([(k region, v region, pos, valid)], layer) of a view: one region, or
+  a TailedKV's code region and its tail, sharded apart. `pos` and `valid`
+  are laid out over the whole capacity, so a TailedKV's are re-split into
+  its regions here: of its one layer only (taken first, with the layer's
+  payload; the layer index becomes 0)."""
   if isinstance(view.k, TailedKV):
+    layer = view.layer
+    one = lambda x: jax.lax.dynamic_slice_in_dim(x, layer, 1, axis=0)
+    view = jax.tree.map(one, view._replace(layer=None))
+    view = view._replace(layer=jnp.int32(0))
     sc = view.k.code_slots
     return [
       (view.k.code, view.v.code, view.pos[..., :sc], view.valid[..., :sc]),
       (view.k.tail, view.v.tail, view.pos[..., sc:], view.valid[..., sc:]),
-    ]
-  return [(view.k, view.v, view.pos, view.valid)]
+    ], view.layer
+  return [(view.k, view.v, view.pos, view.valid)], view.layer
 
 
-def _region_spec(x, mesh):
-  if isinstance(x, CodedKV):
-    return CodedKV(
-      {n: mesh_lib.slot_spec(mesh, a.ndim) for n, a in x.slots.items()},
-      {n: P() for n in x.shared},
-      x.codec,
+def _regions_and_specs(view, mesh):
+  B, K = view.pos.shape[1:3]
+  regions, layer = _regions(view)
+  specs = [
+    (
+      mesh_lib.payload_specs(k, mesh, B, K),
+      mesh_lib.payload_specs(v, mesh, B, K),
+      mesh_lib.slot_spec(mesh, 4),
+      mesh_lib.slot_spec(mesh, 4),
     )
-  return mesh_lib.slot_spec(mesh, x.ndim)
+    for k, v, _, _ in regions
+  ]
+  return regions, specs, layer
 
 
 def _check(view, q, mesh, what):
   B, K = view.pos.shape[1], view.pos.shape[2]
   mesh_lib._check_rows_heads(B, K, mesh, what)
   n = mesh_lib.axis_size(mesh, "seq")
-  for k, v, pos, _ in _regions(view):
+  for k, v, pos, _ in _regions(view)[0]:
     for x in (k, v):
       mesh_lib.check_divisible(x, pos.shape[-1], n, what)
 
@@ -104,16 +116,7 @@ def sharded_attention(
   renormalized by the global LSE)."""
   _check(view, q, mesh, "sharded attention")
   d, h, s = _specs(mesh)
-  regions = _regions(view)
-  region_specs = [
-    (
-      _region_spec(k, mesh),
-      _region_spec(v, mesh),
-      mesh_lib.slot_spec(mesh, 4),
-      mesh_lib.slot_spec(mesh, 4),
-    )
-    for k, v, _, _ in regions
-  ]
+  regions, region_specs, layer = _regions_and_specs(view, mesh)
 
   def local(q, q_pos, layer, regions):
     parts = []
@@ -154,7 +157,7 @@ def sharded_attention(
     check_vma=False,  # the engine mixes per-shard and replicated values
     in_specs=(P(d, None, h, None), P(d, None), P(), region_specs),
     out_specs=(P(d, None, h, None), P(d, h, None), probs_spec),
-  )(q, q_pos, view.layer, regions)
+  )(q, q_pos, layer, regions)
   probs = jnp.concatenate(probs, axis=-1) if return_probs else None
   return attention_lib.AttentionOutput(out, lse, probs)
 
@@ -177,16 +180,7 @@ def sharded_mass(
   own slots against the queries' global LSE ([B, N, S], sharded on S)."""
   _check(view, q, mesh, "sharded attention mass")
   d, h, s = _specs(mesh)
-  regions = _regions(view)
-  region_specs = [
-    (
-      _region_spec(k, mesh),
-      _region_spec(v, mesh),
-      mesh_lib.slot_spec(mesh, 4),
-      mesh_lib.slot_spec(mesh, 4),
-    )
-    for k, v, _, _ in regions
-  ]
+  regions, region_specs, layer = _regions_and_specs(view, mesh)
 
   def local(q, lse, weights, q_pos, layer, regions):
     return tuple(
@@ -218,7 +212,7 @@ def sharded_mass(
       region_specs,
     ),
     out_specs=tuple(P(d, h, s) for _ in regions),
-  )(q, lse, weights, q_pos, view.layer, regions)
+  )(q, lse, weights, q_pos, layer, regions)
   return jnp.concatenate(masses, axis=-1)
 
 
@@ -254,6 +248,20 @@ def ring_attention(
   mesh_lib._check_rows_heads(B, K, mesh, "ring attention")
   d, h, s = _specs(mesh)
   scale = H**-0.5 if scale is None else scale
+  if n == 1:  # no ring: the arrays are whole on each device
+    pos = jnp.broadcast_to(k_pos[:, None], (B, K, T))
+    res = attention_lib.attention(
+      q,
+      jnp.moveaxis(k, 1, 2),
+      jnp.moveaxis(v, 1, 2),
+      q_pos=q_pos,
+      k_pos=pos,
+      k_valid=jnp.broadcast_to(k_valid[:, None], (B, K, T)),
+      scale=scale,
+      sliding_window=sliding_window,
+      backend=backend,
+    )
+    return attention_lib.AttentionOutput(res.out, res.lse)
   perm = [(i, (i + 1) % n) for i in range(n)]
 
   def local(q, k, v, q_pos, k_pos, k_valid):

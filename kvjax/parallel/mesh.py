@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kvjax.cache import CodedKV, KVCache, TailedKV
+from kvjax.cache import CodedKV, KVCache, TailedKV, host_array
 
 Array = jax.Array
 
@@ -116,8 +116,19 @@ def make_mesh(
 
 
 def check_mesh(mesh) -> jax.sharding.Mesh | None:
-  """`mesh` itself when it is a `jax.sharding.Mesh` (None passes)."""
-  if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+  """`mesh` when it is a `jax.sharding.Mesh` (None passes); a mesh with
+  Explicit or Manual axes (`jax.make_mesh`'s default) comes back as the
+  same devices and names with Auto axes, which kvjax's layout needs (XLA
+  partitions what kvjax does not map by hand)."""
+  if mesh is None:
+    return None
+  if isinstance(mesh, jax.sharding.Mesh):
+    if any(t != AxisType.Auto for t in mesh.axis_types):
+      mesh = jax.sharding.Mesh(
+        mesh.devices,
+        mesh.axis_names,
+        axis_types=(AxisType.Auto,) * len(mesh.axis_names),
+      )
     return mesh
   raise TypeError(
     "mesh must be None or a jax.sharding.Mesh (kvjax.parallel.make_mesh), "
@@ -168,13 +179,26 @@ def slot_spec(mesh, ndim: int) -> P:
   )
 
 
-def _payload_specs(x, mesh):
+def shared_spec(leaf, mesh, rows: int, heads: int) -> P:
+  """The spec of a codec's shared leaf: one per (layer, row, kv head)
+  ([L, B, K, ...], a low-rank basis) follows the rows and heads; one per
+  layer (a rotation [L, H, H]) is replicated."""
+  if leaf.ndim >= 4 and tuple(leaf.shape[1:3]) == (rows, heads):
+    return P(None, _axis(mesh, "data"), _axis(mesh, "heads"))
+  return P()
+
+
+def payload_specs(x, mesh, rows: int, heads: int):
+  """The specs of a payload (plain, `CodedKV`, `TailedKV`) of a cache
+  with `rows` rows and `heads` kv heads."""
   if isinstance(x, TailedKV):
-    return TailedKV(_payload_specs(x.code, mesh), slot_spec(mesh, x.tail.ndim))
+    return TailedKV(
+      payload_specs(x.code, mesh, rows, heads), slot_spec(mesh, x.tail.ndim)
+    )
   if isinstance(x, CodedKV):
     return CodedKV(
       {n: slot_spec(mesh, a.ndim) for n, a in x.slots.items()},
-      {n: P() for n in x.shared},
+      {n: shared_spec(a, mesh, rows, heads) for n, a in x.shared.items()},
       x.codec,
     )
   return slot_spec(mesh, x.ndim)
@@ -194,8 +218,8 @@ def cache_specs(cache: KVCache, mesh) -> KVCache:
     return P()
 
   return KVCache(
-    k=_payload_specs(cache.k, mesh),
-    v=_payload_specs(cache.v, mesh),
+    k=payload_specs(cache.k, mesh, *cache.pos.shape[1:3]),
+    v=payload_specs(cache.v, mesh, *cache.pos.shape[1:3]),
     pos=slot_spec(mesh, 4),
     valid=slot_spec(mesh, 4),
     end=row,
@@ -316,7 +340,7 @@ def pad_for_shards(cache: KVCache, shards: int) -> tuple[KVCache, int]:
     out = cache._replace(
       k=pad(cache.k), v=pad(cache.v), pos=pos, valid=valid, end=end
     )
-    return _pad_state(out, cache, S), add_c + add_t
+    return _pad_state(out, cache, S, ((sc, add_c), (S, add_t))), add_c + add_t
   g = max(
     _granule(x, S) if isinstance(x, CodedKV) else 1 for x in (cache.k, cache.v)
   )
@@ -333,15 +357,17 @@ def pad_for_shards(cache: KVCache, shards: int) -> tuple[KVCache, int]:
     pos=_pad_slots(cache.pos, S, add, -1),
     valid=_pad_slots(cache.valid, S, add, False),
   )
-  return _pad_state(out, cache, S), add
+  return _pad_state(out, cache, S, ((S, add),)), add
 
 
-def _pad_state(new: KVCache, old: KVCache, S: int) -> KVCache:
-  extra = new.capacity - S
+def _pad_state(new: KVCache, old: KVCache, S: int, inserts) -> KVCache:
+  """Per-slot [L, B, K, S] leaves of the transform state padded like the
+  slots: `inserts` (at, count), applied from the last."""
 
   def pad(x):
-    if getattr(x, "ndim", 0) == 4 and x.shape[-1] == S and extra:
-      return _pad_slots(x, S, extra, 0)
+    if getattr(x, "ndim", 0) == 4 and x.shape[-1] == S:
+      for at, n in sorted(inserts, reverse=True):
+        x = _pad_slots(x, at, n, 0)
     return x
 
   return new._replace(state=jax.tree.map(pad, old.state))
@@ -360,11 +386,17 @@ def shard_cache(cache: KVCache, mesh: jax.sharding.Mesh) -> Sharded:
     ValueError: a batch or kv-head count the `data` / `heads` axes do not
       divide.
   """
-  check_mesh(mesh)
+  mesh = check_mesh(mesh)
   if mesh is None:
     raise ValueError("shard_cache needs a mesh (kvjax.parallel.make_mesh).")
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
+  if bool(jnp.any(cache.end > cache.capacity)):
+    # Padding would make room and hide the flag of the dropped writes.
+    raise ValueError(
+      "shard_cache: the cache overflowed (writes past its capacity were "
+      "dropped; kvjax.cache.cache_overflowed); it cannot be placed."
+    )
   _check_rows_heads(cache.batch_size, cache.pos.shape[2], mesh, "shard_cache")
   cache, added = pad_for_shards(cache, axis_size(mesh, "seq"))
   if added:
@@ -409,13 +441,6 @@ def to_host(tree: Any) -> Any:
   value, also when it spans devices of other processes (gathered with
   `multihost_utils.process_allgather`, a collective: every process calls
   it in the same order). Other leaves pass unchanged."""
-  from jax.experimental import multihost_utils
-
-  def get(x):
-    if not isinstance(x, jax.Array):
-      return x
-    if x.is_fully_addressable or x.is_fully_replicated:
-      return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-  return jax.tree.map(get, tree)
+  return jax.tree.map(
+    lambda x: host_array(x) if isinstance(x, jax.Array) else x, tree
+  )

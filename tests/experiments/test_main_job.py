@@ -23,6 +23,11 @@ def test_readme_library_example_runs():
   assert namespace["out"].tokens.shape == (2, 16)
   assert namespace["aux"]["attn_probs"].shape[:2] == (2, 2)
   assert kvjax_bytes(namespace["small"]) < 0.15 * kvjax_bytes(namespace["full"])
+  sharded, single = namespace["sharded"], namespace["single"]
+  assert (sharded.tokens == single.tokens).all()
+  assert len(namespace["parallel"].device_bytes(sharded.cache)) == len(
+    namespace["jax"].devices()
+  )
 
 
 def test_ci_calls_the_readme_test_command():

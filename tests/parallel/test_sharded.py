@@ -48,6 +48,11 @@ METHODS = {
   "snapkv+kivi2": lambda: compress.chain(
     compress.snapkv(0.5, window_size=8), _kivi()
   ),
+  # A head-variable policy (scores flattened over heads) and a codec with a
+  # basis per (row, kv head): both must follow the data and heads axes.
+  "adakv+lowrank": lambda: compress.chain(
+    compress.adakv("snapkv", 0.5, window_size=8), compress.lowrank(8)
+  ),
 }
 # Every method on the pure sequence mesh; the mixed meshes on the methods
 # whose sharded paths differ most (decode-time eviction, the code region
@@ -58,6 +63,7 @@ CASES = [(m, "seq:8") for m in METHODS] + [
   ("snapkv", "data:2,heads:2,seq:2"),
   ("turboquant3", "data:2,heads:2,seq:2"),
   ("kivi2", "data:2,heads:2,seq:2"),
+  ("adakv+lowrank", "data:2,heads:2,seq:2"),
 ]
 _REF = {}
 
@@ -112,9 +118,14 @@ def test_generate_sharded_equals_unsharded(method, spec):
 def test_global_top_k_equals_unsharded(spec):
   mesh = parallel.make_mesh(spec)
   L, K, S = 2, 2, 64
-  # Few distinct values: many ties, which must go to the lower slot.
-  scores = jax.random.randint(jax.random.key(2), (L, B, K, S), 0, 5)
-  scores = scores.astype(jnp.float32)
+  # Few distinct values: many ties, which must go to the lower slot; -0.0
+  # ties with 0.0 and a NaN ranks lowest, on every path.
+  scores = jax.random.randint(jax.random.key(2), (L, B, K, S), -2, 3)
+  scores = scores.astype(jnp.float32) * 0.5
+  scores = jnp.where(
+    scores == 0, jnp.where(jnp.arange(S) % 2, -0.0, 0.0), scores
+  )
+  scores = scores.at[:, :, :, 7].set(jnp.nan)
   valid = jax.random.bernoulli(jax.random.key(3), 0.8, (L, B, K, S))
   n = jax.random.randint(jax.random.key(4), (L, B, K), 0, 30)
   want = base.keep_top(scores, n, valid)
