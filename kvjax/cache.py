@@ -82,6 +82,11 @@ class Codec(NamedTuple):
     tile: the codec's `pallas_kernels.tiles.TileCodec`, how the Pallas
       kernels read its payload block by block; None: the Pallas backends
       run this codec's attention on the XLA engine (and warn).
+    shared_axes: ((leaf name, axes), ...): which of the codec's shared
+      leaves are per row and/or per kv head, `axes` naming their dims after
+      L ("bk": [L, B, K, ...], a basis per row and head; "k": [L, K, ...],
+      a channel order per head). A mesh splits those dims with the rows
+      and heads; a leaf not listed is replicated (a rotation [L, H, H]).
   """
 
   name: str
@@ -91,6 +96,7 @@ class Codec(NamedTuple):
   bits: Any = None
   params: tuple = ()
   tile: Any = None
+  shared_axes: tuple = ()
 
   def __eq__(self, other):
     if not isinstance(other, Codec):
@@ -548,7 +554,7 @@ def _check_entries(cache: KVCache, k, v, token_mask, positions, all_layers):
     isinstance(x, jax.core.Tracer) for x in (token_mask, cache.end)
   )
   if concrete:
-    need = np.asarray(token_mask).astype(bool).sum(1)
+    need = host_array(token_mask).astype(bool).sum(1)
     room = cache.capacity - host_array(cache.end)
     if (need > room).any():
       b = int(np.argmax(need - room))

@@ -437,9 +437,13 @@ def check_room(
   room = cache.capacity - end
   if flushing and isinstance(cache.k, TailedKV):
     sc = cache.k.code_slots
-    used = host_array(cache.pos)[..., :sc] >= 0  # [L, B, K, sc]
-    last = np.where(used.any(-1), sc - np.argmax(used[..., ::-1], -1), 0)
-    room = room + sc - last.max(axis=(0, 2))
+    # Per row, one past the last used code slot over layers and heads:
+    # reduced where the slots live, only [B] read back.
+    used = cache.pos[..., :sc] >= 0  # [L, B, K, sc]
+    last = jnp.max(
+      jnp.where(used, jnp.arange(1, sc + 1), 0), axis=(0, 2, 3), initial=0
+    )
+    room = room + sc - host_array(last)
   short = np.asarray(writes) - room
   if short.max() > 0:
     raise ValueError(

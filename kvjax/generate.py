@@ -714,7 +714,7 @@ def compress_observing(
   if checks.is_concrete(token_mask):
     checks.check_room(
       cache,
-      np.asarray(token_mask).sum(1),
+      host_array(token_mask).sum(1),
       "running `observe` on top of the cache",
       "Prefill with a larger `capacity`.",
     )

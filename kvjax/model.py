@@ -20,7 +20,13 @@ import numpy as np
 
 from kvjax import attention as attention_lib
 from kvjax import checks
-from kvjax.cache import KVCache, is_coded, next_entries, write_slots
+from kvjax.cache import (
+  KVCache,
+  host_array,
+  is_coded,
+  next_entries,
+  write_slots,
+)
 from kvjax.config import ModelConfig
 
 Array = jax.Array
@@ -547,7 +553,7 @@ def forward(
       f"mass_mask must have shape {(B, T)}, got {tuple(mass_mask.shape)}."
     )
   if checks.is_concrete(token_mask):
-    n_host = np.asarray(token_mask).astype(bool).sum(axis=1)
+    n_host = host_array(token_mask).astype(bool).sum(axis=1)
     checks.check_room(
       cache,
       n_host,

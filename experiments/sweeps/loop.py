@@ -62,7 +62,9 @@ def _run(cfg) -> list[dict[str, Any]]:
   config, params = common.load_model(cfg.model, cfg.dtype)
   tokens = tokens_lib.load(cfg)
   tag = store.run_tag(cfg, config, params)
-  done = {r["key"] for r in store.read_results(path)}
+  # Only the writer reads its file: another process's copy (an unshared
+  # workdir, or a damaged one) must not make it diverge or fail alone.
+  done = {r["key"] for r in store.read_results(path)} if writer else set()
   todo = [store.unit_key(u, tag) not in done for u in planned]
   if jax.process_count() > 1:
     # Process 0's file decides (the others write none): every process runs

@@ -396,12 +396,24 @@ def static_keep(live: int, ratio: float | None, budget: int | None) -> int:
 # Selection and compaction.
 
 
+def rank_scores(scores: Array, valid: Array) -> Array:
+  """float32 scores in the one order every selection path uses: -0.0 is
+  0.0; a valid NaN or -inf score ranks below every finite one (as
+  -finfo.max) but above every invalid slot (-inf), so asking for as many
+  slots as are valid keeps all of them."""
+  s = scores.astype(jnp.float32)
+  low = jnp.isnan(s) | (s == -jnp.inf)
+  s = jnp.where(low, -jnp.finfo(jnp.float32).max, jnp.where(s == 0, 0.0, s))
+  return jnp.where(valid, s, -jnp.inf)
+
+
 def keep_top(
   scores: Array, n: Array, valid: Array, max_keep: int | None = None
 ) -> Array:
   """[L, B, K, S] bool: the n highest-scoring valid slots per (l, b, k).
 
-  Ties go to the lower slot. Under a mesh that splits the slots (`jax.
+  Ties go to the lower slot; scores rank as `rank_scores` orders them (a
+  NaN or -inf score lowest among the valid ones). Under a mesh that splits the slots (`jax.
   set_mesh`, `prefill(mesh=...)`), the selection is a global top-k from
   per-shard proposals (`kvjax.parallel.global_keep_top`): the same set.
 
@@ -417,9 +429,7 @@ def keep_top(
   """
   from kvjax import parallel
 
-  # One order on every path: -0.0 is 0.0, and a NaN score ranks lowest.
-  s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
-  s = jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
+  s = rank_scores(scores, valid)  # one order on every path
   mesh = parallel.context_mesh()
   L, B, K, S = scores.shape
   if (
@@ -496,7 +506,10 @@ def compact(
   end = jnp.max(counts, axis=(0, 2)).astype(jnp.int32)  # [B]
   # More than the asked capacity is an overflow even where the rounding
   # made room: flagged past the capacity, as without a mesh.
-  end = jnp.where(end > asked, jnp.maximum(end, capacity + 1), end)
+  # And a cache that had overflowed already stays flagged.
+  end = jnp.where(
+    (end > asked) | (cache.end > S), jnp.maximum(end, capacity + 1), end
+  )
   out = cache._replace(k=k, v=v, pos=pos, valid=live, end=end)
   return parallel.constrain_cache(out), idx
 

@@ -656,6 +656,7 @@ def lowrank_codec(rank: int, head_dim: int) -> Codec:
     lambda h: 16 * rank / h,
     ("lowrank", rank, head_dim),
     tiles.LowRank(rank),
+    shared_axes=(("basis", "bk"),),
   )
 
 

@@ -394,6 +394,7 @@ def turboquant_codec(
       rotations=tuple(rots),
       projections=tuple(projs),
     ),
+    shared_axes=(("perm", "k"),) if n_out else (),
   )
 
 

@@ -39,6 +39,8 @@ def global_keep_top(
       compaction after it reports as an overflow.
     mesh: the mesh; S must split evenly over its `seq` axis.
   """
+  from kvjax.compress import base
+
   L, B, K, S = scores.shape
   shards = mesh_lib.axis_size(mesh, "seq")
   if S % shards:
@@ -58,7 +60,7 @@ def global_keep_top(
   def local(scores, n, valid):
     me = jax.lax.axis_index("seq")
     slot = me * local_s + jnp.arange(local_s, dtype=jnp.int32)  # global
-    s = jnp.where(valid, scores.astype(jnp.float32), -jnp.inf)
+    s = base.rank_scores(scores, valid)
     # lax.top_k puts the lower index first among equal values.
     best, at = jax.lax.top_k(s, m)  # [L, B, K, m]
     cand_v = jax.lax.all_gather(best, "seq", axis=3, tiled=True)

@@ -147,6 +147,18 @@ def context_mesh():
     return None
   if all(mesh.shape.get(a, 1) == 1 for a in AXES):
     return None
+  explicit = [
+    n
+    for n, t in zip(mesh.axis_names, mesh.axis_types)
+    if n in AXES and t == AxisType.Explicit
+  ]
+  if explicit:
+    raise ValueError(
+      f"kvjax.parallel needs Auto mesh axes; {explicit} are Explicit "
+      "(jax.make_mesh's default). Build the mesh with "
+      "kvjax.parallel.make_mesh, or pass axis_types=(AxisType.Auto, ...), "
+      "or hand it to kvjax's entries as mesh= (they convert it)."
+    )
   return mesh
 
 
@@ -179,13 +191,20 @@ def slot_spec(mesh, ndim: int) -> P:
   )
 
 
-def shared_spec(leaf, mesh, rows: int, heads: int) -> P:
-  """The spec of a codec's shared leaf: one per (layer, row, kv head)
-  ([L, B, K, ...], a low-rank basis) follows the rows and heads; one per
-  layer (a rotation [L, H, H]) is replicated."""
-  if leaf.ndim >= 4 and tuple(leaf.shape[1:3]) == (rows, heads):
-    return P(None, _axis(mesh, "data"), _axis(mesh, "heads"))
-  return P()
+def shared_spec(name: str, leaf, codec, mesh, rows: int, heads: int) -> P:
+  """The spec of a codec's shared leaf: the dims its codec declares per row
+  or kv head (`Codec.shared_axes`: a low-rank basis [L, B, K, ...], a
+  channel order [L, K, H]) follow the `data` / `heads` axes; anything else
+  (a rotation [L, H, H]) is replicated."""
+  axes = dict(codec.shared_axes).get(name, "")
+  want = tuple({"b": rows, "k": heads}[a] for a in axes)
+  if tuple(leaf.shape[1 : 1 + len(axes)]) != want:
+    raise ValueError(
+      f"codec {codec.name}: shared leaf {name!r} {tuple(leaf.shape)} does "
+      f"not have the [L, {', '.join(axes.upper())}, ...] dims its "
+      f"shared_axes={axes!r} declare (B={rows}, K={heads})."
+    )
+  return P(None, *(_axis(mesh, "data" if a == "b" else "heads") for a in axes))
 
 
 def payload_specs(x, mesh, rows: int, heads: int):
@@ -198,7 +217,10 @@ def payload_specs(x, mesh, rows: int, heads: int):
   if isinstance(x, CodedKV):
     return CodedKV(
       {n: slot_spec(mesh, a.ndim) for n, a in x.slots.items()},
-      {n: shared_spec(a, mesh, rows, heads) for n, a in x.shared.items()},
+      {
+        n: shared_spec(n, a, x.codec, mesh, rows, heads)
+        for n, a in x.shared.items()
+      },
       x.codec,
     )
   return slot_spec(mesh, x.ndim)
@@ -207,7 +229,8 @@ def payload_specs(x, mesh, rows: int, heads: int):
 def cache_specs(cache: KVCache, mesh) -> KVCache:
   """The `PartitionSpec` of every leaf of `cache` (a KVCache-shaped tree):
   slots on `seq`, rows on `data`, kv heads on `heads`; shared codec leaves
-  and transform state that is not per slot are replicated."""
+  follow their declared row / head dims (`Codec.shared_axes`); transform
+  state that is not per slot is replicated."""
   row = P(_axis(mesh, "data"))
 
   def state_spec(x):
@@ -337,6 +360,8 @@ def pad_for_shards(cache: KVCache, shards: int) -> tuple[KVCache, int]:
       _pad_slots(cache.valid, S, add_t, False), sc, add_c, False
     )
     end = jnp.where(cache.end >= sc, cache.end + add_c, cache.end)
+    # An overflowed row (end past the capacity) stays past the new one.
+    end = jnp.where(cache.end > S, end + add_t, end)
     out = cache._replace(
       k=pad(cache.k), v=pad(cache.v), pos=pos, valid=valid, end=end
     )
@@ -356,6 +381,8 @@ def pad_for_shards(cache: KVCache, shards: int) -> tuple[KVCache, int]:
     v=pad(cache.v),
     pos=_pad_slots(cache.pos, S, add, -1),
     valid=_pad_slots(cache.valid, S, add, False),
+    # An overflowed row (end past the capacity) stays past the new one.
+    end=jnp.where(cache.end > S, cache.end + add, cache.end),
   )
   return _pad_state(out, cache, S, ((S, add),)), add
 
@@ -376,11 +403,15 @@ def _pad_state(new: KVCache, old: KVCache, S: int, inserts) -> KVCache:
 def shard_cache(cache: KVCache, mesh: jax.sharding.Mesh) -> Sharded:
   """Places every leaf of `cache` on `mesh`: slots along `seq`, rows along
   `data`, kv heads along `heads` (plain or coded payloads, `pos`, `valid`,
-  per-slot transform state; shared codec leaves replicated).
+  per-slot transform state; shared codec leaves per row / head split with
+  them, the others replicated).
 
   Capacity is padded with empty slots so each storage region splits into
   whole slices (a whole number of statistic groups for KIVI's per-channel
   key statistics); the padding is returned, and warned about when nonzero.
+  An overflowed cache (`kvjax.cache.cache_overflowed`) stays flagged: its
+  rows' `end` moves past the padded capacity, on the device (no read-back,
+  so `decode_step(mesh=...)` places its cache every step without a sync).
 
   Raises:
     ValueError: a batch or kv-head count the `data` / `heads` axes do not
@@ -391,12 +422,6 @@ def shard_cache(cache: KVCache, mesh: jax.sharding.Mesh) -> Sharded:
     raise ValueError("shard_cache needs a mesh (kvjax.parallel.make_mesh).")
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}.")
-  if bool(jnp.any(cache.end > cache.capacity)):
-    # Padding would make room and hide the flag of the dropped writes.
-    raise ValueError(
-      "shard_cache: the cache overflowed (writes past its capacity were "
-      "dropped; kvjax.cache.cache_overflowed); it cannot be placed."
-    )
   _check_rows_heads(cache.batch_size, cache.pos.shape[2], mesh, "shard_cache")
   cache, added = pad_for_shards(cache, axis_size(mesh, "seq"))
   if added:

@@ -411,3 +411,32 @@ def test_decode_eviction_paths_keep_the_budget(name):
       assert kept(fast.cache, b) == kept(slow.cache, b)
   for b, n in enumerate([80, 48]):
     assert (np.asarray(fast.cache.valid[:, b].sum(-1)) == n).all()
+
+
+def test_keep_top_ranks_nan_and_minus_inf_last_among_valid():
+  # A NaN or -inf score is a valid entry's: it ranks below every finite
+  # score, above every invalid slot, so n = the valid count keeps them all.
+  scores = jnp.array([1.0, 9.0, jnp.nan, 5.0, -jnp.inf, 0.0, -0.0])
+  valid = jnp.array([True, False, True, True, True, True, True])
+  scores, valid = scores[None, None, None], valid[None, None, None]
+  keep = lambda n: np.asarray(base.keep_top(scores, n, valid))[0, 0, 0]
+  assert keep(6).tolist() == [True, False, True, True, True, True, True]
+  assert keep(4).tolist() == [True, False, False, True, False, True, True]
+  # -0.0 ties with 0.0: the lower slot first.
+  assert keep(3).tolist() == [True, False, False, True, False, True, False]
+  assert keep(5).sum() == 5 and not keep(5)[4]  # NaN (slot 2) before -inf
+
+
+def test_compact_keeps_an_earlier_overflow_flagged():
+  # A jitted write past capacity left end > capacity; compacting after it
+  # (a decode-time eviction) must not clear the flag of the dropped writes.
+  k = jax.random.normal(jax.random.key(0), (1, 2, 8, 1, 4))
+  cache = kvjax.KVCache.from_dense(k, k, jnp.array([8, 5]), capacity=8)
+  cache = cache._replace(end=jnp.array([9, 5], jnp.int32))  # row 0 overflowed
+  out, _ = jax.jit(base.compact, static_argnums=2)(cache, cache.valid, 8)
+  assert kvjax.cache.cache_overflowed(out)
+  assert np.asarray(out.end).tolist()[1] == 5
+  # Fewer slots kept: still flagged, past the new capacity.
+  keep = cache.valid & (cache.pos < 4)
+  out, _ = jax.jit(base.compact, static_argnums=2)(cache, keep, 6)
+  assert out.capacity == 6 and np.asarray(out.end)[0] > 6

@@ -53,17 +53,23 @@ METHODS = {
   "adakv+lowrank": lambda: compress.chain(
     compress.adakv("snapkv", 0.5, window_size=8), compress.lowrank(8)
   ),
+  # A channel order per kv head ([L, K, H]): split with the heads.
+  "turboquant3+outliers": lambda: compress.turboquant(
+    3, outlier_channels=8, outlier_bits=4
+  ),
 }
-# Every method on the pure sequence mesh; the mixed meshes on the methods
-# whose sharded paths differ most (decode-time eviction, the code region
-# plus tail, codes with a shared rotation).
-CASES = [(m, "seq:8") for m in METHODS] + [
+# Every method on the pure sequence mesh (TurboQuant's outlier order only
+# where the heads split); the mixed meshes on the methods whose sharded
+# paths differ most (decode-time eviction, the code region plus tail, codes
+# with a shared rotation, shared leaves per row and head).
+CASES = [(m, "seq:8") for m in METHODS if m != "turboquant3+outliers"] + [
   ("h2o", "data:2,seq:4"),
   ("snapkv+kivi2", "data:2,seq:4"),
   ("snapkv", "data:2,heads:2,seq:2"),
   ("turboquant3", "data:2,heads:2,seq:2"),
   ("kivi2", "data:2,heads:2,seq:2"),
   ("adakv+lowrank", "data:2,heads:2,seq:2"),
+  ("turboquant3+outliers", "data:2,heads:2,seq:2"),
 ]
 _REF = {}
 
@@ -119,16 +125,22 @@ def test_global_top_k_equals_unsharded(spec):
   mesh = parallel.make_mesh(spec)
   L, K, S = 2, 2, 64
   # Few distinct values: many ties, which must go to the lower slot; -0.0
-  # ties with 0.0 and a NaN ranks lowest, on every path.
+  # ties with 0.0, a NaN or -inf ranks lowest among the valid slots, on
+  # every path.
   scores = jax.random.randint(jax.random.key(2), (L, B, K, S), -2, 3)
   scores = scores.astype(jnp.float32) * 0.5
   scores = jnp.where(
     scores == 0, jnp.where(jnp.arange(S) % 2, -0.0, 0.0), scores
   )
-  scores = scores.at[:, :, :, 7].set(jnp.nan)
+  scores = scores.at[:, :, :, 7].set(jnp.nan).at[:, :, :, 40].set(-jnp.inf)
   valid = jax.random.bernoulli(jax.random.key(3), 0.8, (L, B, K, S))
   n = jax.random.randint(jax.random.key(4), (L, B, K), 0, 30)
+  # Some heads ask for every valid slot: NaN and -inf ones included.
+  n = n.at[0, 0].set(valid[0, 0].sum(-1)).at[1, 1, 1].set(S)
   want = base.keep_top(scores, n, valid)
+  np.testing.assert_array_equal(
+    np.asarray(want.sum(-1)), np.minimum(n, valid.sum(-1))
+  )
   spec4 = parallel.cache_specs(kvjax.init_cache(CONFIG, B, S), mesh).pos
   sharding = jax.sharding.NamedSharding(mesh, spec4)
   for bound in (None, 30):
@@ -236,3 +248,31 @@ def test_bad_meshes():
       max_new_tokens=1,
       mesh=parallel.make_mesh("heads:4,seq:2"),
     )
+  explicit = jax.make_mesh(
+    (8,), ("seq",), axis_types=(jax.sharding.AxisType.Explicit,)
+  )
+  with jax.set_mesh(explicit):
+    with pytest.raises(ValueError, match="Auto mesh axes"):
+      parallel.context_mesh()
+  # Handed over as mesh=, it is converted.
+  assert parallel.mesh.check_mesh(explicit).axis_types == (
+    jax.sharding.AxisType.Auto,
+  )
+
+
+@pytest.mark.parametrize("method", ["none", "kivi2"])
+def test_shard_cache_keeps_an_overflow_flagged(method):
+  # A cache whose jitted writes ran past capacity (end > capacity) stays
+  # flagged after placing: the padding must not make room that hides it.
+  out = _REF.get(method) or _generate(method)
+  S = out.cache.capacity
+  cache = out.cache._replace(end=out.cache.end.at[0].set(S + 1))
+  with pytest.warns(UserWarning, match="empty slots"):
+    placed, padding = parallel.shard_cache(cache, parallel.make_mesh("seq:8"))
+  assert padding > 0
+  end = np.asarray(placed.end)
+  # Row 1 did not overflow: its write index moves with the padding before
+  # it (KIVI's code region), never past the capacity.
+  assert end[0] > placed.capacity and end[1] <= placed.capacity
+  assert end[1] >= np.asarray(cache.end)[1]
+  assert kvjax.cache.cache_overflowed(placed)
