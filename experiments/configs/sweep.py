@@ -15,7 +15,8 @@ The argument after ':' picks a preset: "default" (8 eviction methods, 2
 quantizers and one eviction + quantization composition at ratios
 {0, 0.5, 0.75, 0.9, 0.95} on five tasks, both question modes; about 10
 minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests),
-"full" (every method, more rows, every task; for an accelerator) or "long"
+"full" (every registered method at three ratios; about 30 minutes on a
+2-core CPU, more rows and ratios on an accelerator) or "long"
 (the default's methods, ratios and tasks at a 32k context, bfloat16, the
 cache sharded along the sequence over every device; for accelerators, see
 `launch/tpu_pod.sh`). Any field can be overridden with
@@ -27,6 +28,8 @@ positions (words), the rows record the context in tokens.
 """
 
 import ml_collections
+
+from kvjax.compress import registry
 
 EVICTION = (
   "snapkv",
@@ -105,30 +108,21 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.num_examples = 4
     c.workdir = "/tmp/kvjax-sweep-smoke"
   elif preset == "full":
+    # Every registered method: each eviction policy of
+    # `kvjax.compress.registry` (kvjax's and the rest of kvpress' presses),
+    # each codec, and evict-then-quantize compositions, on the default
+    # tasks and rows at three ratios: about 30 minutes on the 2-core CPU;
+    # results/sweep_full/ holds the committed copy. On an accelerator add
+    # rows and ratios: --config.num_examples=128
+    # --config.ratios=0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98
+    # --config.tasks=mqar,needle,multihop_k1,multihop_k2,multihop_k3,\
+    # multihop_k4,overwrite,abstention --config.workdir=runs/sweep_full.
     c.methods = ",".join(
-      EVICTION
-      + (
-        "random",
-        "oracle",
-        "kivi2",
-        "kivi4",
-        "int4",
-        "fp8",
-        "turboquant3",
-        "turboquant2",
-        "qjl",
-        "polarquant",
-        "snapkv+kivi2",
-        "snapkv+turboquant3",
-        "h2o+turboquant3",
-      )
+      registry.POLICY_NAMES
+      + registry.CODEC_NAMES
+      + ("snapkv+kivi2", "snapkv+turboquant3", "h2o+turboquant3")
     )
-    c.ratios = "0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98"
-    c.tasks = (
-      "mqar,needle,multihop_k1,multihop_k2,multihop_k3,multihop_k4,"
-      "overwrite,abstention"
-    )
-    c.num_examples = 128
+    c.ratios = "0,0.5,0.9"
     c.workdir = "results/sweep_full"
   elif preset == "long":
     # 32k positions. 64k and 128k: --config.context_len=65536 or 131072

@@ -35,6 +35,7 @@ from kvjax.compress.policies import (
   random,
   random_scorer,
   scored_policy,
+  scorer_by_name,
   snapkv,
   snapkv_scorer,
   streaming_llm,
@@ -61,5 +62,33 @@ from kvjax.compress.rotated import (
   qjl_codec,
   turboquant,
   turboquant_codec,
+)
+from kvjax.compress.scorers import (
+  compactor,
+  compactor_scorer,
+  cur,
+  cur_scorer,
+  keydiff,
+  keydiff_scorer,
+  lagkv,
+  lagkv_scorer,
+  leverage_score,
+  leverage_score_scorer,
+  non_causal_attn,
+  non_causal_attn_scorer,
+  observed_attention,
+  observed_attention_scorer,
+  qfilter,
+  qfilter_filters,
+  qfilter_scorer,
+)
+from kvjax.compress.structure import (
+  block,
+  chunk,
+  chunkkv,
+  duo_attention,
+  duo_head_scores,
+  per_layer,
+  simlayerkv,
 )
 from kvjax.compress import registry  # one name per method

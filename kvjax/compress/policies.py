@@ -769,11 +769,7 @@ def adakv(
       f"alpha_safeguard must be in [0, 1], got {alpha_safeguard!r}."
     )
   if isinstance(scorer, str):
-    if scorer not in SCORERS:
-      raise ValueError(
-        f"unknown scorer {scorer!r}; allowed: {sorted(SCORERS)}."
-      )
-    scorer = SCORERS[scorer](**scorer_kwargs)
+    scorer = scorer_by_name(scorer, **scorer_kwargs)
 
   def safe_count(n):
     n_safe = jnp.floor(n.astype(jnp.float32) * alpha_safeguard).astype(
@@ -832,6 +828,21 @@ SCORERS = {
   "expected_attention": expected_attention_scorer,
   "attention_mass": attention_mass_scorer,
 }
+
+
+def scorer_by_name(name: str, **kwargs) -> Scorer:
+  """The scorer `name` of `SCORERS` or of `kvjax.compress.scorers.SCORERS`
+  (KeyDiff, LagKV, ...), built with `kwargs`.
+
+  Raises:
+    ValueError: an unknown name (the message lists the allowed ones).
+  """
+  from kvjax.compress import scorers  # pylint: disable=g-import-not-at-top
+
+  known = {**SCORERS, **scorers.SCORERS}
+  if name not in known:
+    raise ValueError(f"unknown scorer {name!r}; allowed: {sorted(known)}.")
+  return known[name](**kwargs)
 
 
 def oracle_future_mass(

@@ -21,6 +21,8 @@ from kvjax.compress import base
 from kvjax.compress import codecs
 from kvjax.compress import policies
 from kvjax.compress import rotated
+from kvjax.compress import scorers
+from kvjax.compress import structure
 
 SEPARATOR = "+"  # "policy+codec"
 
@@ -39,6 +41,9 @@ POLICIES: Mapping[str, Callable[[float], base.KVTransform]] = (
       "expected_attention": policies.expected_attention,
       "random": policies.random,
       "oracle": policies.oracle,  # needs the `future_mass` extra input
+      # The rest of NVIDIA kvpress' presses (`KVPRESS_NAMES`).
+      **scorers.METHODS,
+      **structure.METHODS,
     }
   )
 )
@@ -57,6 +62,10 @@ CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType(
   }
 )
 POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
+# The methods NVIDIA kvpress 0.5.5 also ships beyond the ones above, under
+# the names its users know (`tests/compress/test_methods.py` runs each end
+# to end).
+KVPRESS_NAMES: tuple[str, ...] = (*scorers.METHODS, *structure.METHODS)
 CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
 
 
