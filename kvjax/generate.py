@@ -143,7 +143,26 @@ def _context(
   config,
   live_bound=None,
   decode_reserve=0,
+  transform=None,
+  params=None,
+  tokens=None,
 ):
+  """The `CompressContext` of one application of `transform`: the model's
+  params (and config) and the prompt's tokens only when it lists "params"
+  / "tokens" in `needs` (`compress_base.MODEL_NEEDS`)."""
+  needs = () if transform is None else transform.needs
+  model = "params" in needs
+  if model and params is None:
+    raise ValueError(
+      f"{transform.name} needs the model's params (it lists 'params' in "
+      "needs); pass params= (compress_cache) or use prefill / "
+      "compress_observing."
+    )
+  if model and not isinstance(config, ModelConfig):
+    raise ValueError(
+      f"{transform.name} needs the model (it lists 'params' in needs): "
+      f"pass its ModelConfig as config, got {type(config).__name__}."
+    )
   return compress_base.CompressContext(
     phase=phase,
     step=step,
@@ -153,6 +172,9 @@ def _context(
     geometry=as_geometry(config),
     live_bound=live_bound,
     decode_reserve=decode_reserve,
+    params=params if model else None,
+    model_config=config if model else None,
+    tokens=tokens if "tokens" in needs else None,
     **{name: aux.get(name) for name in model_lib.COMPRESS_TAPS},
   )
 
@@ -293,6 +315,8 @@ def _prefill_and_compress(
       config,
       live_bound=T,
       decode_reserve=decode_reserve,
+      params=params,
+      tokens=tokens,
     )
   return logits, parallel.constrain_cache(cache)
 
@@ -308,9 +332,12 @@ def _apply_transform(
   config,
   live_bound=None,
   decode_reserve=0,
+  params=None,
+  tokens=None,
 ):
   """Prefill-phase `transform` on `cache`, observing the queries at
-  `positions` / `mask` and the captures in `observed`."""
+  `positions` / `mask` and the captures in `observed` (and, where the
+  transform needs them, the model's `params` and the prompt's `tokens`)."""
   ctx = _context(
     "prefill",
     jnp.int32(0),
@@ -321,6 +348,9 @@ def _apply_transform(
     config,
     live_bound=live_bound,
     decode_reserve=decode_reserve,
+    transform=transform,
+    params=params,
+    tokens=tokens,
   )
   new, state = transform.apply(
     cache,
@@ -521,6 +551,7 @@ def _compress_observing(
     reserve,
     config,
     live_bound=live_bound,
+    params=params,
   )
 
 
@@ -534,6 +565,8 @@ def _compress_cache(
   mask,
   transform,
   extra,
+  params=None,
+  tokens=None,
   *,
   config,
   reserve,
@@ -549,6 +582,8 @@ def _compress_cache(
     reserve,
     config,
     live_bound=live_bound,
+    params=params,
+    tokens=tokens,
   )
 
 
@@ -561,6 +596,8 @@ def compress_cache(
   positions: Array,
   mask: Array,
   reserve: int = 0,
+  params: Any = None,
+  tokens: Array | None = None,
   **extra,
 ) -> KVCache:
   """Applies a (prefill-phase) transform to a cache, from given captures.
@@ -582,6 +619,12 @@ def compress_cache(
     positions: [B, T] positions of the observed queries.
     mask: [B, T] bool, the observed queries that count.
     reserve: free slots left after a compacting transform (a Python int).
+    params: the model parameters, for a transform that reads the model
+      (`"params" in transform.needs`, e.g. criticalkv); `config` must then
+      be the `ModelConfig`. Ignored otherwise.
+    tokens: [B, T] int token ids of the cache's entries (entry at position
+      t of row b is tokens[b, t]), for a transform that reads the prompt
+      (`"tokens" in transform.needs`, e.g. kvzip). Ignored otherwise.
     **extra: passed to the transform.
 
   Returns:
@@ -627,7 +670,11 @@ def compress_cache(
     mask.astype(bool),
     transform,
     extra,
-    config=as_geometry(config),
+    params if "params" in transform.needs else None,
+    None
+    if tokens is None or "tokens" not in transform.needs
+    else jnp.asarray(tokens, jnp.int32),
+    config=config if "params" in transform.needs else as_geometry(config),
     reserve=reserve,
     live_bound=_live_bound(cache),
   )
@@ -939,7 +986,11 @@ def _decode_loop(
   columns (column 0 is `first`)."""
   B = first.shape[0]
   decode_transform = transform is not None and transform.every > 0
-  capture = tuple(transform.needs) if decode_transform else ()
+  capture = (
+    tuple(n for n in transform.needs if n in model_lib.COMPRESS_TAPS)
+    if decode_transform
+    else ()
+  )
   out = jnp.full((B, length), pad_token, jnp.int32).at[:, 0].set(first)
   stop = -1 if stop_token is None else stop_token
   done = first == stop
@@ -963,7 +1014,17 @@ def _decode_loop(
       backend=backend,
     )
     if decode_transform:
-      ctx = _context("decode", step, positions, live, aux, 0, config)
+      ctx = _context(
+        "decode",
+        step,
+        positions,
+        live,
+        aux,
+        0,
+        config,
+        transform=transform,
+        params=params,
+      )
 
       def compress(cache):
         new, state = transform.apply(

@@ -42,6 +42,12 @@ Array = jax.Array
 # transform may read. Prefill/decode fill the matching fields of
 # `CompressContext` (others stay None).
 CONTEXT_FIELDS = model_lib.COMPRESS_TAPS
+# Names a transform may list in `needs` besides taps: the model itself.
+# "params" fills `CompressContext.params` and `.model_config` (for methods
+# that read weights or run the model: CriticalKV's W_o, KVzip's replay);
+# "tokens" fills `.tokens`, the prompt's token ids (prefill, or given to
+# `compress_cache`).
+MODEL_NEEDS = ("params", "tokens")
 
 _CONTEXT_FIELDS = (
   ("phase", None),
@@ -54,6 +60,9 @@ _CONTEXT_FIELDS = (
   ("geometry", None),
   ("live_bound", None),
   ("decode_reserve", 0),
+  ("params", None),
+  ("model_config", None),
+  ("tokens", None),
 )
 
 
@@ -94,6 +103,13 @@ class CompressContext(
       transform's decode phase* after compression (`generate`'s loop): a
       decode-time policy that keeps a budget needs no room for them, a
       codec that flushes a window into a coded region does.
+    params: the model parameters (a pytree of arrays), only when the
+      transform lists "params" in `needs`; None otherwise.
+    model_config: the `kvjax.ModelConfig` (static), with `params`.
+    tokens: [B, T] int32 token ids of the prompt at prefill (aligned with
+      `q_pos` / `q_mask`), only when the transform lists "tokens" in
+      `needs`; given to `compress_cache(tokens=...)`; None elsewhere
+      (`compress_observing`, decode).
   """
 
   __slots__ = ()
@@ -190,7 +206,9 @@ class KVTransform(NamedTuple):
       after `apply`, given `live` before (a Python int). `chain` passes it
       on as the next member's `ctx.live_bound`, so it must never
       under-count (a KIVI after it flags the overflow if it does).
-    needs: names from `CONTEXT_FIELDS` the transform reads.
+    needs: names from `CONTEXT_FIELDS` the transform reads, and from
+      `MODEL_NEEDS` ("params": the model's weights and config; "tokens":
+      the prompt's ids).
     extras: names of the extra keyword-only inputs `apply` takes (the
       oracle's `future_mass`); the entries pass each transform only the
       ones it declares and refuse one that no transform declares.
