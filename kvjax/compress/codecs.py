@@ -252,10 +252,19 @@ def quantize(
   def apply(cache, state, ctx):
     if ctx.phase != "prefill":  # new entries are encoded as they are written
       return cache, state
-    if is_coded(cache.k) or is_coded(cache.v):
+    from kvjax.compress import rewrite  # pylint: disable=g-import-not-at-top
+
+    pruned = rewrite.is_channel_pruned(cache.k)  # think's keys
+    if (is_coded(cache.k) and not pruned) or is_coded(cache.v):
       raise ValueError(
         "the cache is already coded; apply one codec per "
         "tensor (evict first, then quantize once)."
+      )
+    if pruned and key_codec is not None and shared_init is not None:
+      raise ValueError(
+        f"{name or 'quantize'}: keys pruned by think take a per-entry codec "
+        "without shared leaves (uniform, fp8); this one builds shared "
+        "leaves for full head_dim keys."
       )
     live = base.live_bound(cache, ctx)
     if cache.capacity - live < ctx.reserve:  # grow to honour the reserve
@@ -263,8 +272,10 @@ def quantize(
         cache, cache.valid, live + ctx.reserve + ctx.decode_reserve
       )
     k, v = cache.k, cache.v
-    head_dim = k.shape[-1]
-    if key_codec is not None:
+    head_dim = cache.v.shape[-1]
+    if key_codec is not None and pruned:
+      k = rewrite.recode_channels(k, key_codec)
+    elif key_codec is not None:
       shared = shared_init(cache, "k") if shared_init else {}
       k = _to_coded(k, key_codec(head_dim), shared)
     if value_codec is not None:
