@@ -21,6 +21,12 @@ BASELINE = "none"  # the uncompressed model; every sweep runs it
 MODES = ("agnostic", "aware")
 
 
+# Policies whose compressed cache records new positions (keys re-rotated to
+# 0..n-1) instead of the original ones: the eviction metrics, which find
+# the answer tokens by their original positions, are not computed for them.
+RENUMBERS_POSITIONS = frozenset({"key_rerotation"})
+
+
 def parse_list(value, cast=str, field: str = "value") -> list:
   """A comma-separated string (or a sequence) as a list of `cast`.
 

@@ -27,20 +27,13 @@ from kvjax.tasks import scoring
 
 
 def extra_inputs(td: TaskData, transform) -> dict[str, Any]:
-  """The keyword-only inputs `transform` declares (`transform.extras`),
-  from the task's data (the oracle's `future_mass`).
-
-  Raises:
-    ValueError: the transform needs an input the sweep cannot give.
-  """
+  """The keyword-only inputs `transform` declares (`transform.extras`)
+  that the task's data provides (the oracle's `future_mass`). An optional
+  one the sweep has no value for (Finch's `question_lengths`: the sweep
+  gives the question as observed queries instead) is left out; a transform
+  that requires it raises naming it (the oracle without `future_mass`)."""
   available = dict(future_mass=td.future_mass)
-  missing = sorted(set(transform.extras) - set(available))
-  if missing:
-    raise ValueError(
-      f"{transform.name} needs the inputs {missing}; the "
-      f"sweep provides {sorted(available)}."
-    )
-  return {name: available[name] for name in transform.extras}
+  return {n: available[n] for n in transform.extras if n in available}
 
 
 def compress_unit(td: TaskData, unit: dict[str, Any]):
@@ -64,6 +57,10 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
     positions=td.context_pos if agnostic else td.question_pos,
     mask=td.context_mask if agnostic else td.observe_mask,
     reserve=td.Tq,
+    # The model and the context's ids, for methods that read them
+    # (CriticalKV's W_o, KVzip's replay); ignored by the others.
+    params=td.params,
+    tokens=td.context,
     **extra,
   )
 
@@ -88,7 +85,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   # What the metrics read, on the host (gathered from every process under
   # a multi-process mesh); the device cache answers the question.
   host = parallel.to_host(cache)
-  _, codec = plan.method_parts(unit["method"])
+  policy, codec = plan.method_parts(unit["method"])
   if codec is not None and max(coded_share(host)) == 0:
     return refuse(
       f"{codec} stored none of the kept entries coded (all in "
@@ -123,9 +120,14 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     metrics.answer_logits(td, logits),
     answers,
   )
-  eviction = metrics.answer_eviction(
-    td, host, probs, pos, valid, float(cfg.graph_eps)
-  )
+  if policy in plan.RENUMBERS_POSITIONS:
+    # Its cache holds new positions, not the original ones the answer
+    # tokens are found by: GER and reachability are not computed (None).
+    eviction = dict(ger=None, ger_per_layer=None, reachability=None)
+  else:
+    eviction = metrics.answer_eviction(
+      td, host, probs, pos, valid, float(cfg.graph_eps)
+    )
   tokens = td.batch.batch_size * td.L  # context tokens (text: tokenized)
   return dict(
     method=unit["method"],

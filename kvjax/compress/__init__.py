@@ -35,6 +35,7 @@ from kvjax.compress.policies import (
   random,
   random_scorer,
   scored_policy,
+  resolve_scorer,
   scorer_by_name,
   snapkv,
   snapkv_scorer,
@@ -90,5 +91,28 @@ from kvjax.compress.structure import (
   duo_head_scores,
   per_layer,
   simlayerkv,
+)
+from kvjax.compress.model_aware import (
+  DecodingState,
+  critical_adakv,
+  criticalkv,
+  decoding,
+  finch,
+  kvzip,
+  kvzip_scores,
+  output_value_norm,
+)
+from kvjax.compress.rewrite import (
+  CAMState,
+  cam,
+  cam_merge,
+  key_rerotation,
+  merge_values,
+  merging,
+  rerotate,
+  rotate_keys,
+  think,
+  think_channels,
+  think_codec,
 )
 from kvjax.compress import registry  # one name per method

@@ -845,6 +845,25 @@ def scorer_by_name(name: str, **kwargs) -> Scorer:
   return known[name](**kwargs)
 
 
+def resolve_scorer(scorer: Scorer | str, what: str) -> Scorer:
+  """`scorer` itself, or the scorer its name gives (`scorer_by_name`).
+
+  Raises:
+    ValueError: an unknown name. TypeError: neither a `Scorer` nor a name.
+  """
+  if isinstance(scorer, str):
+    try:
+      return scorer_by_name(scorer)
+    except ValueError as e:
+      raise ValueError(f"{what}: {e}") from None
+  if not isinstance(scorer, Scorer):
+    raise TypeError(
+      f"{what}: scorer must be a kvjax.compress Scorer or the name of one, "
+      f"got {type(scorer).__name__}."
+    )
+  return scorer
+
+
 def oracle_future_mass(
   params: Any, tokens: Array, *, config: Any, context_end: int
 ) -> Array:

@@ -21,6 +21,8 @@ from kvjax.compress import base
 from kvjax.compress import codecs
 from kvjax.compress import policies
 from kvjax.compress import rotated
+from kvjax.compress import model_aware
+from kvjax.compress import rewrite
 from kvjax.compress import scorers
 from kvjax.compress import structure
 
@@ -44,6 +46,8 @@ POLICIES: Mapping[str, Callable[[float], base.KVTransform]] = (
       # The rest of NVIDIA kvpress' presses (`KVPRESS_NAMES`).
       **scorers.METHODS,
       **structure.METHODS,
+      **model_aware.METHODS,
+      **rewrite.METHODS,
     }
   )
 )
@@ -65,7 +69,12 @@ POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)
 # The methods NVIDIA kvpress 0.5.5 also ships beyond the ones above, under
 # the names its users know (`tests/compress/test_methods.py` runs each end
 # to end).
-KVPRESS_NAMES: tuple[str, ...] = (*scorers.METHODS, *structure.METHODS)
+KVPRESS_NAMES: tuple[str, ...] = (
+  *scorers.METHODS,
+  *structure.METHODS,
+  *model_aware.METHODS,
+  *rewrite.METHODS,
+)
 CODEC_NAMES: tuple[str, ...] = tuple(CODECS)
 
 

@@ -351,7 +351,8 @@ def test_code_fingerprint_covers_every_module_that_computes_a_row():
 def test_extra_inputs_follow_the_transforms_declaration():
   """The oracle declares `future_mass` (`KVTransform.extras`); it gets the
   question's attention, a transform declaring nothing gets nothing, and
-  one needing an input the sweep lacks is refused with its name."""
+  an optional input the sweep has no value for (Finch's question_lengths)
+  is left out: Finch then runs on the observed queries."""
   cfg = _cfg("/tmp/unused", context_len=72)
   config, params = common.load_model(cfg.model)
   td = TaskData(cfg, config, params, "needle")
@@ -361,9 +362,21 @@ def test_extra_inputs_follow_the_transforms_declaration():
     td, plan.method_transform("oracle+kivi2", 0.5)
   ).keys() == {"future_mass"}
   assert units.extra_inputs(td, plan.method_transform("snapkv", 0.5)) == {}
-  needy = compress.snapkv(0.5)._replace(extras=("crystal_ball",))
-  with pytest.raises(ValueError, match="crystal_ball"):
-    units.extra_inputs(td, needy)
+  finch = plan.method_transform("finch", 0.5)
+  assert finch.extras == ("question_lengths",)
+  assert units.extra_inputs(td, finch) == {}
+  row = units.run_unit(
+    cfg, td, dict(method="finch", ratio=0.5, task="needle", mode="aware")
+  )
+  assert row["status"] == "ok", row
+  # Key re-rotation renumbers the kept positions: no eviction metrics.
+  row = units.run_unit(
+    cfg,
+    td,
+    dict(method="key_rerotation", ratio=0.5, task="needle", mode="agnostic"),
+  )
+  assert row["status"] == "ok" and row["ger"] is None, row
+  assert row["reachability"] is None and 0.0 <= row["accuracy"] <= 1.0
   for mode in plan.MODES:
     row = units.run_unit(
       cfg, td, dict(method="oracle", ratio=0.5, task="needle", mode=mode)
