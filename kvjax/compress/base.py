@@ -361,6 +361,37 @@ def chain(*transforms: KVTransform) -> KVTransform:
 # Budgets.
 
 
+def check_int(value, name: str, minimum: int) -> int:
+  """`value` as an int >= `minimum` (bools refused), or ValueError."""
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, np.integer))
+    or (value < minimum)
+  ):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_float(
+  value, name: str, low: float, high: float | None = None, *, high_open=False
+) -> float:
+  """`value` as a finite float in [low, high] ([low, high) with
+  `high_open`; no upper bound when high is None), or ValueError."""
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float, np.integer, np.floating))
+    or not np.isfinite(value)
+    or value < low
+    or (high is not None and (value >= high if high_open else value > high))
+  ):
+    if high is None:
+      allowed = f">= {low}"
+    else:
+      allowed = f"in [{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must be a finite float {allowed}, got {value!r}.")
+  return float(value)
+
+
 def check_ratio(ratio: float, name: str = "ratio") -> float:
   if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
     raise ValueError(

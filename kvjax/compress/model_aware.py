@@ -40,19 +40,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 # Shared pieces.
 
 
-def _check_float(value, name: str, low: float, high: float, *, high_open=False):
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, float))
-    or not np.isfinite(value)
-    or value < low
-    or (value >= high if high_open else value > high)
-  ):
-    bracket = ")" if high_open else "]"
-    raise ValueError(
-      f"{name} must be a float in [{low}, {high}{bracket}, got {value!r}."
-    )
-  return float(value)
+_check_float = base.check_float
 
 
 def _float_values(cache: KVCache) -> Array:
@@ -163,7 +151,7 @@ def criticalkv(
   """
   base.check_budget(ratio, budget)
   scorer = policies.resolve_scorer(scorer, "criticalkv")
-  epsilon = _check_float(epsilon, "epsilon", 0.0, np.inf, high_open=True)
+  epsilon = _check_float(epsilon, "epsilon", 0.0)
   first_stage_ratio = _check_float(
     first_stage_ratio, "first_stage_ratio", 0.0, 1.0
   )
@@ -238,7 +226,7 @@ def critical_adakv(
   base.check_ratio(ratio)
   scorer = policies.resolve_scorer(scorer, "critical_adakv")
   alpha_safeguard = _check_float(alpha_safeguard, "alpha_safeguard", 0.0, 1.0)
-  epsilon = _check_float(epsilon, "epsilon", 0.0, np.inf, high_open=True)
+  epsilon = _check_float(epsilon, "epsilon", 0.0)
   first_stage_ratio = _check_float(
     first_stage_ratio, "first_stage_ratio", 0.0, 1.0
   )
@@ -385,10 +373,8 @@ def decoding(
       prompt plus the planned decode steps never exceed the target.
   """
   scorer = policies.resolve_scorer(scorer, "decoding")
-  interval = policies._check_int(
-    compression_interval, "compression_interval", 1
-  )  # pylint: disable=protected-access
-  buf = policies._check_int(  # pylint: disable=protected-access
+  interval = base.check_int(compression_interval, "compression_interval", 1)
+  buf = base.check_int(
     hidden_states_buffer_size, "hidden_states_buffer_size", 0
   )
   if (ratio is None) == (target_size is None):
@@ -602,15 +588,15 @@ def finch(
   """
   base.check_budget(ratio, budget)
   if chunk_length is not None:
-    policies._check_int(chunk_length, "chunk_length", 1)  # pylint: disable=protected-access
+    base.check_int(chunk_length, "chunk_length", 1)
   if not isinstance(normalize_scores, bool):
     raise TypeError(
       f"normalize_scores must be a bool, got {normalize_scores!r}."
     )
   if delimiter_token_id is not None:
-    policies._check_int(delimiter_token_id, "delimiter_token_id", 0)  # pylint: disable=protected-access
+    base.check_int(delimiter_token_id, "delimiter_token_id", 0)
   if window_size is not None:
-    policies._check_int(window_size, "window_size", 1)  # pylint: disable=protected-access
+    base.check_int(window_size, "window_size", 1)
 
   def static_cap(live: int) -> int:
     if chunk_length is None:
@@ -884,9 +870,9 @@ def kvzip(
   base.check_ratio(ratio)
   if not isinstance(layerwise, bool):
     raise TypeError(f"layerwise must be a bool, got {layerwise!r}.")
-  policies._check_int(n_sink, "n_sink", 0)  # pylint: disable=protected-access
-  policies._check_int(chunk_size, "chunk_size", 1)  # pylint: disable=protected-access
-  policies._check_int(prev_postfix_size, "prev_postfix_size", 0)  # pylint: disable=protected-access
+  base.check_int(n_sink, "n_sink", 0)
+  base.check_int(chunk_size, "chunk_size", 1)
+  base.check_int(prev_postfix_size, "prev_postfix_size", 0)
   for name, ids in (
     ("prompt_ids", prompt_ids),
     ("continue_ids", continue_ids),

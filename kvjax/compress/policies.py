@@ -62,14 +62,7 @@ class Scorer(NamedTuple):
 Scorer._replace = replace_dropping("spec")
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or (value < minimum)
-  ):
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-  return int(value)
+_check_int = base.check_int  # one argument check for every module
 
 
 def _group_mean(x: Array, num_kv_heads: int) -> Array:

@@ -524,7 +524,7 @@ def think(
   base.check_ratio(
     key_channel_compression_ratio, "key_channel_compression_ratio"
   )
-  policies._check_int(window_size, "window_size", 1)  # pylint: disable=protected-access
+  base.check_int(window_size, "window_size", 1)
   ratio = float(key_channel_compression_ratio)
 
   def apply(cache, state, ctx):
@@ -714,11 +714,11 @@ def cam(
       f"target_size={target_size!r}, ratio={ratio!r}."
     )
   base.check_budget(ratio, target_size)
-  policies._check_int(compression_interval, "compression_interval", 1)  # pylint: disable=protected-access
-  policies._check_int(merge_budget, "merge_budget", 1)  # pylint: disable=protected-access
+  base.check_int(compression_interval, "compression_interval", 1)
+  base.check_int(merge_budget, "merge_budget", 1)
   if not isinstance(sample, bool):
     raise TypeError(f"sample must be a bool, got {sample!r}.")
-  policies._check_int(seed, "seed", 0)  # pylint: disable=protected-access
+  base.check_int(seed, "seed", 0)
   needs = tuple(sorted(set(scorer.needs) | {"q", "attn_probs"}))
 
   def init(cache):

@@ -46,8 +46,7 @@ _INT_MAX = np.iinfo(np.int32).max
 # Helpers.
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-  return policies._check_int(value, name, minimum)  # pylint: disable=protected-access
+_check_int = base.check_int
 
 
 def _check_bool(value, name: str) -> bool:
@@ -56,17 +55,7 @@ def _check_bool(value, name: str) -> bool:
   return bool(value)
 
 
-def _check_float(value, name: str, lo: float, hi: float | None = None):
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, float, np.floating))
-    or not np.isfinite(value)
-    or value < lo
-    or (hi is not None and value > hi)
-  ):
-    allowed = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-    raise ValueError(f"{name} must be a finite float {allowed}, got {value!r}.")
-  return float(value)
+_check_float = base.check_float
 
 
 def _sort_slots(cache: KVCache) -> tuple[Array, Array, Array, Array]:
