@@ -25,6 +25,9 @@ MODES = ("agnostic", "aware")
 # 0..n-1) instead of the original ones: the eviction metrics, which find
 # the answer tokens by their original positions, are not computed for them.
 RENUMBERS_POSITIONS = frozenset({"key_rerotation"})
+# Extra inputs a transform may go without (Finch's question split: the
+# sweep observes the question's queries instead).
+OPTIONAL_EXTRAS = frozenset({"question_lengths"})
 
 
 def parse_list(value, cast=str, field: str = "value") -> list:

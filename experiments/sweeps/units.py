@@ -27,12 +27,24 @@ from kvjax.tasks import scoring
 
 
 def extra_inputs(td: TaskData, transform) -> dict[str, Any]:
-  """The keyword-only inputs `transform` declares (`transform.extras`)
-  that the task's data provides (the oracle's `future_mass`). An optional
-  one the sweep has no value for (Finch's `question_lengths`: the sweep
-  gives the question as observed queries instead) is left out; a transform
-  that requires it raises naming it (the oracle without `future_mass`)."""
+  """The keyword-only inputs `transform` declares (`transform.extras`),
+  from the task's data (the oracle's `future_mass`). An optional one the
+  sweep has no value for (`plan.OPTIONAL_EXTRAS`: Finch's
+  `question_lengths`, the sweep gives the question as observed queries
+  instead) is left out.
+
+  Raises:
+    ValueError: the transform needs an input the sweep cannot give.
+  """
   available = dict(future_mass=td.future_mass)
+  missing = sorted(
+    set(transform.extras) - set(available) - plan.OPTIONAL_EXTRAS
+  )
+  if missing:
+    raise ValueError(
+      f"{transform.name} needs the inputs {missing}; the "
+      f"sweep provides {sorted(available)}."
+    )
   return {n: available[n] for n in transform.extras if n in available}
 
 

@@ -20,6 +20,7 @@ factory's docstring lists where kvjax differs and why.
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax import parallel
 from kvjax.cache import CodedKV, KVCache
 from kvjax.compress import base
 from kvjax.compress import policies
+from kvjax.compress import structure
 
 Array = jax.Array
 _PIN = 1e5  # kvjax scorers mark always-kept entries (windows, sinks) above
@@ -649,14 +652,18 @@ def finch(
     s = jnp.where(context, s, top + 1.0)
     bound = base.live_bound(cache, ctx)
     cap = static_cap(bound) + policies._free(ctx)  # pylint: disable=protected-access
-    # Chunks of positions (one chunk without chunk_length): rank within
+    # Chunks of live entries (one chunk without chunk_length): rank within
     # the chunk, keep each chunk's share. Ties go to the newest entry (the
     # question's pinned entries when a chunk cannot hold all of them).
     if chunk_length is None:
       chunk = jnp.where(cache.valid, 0, 1)
       n_chunks, width = 1, cache.capacity
     else:
-      chunk = jnp.where(cache.valid, cache.pos // chunk_length, S)
+      # By rank among the live entries in position order (kvpress' index
+      # in its cache), not by position: after an earlier compaction
+      # positions run past the capacity.
+      rank_in_row = structure.position_rank(cache)
+      chunk = jnp.where(cache.valid, rank_in_row // chunk_length, S)
       n_chunks, width = -(-S // chunk_length), chunk_length
     onehot = chunk[..., None] == jnp.arange(n_chunks)  # [L, B, K, S, C]
     sizes = jnp.sum(onehot, axis=3)  # [L, B, K, C]
@@ -768,7 +775,10 @@ def kvzip_scores(
       ],
       axis=1,
     )
-    scratch = _grow(cache, R)
+    # Under a mesh that splits the slots the scratch capacity splits too.
+    scratch = _grow(
+      cache, parallel.mesh.round_up(S + R, parallel.seq_shards()) - S
+    )
     _, _, aux = model_lib.forward(
       params,
       replay,
@@ -847,7 +857,7 @@ def kvzip(
   compacts; budgets vary by layer and head, so the capacity is the largest
   budget a (layer, head) may reach: all of its entries unless
   `head_capacity` caps it. With `head_capacity=c` (kvjax's addition, in
-  [1 - ratio, 1]) each (layer, head) keeps at most max(1, int(c * live))
+  [1 - ratio, 1]) each (layer, head) keeps at most max(1, ceil(c * live))
   entries: the selection is the top of the scores under that cap (the
   same total; an entry of a head at its cap gives way to the next best of
   another head), and the capacity is that cap. Padding is reported by
@@ -895,7 +905,8 @@ def kvzip(
   def cap_of(live: int) -> int:
     if head_capacity is None:
       return live
-    return min(live, max(1, int(head_capacity * live)))
+    # Rounded up, so the caps never sum to less than the budget.
+    return min(live, max(1, math.ceil(head_capacity * live)))
 
   def apply(cache, state, ctx):
     if ctx.phase != "prefill":

@@ -683,14 +683,15 @@ def cam(
     CAMPress only after prefilling (its context prefill is not
     compressed and saves nothing until decode).
   - the Bernoulli draw uses jax.random (key `seed` folded with the decode
-    step, one uniform per layer, row, head and slot), not torch's; `sample=False` merges with the
-    expected mask p instead (deterministic; the parity test patches
+    step, one uniform per layer, row, head and slot), not torch's;
+    `sample=False` merges with the expected mask p instead (deterministic; the parity test patches
     kvpress' draw the same way).
   - the scorer is a kvjax `Scorer` (or its name, `policies.scorer_by_name`;
-    kvpress has no default base press, kvjax uses knorm); it is evaluated on the whole cache at the compression step (kvpress
-    passes a buffer of recent hidden states).
-  - one slot layout for every head is assumed (CaM keeps the same
-    entries per head); put per-head policies after it, not before.
+    kvpress has no default base press, kvjax uses knorm); it is evaluated
+    on the whole cache at the compression step (kvpress passes a buffer of
+    recent hidden states).
+  - each kv head merges within its own slot layout (CaM keeps the same
+    entries per head, but a head-variable policy before it may not).
 
   Args:
     scorer: a `policies.Scorer` or its name.
@@ -759,17 +760,30 @@ def cam(
       draw = jnp.zeros((L, B, K, S), jnp.float32)  # unused
 
     def one(sc, kp, va, ps, at, vv, km, dr):
-      return cam_merge(
-        sc, kp, va, ps, at, vv, km, merge_budget, dr if sample else None
-      )
+      # Each kv head with its own slot layout (after a head-variable
+      # policy the heads' kept entries differ).
+      def head(kp1, va1, ps1, at1, vv1, dr1):
+        return cam_merge(
+          sc,
+          kp1,
+          va1,
+          ps1,
+          at1[None],
+          vv1[None],
+          km,
+          merge_budget,
+          dr1[None] if sample else None,
+        )[0]
+
+      return jax.vmap(head)(kp, va, ps, at, vv, dr)
 
     merged = jax.lax.map(
       lambda xs: jax.vmap(one)(*xs),
       (
         mean[:, :, 0],
-        keep[:, :, 0],
-        cache.valid[:, :, 0],
-        cache.pos[:, :, 0],
+        keep,
+        cache.valid,
+        cache.pos,
         state.attn,
         vf,
         k_merge,

@@ -152,7 +152,16 @@ def _needs_own_queries(ctx: base.CompressContext, cache: KVCache, name: str):
     raise ValueError(f"{name} needs ctx.q (list 'q' in needs).")
   live = base.live_bound(cache, ctx)
   observed = ctx.q.shape[2]
-  if ctx.phase != "prefill" or observed < live:
+  if ctx.phase == "prefill" and observed < live:
+    # Refused, not an error: a question observed after the context (the
+    # sweep's aware mode) is not what these methods read.
+    raise base.Degenerate(
+      f"{name} scores each entry with the attention of the queries of the "
+      f"entries themselves (as kvpress, at prefill): {observed} observed "
+      f"queries cannot cover up to {live} cached entries; compress at "
+      "prefill, not with a question's queries."
+    )
+  if ctx.phase != "prefill":
     raise ValueError(
       f"{name} scores each entry with the attention of the queries of the "
       f"entries themselves (prefill only, as kvpress): got phase="

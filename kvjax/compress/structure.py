@@ -149,7 +149,8 @@ def position_rank(cache) -> Array:
 def _view(cache, ctx, entries: Array, bound: int):
   """The cache and context a scorer sees for the subset `entries`
   [L, B, K, S]: only those slots valid, only the queries at positions from
-  the subset's oldest to its newest entry (per row) unmasked, and
+  the subset's oldest to its newest entry (per row) unmasked, besides the
+  queries after every cached entry (an observed question), and
   `live_bound` = `bound`."""
   cache_v = cache._replace(valid=entries)
   ctx_v = ctx._replace(live_bound=bound)
@@ -157,10 +158,14 @@ def _view(cache, ctx, entries: Array, bound: int):
     big = jnp.iinfo(jnp.int32).max
     lo = jnp.min(jnp.where(entries, cache.pos, big), axis=(0, 2, 3))  # [B]
     hi = jnp.max(jnp.where(entries, cache.pos, -1), axis=(0, 2, 3))  # [B]
+    # Queries past every cached entry (a question observed after the
+    # context, `compress_observing` / the sweep's aware mode) see every
+    # chunk; the prompt's own queries only their chunk's.
+    newest = jnp.max(jnp.where(cache.valid, cache.pos, -1), axis=(0, 2, 3))
+    after = ctx.q_pos > newest[:, None]
     ctx_v = ctx_v._replace(
       q_mask=ctx.q_mask
-      & (ctx.q_pos >= lo[:, None])
-      & (ctx.q_pos <= hi[:, None])
+      & (((ctx.q_pos >= lo[:, None]) & (ctx.q_pos <= hi[:, None])) | after)
     )
   return cache_v, ctx_v
 
@@ -620,7 +625,12 @@ def simlayerkv(
     live = base.live_counts(cache)  # [L, B, K]
     newest = jnp.max(jnp.where(cache.valid, cache.pos, -1), axis=-1)
     first = cache.valid & (cache.pos < n_initial)
-    recent_n = cache.valid & (cache.pos > newest[..., None] - n_recent)
+    # kvpress scores the keys before the last n_last (its window's own):
+    # the first n_initial and the n_recent just before the window.
+    before = newest[..., None] - n_last
+    recent_n = (
+      cache.valid & (cache.pos > before - n_recent) & (cache.pos <= before)
+    )
     share = jnp.where(first | recent_n, 1.0, 0.0)  # [L, B, K, S]
     share = jnp.repeat(share, G, axis=2)[:, :, :, None]  # [L, B, N, 1, S]
     mass = jnp.sum(probs * share, axis=(2, 3, 4))  # [L, B]

@@ -12,6 +12,8 @@ model, batch 2 with ragged rows (144 and 100 tokens):
   ratio of the entries (the exceptions are listed with their reason).
 - The question is fed after compression (`forward` into the reserve), then
   decode runs; an equal transform built anew compiles nothing new.
+- Question-aware compression (`compress_observing`) runs, or is refused
+  for the stated reason.
 - The method composes with a codec (evict, then quantize): `generate`.
 """
 
@@ -44,6 +46,12 @@ SHARE_EXEMPT = {
   "recent: 1 - r (1 - (sink + recent) / T) kept",
   "think": "keeps every entry; the ratio is the share of key channels "
   "pruned (payload 1 - r / 2)",
+}
+# Question-aware use (`compress_observing`) these methods refuse, and why.
+AWARE_REFUSED = {
+  "non_causal_attn": "reads the queries of the entries themselves",
+  "compactor": "reads the queries of the entries themselves",
+  "kvzip": "replays the context's token ids, which the cache does not hold",
 }
 # Pruning key channels instead of entries: payload share of the full one.
 CHANNELS = {"think": 1 - RATIO / 2}
@@ -121,6 +129,21 @@ def test_method_end_to_end(name, count_compiles):
   _, num, out = kvjax.decode(PARAMS, fed, QUESTION[:, -1], **decode_kw)
   assert (np.asarray(num) == N_NEW).all()
   assert not cache_overflowed(out)
+
+  # Question-aware: the uncompressed context compressed while observing
+  # the question's queries (what the sweep's aware mode does).
+  if name in AWARE_REFUSED:
+    with pytest.raises(ValueError):
+      kvjax.compress_observing(
+        PARAMS, full, QUESTION, config=CONFIG, transform=transform
+      )
+  else:
+    aware = kvjax.compress_observing(
+      PARAMS, full, QUESTION, config=CONFIG, transform=transform
+    )
+    assert not cache_overflowed(aware)
+    aware_live = np.asarray(aware.valid).sum(-1)
+    assert (aware_live <= full_live).all() and (aware_live >= 1).all()
 
   # An equal transform on other tokens compiles nothing new.
   with count_compiles() as c:

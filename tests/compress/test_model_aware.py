@@ -2,12 +2,15 @@
 each definition against a small numpy computation, the model in the
 compression context, argument errors, and each method's own contract."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kvjax
+from kvjax import compress
 from kvjax.compress import base
 from kvjax.compress import model_aware as ma
 from kvjax.compress import policies
@@ -309,6 +312,26 @@ def test_finch_chunks_keep_each_chunk_share():
   assert out.capacity == 32
 
 
+def test_finch_chunks_live_entries_after_an_earlier_eviction():
+  """After knorm keeps 16 of 64 entries (positions up to 63), Finch's
+  chunks are runs of live entries, not of positions: each chunk of 8 keeps
+  its share and the question's window (the newest 4) survives."""
+  t = compress.chain(
+    compress.knorm(0.75), ma.finch(0.5, chunk_length=8, window_size=4)
+  )
+  out = kvjax.prefill(PARAMS, TOKENS[:1], config=CONFIG, transform=t).cache
+  first = kvjax.prefill(
+    PARAMS, TOKENS[:1], config=CONFIG, transform=compress.knorm(0.75)
+  ).cache
+  for l, h in np.ndindex(CONFIG.num_layers, CONFIG.num_kv_heads):
+    before = sorted(p for (ll, _, hh, p) in _kept(first) if (ll, hh) == (l, h))
+    kept = {p for (ll, _, hh, p) in _kept(out) if (ll, hh) == (l, h)}
+    assert len(before) == 16 and len(kept) == 8, (l, h, kept)
+    assert all(len(kept & set(before[c : c + 8])) == 4 for c in (0, 8))
+    window = {p for p in before if p >= 60}  # the last 4 positions
+    assert window <= kept, (window, kept)
+
+
 # ----------------------------------------------------------------------------
 # KVzip.
 
@@ -412,8 +435,8 @@ def test_kvzip_budgets_and_head_cap(layerwise=False):
       assert (live[:, b].sum(-1) == K * n - int(K * n * r)).all()
     else:
       assert live[:, b].sum() == L * K * n - int(L * K * n * r)
-    assert (live[:, b] <= max(1, int(0.6 * n))).all()
-  assert out.capacity == int(0.6 * T)
+    assert (live[:, b] <= max(1, math.ceil(0.6 * n))).all()
+  assert out.capacity == math.ceil(0.6 * T)  # caps round up
   assert (np.asarray(out.pos[..., :4]) == np.arange(4)).all()  # sinks
 
 
@@ -559,3 +582,17 @@ def test_methods_are_values_named_by_their_key():
   for name, make in ma.METHODS.items():
     assert make(0.5) == make(0.5) and hash(make(0.5)) == hash(make(0.5))
     assert make(0.5).name == name
+
+
+def test_kvzip_head_cap_at_the_mean_budget_keeps_the_whole_budget():
+  """Caps are rounded up: with head_capacity = 1 - ratio the caps never
+  sum to less than the budget (41 live entries, ratio 0.5)."""
+  tokens = TOKENS[:1, :41]
+  out = kvjax.prefill(
+    PARAMS,
+    tokens,
+    config=CONFIG,
+    transform=ma.kvzip(0.5, head_capacity=0.5, chunk_size=32),
+  ).cache
+  numel = CONFIG.num_layers * CONFIG.num_kv_heads * 41
+  assert int(np.asarray(out.valid).sum()) == numel - int(numel * 0.5)

@@ -179,6 +179,47 @@ def test_simlayerkv_lazy_layers_keep_initial_and_recent():
   assert all(len(v) == LENGTHS[b] for (_, b, _), v in _kept(cache).items())
 
 
+def test_simlayerkv_scores_the_keys_before_the_last_queries():
+  """kvpress' lazy score: the last n_last queries' attention, averaged over
+  heads and queries, on the first n_initial keys and the n_recent keys
+  just before the window (the window's own keys are not counted). Layer 0
+  is lazy exactly when the threshold is below that score."""
+  n_initial, n_recent, n_last = 4, 20, 1
+  tokens = TOKENS[:1]
+  _, cache, aux = kvjax.forward(
+    PARAMS,
+    tokens,
+    kvjax.init_cache(CONFIG, 1, T),
+    config=CONFIG,
+    capture=("q",),
+  )
+  ctx = base.CompressContext(
+    phase="prefill",
+    step=jnp.int32(0),
+    q_pos=jnp.arange(T)[None],
+    q_mask=jnp.ones((1, T), bool),
+    q=aux["q"],
+    geometry=CONFIG.geometry,
+    live_bound=T,
+  )
+  probs, _ = policies.window_attention(cache, ctx, n_last)
+  mean = np.asarray(probs[:, 0]).mean(axis=(1, 2))  # [L, S]
+  newest = T - 1
+  span = np.zeros(T, bool)
+  span[:n_initial] = True
+  span[newest - n_last - n_recent + 1 : newest - n_last + 1] = True
+  score = mean[0, :T][span].sum()
+  for threshold, lazy in ((score - 1e-4, True), (score + 1e-4, False)):
+    t = structure.simlayerkv(float(threshold), n_last, n_recent, n_initial)
+    out, _ = t.apply(cache, t.init(cache), ctx)
+    kept = int(np.asarray(out.valid[0, 0, 0]).sum())
+    assert kept == (n_initial + n_recent - n_last if lazy else T), (
+      threshold,
+      score,
+      kept,
+    )
+
+
 def test_duo_attention_streaming_heads_and_memory():
   L, K = CONFIG.num_layers, CONFIG.num_kv_heads
   cache = _prefill(structure.duo_attention(0.5, sink_size=4, recent_size=16))

@@ -352,7 +352,8 @@ def test_extra_inputs_follow_the_transforms_declaration():
   """The oracle declares `future_mass` (`KVTransform.extras`); it gets the
   question's attention, a transform declaring nothing gets nothing, and
   an optional input the sweep has no value for (Finch's question_lengths)
-  is left out: Finch then runs on the observed queries."""
+  is left out: Finch then runs on the observed queries; one needing an
+  input the sweep lacks is refused with its name."""
   cfg = _cfg("/tmp/unused", context_len=72)
   config, params = common.load_model(cfg.model)
   td = TaskData(cfg, config, params, "needle")
@@ -362,6 +363,9 @@ def test_extra_inputs_follow_the_transforms_declaration():
     td, plan.method_transform("oracle+kivi2", 0.5)
   ).keys() == {"future_mass"}
   assert units.extra_inputs(td, plan.method_transform("snapkv", 0.5)) == {}
+  needy = compress.snapkv(0.5)._replace(extras=("crystal_ball",))
+  with pytest.raises(ValueError, match="crystal_ball"):
+    units.extra_inputs(td, needy)
   finch = plan.method_transform("finch", 0.5)
   assert finch.extras == ("question_lengths",)
   assert units.extra_inputs(td, finch) == {}
