@@ -26,6 +26,7 @@ import kvjax
 from kvjax import compress
 from kvjax.cache import cache_overflowed, logical_bytes, payload_bytes
 from kvjax.compress import registry
+from kvjax.compress import scorers
 
 CONFIG = kvjax.get_config("tiny", num_layers=2, d_model=64, mlp_dim=128)
 PARAMS = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
@@ -73,6 +74,10 @@ VARIABLE = {
   "critical_adakv": "head budgets from a global top-k per layer (Ada-KV)",
   "kvzip": "a head keeps up to 1.25x the mean budget (head_capacity)",
 }
+
+
+# Plain score-then-top-k policies (`policies.scored_policy`).
+SCORED = tuple(scorers.METHODS)
 
 
 def _bytes_per_entry():
@@ -151,7 +156,14 @@ def test_method_end_to_end(name, count_compiles):
   assert c["n"] == 0, name
 
 
-@pytest.mark.parametrize("name", registry.KVPRESS_NAMES)
+# Composition is per method only where the method lays out its own cache;
+# the scorers are `scored_policy`s, whose composition with every codec
+# test_contract.py checks (`scored_policy` x every codec through knorm,
+# snapkv, ...).
+COMPOSED = tuple(n for n in registry.KVPRESS_NAMES if n not in SCORED)
+
+
+@pytest.mark.parametrize("name", COMPOSED)
 def test_method_then_codec_generates(name, count_compiles):
   make = lambda: compress.chain(registry.build(name, RATIO), compress.fp8())
   kw = dict(config=CONFIG, max_new_tokens=3, prompt_lengths=LENGTHS)
