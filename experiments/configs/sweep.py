@@ -15,7 +15,7 @@ The argument after ':' picks a preset: "default" (8 eviction methods, 2
 quantizers and one eviction + quantization composition at ratios
 {0, 0.5, 0.75, 0.9, 0.95} on five tasks, both question modes; about 10
 minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests),
-"full" (every registered method at three ratios; about 30 minutes on a
+"full" (every registered method at three ratios; about 10 minutes on a
 2-core CPU, more rows and ratios on an accelerator) or "long"
 (the default's methods, ratios and tasks at a 32k context, bfloat16, the
 cache sharded along the sequence over every device; for accelerators, see
@@ -111,7 +111,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     # Every registered method: each eviction policy of
     # `kvjax.compress.registry` (kvjax's and the rest of kvpress' presses),
     # each codec, and evict-then-quantize compositions, on the default
-    # tasks and rows at three ratios: about 30 minutes on the 2-core CPU;
+    # tasks and rows at three ratios: about 10 minutes on the 2-core CPU;
     # results/sweep_full/ holds the committed copy. On an accelerator add
     # rows and ratios: --config.num_examples=128
     # --config.ratios=0,0.25,0.5,0.75,0.8,0.85,0.9,0.95,0.98
