@@ -118,6 +118,23 @@ class AttentionOutput(NamedTuple):
   probs: Array | None = None
 
 
+class KeyBias(NamedTuple):
+  """A per-slot additive logit bias for keys outside a local window (SP-KV's
+  write gate, `kvjax.model.WriteGate`).
+
+  A query at position p adds `bias[b, k, s]` to its logit for slot s when
+  pos[s] <= p - window (older than its local window); keys inside the
+  window are unbiased. Supported by the reference backend only.
+
+  Attributes:
+    bias: [B, K, S] float32 (0: no change; -inf: never visible).
+    window: static int >= 1, the local window.
+  """
+
+  bias: Array
+  window: int
+
+
 def einsum_f32(subscripts: str, a: Array, b: Array) -> Array:
   """einsum accumulated in float32.
 
@@ -160,6 +177,11 @@ def _dense_logits(qg, k, scale):
   """[B, K, G, T, S] float32 scaled logits of qg [B, T, K, G, H] over a
   whole layer payload k (codec scores where it has them)."""
   B, T, K, G, H = qg.shape
+  if isinstance(k, TailedKV) and k.code.codec.scores is not None:
+    # The code region through its codec, the full-precision tail plainly
+    # (slot order: the code region, then the tail, as `_entries`).
+    tail = einsum_f32("btkgh,bksh->bkgts", qg, k.tail) * scale
+    return jnp.concatenate([_dense_logits(qg, k.code, scale), tail], -1)
   if isinstance(k, CodedKV) and k.codec.scores is not None:
     # q.k from the codes: the codec transforms the query once instead of
     # decoding every key.
@@ -188,6 +210,7 @@ def reference_attention(
   k_valid: Array,  # [B, K, S]
   scale: float | None = None,
   sliding_window: int | None = None,
+  key_bias: KeyBias | None = None,
 ) -> AttentionOutput:
   """Causal grouped-query attention of T queries over S cache slots: the
   definition.
@@ -207,6 +230,8 @@ def reference_attention(
     scale: logit scale; defaults to 1/sqrt(H).
     sliding_window: optional window length (keys with q_pos - k_pos >=
       window are masked).
+    key_bias: optional `KeyBias` added to the logits of keys older than
+      its window (None: no bias).
 
   Returns:
     An `AttentionOutput` with `probs` [B, N, T, S] (always, here).
@@ -218,6 +243,13 @@ def reference_attention(
   qg = q.reshape(B, T, K, G, H)
   logits = _dense_logits(qg, k, scale)
   mask = attention_mask(q_pos, k_pos, k_valid, sliding_window)  # [B,K,1,T,S]
+  if key_bias is not None:
+    old = (
+      k_pos[:, :, None, None, :]
+      <= q_pos[:, None, None, :, None] - key_bias.window
+    )  # [B, K, 1, T, S]
+    logits = logits + jnp.where(old, key_bias.bias[:, :, None, None, :], 0.0)
+    mask &= ~(old & (key_bias.bias[:, :, None, None, :] == -jnp.inf))
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -541,8 +573,10 @@ def _attend_block(view, runs, qg, qpos, scale, window):
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-    else:  # every slot seen: the max is finite, nothing to mask
-      m_new = m_safe = jnp.maximum(m, jnp.max(s, axis=-1))
+    else:  # every slot seen: nothing to mask (a codec's scores may be
+      # -inf: range search's pruned keys, a whole block of them at once)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.exp(s - m_safe[..., None])
     alpha = jnp.exp(m - m_safe)  # 0 where m = -inf
     pv = einsum_f32("bkgtn,bknh->bkgth", p.astype(vals.dtype), vals)
@@ -627,6 +661,7 @@ def cached_attention(
   return_probs: bool = False,
   key_block: int | None = None,
   query_block: int = QUERY_BLOCK,
+  key_bias: KeyBias | None = None,
 ) -> AttentionOutput:
   """Attention of queries q over one layer of a cache, read in place.
 
@@ -648,11 +683,20 @@ def cached_attention(
       T, B and N, see `_tiles`).
     query_block: at most this many queries per query block of the XLA
       engine (fewer for a large batch, see `SCORE_TILE`).
+    key_bias: optional `KeyBias` (SP-KV's write gate) for the keys older
+      than its window; the reference backend only (others raise), and not
+      under a mesh.
 
   Returns:
     An `AttentionOutput`.
   """
   backend = resolve_backend(backend)
+  if key_bias is not None and backend is not Backend.REFERENCE:
+    raise ValueError(
+      f"key_bias (the write gate's logit bias) is supported by the "
+      f"reference backend only, got backend={backend.value!r}; use "
+      "backend='reference'."
+    )
   view = _as_view(view, layer)
   H_cache = plain_head_dim(view.k)
   if (
@@ -674,6 +718,8 @@ def cached_attention(
   from kvjax.parallel import mesh as parallel_mesh  # imports kvjax.cache only
 
   mesh = parallel_mesh.context_mesh()
+  if mesh is not None and key_bias is not None:
+    raise ValueError("key_bias is not supported under a mesh.")
   if mesh is not None:  # a sharded cache: per-shard partials, merged by LSE
     from kvjax.parallel import attention as parallel_attention
 
@@ -700,6 +746,7 @@ def cached_attention(
       k_valid=_layer_of(view.valid, view.layer),
       scale=scale,
       sliding_window=sliding_window,
+      key_bias=key_bias,
     )
     return res if return_probs else res._replace(probs=None)
   if (

@@ -24,8 +24,10 @@ LENGTHS = jnp.array([144, 131])
 QUESTION = jax.random.randint(jax.random.key(2), (2, 4), 1, CONFIG.vocab_size)
 # Codecs whose tiles Triton cannot lower (3-bit codes; PolarQuant has no
 # tile functions at all): the GPU backend runs them on the XLA engine.
-GPU_FALLBACK = {"turboquant3", "polarquant"}
-TPU_FALLBACK = {"polarquant"}
+GPU_FALLBACK = {"turboquant3", "polarquant", "range_search0.1"}
+# Range search has no tile functions: its pruned scores run on the XLA
+# engine on every backend.
+TPU_FALLBACK = {"polarquant", "range_search0.1"}
 
 
 # Every policy and every codec of the registry, each once, as chains (a
@@ -42,7 +44,10 @@ METHODS = (
   "random+kivi4",
   "oracle",  # a policy alone: the plain (uncompressed-bytes) paths
   "think",  # keys stored on their kept channels (its own tile)
+  "range_search0.1",  # pruned keys score -inf (an index + a tail)
 )
+# Range search at the other budgets is the same code path.
+OTHER_BUDGETS = {"range_search0.05", "range_search0.2"}
 # The rest of kvpress' presses leave a plain compacted payload, as the
 # policies above do (their end-to-end runs are tests/compress/
 # test_methods.py); ThinK, which stores its own key layout, runs here.
@@ -51,9 +56,9 @@ PLAIN_LAYOUT = set(registry.KVPRESS_NAMES) - {"think"}
 
 def test_the_methods_cover_the_registry():
   named = {p for m in METHODS for p in m.split("+")}
-  assert named | PLAIN_LAYOUT == set(registry.POLICY_NAMES) | set(
-    registry.CODEC_NAMES
-  )
+  assert named | PLAIN_LAYOUT | OTHER_BUDGETS == set(
+    registry.POLICY_NAMES
+  ) | set(registry.CODEC_NAMES)
 
 
 def _transform(method):
@@ -61,6 +66,8 @@ def _transform(method):
     return compress.chain(
       compress.snapkv(ratio=0.5), compress.kivi(2, group_size=16, residual=32)
     )
+  if method == "range_search0.1":  # 112 of the 144 indexed
+    return compress.range_search_transform(0.1, buffer=32, reservoir=64)
   # KIVI-4's 128-entry residual block needs 129 of the 144 kept.
   return registry.build(method, ratio=0.1 if "kivi4" in method else 0.5)
 

@@ -115,4 +115,8 @@ from kvjax.compress.rewrite import (
   think_channels,
   think_codec,
 )
+from kvjax.compress.range_search import (  # noqa: F401
+  range_codec,
+  range_search_transform,
+)
 from kvjax.compress import registry  # one name per method

@@ -14,12 +14,14 @@ of a results row is the name of the transform that computed it.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, Mapping
 
 from kvjax.compress import base
 from kvjax.compress import codecs
 from kvjax.compress import policies
+from kvjax.compress import range_search
 from kvjax.compress import rotated
 from kvjax.compress import model_aware
 from kvjax.compress import rewrite
@@ -63,6 +65,16 @@ CODECS: Mapping[str, Callable[[], base.KVTransform]] = types.MappingProxyType(
     "qjl": rotated.qjl,
     "polarquant": rotated.polarquant,
     "lowrank16": lambda: codecs.lowrank(16),
+    # Range search (Louver's idea): every key with q.k >= tau, tau the
+    # reservoir's score at this share of keys, plus the newest 32 entries
+    # in full precision (Louver's 256 is ~3% of its 8k+ contexts; 32 is
+    # ~6% of the sweep's 512); keeps every entry (the index is extra).
+    **{
+      f"range_search{b:g}": functools.partial(
+        range_search.range_search_transform, b, buffer=32
+      )
+      for b in (0.05, 0.1, 0.2)
+    },
   }
 )
 POLICY_NAMES: tuple[str, ...] = tuple(POLICIES)

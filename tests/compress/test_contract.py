@@ -66,6 +66,9 @@ CODECS = {
   "turboquant": lambda: compress.turboquant(3),
   "qjl": lambda: compress.qjl(64),
   "polarquant": compress.polarquant,
+  "range_search_transform": lambda: compress.range_search_transform(
+    0.5, buffer=8, reservoir=16
+  ),
 }
 OTHER = {
   "identity": compress.identity,
@@ -103,8 +106,9 @@ def test_every_exported_factory_is_covered():
     and not n.endswith("_scorer")
   }
   # The rest of kvpress' presses run end to end in test_methods.py, under
-  # their registry names.
-  assert exported == set(FACTORIES) | set(registry.KVPRESS_NAMES)
+  # their registry names; SP-KV needs a gated model (its reserve, bytes and
+  # composition are tests/compress/test_spkv.py's).
+  assert exported == set(FACTORIES) | set(registry.KVPRESS_NAMES) | {"spkv"}
 
 
 def _check_reserve(name, transform, cache):
@@ -197,6 +201,9 @@ def test_reserve_holds_after_compress_observing(name):
 # Every policy x every codec.
 
 DECODE_TIME = ("streaming_llm", "tova", "h2o")
+# Codecs with a full-precision window (range search: its recent buffer) a
+# decode-time eviction policy cannot precede.
+WINDOWED = ("kivi", "windowed_quantize", "range_search_transform")
 _PAIR_CODECS = sorted(set(CODECS) - {"quantize"})
 # A policy meets a codec through one of three paths: prefill compaction
 # (SnapKV), eviction during decode over the coded payload, reading its
@@ -213,7 +220,7 @@ PAIRS = sorted(
     for i, p in enumerate(_OTHERS)
     for j in range(3)
   }
-  | {(p, c) for p in DECODE_TIME for c in ("kivi", "windowed_quantize")}
+  | {(p, c) for p in DECODE_TIME for c in WINDOWED}
 )
 
 
@@ -222,7 +229,7 @@ def test_policy_then_codec_generates_and_compiles_once(
   policy, codec, count_compiles
 ):
   make = lambda: compress.chain(POLICIES[policy](), CODECS[codec]())
-  if policy in DECODE_TIME and codec in ("kivi", "windowed_quantize"):
+  if policy in DECODE_TIME and codec in WINDOWED:
     with pytest.raises(ValueError, match="evicts during decode"):
       make()
     return
