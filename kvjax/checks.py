@@ -87,6 +87,17 @@ def _expected_params(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
   return {jax.tree_util.keystr(path): sds for path, sds in flat}
 
 
+@functools.lru_cache(maxsize=32)
+def _expected_gate(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  # SP-KV's optional write gate (`kvjax.model.add_write_gate`).
+  from kvjax import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  flat, _ = jax.tree.flatten_with_path(
+    {"write_gate": model_lib.write_gate_shapes(config)}
+  )
+  return {jax.tree_util.keystr(path): sds for path, sds in flat}
+
+
 def check_params(params, config: ModelConfig) -> None:
   """The params pytree must have the leaves, shapes and dtypes of `config`.
 
@@ -101,6 +112,8 @@ def check_params(params, config: ModelConfig) -> None:
   if not is_concrete(*(x for _, x in flat)):
     return
   expected = _expected_params(config)
+  if isinstance(params, dict) and "write_gate" in params:
+    expected = {**expected, **_expected_gate(config)}
   got = {jax.tree_util.keystr(path): x for path, x in flat}
   which = (
     f"config {config.name!r} (d_model={config.d_model}, "

@@ -42,6 +42,8 @@ Params = dict[str, Any]
 #     w_gate [L, D, F]  w_up [L, D, F]  w_down [L, F, D]
 #   final_norm [D]
 #   lm_head    [D, V]                                 (unless tied)
+#   write_gate:                                       (optional, SP-KV)
+#     w [L, D, K]  b [L, K]     utility u = sigmoid(norm(x) @ w + b)
 
 
 class Tap(NamedTuple):
@@ -121,10 +123,25 @@ TAPS = (
 )
 CAPTURE_NAMES = tuple(t.name for t in TAPS)
 INTERVENE_NAMES = tuple(t.name for t in TAPS if t.replaceable)
+# Taps that exist only in a model with learned write gates
+# (`params["write_gate"]`, SP-KV): `capture` accepts them, and raises when
+# the params have no gate. Kept apart from `TAPS` (every model's taps).
+GATE_TAPS = (
+  Tap(
+    "write_utility",
+    "[L, B, T, K]",
+    "SP-KV write utility u = sigmoid(norm(x) @ w + b) of each new entry, "
+    "per kv head (params with a write_gate only)",
+    compress="prefill",
+  ),
+)
+GATE_CAPTURE_NAMES = tuple(t.name for t in GATE_TAPS)
 # What a compression transform may read (`KVTransform.needs`): the fields
 # of `kvjax.compress.CompressContext`, and the subset prefill captures.
-COMPRESS_TAPS = tuple(t.name for t in TAPS if t.compress)
-PREFILL_TAPS = tuple(t.name for t in TAPS if t.compress == "prefill")
+COMPRESS_TAPS = tuple(t.name for t in TAPS + GATE_TAPS if t.compress)
+PREFILL_TAPS = tuple(
+  t.name for t in TAPS + GATE_TAPS if t.compress == "prefill"
+)
 
 # intervene(layer, name, value) -> value: a static side input of `forward`
 # that may replace any tap of `INTERVENE_NAMES`. `layer` is the [] int32
@@ -132,6 +149,66 @@ PREFILL_TAPS = tuple(t.name for t in TAPS if t.compress == "prefill")
 # per-layer array (e.g. [B, T, D] for "attn_out"); the result must keep
 # its shape and dtype.
 Intervene = Callable[[Array, str, Array], Array]
+
+# What `forward(write_gate=...)` may ask for.
+WRITE_GATE_MODES = ("soft", "hard")
+
+
+class WriteGate(NamedTuple):
+  """How the learned write gates (SP-KV) act on attention in `forward`: a
+  static side input (hashable, a value).
+
+  Each new entry j gets a utility u_j in (0, 1) per kv head from
+  `params["write_gate"]`. A query at position p sees the entries of the
+  last `window` positions (p - pos < window) unchanged; for an older entry
+  j written by the same call the logit gets a bias: log(u_j) in "soft"
+  mode (training: differentiable, u = 1 is the ungated model), 0 if
+  u_j >= tau and -inf otherwise in "hard" mode (inference: the entry is as
+  if never written). Entries already in the cache before the call get no
+  bias: they were admitted when written (`kvjax.compress.spkv` removes
+  the others).
+
+  Attributes:
+    mode: "soft" or "hard".
+    window: the local window, always visible (an int >= 1).
+    tau: the hard gate's threshold in [0, 1] (ignored by "soft").
+  """
+
+  mode: str = "soft"
+  window: int = 128
+  tau: float = 0.5
+
+
+def check_write_gate(write_gate) -> WriteGate | None:
+  """`write_gate` validated (None passes through).
+
+  Raises:
+    TypeError: not a `WriteGate` or None.
+    ValueError: an unknown mode, window < 1, or tau outside [0, 1].
+  """
+  if write_gate is None:
+    return None
+  if not isinstance(write_gate, WriteGate):
+    raise TypeError(
+      "write_gate must be None or a kvjax.model.WriteGate, got "
+      f"{type(write_gate).__name__}."
+    )
+  if write_gate.mode not in WRITE_GATE_MODES:
+    raise ValueError(
+      f"write_gate.mode must be one of {WRITE_GATE_MODES}, got "
+      f"{write_gate.mode!r}."
+    )
+  w = write_gate.window
+  if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+    raise ValueError(f"write_gate.window must be an int >= 1, got {w!r}.")
+  t = write_gate.tau
+  if (
+    isinstance(t, bool)
+    or not isinstance(t, (int, float, np.floating))
+    or not 0.0 <= float(t) <= 1.0
+  ):
+    raise ValueError(f"write_gate.tau must be a float in [0, 1], got {t!r}.")
+  return write_gate
 
 
 class ForwardOutput(NamedTuple):
@@ -186,6 +263,91 @@ def param_shapes(config: ModelConfig) -> Params:
   if not c.tie_embeddings:
     params["lm_head"] = s(D, V)
   return params
+
+
+def write_gate_shapes(config: ModelConfig) -> Params:
+  """The optional `params["write_gate"]` subtree as ShapeDtypeStructs:
+  w [L, D, K] and b [L, K] (one utility per token and kv head)."""
+  c = config
+  L, D, K = c.num_layers, c.d_model, c.num_kv_heads
+  return {
+    "w": jax.ShapeDtypeStruct((L, D, K), c.jnp_dtype),
+    "b": jax.ShapeDtypeStruct((L, K), c.jnp_dtype),
+  }
+
+
+def has_write_gate(params: Params) -> bool:
+  """Whether `params` carry SP-KV write gates (`params["write_gate"]`)."""
+  return isinstance(params, dict) and "write_gate" in params
+
+
+def add_write_gate(
+  params: Params,
+  config: ModelConfig,
+  rng: Array,
+  *,
+  open_bias: float = 6.0,
+  std: float = 0.02,
+) -> Params:
+  """`params` plus fresh write gates, initialised open.
+
+  Args:
+    params: the model's params (without a gate).
+    config: the model config.
+    rng: a jax PRNG key for w.
+    open_bias: the initial b; sigmoid(6) = 0.9975, so u ~ 1 and the soft
+      gate starts as (nearly) the ungated model.
+    std: std of the initial w.
+
+  Returns:
+    A new params dict with "write_gate" = {"w": [L, D, K], "b": [L, K]}.
+
+  Raises:
+    ValueError: params already carry a gate.
+  """
+  if has_write_gate(params):
+    raise ValueError("params already have a write_gate.")
+  shapes = write_gate_shapes(config)
+  w = (std * jax.random.normal(rng, shapes["w"].shape)).astype(
+    shapes["w"].dtype
+  )
+  b = jnp.full(shapes["b"].shape, open_bias, shapes["b"].dtype)
+  return dict(params, write_gate={"w": w, "b": b})
+
+
+def split_write_gate(params: Params) -> tuple[Params, Params | None]:
+  """(the params without the gate, the gate subtree or None)."""
+  if not has_write_gate(params):
+    return params, None
+  base = {k: v for k, v in params.items() if k != "write_gate"}
+  return base, params["write_gate"]
+
+
+def _check_write_gate_params(gate, config: ModelConfig) -> None:
+  want = write_gate_shapes(config)
+  if not isinstance(gate, dict) or set(gate) != set(want):
+    raise ValueError(
+      f"params['write_gate'] must be a dict with exactly {sorted(want)}, "
+      f"got {type(gate).__name__}"
+      f"{sorted(gate) if isinstance(gate, dict) else ''}."
+    )
+  for name, sds in want.items():
+    x = gate[name]
+    if tuple(getattr(x, "shape", ())) != sds.shape:
+      raise ValueError(
+        f"params['write_gate'][{name!r}] has shape "
+        f"{tuple(getattr(x, 'shape', ()))}, expected {sds.shape} "
+        "([L, D, K] for w, [L, K] for b)."
+      )
+
+
+def write_utility(h: Array, gate: Params) -> tuple[Array, Array]:
+  """(u, log u), each [B, T, K] float32, of normed hidden states h
+  [B, T, D] under one layer's gate {"w": [D, K], "b": [K]}."""
+  z = attention_lib.einsum_f32("btd,dk->btk", h, gate["w"]) + gate["b"].astype(
+    jnp.float32
+  )  # [B, T, K]
+  return jax.nn.sigmoid(z), jax.nn.log_sigmoid(z)
 
 
 # The matrices that write into the residual stream.
@@ -290,6 +452,8 @@ def decoder_layer(
   intervene: Intervene | None = None,
   mass_weights: Array | None = None,  # [B, T] bool: "attn_mass" queries
   context_parallel: bool = False,
+  gate: Params | None = None,  # one layer's write gate: w [D, K], b [K]
+  write_gate: WriteGate | None = None,
 ) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
@@ -297,7 +461,10 @@ def decoder_layer(
   new entries into layer `layer` in place and attends over that layer.
   Every tap of `TAPS` passes through `tap`: `intervene(layer, name,
   value)`, when given, may replace it there, and `capture` records it
-  after any replacement.
+  after any replacement. With `gate`, the new entries' write utility is
+  computed from the normed input (the "write_utility" tap) and, with
+  `write_gate`, biases the logits of the entries this call writes (see
+  `WriteGate`).
   """
   c = config
   captured = {}
@@ -338,6 +505,25 @@ def decoder_layer(
   v = tap("v", v)
   layer_cache = write_slots(layer_cache, k, v, positions, slots, layer=layer)
   view = attention_lib.LayerView(*layer_cache, layer)
+  key_bias = None
+  if gate is not None:
+    u, log_u = write_utility(h, gate)  # [B, T, K] each
+    if "write_utility" in capture:
+      captured["write_utility"] = u
+    if write_gate is not None:
+      if write_gate.mode == "soft":
+        new_bias = log_u
+      else:  # hard: below tau, as if never written
+        new_bias = jnp.where(u >= write_gate.tau, 0.0, -jnp.inf)
+      B_, S_ = slots.shape[0], view.pos.shape[-1]
+      rows = jnp.broadcast_to(jnp.arange(B_)[:, None], slots.shape)  # [B, T]
+      # [B, K, S]: the bias of each slot; 0 for entries written before.
+      bias = (
+        jnp.zeros((B_, c.num_kv_heads, S_), jnp.float32)
+        .at[rows, :, slots]
+        .set(new_bias, mode="drop")
+      )
+      key_bias = attention_lib.KeyBias(bias, int(write_gate.window))
   backend = attention_lib.resolve_backend(backend)
   # The reference materializes probabilities anyway: its mass comes from
   # them; the engine's from a second pass against the LSE.
@@ -345,7 +531,12 @@ def decoder_layer(
     "attn_mass" in capture and backend is attention_lib.Backend.REFERENCE
   )
   ring = None
-  if context_parallel and not want_probs and not is_coded(layer_cache[0]):
+  if (
+    context_parallel
+    and not want_probs
+    and key_bias is None
+    and not is_coded(layer_cache[0])
+  ):
     from kvjax import parallel
 
     mesh = parallel.context_mesh()
@@ -376,6 +567,7 @@ def decoder_layer(
       sliding_window=c.sliding_window,
       backend=backend,
       return_probs=want_probs,
+      key_bias=key_bias,
     )
   )
   out, probs = att.out, att.probs  # out [B, T, N, H]
@@ -428,16 +620,26 @@ def _check_forward_args(
   tokens = checks.check_tokens(tokens, config)
   B, T = tokens.shape
   checks.check_cache(cache, config, batch=B)
-  checks.check_params(params, config)
+  base, gate = split_write_gate(params)
+  checks.check_params(base, config)
+  if gate is not None:
+    _check_write_gate_params(gate, config)
   checks.check_positions(positions, B, T)
   if token_mask is not None and tuple(token_mask.shape) != (B, T):
     raise ValueError(
       f"token_mask must have shape {(B, T)}, got {tuple(token_mask.shape)}."
     )
-  bad = [n for n in capture if n not in CAPTURE_NAMES]
+  names = CAPTURE_NAMES + GATE_CAPTURE_NAMES
+  bad = [n for n in capture if n not in names]
   if bad or not isinstance(capture, tuple):
     raise ValueError(
-      f"capture must be a tuple of names from {CAPTURE_NAMES}, got {capture!r}."
+      f"capture must be a tuple of names from {names}, got {capture!r}."
+    )
+  if gate is None and any(n in GATE_CAPTURE_NAMES for n in capture):
+    raise ValueError(
+      f"capture asks for {GATE_CAPTURE_NAMES}, which only a model with "
+      "write gates has; these params have no 'write_gate' (see "
+      "kvjax.model.add_write_gate)."
     )
   if intervene is not None and not callable(intervene):
     raise TypeError(
@@ -468,6 +670,7 @@ def forward(
   intervene: Intervene | None = None,
   mass_mask: Array | None = None,
   context_parallel: bool = False,
+  write_gate: WriteGate | None = None,
 ) -> ForwardOutput:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -511,6 +714,14 @@ def forward(
       (`jax.set_mesh`) the prompt's attention then runs as ring attention
       (`kvjax.parallel.ring_attention`) when T splits over the shards;
       otherwise, and without a mesh, it changes nothing.
+    write_gate: optional static `WriteGate` (SP-KV): with params that carry
+      `params["write_gate"]`, biases the attention logits of the entries
+      this call writes, outside each query's local window: log(u) ("soft",
+      training) or 0 / -inf at `tau` ("hard", inference). Runs on the
+      reference backend (AUTO resolves to it; others raise) and without
+      ring attention. None (the default) leaves attention untouched; the
+      "write_utility" tap is available either way when the params have a
+      gate. Params without a gate behave exactly as before.
 
   Returns:
     A `ForwardOutput` (unpacks as `logits, cache, aux`): logits [B, T, V]
@@ -530,6 +741,18 @@ def forward(
   tokens = _check_forward_args(
     params, tokens, cache, config, positions, token_mask, capture, intervene
   )
+  write_gate = check_write_gate(write_gate)
+  gate = params.get("write_gate") if isinstance(params, dict) else None
+  if write_gate is not None and gate is None:
+    raise ValueError(
+      "write_gate is set but params have no 'write_gate' (see "
+      "kvjax.model.add_write_gate)."
+    )
+  if write_gate is not None and (
+    backend == attention_lib.Backend.AUTO or backend == "auto"
+  ):
+    # The logit bias lives in the reference path only.
+    backend = attention_lib.Backend.REFERENCE
   backend = attention_lib.resolve_backend(backend)
   if not isinstance(context_parallel, bool):
     raise TypeError(
@@ -573,7 +796,7 @@ def forward(
   # out of the scan).
   def body(carry, xs):
     x, layer_cache = carry
-    p, layer = xs
+    p, layer_gate, layer = xs
     x, layer_cache, captured = decoder_layer(
       x,
       p,
@@ -588,11 +811,17 @@ def forward(
       intervene=intervene,
       mass_weights=mass_weights,
       context_parallel=context_parallel,
+      gate=layer_gate,
+      write_gate=write_gate,
     )
     return (x, layer_cache), captured
 
   layer_caches = (cache.k, cache.v, cache.pos, cache.valid)
-  xs = (params["layers"], jnp.arange(config.num_layers, dtype=jnp.int32))
+  xs = (
+    params["layers"],
+    gate,  # None, or {"w": [L, D, K], "b": [L, K]}
+    jnp.arange(config.num_layers, dtype=jnp.int32),
+  )
   (x, layer_caches), aux = jax.lax.scan(body, (x, layer_caches), xs)
   if "final_hidden" in capture:
     aux["final_hidden"] = x

@@ -19,7 +19,10 @@ from kvjax import hf
 from kvjax.config import ModelConfig
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-MODELS = ("kvjax-tiny",)
+# kvjax-tiny-spkv: kvjax-tiny fine-tuned with SP-KV write gates
+# (`kvjax.compress.spkv`); its gate is `write_gate.safetensors`.
+MODELS = ("kvjax-tiny", "kvjax-tiny-spkv")
+GATE_FILE = "write_gate.safetensors"
 
 
 def path(name: str) -> str:
@@ -50,11 +53,21 @@ def load(
 
   Returns:
     (config, params), as `kvjax.hf.load_pretrained`; `config.name` is `name`.
+    A gated model's params also hold its SP-KV gate, `params["write_gate"]`.
 
   Raises:
     ValueError: unknown name or missing files.
   """
-  config, params = hf.load_pretrained(path(name), dtype=dtype)
+  model_dir = path(name)
+  config, params = hf.load_pretrained(model_dir, dtype=dtype)
+  if os.path.exists(os.path.join(model_dir, GATE_FILE)):
+    from kvjax.train import write_gate  # pylint: disable=g-import-not-at-top
+
+    _, gated = write_gate.load_gated(model_dir)
+    gate = {
+      k: v.astype(config.jnp_dtype) for k, v in gated["write_gate"].items()
+    }
+    params = dict(params, write_gate=gate)
   return config.replace(name=name), params
 
 

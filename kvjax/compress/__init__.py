@@ -115,6 +115,7 @@ from kvjax.compress.rewrite import (
   think_channels,
   think_codec,
 )
+from kvjax.compress.spkv import SPKVState, kept_counts, spkv  # noqa: F401
 from kvjax.compress.range_search import (  # noqa: F401
   range_codec,
   range_search_transform,

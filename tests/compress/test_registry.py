@@ -16,6 +16,10 @@ BUILDING_BLOCKS = {
   "quantize",
   "windowed_quantize",
   "scored_policy",
+  # SP-KV reads a learned gate: it runs on a gated model only
+  # (kvjax-tiny-spkv), compared with the heuristics at equal bytes by
+  # experiments/spkv_equal_bytes.py, not on the sweep's ungated models.
+  "spkv",
 }
 
 
