@@ -119,7 +119,9 @@ def test_every_method_agrees_with_the_reference(method):
   codecs the kernels cannot take run on the XLA engine and say so."""
   want = _flow(method, "reference")
   codec = method.split("+")[-1]
-  backends = [("xla", set()), ("pallas_tpu", TPU_FALLBACK)]
+  backends = [("xla", set())]
+  if codec not in TPU_FALLBACK:  # else pallas_tpu runs the same XLA engine
+    backends.append(("pallas_tpu", TPU_FALLBACK))
   if method in GPU_METHODS:
     backends.append(("pallas_gpu", GPU_FALLBACK))
   for backend, fallback in backends:
@@ -135,6 +137,37 @@ def test_every_method_agrees_with_the_reference(method):
     for g, w in zip(got[:2], want[:2]):
       np.testing.assert_allclose(g, w, atol=2e-4, rtol=2e-4)
     np.testing.assert_array_equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("codec", sorted(TPU_FALLBACK))
+def test_codecs_without_tiles_run_on_the_xla_engine_and_say_so(codec):
+  """The kernels refuse a payload with no tile functions: the layer runs
+  on the XLA engine (its end-to-end agreement is the xla flow above) and a
+  warning says so, on both Pallas targets."""
+  from kvjax.attention import LayerView
+
+  transform = (
+    _transform(codec) if codec.startswith("range") else registry.build(codec)
+  )
+  cache = kvjax.prefill(
+    PARAMS, PROMPT, config=CONFIG, transform=transform, capacity=256
+  ).cache
+  view = LayerView(cache.k, cache.v, cache.pos, cache.valid, jnp.int32(0))
+  q = jnp.ones((2, 1, CONFIG.num_heads, CONFIG.head_dim), jnp.float32)
+  for target in ("tpu", "gpu"):
+    kernels._warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      got = kernels.attention(
+        view,
+        q,
+        q_pos=jnp.full((2, 1), 200),
+        scale=CONFIG.head_dim**-0.5,
+        sliding_window=None,
+        target=target,
+      )
+    assert got is None
+    assert any("XLA engine" in str(w.message) for w in caught), target
 
 
 def test_auto_picks_the_kernels_on_their_platform(monkeypatch):

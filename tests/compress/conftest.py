@@ -37,7 +37,7 @@ class Peer:
   params: Any
   tokens: np.ndarray
 
-  RATIOS = (0.25, 0.5, 0.75)  # the ratios every parity test runs
+  RATIOS = (0.25, 0.75)  # the ratios every parity test runs
 
   @property
   def T(self) -> int:  # pylint: disable=invalid-name

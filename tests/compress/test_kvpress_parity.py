@@ -13,7 +13,7 @@ kvpress = pytest.importorskip("kvpress", reason="needs the `peers` extra")
 import kvjax  # pylint: disable=g-import-not-at-top
 from kvjax import compress
 
-RATIOS = (0.25, 0.5, 0.75)  # as every parity test (`Peer.RATIOS`)
+RATIOS = (0.25, 0.75)  # as every parity test (`Peer.RATIOS`)
 
 METHODS = {
   "snapkv": (

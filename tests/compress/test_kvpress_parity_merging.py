@@ -30,7 +30,7 @@ from kvjax import attention as attn_lib  # pylint: disable=g-import-not-at-top
 from kvjax.compress import policies  # pylint: disable=g-import-not-at-top
 from kvjax.compress import rewrite  # pylint: disable=g-import-not-at-top
 
-RATIOS = (0.25, 0.5, 0.75)
+RATIOS = (0.25, 0.75)
 
 
 def _kvpress_cache(peer, press, tokens=None):

@@ -156,11 +156,27 @@ def test_method_end_to_end(name, count_compiles):
   assert c["n"] == 0, name
 
 
-# Composition is per method only where the method lays out its own cache;
-# the scorers are `scored_policy`s, whose composition with every codec
-# test_contract.py checks (`scored_policy` x every codec through knorm,
-# snapkv, ...).
-COMPOSED = tuple(n for n in registry.KVPRESS_NAMES if n not in SCORED)
+# Composition is per layout: the scorers are `scored_policy`s, whose
+# composition with every codec test_contract.py checks (through knorm,
+# snapkv, ...); of the methods that lay out their own cache, one of each
+# kind composes here: layer-variable budgets (per_layer), head-variable
+# budgets (critical_adakv, kvzip), the whole prompt's capacity
+# (duo_attention), decode-time compression (decoding), rewritten values
+# (merging) and attention state (cam), renumbered positions
+# (key_rerotation), its own key layout (think). The rest (chunkkv, chunk,
+# block, simlayerkv, criticalkv, finch) leave a uniform compacted cache,
+# as a scored policy does.
+COMPOSED = (
+  "per_layer",
+  "critical_adakv",
+  "kvzip",
+  "duo_attention",
+  "decoding",
+  "merging",
+  "cam",
+  "key_rerotation",
+  "think",
+)
 
 
 @pytest.mark.parametrize("name", COMPOSED)
