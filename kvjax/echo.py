@@ -580,6 +580,12 @@ def forward(
 ) -> tuple[Array, EchoState]:
   """Chunked causal pass (prefill or training) over T tokens.
 
+  Every token of every row is written into the state (there is no token
+  mask): rows must be unpadded, or a padded row's state holds its padding
+  too (outputs at real positions are causal and unaffected, but a decode
+  after a padded prefill would read it). `experiments/echo_mqar.py`
+  prefills unpadded contexts; a row's padding comes after its answers.
+
   Args:
     params: from `init_params`.
     tokens: [B, T] int ids.

@@ -517,7 +517,18 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 def to_hf_tensors(
   params: dict[str, Any], config: ModelConfig
 ) -> dict[str, np.ndarray]:
-  """kvjax params -> {HF tensor name: numpy array} (inverse of loading)."""
+  """kvjax params -> {HF tensor name: numpy array} (inverse of loading).
+
+  Raises:
+    ValueError: params with an SP-KV write gate, which the HF format has
+      no tensor for (save those with `kvjax.train.write_gate.save_gated`).
+  """
+  if "write_gate" in params:
+    raise ValueError(
+      "params hold an SP-KV write gate ('write_gate'), which the Hugging "
+      "Face export would drop: save with kvjax.train.write_gate.save_gated "
+      "(the model, plus write_gate.safetensors beside it)."
+    )
   D, N, K, H = (
     config.d_model,
     config.num_heads,

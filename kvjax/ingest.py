@@ -11,7 +11,9 @@ the cache is compressed, and leave the answer phase's cost unchanged:
      once already);
   2. every read but the last is dropped (`last_read`): the cache keeps as
      many entries as a single read writes, each computed with more context;
-  3. any compression transform then runs on that cache, and the question
+  3. a compression transform then runs on that cache (one that reads the
+     prefill's per-slot attention, as H2O, is refused: those captures
+     cover every read's slots), and the question
      continues at position passes * length, so its distance to each kept
      entry is the distance in a single read.
 
@@ -141,7 +143,9 @@ def reread(
     question continues after the last read.
 
   Raises:
-    ValueError: passes < 1, reserve < 0, and whatever `prefill` refuses.
+    ValueError: passes < 1, reserve < 0, a transform reading per-slot
+      attention captures (`attn_mass`, `attn_probs`) with passes > 1, and
+      whatever `prefill` refuses.
   """
   passes = _check_passes(passes)
   reserve = base.check_int(reserve, "reserve", 0)
@@ -150,6 +154,17 @@ def reread(
   prompt_lengths = checks.check_prompt_lengths(
     prompt_lengths, tokens.shape[0], T
   )
+  per_slot = sorted(
+    {"attn_mass", "attn_probs"} & set(getattr(transform, "needs", ()))
+  )
+  if passes > 1 and per_slot:
+    # Captured per cache slot of all the reads; after `last_read` compacts
+    # the cache they would point at the wrong slots.
+    raise ValueError(
+      f"transform {transform.name!r} reads {per_slot} per cache slot, "
+      "which reread cannot give for the last read alone; use a transform "
+      "that reads queries or keys (SnapKV, Expected Attention, KNorm, ...)."
+    )
   many, lengths = repeat_context(tokens, prompt_lengths, passes)
   chained = last_read(passes)
   if transform is not None:

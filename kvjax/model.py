@@ -165,8 +165,13 @@ class WriteGate(NamedTuple):
   mode (training: differentiable, u = 1 is the ungated model), 0 if
   u_j >= tau and -inf otherwise in "hard" mode (inference: the entry is as
   if never written). Entries already in the cache before the call get no
-  bias: they were admitted when written (`kvjax.compress.spkv` removes
-  the others).
+  bias: they count as admitted. `kvjax.compress.spkv` removes the entries
+  below tau that are outside the window when it runs, but the ones below
+  tau inside the window then (the newest `window` of the prompt) stay
+  visible to later calls until its next decode action drops them: a
+  question fed after compression sees up to its own length of such
+  entries that one gated pass over prompt + question would hide (a small
+  leak; `experiments/spkv_equal_bytes.py` reports both accuracies).
 
   Attributes:
     mode: "soft" or "hard".

@@ -165,3 +165,8 @@ def test_bad_arguments():
     ingest.last_read(0)
   with pytest.raises(ValueError, match="reserve"):
     ingest.reread(PARAMS, CONTEXT, config=CONFIG, reserve=-1)
+  # H2O's attention mass covers every read's slots: refused, not misread.
+  with pytest.raises(ValueError, match="attn_mass"):
+    ingest.reread(
+      PARAMS, CONTEXT, config=CONFIG, transform=compress.h2o(0.5), reserve=4
+    )

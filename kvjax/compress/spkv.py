@@ -28,7 +28,12 @@ recent positions); the others are never written to the long-term cache.
 To run the model with the same gate on its attention (entries below tau
 invisible outside the window during the prefill, as if never written),
 prefill with `forward(..., write_gate=kvjax.model.WriteGate("hard",
-window, tau))`; the transform then removes exactly those entries.
+window, tau))`; the transform then removes exactly the entries the
+prefill's last query no longer saw. Entries below tau still inside the
+window at compression stay until a decode action drops them, so a
+question fed by plain `forward` right after compression sees up to its
+length of entries that one gated pass over prompt + question would hide
+(see `kvjax.model.WriteGate`).
 
 Einsum letters: L layers, B batch, T observed tokens, K kv heads, S slots.
 """
@@ -190,8 +195,15 @@ def spkv(
         "spkv reads the 'write_utility' tap: the model needs write gates "
         "(kvjax.model.add_write_gate / a gated checkpoint)."
       )
+    # A policy before it in a chain may have compacted the cache after
+    # the chain built this state: nothing recorded for those slots yet.
+    default = (
+      state.utility
+      if state.utility.shape == cache.pos.shape
+      else jnp.ones(cache.pos.shape, jnp.float32)
+    )
     utility, _ = observed_utility(
-      cache, ctx.write_utility, ctx.q_pos, ctx.q_mask, state.utility
+      cache, ctx.write_utility, ctx.q_pos, ctx.q_mask, default
     )
     keep = gate_keep(cache, utility, tau, window)
     if ctx.phase == "prefill":
@@ -202,7 +214,8 @@ def spkv(
       live = new.valid
       most = jnp.max(jnp.sum(keep, axis=-1), axis=(0, 2))  # [B]
       # More kept entries than `capacity` eat the reserve: an overflow.
-      new = new._replace(end=jnp.where(most > n, cap + 1, new.end))
+      # (`compact` may round the capacity up under a mesh: flag past it.)
+      new = new._replace(end=jnp.where(most > n, new.capacity + 1, new.end))
       return new, SPKVState(gather(utility, idx, live, 1.0))
 
     # Decode: the entries that left the window below tau go; compact in

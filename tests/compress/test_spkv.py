@@ -241,3 +241,25 @@ def test_generate_through_spkv():
       for p in range(LENGTHS[b]):
         want = U[0, b, p, k] >= TAU or p > newest[b] - W
         assert (p in kept) == want, (b, k, p)
+
+
+def test_spkv_after_a_prefill_policy_in_a_chain():
+  """A policy that compacts first (KNorm at 0.5), then the gate: the gate
+  keeps, of KNorm's survivors, exactly those with u >= tau or in the
+  window (the chain's state was built on the uncompacted cache)."""
+  knorm = compress.knorm(0.5)
+  first = _compress(knorm, reserve=0)
+  out = _compress(compress.chain(knorm, spkv(TAU, W)))
+  for l in range(CONFIG.num_layers):
+    for b in range(B):
+      for k in range(CONFIG.num_kv_heads):
+        survived = set(_kept(first, l, b, k))
+        want = sorted(survived & set(_want(l, b, k)))
+        assert _kept(out, l, b, k) == want, (l, b, k)
+
+
+def test_a_gated_model_is_not_exported_without_its_gate(tmp_path):
+  from kvjax import hf
+
+  with pytest.raises(ValueError, match="write gate"):
+    hf.save_pretrained(str(tmp_path), PARAMS, CONFIG)
