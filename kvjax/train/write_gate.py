@@ -321,6 +321,7 @@ def hard_gate_batch(
     (scores: task -> TaskScore, stats: dict of keep counts and bytes).
   """
   from kvjax.cache import kv_bytes, logical_bytes
+
   # (`kvjax.compress.spkv` is the transform; the module by its full path)
   from kvjax.compress.spkv import kept_counts, spkv
   from kvjax.generate import compress_cache
