@@ -109,18 +109,30 @@ def _flow(method, backend):
 # pallas_gpu end to end on the paths that differ (its kernels are checked
 # per codec in tests/pallas_kernels): flash prefill and plain decode, KIVI's
 # two regions, a decode-time policy over int4, a codec Triton cannot take.
-GPU_METHODS = ("oracle", "snapkv+kivi2", "h2o+int4", "tova+turboquant3")
+GPU_METHODS = ("oracle", "snapkv+kivi2")
+# pallas_tpu end to end where the model's glue around the kernels differs:
+# flash prefill and plain decode (oracle), KIVI's two regions, a decode-time
+# policy reading the mass over int4, head-variable budgets over a rotated
+# codec, ThinK's own tile. Every codec's tile is checked against the
+# reference in tests/pallas_kernels; the other methods run xla here.
+TPU_METHODS = (
+  "oracle",
+  "snapkv+kivi2",
+  "h2o+int4",
+  "adakv_snapkv+qjl",
+  "think",
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_agrees_with_the_reference(method):
-  """Prompt logits, question logits and greedy tokens on xla, pallas_tpu
-  (and pallas_gpu for GPU_METHODS) equal the reference backend's; the
-  codecs the kernels cannot take run on the XLA engine and say so."""
+  """Prompt logits, question logits and greedy tokens on xla (and
+  pallas_tpu for TPU_METHODS, pallas_gpu for GPU_METHODS) equal the
+  reference backend's."""
   want = _flow(method, "reference")
   codec = method.split("+")[-1]
   backends = [("xla", set())]
-  if codec not in TPU_FALLBACK:  # else pallas_tpu runs the same XLA engine
+  if method in TPU_METHODS:
     backends.append(("pallas_tpu", TPU_FALLBACK))
   if method in GPU_METHODS:
     backends.append(("pallas_gpu", GPU_FALLBACK))
@@ -139,11 +151,12 @@ def test_every_method_agrees_with_the_reference(method):
     np.testing.assert_array_equal(got[2], want[2])
 
 
-@pytest.mark.parametrize("codec", sorted(TPU_FALLBACK))
+@pytest.mark.parametrize("codec", sorted(TPU_FALLBACK | GPU_FALLBACK))
 def test_codecs_without_tiles_run_on_the_xla_engine_and_say_so(codec):
-  """The kernels refuse a payload with no tile functions: the layer runs
-  on the XLA engine (its end-to-end agreement is the xla flow above) and a
-  warning says so, on both Pallas targets."""
+  """The kernels refuse a payload they have no tile for (PolarQuant and
+  range search: none; 3-bit TurboQuant: none Triton can lower): the layer
+  runs on the XLA engine (its end-to-end agreement is the xla flow above)
+  and a warning says so; the other target takes it."""
   from kvjax.attention import LayerView
 
   transform = (
@@ -154,7 +167,7 @@ def test_codecs_without_tiles_run_on_the_xla_engine_and_say_so(codec):
   ).cache
   view = LayerView(cache.k, cache.v, cache.pos, cache.valid, jnp.int32(0))
   q = jnp.ones((2, 1, CONFIG.num_heads, CONFIG.head_dim), jnp.float32)
-  for target in ("tpu", "gpu"):
+  for target, fallback in (("tpu", TPU_FALLBACK), ("gpu", GPU_FALLBACK)):
     kernels._warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -166,8 +179,8 @@ def test_codecs_without_tiles_run_on_the_xla_engine_and_say_so(codec):
         sliding_window=None,
         target=target,
       )
-    assert got is None
-    assert any("XLA engine" in str(w.message) for w in caught), target
+    said = any("XLA engine" in str(w.message) for w in caught)
+    assert (got is None) == said == (codec in fallback), (target, codec)
 
 
 def test_auto_picks_the_kernels_on_their_platform(monkeypatch):

@@ -30,7 +30,7 @@ from kvjax import attention as attn_lib  # pylint: disable=g-import-not-at-top
 from kvjax.compress import policies  # pylint: disable=g-import-not-at-top
 from kvjax.compress import rewrite  # pylint: disable=g-import-not-at-top
 
-RATIOS = (0.25, 0.75)
+RATIOS = (0.5,)  # one ratio here; the core policies run 0.25 and 0.75
 
 
 def _kvpress_cache(peer, press, tokens=None):
