@@ -213,6 +213,39 @@ def _on_mesh(mesh, params, kv_heads, rows=(), cache=None):
   return jax.set_mesh(mesh), params, rows, cache
 
 
+def _check_gate_use(params, write_gate, backend, prefill_chunk):
+  """`write_gate` validated for `prefill` / `generate`.
+
+  Raises:
+    TypeError / ValueError: not a `kvjax.model.WriteGate`, params without
+      write gates, a backend other than auto / reference for the prefill
+      (the gate's bias lives in the reference path), or `prefill_chunk`
+      (a later chunk would see the earlier chunks' entries ungated).
+  """
+  write_gate = model_lib.check_write_gate(write_gate)
+  if write_gate is None:
+    return None
+  if not model_lib.has_write_gate(params):
+    raise ValueError(
+      "write_gate is set but params have no 'write_gate' (see "
+      "kvjax.model.add_write_gate)."
+    )
+  if resolve_backend(backend) is not Backend.REFERENCE and backend not in (
+    Backend.AUTO,
+    "auto",
+  ):
+    raise ValueError(
+      f"write_gate runs the prefill on the reference backend; got "
+      f"backend={backend!r} (use 'auto' or 'reference')."
+    )
+  if prefill_chunk:
+    raise ValueError(
+      "write_gate needs the prompt in one call: prefill_chunk must be None "
+      f"(got {prefill_chunk}); a chunk would see earlier chunks ungated."
+    )
+  return write_gate
+
+
 def _chunked_forward(
   params, tokens, cache, mask, capture, chunk, config, backend
 ):
@@ -266,10 +299,12 @@ def _prefill_and_compress(
   backend,
   prefill_chunk=None,
   decode_reserve=0,
+  write_gate=None,
 ):
   """Prefill on an empty cache, then apply `transform` (if any). Of the
   `capacity - T` free slots, `decode_reserve` are for decode steps run
-  through the transform (`generate`), the rest the reserve for `forward`."""
+  through the transform (`generate`), the rest the reserve for `forward`.
+  A `write_gate` gates the prefill's attention (reference backend)."""
   B, T = tokens.shape
   # Under a mesh that splits the slots: a capacity that splits evenly (the
   # extra slots stay empty; the reserve below counts the asked capacity).
@@ -299,8 +334,9 @@ def _prefill_and_compress(
       config=config,
       token_mask=mask,
       capture=capture,
-      backend=backend,
+      backend=Backend.REFERENCE if write_gate is not None else backend,
       context_parallel=True,
+      write_gate=write_gate,
     )
   if transform is not None:
     positions = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
@@ -371,6 +407,7 @@ def _apply_transform(
     "backend",
     "prefill_chunk",
     "decode_steps",
+    "write_gate",
   ),
 )
 def _prefill(
@@ -386,6 +423,7 @@ def _prefill(
   backend,
   prefill_chunk,
   decode_steps,
+  write_gate,
 ):
   return _prefill_and_compress(
     params,
@@ -399,6 +437,7 @@ def _prefill(
     backend=backend,
     prefill_chunk=prefill_chunk,
     decode_reserve=decode_steps,
+    write_gate=write_gate,
   )
 
 
@@ -415,6 +454,7 @@ def prefill(
   prefill_chunk: int | None = None,
   decode_steps: int = 0,
   mesh: Any = None,
+  write_gate: model_lib.WriteGate | None = None,
   **extra,
 ) -> PrefillOutput:
   """Runs the prompt through an empty cache, then compresses it (jitted).
@@ -449,6 +489,10 @@ def prefill(
       the cache's slots split along `seq`, rows along `data`, kv heads
       along `heads`, params replicated; the same tokens as on one device.
       None: the default device.
+    write_gate: a `kvjax.model.WriteGate` (SP-KV, params with write
+      gates): the prompt's attention under the gate (see
+      `kvjax.compress.spkv` for the exact hard-gate flow); runs on the
+      reference backend, in one call (no `prefill_chunk`).
     **extra: passed to the transform (e.g. `future_mass` for the oracle).
 
   Returns:
@@ -479,6 +523,7 @@ def prefill(
     )
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
+  write_gate = _check_gate_use(params, write_gate, backend, prefill_chunk)
   checks.warn_past_context(T, config, "prompt length")
   on, params, (tokens, prompt_lengths), _ = _on_mesh(
     mesh,
@@ -499,6 +544,7 @@ def prefill(
       backend=resolve_backend(backend),
       prefill_chunk=prefill_chunk,
       decode_steps=decode_steps,
+      write_gate=write_gate,
     )
   checks.check_no_overflow(cache, "prefill")
   return PrefillOutput(logits, cache)
@@ -904,6 +950,7 @@ def decode_step(
     "cache_dtype",
     "backend",
     "prefill_chunk",
+    "write_gate",
   ),
 )
 def _generate(
@@ -924,6 +971,7 @@ def _generate(
   cache_dtype,
   backend,
   prefill_chunk,
+  write_gate=None,
 ):
   B, T = prompt_tokens.shape
   mask = _prompt_mask(prompt_tokens, prompt_lengths)
@@ -941,6 +989,7 @@ def _generate(
     backend=backend,
     prefill_chunk=prefill_chunk,
     decode_reserve=max_new_tokens - 1,
+    write_gate=write_gate,
   )
   last = (jnp.sum(mask, axis=1) - 1).astype(jnp.int32)  # [B]
   prompt_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
@@ -1250,6 +1299,7 @@ def generate(
   transform: compress_base.KVTransform | None = None,
   prefill_chunk: int | None = None,
   mesh: Any = None,
+  write_gate: model_lib.WriteGate | None = None,
   **extra,
 ) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row after ragged prompts.
@@ -1279,6 +1329,10 @@ def generate(
       the cache's slots split along `seq`, rows along `data`, kv heads
       along `heads`, params replicated; the same tokens as on one device.
       None: the default device.
+    write_gate: a `kvjax.model.WriteGate` on the prompt's attention (see
+      `prefill`); with `kvjax.compress.spkv` (every=1) the decoded tokens
+      are those of one gated pass. The prefill runs on the reference
+      backend; decode on `backend`.
     **extra: passed to the transform.
 
   Returns:
@@ -1314,6 +1368,7 @@ def generate(
   rng = checks.check_rng(rng)
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
+  write_gate = _check_gate_use(params, write_gate, backend, prefill_chunk)
   capacity = checks.check_capacity(
     capacity,
     T + max_new_tokens - 1,
@@ -1348,6 +1403,7 @@ def generate(
       cache_dtype=cache_dtype,
       backend=resolve_backend(backend),
       prefill_chunk=prefill_chunk,
+      write_gate=write_gate,
     )
   checks.check_no_overflow(out.cache, "generate")
   return out

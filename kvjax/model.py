@@ -165,13 +165,15 @@ class WriteGate(NamedTuple):
   mode (training: differentiable, u = 1 is the ungated model), 0 if
   u_j >= tau and -inf otherwise in "hard" mode (inference: the entry is as
   if never written). Entries already in the cache before the call get no
-  bias: they count as admitted. `kvjax.compress.spkv` removes the entries
-  below tau that are outside the window when it runs, but the ones below
-  tau inside the window then (the newest `window` of the prompt) stay
-  visible to later calls until its next decode action drops them: a
-  question fed after compression sees up to its own length of such
-  entries that one gated pass over prompt + question would hide (a small
-  leak; `experiments/spkv_equal_bytes.py` reports both accuracies).
+  bias (admitted) unless `forward(cache_utility=...)` gives their recorded
+  utility. `kvjax.compress.spkv` removes the entries below tau that the
+  next query no longer sees; the ones below tau still inside its window
+  stay cached, and a multi-token call after compression (a question)
+  hides them as they leave each query's window only with
+  `cache_utility` (`kvjax.compress.spkv.cache_utility`): then gated
+  prefill, `spkv` and that call compute exactly one gated pass over both.
+  Token-by-token decode through `spkv` (every=1) needs none: each step's
+  action drops the entries leaving the next query's window.
 
   Attributes:
     mode: "soft" or "hard".
@@ -459,6 +461,7 @@ def decoder_layer(
   context_parallel: bool = False,
   gate: Params | None = None,  # one layer's write gate: w [D, K], b [K]
   write_gate: WriteGate | None = None,
+  cached_utility: Array | None = None,  # [B, K, S] this layer's slots
 ) -> tuple[Array, tuple[Any, Any, Array, Array], dict[str, Array]]:
   """One pre-norm block: x + attn(norm(x)), then + mlp(norm(x)).
 
@@ -469,7 +472,8 @@ def decoder_layer(
   after any replacement. With `gate`, the new entries' write utility is
   computed from the normed input (the "write_utility" tap) and, with
   `write_gate`, biases the logits of the entries this call writes (see
-  `WriteGate`).
+  `WriteGate`), and those of the entries already cached by
+  `cached_utility` (the utility recorded for each slot) when given.
   """
   c = config
   captured = {}
@@ -517,17 +521,21 @@ def decoder_layer(
       captured["write_utility"] = u
     if write_gate is not None:
       if write_gate.mode == "soft":
-        new_bias = log_u
+        gate_bias = lambda u, log_u: log_u
       else:  # hard: below tau, as if never written
-        new_bias = jnp.where(u >= write_gate.tau, 0.0, -jnp.inf)
+        gate_bias = lambda u, log_u: jnp.where(
+          u >= write_gate.tau, 0.0, -jnp.inf
+        )
       B_, S_ = slots.shape[0], view.pos.shape[-1]
       rows = jnp.broadcast_to(jnp.arange(B_)[:, None], slots.shape)  # [B, T]
-      # [B, K, S]: the bias of each slot; 0 for entries written before.
-      bias = (
-        jnp.zeros((B_, c.num_kv_heads, S_), jnp.float32)
-        .at[rows, :, slots]
-        .set(new_bias, mode="drop")
-      )
+      # [B, K, S]: the bias of each slot; entries cached before this call
+      # get their recorded utility's, or 0 (admitted) without one.
+      if cached_utility is None:
+        old_bias = jnp.zeros((B_, c.num_kv_heads, S_), jnp.float32)
+      else:
+        old_u = cached_utility.astype(jnp.float32)  # [B, K, S]
+        old_bias = gate_bias(old_u, jnp.log(old_u))
+      bias = old_bias.at[rows, :, slots].set(gate_bias(u, log_u), mode="drop")
       key_bias = attention_lib.KeyBias(bias, int(write_gate.window))
   backend = attention_lib.resolve_backend(backend)
   # The reference materializes probabilities anyway: its mass comes from
@@ -676,6 +684,7 @@ def forward(
   mass_mask: Array | None = None,
   context_parallel: bool = False,
   write_gate: WriteGate | None = None,
+  cache_utility: Array | None = None,
 ) -> ForwardOutput:
   """Runs the decoder on new tokens, reading and extending the cache.
 
@@ -727,6 +736,13 @@ def forward(
       ring attention. None (the default) leaves attention untouched; the
       "write_utility" tap is available either way when the params have a
       gate. Params without a gate behave exactly as before.
+    cache_utility: optional [L, B, K, S] float utility recorded for the
+      entries already in the cache (`kvjax.compress.spkv.cache_utility`;
+      1 = admitted), with `write_gate`: those entries get the same bias
+      as the ones this call writes once they leave a query's window. A
+      gated prefill, `spkv`, then a multi-token call with it computes
+      exactly what one gated pass over both would. None: cached entries
+      are admitted (unbiased).
 
   Returns:
     A `ForwardOutput` (unpacks as `logits, cache, aux`): logits [B, T, V]
@@ -753,6 +769,19 @@ def forward(
       "write_gate is set but params have no 'write_gate' (see "
       "kvjax.model.add_write_gate)."
     )
+  if cache_utility is not None:
+    if write_gate is None:
+      raise ValueError(
+        "cache_utility biases cached entries through the write gate: pass "
+        "write_gate too."
+      )
+    want = (config.num_layers, tokens.shape[0], config.num_kv_heads)
+    want += (cache.capacity,)
+    if tuple(jnp.shape(cache_utility)) != want:
+      raise ValueError(
+        f"cache_utility must have shape [L, B, K, S] = {list(want)}, got "
+        f"{list(jnp.shape(cache_utility))}."
+      )
   if write_gate is not None and (
     backend == attention_lib.Backend.AUTO or backend == "auto"
   ):
@@ -801,7 +830,7 @@ def forward(
   # out of the scan).
   def body(carry, xs):
     x, layer_cache = carry
-    p, layer_gate, layer = xs
+    p, layer_gate, layer_utility, layer = xs
     x, layer_cache, captured = decoder_layer(
       x,
       p,
@@ -818,6 +847,7 @@ def forward(
       context_parallel=context_parallel,
       gate=layer_gate,
       write_gate=write_gate,
+      cached_utility=layer_utility,
     )
     return (x, layer_cache), captured
 
@@ -825,6 +855,7 @@ def forward(
   xs = (
     params["layers"],
     gate,  # None, or {"w": [L, D, K], "b": [L, K]}
+    cache_utility,  # None, or [L, B, K, S]
     jnp.arange(config.num_layers, dtype=jnp.int32),
   )
   (x, layer_caches), aux = jax.lax.scan(body, (x, layer_caches), xs)

@@ -281,7 +281,10 @@ def chain(*transforms: KVTransform) -> KVTransform:
       raise TypeError(f"chain takes KVTransforms, got {type(t).__name__}.")
   for i, t in enumerate(transforms):
     for later in transforms[i + 1 :]:
-      if t.bounded and later.every and not later.bounded:
+      # A policy acting at decode evicts then (a bounded one, or SP-KV's
+      # gate dropping what leaves the window).
+      evicts_in_decode = t.bounded or (t.every and t.bits is None)
+      if evicts_in_decode and later.every and not later.bounded:
         raise ValueError(
           f"chain({t.name}, ..., {later.name}): {t.name} evicts during "
           f"decode, but {later.name} re-lays the slots into a coded region "

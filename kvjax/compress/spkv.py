@@ -10,30 +10,37 @@ recent positions); the others are never written to the long-term cache.
 
 * prefill: every observed entry (one the prefill or `compress_observing`
   saw: its utility is in `ctx.write_utility`) is kept iff u >= tau or
-  pos > newest - window, where newest is the row's most recent position;
-  entries this pass did not observe keep the utility recorded for them
-  before (1, i.e. admitted, when none was). The kept entries are compacted
+  the next query still sees it in its window: pos > newest + 1 - window,
+  where newest is the row's most recent position (the window counts the
+  query's own entry, as `kvjax.model.WriteGate`: the next query sees its
+  `window - 1` predecessors unbiased); entries this pass did not observe
+  keep the utility recorded for them before (1, i.e. admitted, when none
+  was). The kept entries are compacted
   per (layer, row, kv head): budgets vary by head, the capacity is static
   (`capacity` or the live bound, + the reserve), and the gap to the ragged
   size is reported by `kvjax.cache.logical_bytes` (as Ada-KV).
 * decode, every `every` steps: the step's new entry has its utility
-  recorded in the state; then every entry that has left the window
-  (pos <= newest - window) with u < tau is dropped and the cache compacted
-  in place (same capacity: a jitted decode compiles once), so the freed
+  recorded in the state; then every entry the next query no longer sees
+  in its window (pos <= newest + 1 - window) with u < tau is dropped and
+  the cache compacted in place (same capacity: a jitted decode compiles once), so the freed
   slots are written again. With every > 1 the entries of the steps in
   between have no recorded utility and stay (admitted): nothing is dropped
   on a guess. Entries written by plain `forward` calls after compression
   (a question) are likewise admitted.
 
-To run the model with the same gate on its attention (entries below tau
-invisible outside the window during the prefill, as if never written),
-prefill with `forward(..., write_gate=kvjax.model.WriteGate("hard",
-window, tau))`; the transform then removes exactly the entries the
-prefill's last query no longer saw. Entries below tau still inside the
-window at compression stay until a decode action drops them, so a
-question fed by plain `forward` right after compression sees up to its
-length of entries that one gated pass over prompt + question would hide
-(see `kvjax.model.WriteGate`).
+Exactly SP-KV's hard gate, end to end: prefill with the same gate on
+attention (`forward(..., write_gate=kvjax.model.WriteGate("hard", window,
+tau))` or `prefill(..., write_gate=...)`: entries below tau invisible
+outside each query's window, as if never written); the transform then
+removes exactly the entries no later query can see. Entries below tau
+still inside the next query's window stay cached: decode through the
+transform (every=1) drops each as it leaves; a multi-token call (a
+question) hides them with `forward(..., write_gate=..., cache_utility=
+cache_utility(...))`. Then prefill, compression and the question or the
+decoded tokens compute what one gated pass over everything would (tested
+to float tolerance). Without the gated prefill the transform still keeps
+exactly u >= tau plus the window, but the kept entries were computed by
+a model that saw every entry.
 
 Einsum letters: L layers, B batch, T observed tokens, K kv heads, S slots.
 """
@@ -103,11 +110,40 @@ def _newest(cache: KVCache) -> Array:
   return jnp.max(jnp.where(cache.valid, cache.pos, -1), axis=(0, 2, 3))
 
 
+def cache_utility(
+  cache: KVCache, write_utility: Array, positions: Array, mask: Array
+) -> Array:
+  """[L, B, K, S] float32: the utility of each cached entry, for
+  `kvjax.forward(..., cache_utility=)` after compression.
+
+  Args:
+    cache: the (compressed) cache.
+    write_utility: [L, B, T, K] the "write_utility" capture of the pass
+      that wrote the entries (the gated prefill).
+    positions: [B, T] that pass's positions.
+    mask: [B, T] bool, its tokens that were written.
+
+  Returns:
+    Each valid slot's utility found by its position in that pass; 1
+    (admitted) for slots it did not write and for empty slots.
+  """
+  ones = jnp.ones(cache.pos.shape, jnp.float32)
+  u, _ = observed_utility(
+    cache,
+    jnp.asarray(write_utility),
+    jnp.asarray(positions),
+    jnp.asarray(mask, bool),
+    ones,
+  )
+  return u
+
+
 def gate_keep(cache: KVCache, utility: Array, tau: float, window: int):
   """[L, B, K, S] bool: the valid entries the hard gate keeps (u >= tau or
-  within the `window` most recent positions of their row)."""
+  inside the next query's window: the `window - 1` most recent positions
+  of their row)."""
   newest = _newest(cache)[None, :, None, None]  # [1, B, 1, 1]
-  recent = cache.pos > newest - window
+  recent = cache.pos > newest + 1 - window
   return cache.valid & ((utility >= tau) | recent)
 
 
@@ -120,8 +156,9 @@ def kept_counts(
   """[L, B, K] entries the hard gate keeps for a fresh prompt, on the host.
 
   The prompt's tokens are its live (`q_mask`) tokens in order; the last
-  `window` of each row are always kept. Use it to pick `spkv(capacity=)`
-  (the largest count) or to report keep fractions.
+  `window - 1` of each row (the next query's window) are always kept.
+  Use it to pick `spkv(capacity=)` (the largest count) or to report keep
+  fractions.
 
   Args:
     utility: [L, B, T, K] the prefill's "write_utility" capture.
@@ -133,7 +170,7 @@ def kept_counts(
   m = np.asarray(q_mask, bool)
   rank = np.cumsum(m, axis=1) - 1  # [B, T] position among live tokens
   n = m.sum(axis=1, keepdims=True)  # [B, 1]
-  recent = m & (rank > n - 1 - window)  # [B, T]
+  recent = m & (rank > n - window)  # [B, T]: the next query sees them
   keep = (u >= tau) & m[None, :, :, None]  # [L, B, T, K]
   keep |= recent[None, :, :, None]
   return keep.sum(axis=2)
@@ -162,8 +199,9 @@ def spkv(
   Args:
     tau: the threshold in [0, 1]; an entry outside the window survives iff
       its utility u >= tau.
-    window: the local window (>= 1): entries within the `window` most
-      recent positions of their row are always kept.
+    window: the local window (>= 1) as `kvjax.model.WriteGate`'s: a
+      query sees the `window - 1` positions before it unbiased, so those
+      of the next query are always kept.
     capacity: static entries per (layer, row, kv head) the compacted cache
       holds before the reserve (the largest head budget; pick it with
       `kept_counts`). None: the live bound, so the layout does not shrink
@@ -238,5 +276,5 @@ def spkv(
     keeps=lambda live: live if capacity is None else min(live, capacity),
     needs=("write_utility",),
     every=every,
-    name=f"spkv_{tau:g}",
+    name="spkv",
   )

@@ -288,7 +288,7 @@ def _prefill(params, tokens, *, config, write_gate):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "write_gate"))
-def _question(params, cache, question, mask, *, config, write_gate):
+def _question(params, cache, question, mask, utility, *, config, write_gate):
   logits, cache, _ = model_lib.forward(
     params,
     question,
@@ -296,6 +296,7 @@ def _question(params, cache, question, mask, *, config, write_gate):
     config=config,
     token_mask=mask,
     write_gate=write_gate,
+    cache_utility=utility,
   )
   return logits, cache.end - cache.capacity
 
@@ -315,7 +316,9 @@ def hard_gate_batch(
   below tau outside the window are invisible, as if never written), the
   cache compressed by `kvjax.compress.spkv.spkv` to the largest head
   budget (rounded up to `round_to`, the padding counted in the bytes),
-  then the question is fed (hard gate too) and its logits scored.
+  then the question is fed (hard gate too, the cached entries biased by
+  their recorded utility: exactly one gated pass over context + question)
+  and its logits scored.
 
   Returns:
     (scores: task -> TaskScore, stats: dict of keep counts and bytes).
@@ -323,7 +326,7 @@ def hard_gate_batch(
   from kvjax.cache import kv_bytes, logical_bytes
 
   # (`kvjax.compress.spkv` is the transform; the module by its full path)
-  from kvjax.compress.spkv import kept_counts, spkv
+  from kvjax.compress.spkv import cache_utility, kept_counts, spkv
   from kvjax.generate import compress_cache
   from kvjax.tasks import scoring
 
@@ -361,8 +364,9 @@ def hard_gate_batch(
   question = tokens[:, context_len:]
   q_pos = context_len + np.arange(T - context_len)
   q_mask = jnp.asarray(q_pos[None, :] < np.asarray(batch.lengths)[:, None])
+  utility = cache_utility(cache, u, positions, mask)
   logits, over = _question(
-    params, cache, question, q_mask, config=config, write_gate=gate
+    params, cache, question, q_mask, utility, config=config, write_gate=gate
   )
   if int(np.max(np.asarray(over))) > 0:
     raise ValueError("the question did not fit the compressed cache.")

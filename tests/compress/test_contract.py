@@ -106,8 +106,8 @@ def test_every_exported_factory_is_covered():
     and not n.endswith("_scorer")
   }
   # The rest of kvpress' presses run end to end in test_methods.py, under
-  # their registry names; SP-KV needs a gated model (its reserve, bytes and
-  # composition are tests/compress/test_spkv.py's).
+  # their registry names; SP-KV needs a gated model: its reserve, bytes,
+  # value equality and composition are tests/compress/test_spkv.py's.
   assert exported == set(FACTORIES) | set(registry.KVPRESS_NAMES) | {"spkv"}
 
 

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 
+import kvjax
 from kvjax import compress
 from kvjax.compress import registry
 
@@ -16,10 +17,6 @@ BUILDING_BLOCKS = {
   "quantize",
   "windowed_quantize",
   "scored_policy",
-  # SP-KV reads a learned gate: it runs on a gated model only
-  # (kvjax-tiny-spkv), compared with the heuristics at equal bytes by
-  # experiments/spkv_equal_bytes.py, not on the sweep's ungated models.
-  "spkv",
 }
 
 
@@ -40,7 +37,7 @@ def test_codec_builds_a_transform_of_its_name(name):
 
 
 def test_names_are_distinct_and_composable():
-  names = registry.POLICY_NAMES + registry.CODEC_NAMES
+  names = registry.POLICY_NAMES + registry.CODEC_NAMES + registry.LEARNED_NAMES
   assert len(set(names)) == len(names)
   assert not any(registry.SEPARATOR in n for n in names)
 
@@ -87,6 +84,34 @@ def test_registry_covers_every_exported_method_factory():
     and not n.endswith("_scorer")
   }
   built = {registry.build(n, 0.5).spec[1] for n in registry.POLICY_NAMES} | {
-    registry.build(n).spec[1] for n in registry.CODEC_NAMES
+    registry.build(n).spec[1]
+    for n in registry.CODEC_NAMES + registry.LEARNED_NAMES
   }
   assert exported - BUILDING_BLOCKS == built
+
+
+@pytest.mark.parametrize("name", registry.LEARNED_NAMES)
+def test_learned_method_builds_without_a_ratio(name):
+  """A learned method (SP-KV): the model's gates set its budget, so it
+  takes no ratio; `capacity` sets its static head budget; it composes
+  with a codec under the joined name, and names the gate its prefill
+  runs under."""
+  transform = registry.build(name)
+  assert transform.name == name and transform == registry.build(name, 0.0)
+  assert registry.build(name, capacity=12) == compress.spkv(0.5, 128, 12)
+  assert registry.parse(name) == (name, None)
+  assert registry.is_learned(name) and not registry.takes_ratio(name)
+  assert registry.takes_ratio("snapkv") and not registry.takes_ratio("kivi2")
+  assert registry.write_gate(name) == kvjax.model.WriteGate("hard", 128, 0.5)
+  method = f"{name}{registry.SEPARATOR}turboquant3"
+  assert registry.parse(method) == (name, "turboquant3")
+  assert registry.build(method).name == method
+  with pytest.raises(ValueError, match="takes no ratio"):
+    registry.build(name, 0.5)
+  with pytest.raises(ValueError, match="capacity is a learned method"):
+    registry.build("snapkv", 0.5, capacity=12)
+  with pytest.raises(ValueError, match="not learned"):
+    registry.write_gate("snapkv")
+  # A windowed codec cannot follow its decode-time eviction.
+  with pytest.raises(ValueError, match="evicts during decode"):
+    registry.build(f"{name}{registry.SEPARATOR}kivi2")

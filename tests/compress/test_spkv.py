@@ -1,8 +1,11 @@
 """`kvjax.compress.spkv`: SP-KV's hard write gate as a transform.
 
-The hard gate keeps exactly the entries with u >= tau plus the window, per
-(layer, row, kv head); the reserve, the bytes, composition with a codec,
-decode-time gating and an end-to-end compress -> question -> decode."""
+The hard gate keeps exactly the entries with u >= tau plus the next
+query's window, per (layer, row, kv head); the reserve, the bytes,
+composition with codecs, decode-time gating, an end-to-end compress ->
+question -> decode, and exactness: gated prefill -> spkv -> a question
+(with the cached entries' utility) or decoded tokens compute what one
+gated pass over everything computes."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ from kvjax import compress
 from kvjax import model as model_lib
 from kvjax.cache import cache_overflowed, kv_bytes, logical_bytes
 from kvjax.compress import base
-from kvjax.compress.spkv import SPKVState, kept_counts, spkv
+from kvjax.compress.spkv import SPKVState, cache_utility, kept_counts, spkv
 from kvjax.generate import compress_cache
 
 CONFIG = kvjax.get_config("tiny", num_layers=2, d_model=64, mlp_dim=128)
@@ -65,7 +68,8 @@ def _compress(transform, reserve=R):
 def _want(l, b, k):
   """The positions the hard gate keeps, by hand."""
   n = LENGTHS[b]
-  return [t for t in range(n) if U[l, b, t, k] >= TAU or t > n - 1 - W]
+  # The next query (position n) sees positions > n - W unbiased.
+  return [t for t in range(n) if U[l, b, t, k] >= TAU or t > n - W]
 
 
 def _kept(cache, l, b, k):
@@ -204,7 +208,7 @@ def test_compress_question_decode_end_to_end(count_compiles):
       for k in range(CONFIG.num_kv_heads):
         kept = set(pos[l, b, k][valid[l, b, k]].tolist())
         for p in range(newest[b] + 1):
-          recent = p > newest[b] - W
+          recent = p > newest[b] + 1 - W  # in the next query's window
           if p < LENGTHS[b]:  # context: the prefill's utility
             want = U[l, b, p, k] >= TAU or recent
           elif p < q_lo[b] + 3:  # question: admitted (no utility seen)
@@ -233,13 +237,13 @@ def test_generate_through_spkv():
   util = np.asarray(cache.state.utility)
   newest = np.asarray(cache.length) - 1
   for b in range(B):
-    recent = pos[:, b] > newest[b] - W
-    # No entry older than the window below tau survives.
+    recent = pos[:, b] > newest[b] + 1 - W
+    # No entry outside the next query's window below tau survives.
     assert np.all(~valid[:, b] | recent | (util[:, b] >= TAU))
     for k in range(CONFIG.num_kv_heads):
       kept = set(pos[0, b, k][valid[0, b, k]].tolist())
       for p in range(LENGTHS[b]):
-        want = U[0, b, p, k] >= TAU or p > newest[b] - W
+        want = U[0, b, p, k] >= TAU or p > newest[b] + 1 - W
         assert (p in kept) == want, (b, k, p)
 
 
@@ -263,3 +267,166 @@ def test_a_gated_model_is_not_exported_without_its_gate(tmp_path):
 
   with pytest.raises(ValueError, match="write gate"):
     hf.save_pretrained(str(tmp_path), PARAMS, CONFIG)
+
+
+# ----------------------------------------------------------------------------
+# Exactness: the compressed path computes one gated pass.
+
+CTX, QN = 14, 8  # context and question tokens (the question crosses W = 5)
+
+
+@jax.jit
+def _one_pass(tokens):
+  """Logits of one hard-gated pass over all of `tokens`."""
+  n = tokens.shape[1]
+  return kvjax.forward(
+    PARAMS,
+    tokens,
+    kvjax.init_cache(CONFIG, B, n),
+    config=CONFIG,
+    write_gate=HARD,
+  ).logits
+
+
+def test_gated_prefill_spkv_question_equals_one_gated_pass():
+  """Prefill the context under the gate, compress with spkv (physically
+  smaller), feed the question with the gate and the cached entries'
+  utility: its logits are one gated pass's. Without the utility the
+  entries below tau still in the window at compression stay visible to
+  the later question tokens: the logits differ (the test can fail)."""
+  ctx, question = TOKENS[:, :CTX], TOKENS[:, CTX : CTX + QN]
+  pre = kvjax.forward(
+    PARAMS,
+    ctx,
+    kvjax.init_cache(CONFIG, B, CTX),
+    config=CONFIG,
+    capture=("write_utility",),
+    write_gate=HARD,
+  )
+  u = pre.aux["write_utility"]
+  ones = np.ones((B, CTX), bool)
+  pos = np.broadcast_to(np.arange(CTX), (B, CTX))
+  cap = int(kept_counts(np.asarray(u), ones, TAU, W).max())
+  cache = compress_cache(
+    pre.cache,
+    spkv(TAU, W, capacity=cap),
+    config=CONFIG,
+    observed=pre.aux,
+    positions=pos,
+    mask=ones,
+    reserve=QN,
+  )
+  assert cache.capacity == cap + QN < CTX + QN
+  utility = cache_utility(cache, u, pos, ones)
+  # The state carries the same utilities.
+  valid = np.asarray(cache.valid)
+  np.testing.assert_array_equal(
+    np.asarray(utility)[valid], np.asarray(cache.state.utility)[valid]
+  )
+  want = np.asarray(_one_pass(TOKENS[:, : CTX + QN]))[:, CTX:]
+  got = kvjax.forward(
+    PARAMS,
+    question,
+    cache,
+    config=CONFIG,
+    write_gate=HARD,
+    cache_utility=utility,
+  ).logits
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+  leaky = kvjax.forward(PARAMS, question, cache, config=CONFIG).logits
+  assert np.abs(np.asarray(leaky) - want).max() > 1e-3
+
+
+def test_generate_under_the_gate_decodes_one_gated_pass():
+  """`generate(write_gate=, transform=spkv)`: gated prefill, compression,
+  then decode steps whose spkv action drops each entry below tau as it
+  leaves the next query's window: the greedy tokens and their logits are
+  one gated pass's over prompt + generated tokens."""
+  n_new = 7
+  prompt = TOKENS[:, :CTX]
+  cap = int(
+    kept_counts(
+      np.asarray(PREFILL.aux["write_utility"])[:, :, :CTX],
+      np.ones((B, CTX), bool),
+      TAU,
+      W,
+    ).max()
+  )
+  out = kvjax.generate(
+    PARAMS,
+    prompt,
+    config=CONFIG,
+    max_new_tokens=n_new,
+    transform=spkv(TAU, W, capacity=cap),
+    write_gate=HARD,
+  )
+  assert out.cache.capacity < CTX + n_new
+  seq = jnp.concatenate([prompt, out.tokens[:, : n_new - 1]], axis=1)
+  logits = np.asarray(_one_pass(seq))[:, CTX - 1 :]  # predicts each new token
+  np.testing.assert_array_equal(np.argmax(logits, -1), np.asarray(out.tokens))
+  np.testing.assert_allclose(
+    np.asarray(out.prompt_logits), logits[:, 0], atol=2e-5, rtol=1e-5
+  )
+
+
+@pytest.mark.parametrize("codec", ["kivi", "turboquant"])
+def test_spkv_then_codec_generates_under_the_gate(codec, count_compiles):
+  """The composition contract on a gated model: chain(spkv, codec) through
+  generate, ragged rows, no overflow, and an equal transform built anew
+  compiles nothing; a windowed codec (KIVI) after it is refused at
+  construction, saying why (spkv evicts during decode)."""
+  make = {
+    "kivi": lambda: compress.kivi(2, group_size=4, residual=8),
+    "turboquant": lambda: compress.turboquant(3),
+  }[codec]
+  cap = int(kept_counts(U, MASK, TAU, W).max())
+  chain = lambda: compress.chain(spkv(TAU, W, capacity=cap), make())
+  if codec == "kivi":  # its grouped window cannot lose entries one by one
+    with pytest.raises(ValueError, match="evicts during decode"):
+      chain()
+    return
+  shifted = (TOKENS + 3) % CONFIG.vocab_size
+  kw = dict(
+    config=CONFIG,
+    max_new_tokens=4,
+    prompt_lengths=jnp.asarray(LENGTHS),
+    write_gate=HARD,
+  )
+  out = kvjax.generate(PARAMS, TOKENS, transform=chain(), **kw)
+  assert (np.asarray(out.num_generated) == 4).all()
+  assert not bool(np.any(cache_overflowed(out.cache)))
+  assert out.cache.capacity < T
+  with count_compiles() as c:
+    kvjax.generate(PARAMS, shifted, transform=chain(), **kw)
+  assert c["n"] == 0
+
+
+def test_gate_arguments_are_checked():
+  with pytest.raises(ValueError, match="pass write_gate too"):
+    kvjax.forward(
+      PARAMS,
+      TOKENS[:, :2],
+      kvjax.init_cache(CONFIG, B, 4),
+      config=CONFIG,
+      cache_utility=jnp.ones((CONFIG.num_layers, B, CONFIG.num_kv_heads, 4)),
+    )
+  with pytest.raises(ValueError, match="cache_utility must have shape"):
+    kvjax.forward(
+      PARAMS,
+      TOKENS[:, :2],
+      kvjax.init_cache(CONFIG, B, 4),
+      config=CONFIG,
+      write_gate=HARD,
+      cache_utility=jnp.ones((1, B, 1, 4)),
+    )
+  with pytest.raises(ValueError, match="prefill_chunk must be None"):
+    kvjax.prefill(
+      PARAMS, TOKENS, config=CONFIG, write_gate=HARD, prefill_chunk=8
+    )
+  with pytest.raises(ValueError, match="reference backend"):
+    kvjax.prefill(PARAMS, TOKENS, config=CONFIG, write_gate=HARD, backend="xla")
+  plain = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
+  with pytest.raises(ValueError, match="no 'write_gate'"):
+    kvjax.generate(
+      plain, TOKENS, config=CONFIG, max_new_tokens=2, write_gate=HARD
+    )
