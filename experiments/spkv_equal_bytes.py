@@ -6,7 +6,9 @@ KV bytes, on the same rows of the same model.
 
 The model is the shipped kvjax-tiny-spkv. SP-KV answers with its hard gate
 (`kvjax.train.write_gate.hard_gate_batch`: gated prefill, the cache
-compacted to the admitted entries, gated question). The heuristics answer
+compacted to the admitted entries, gated question with the cached
+entries' utility: exactly one gated pass; `spkv_one_pass` recomputes that
+pass without a cache as a check). The heuristics answer
 on the same weights without the gate (every entry written, then evicted,
 question-agnostic), each at the ratio that keeps the same share of
 entries as the gate kept on that task's rows (so equal logical bytes per
@@ -135,7 +137,7 @@ def main(argv):
     }
     rows.append(row)
     print(json.dumps(row), flush=True)
-    # The definition (no cache): what the compressed run above approximates.
+    # The definition (no cache): what the compressed run above computes.
     rows.append(
       dict(
         row,
@@ -171,10 +173,11 @@ def main(argv):
       f"`{FLAGS.model}`, context {C}, {FLAGS.num_examples} held-out rows "
       f"per task (seed {FLAGS.seed}), tau {FLAGS.tau}, window "
       f"{FLAGS.window}. spkv: gated prefill, the cache compressed by "
-      "`kvjax.compress.spkv`, gated question (entries below tau still in "
-      "the window at compression stay visible to the question); "
-      "spkv_one_pass: the gate's definition, one gated pass over context + "
-      "question (no cache). Each heuristic keeps, per head, the share of "
+      "`kvjax.compress.spkv`, gated question with each cached entry's "
+      "utility (`forward(cache_utility=)`: the same computation as one "
+      "gated pass); spkv_one_pass: that definition recomputed, one gated "
+      "pass over context + question (no cache), a check. Each heuristic "
+      "keeps, per head, the share of "
       "entries the gate kept on that task's rows (question-agnostic "
       "eviction, on the same weights without the gate). Command: "
       "`python -m experiments.spkv_equal_bytes "

@@ -5,6 +5,7 @@
   python -m experiments.sweep --config.model=hf:/path/to/llama \\
       --config.workdir=/tmp/sweep-llama           # any supported checkpoint
   python -m experiments.sweep --config=experiments/configs/sweep.py:full
+  python -m experiments.sweep --config=experiments/configs/sweep.py:spkv
   python -m experiments.sweep --config.model=hf:/path/to/checkpoint \\
       --config.tokens=raw       # no tokenizer.json: arbitrary token ids
   python -m experiments.sweep --config=experiments/configs/sweep.py:long \\
@@ -16,7 +17,9 @@ quantizers and one eviction + quantization composition at ratios
 {0, 0.5, 0.75, 0.9, 0.95} on five tasks, both question modes; about 10
 minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests),
 "full" (every registered method at three ratios; about 10 minutes on a
-2-core CPU, more rows and ratios on an accelerator) or "long"
+2-core CPU, more rows and ratios on an accelerator), "spkv" (the gated
+kvjax-tiny-spkv: SP-KV's learned write gate against the heuristics on the
+same weights; a few minutes) or "long"
 (the default's methods, ratios and tasks at a 32k context, bfloat16, the
 cache sharded along the sequence over every device; for accelerators, see
 `launch/tpu_pod.sh`). Any field can be overridden with
@@ -43,7 +46,7 @@ EVICTION = (
 )
 
 
-PRESETS = ("default", "smoke", "full", "long")
+PRESETS = ("default", "smoke", "full", "spkv", "long")
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
@@ -73,6 +76,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   # Method names (see experiments/sweep.py METHODS): eviction policies run
   # at every ratio > 0, quantizers once, "A+B" evicts with A then encodes
   # with B at every ratio > 0. Ratio 0 is the uncompressed model ("none").
+  # A learned method ("spkv") runs once per task, question-agnostic: its
+  # model's write gates set the budget (it needs a gated model).
   # Lists are comma-separated strings (easy to override on the command line).
   c.methods = ",".join(EVICTION + ("kivi2", "turboquant3", "snapkv+kivi2"))
   c.ratios = "0,0.5,0.75,0.9,0.95"  # Eviction ratios (share removed).
@@ -124,6 +129,26 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     )
     c.ratios = "0,0.5,0.9"
     c.workdir = "results/sweep_full"
+  elif preset == "spkv":
+    # SP-KV (learned write gates) on kvjax-tiny-spkv, kvjax-tiny fine-tuned
+    # with the gates (`experiments/spkv.py`): the gate keeps what it keeps
+    # (about a quarter of the entries at tau 0.5), the heuristics evict at
+    # ratios around it, all on the same weights and rows; results/
+    # sweep_spkv/ holds the committed copy.
+    c.model = "kvjax-tiny-spkv"
+    c.methods = ",".join(
+      (
+        "spkv",
+        "spkv+turboquant3",
+        "snapkv",
+        "expected_attention",
+        "h2o",
+        "adakv_snapkv",
+        "streaming_llm",
+      )
+    )
+    c.ratios = "0,0.5,0.75,0.9"
+    c.workdir = "results/sweep_spkv"
   elif preset == "long":
     # 32k positions. 64k and 128k: --config.context_len=65536 or 131072
     # (the cache grows linearly; add devices to the seq axis to keep the

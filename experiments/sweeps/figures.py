@@ -110,7 +110,7 @@ def _bytes_per_token(plt, rows, base, colors, path):
     ls="--",
     label="uncompressed (physical)",
   )
-  ax.set_xlabel("eviction ratio (quantizers at 0)")
+  ax.set_xlabel("eviction ratio (quantizers and learned methods at 0)")
   ax.set_ylabel("KV bytes per context token (solid: physical, dotted: logical)")
   ax.set_yscale("log")
   plotting.grid(ax, fontsize=7)

@@ -26,7 +26,9 @@ from experiments.sweeps import store
 from experiments.sweeps import tokens as tokens_lib
 from experiments.sweeps import units
 from experiments.sweeps.task_data import TaskData
+from kvjax import model as model_lib
 from kvjax import parallel
+from kvjax.compress import registry
 
 
 def run(cfg) -> list[dict[str, Any]]:
@@ -60,6 +62,17 @@ def _run(cfg) -> list[dict[str, Any]]:
   planned = plan.plan_units(cfg)
   path = os.path.join(cfg.workdir, "results.jsonl")
   config, params = common.load_model(cfg.model, cfg.dtype)
+  learned = [
+    m
+    for m in plan.parse_list(cfg.methods, field="methods")
+    if registry.is_learned(m)
+  ]
+  if learned and not model_lib.has_write_gate(params):
+    raise ValueError(
+      f"config.methods has learned methods {learned}, which read a model's "
+      f"write gates; config.model={cfg.model!r} has none (use "
+      "config.model=kvjax-tiny-spkv: the 'spkv' preset)."
+    )
   tokens = tokens_lib.load(cfg)
   tag = store.run_tag(cfg, config, params)
   # Only the writer reads its file: another process's copy (an unshared

@@ -1,9 +1,13 @@
 """What a sweep runs: the config's checks and its units, in run order.
 
 A unit is a dict (method, ratio, task, mode). Methods are names of
-`kvjax.compress.registry` ("snapkv", "kivi2", "snapkv+kivi2") or the
-uncompressed baseline `BASELINE`, which runs once per task, question-
+`kvjax.compress.registry` ("snapkv", "kivi2", "snapkv+kivi2", "spkv") or
+the uncompressed baseline `BASELINE`, which runs once per task, question-
 agnostic only (it does not compress, so the mode changes nothing).
+A learned method (SP-KV, `registry.LEARNED_NAMES`) also runs once per task
+and question-agnostic only: its model's gates decide what is written as
+each entry is written, before any question exists; it needs a model with
+write gates (config.model=kvjax-tiny-spkv, the "spkv" preset).
 """
 
 from __future__ import annotations
@@ -109,6 +113,17 @@ def validate_config(cfg) -> None:
       )
   if not parse_list(cfg.ratios, float, "ratios"):
     raise ValueError("config.ratios is empty.")
+  learned = [
+    m
+    for m in parse_list(cfg.methods, field="methods")
+    if m.split(registry.SEPARATOR)[0] in registry.LEARNED_NAMES
+  ]
+  if learned and cfg.get("mesh", ""):
+    raise ValueError(
+      f"config.methods has learned methods {learned}: their gated "
+      "attention runs on the reference backend on one device; run them "
+      f"without config.mesh (got {cfg.mesh!r})."
+    )
   try:
     resolve_backend(cfg.backend)
   except (TypeError, ValueError) as e:
@@ -128,8 +143,9 @@ def method_parts(method: str) -> tuple[str | None, str | None]:
   return (None, None) if method == BASELINE else registry.parse(method)
 
 
-def method_transform(method: str, ratio: float):
-  """The transform of `method` at eviction `ratio`; None for the baseline.
+def method_transform(method: str, ratio: float, capacity: int | None = None):
+  """The transform of `method` at eviction `ratio` (a learned method: at
+  static head `capacity`); None for the baseline.
 
   Transforms compare by value, so the transform built anew for each unit
   reuses the program compiled for the first task.
@@ -139,7 +155,15 @@ def method_transform(method: str, ratio: float):
   """
   if method == BASELINE:
     return None
+  if registry.is_learned(method):
+    return registry.build(method, capacity=capacity)
   return registry.build(method, ratio)
+
+
+def single_unit(method: str) -> bool:
+  """Whether `method` runs once per task (at ratio 0): a codec alone and a
+  learned method take no ratio."""
+  return not registry.takes_ratio(method)
 
 
 def plan_units(cfg) -> list[dict[str, Any]]:
@@ -155,7 +179,8 @@ def plan_units(cfg) -> list[dict[str, Any]]:
   tasks = parse_list(cfg.tasks, field="tasks")
   modes = parse_list(cfg.modes, field="modes")
   # The baseline is no method: it runs with every sweep.
-  parts = {m: registry.parse(m) for m in methods}  # validates the names
+  for m in methods:
+    registry.parse(m)  # validates the names
   for r in ratios:
     if not 0.0 <= r < 1.0:
       raise ValueError(f"ratios must be in [0, 1), got {r}.")
@@ -178,21 +203,23 @@ def plan_units(cfg) -> list[dict[str, Any]]:
       raise ValueError(f"config.{field} lists {repeated} more than once.")
   configs = [(BASELINE, 0.0)]
   for m in methods:
-    if parts[m][0] is None:  # a codec alone: no ratio
+    if single_unit(m):  # a codec alone or a learned method: no ratio
       configs.append((m, 0.0))
     else:
       configs += [(m, r) for r in ratios if r > 0]
   for m, r in configs[1:]:  # a composition `chain` refuses fails here
     try:
-      registry.build(m, r if parts[m][0] is not None else None)
+      registry.build(m, None if single_unit(m) else r)
     except (TypeError, ValueError) as e:
       raise ValueError(
         f"config.methods: {m} at ratio {r:g} cannot be built: {e}"
       ) from e
+  # The baseline and learned methods observe no question: agnostic only.
+  agnostic_only = lambda m: m == BASELINE or registry.is_learned(m)
   return [
     dict(method=m, ratio=r, task=t, mode=mode)
     for mode in modes
     for m, r in configs
     for t in tasks
-    if not (m == BASELINE and mode == "aware")
+    if not (agnostic_only(m) and mode == "aware")
   ]

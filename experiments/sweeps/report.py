@@ -13,6 +13,7 @@ import numpy as np
 
 from experiments.sweeps import metrics
 from experiments.sweeps import plan
+from kvjax.compress import registry
 
 _HEADER = (
   "| mode | method | ratio | accuracy | hallucination | abstention "
@@ -62,10 +63,11 @@ def _table(groups, base_bytes: float) -> list[str]:
     has_codec = plan.method_parts(method)[1] is not None
     coded = f"{np.mean(coded):.2f}" if coded and has_codec else "-"
     means = [format(metrics.mean(rs, field), fmt) for field, fmt in _MEANS]
+    learned = method != plan.BASELINE and registry.is_learned(method)
     cells = (
       mode,
       method,
-      f"{ratio:g}",
+      "learned" if learned else f"{ratio:g}",
       *means,
       f"{logical:.0f}",
       f"{1 - logical / base_bytes:.3f}",
@@ -93,7 +95,9 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
   facts = {"collapse_ratio": {}, "pearson_ger_hallucination": {}}
   base_acc = metrics.mean(list(base.values()), "accuracy")
   for (mode, method, ratio), rs in sorted(groups.items()):
-    if method == plan.BASELINE or not evicts(method):
+    # A learned method has no ratio to collapse at (its keep is in the
+    # table: "kept" and "saved").
+    if method == plan.BASELINE or not registry.takes_ratio(method):
       continue
     key = f"{mode}/{method}"
     if metrics.mean(rs, "accuracy") < 0.5 * base_acc:

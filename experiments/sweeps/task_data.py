@@ -28,6 +28,7 @@ from kvjax import model as model_lib
 from kvjax import parallel
 from kvjax.analysis import graph as graph_lib
 from kvjax.analysis import support as support_lib
+from kvjax import attention as attention_lib
 from kvjax.attention import resolve_backend
 from kvjax.tasks import generators
 from kvjax.tasks import suite
@@ -36,9 +37,20 @@ from kvjax.tasks import suite
 _OBSERVED = ("q", "q_pre_rope", "attn_mass")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture", "backend"))
+@functools.partial(
+  jax.jit, static_argnames=("config", "capture", "backend", "write_gate")
+)
 def _question(
-  params, cache, question, mask, *, config, backend, capture=("attn_probs",)
+  params,
+  cache,
+  question,
+  mask,
+  cache_utility=None,
+  *,
+  config,
+  backend,
+  capture=("attn_probs",),
+  write_gate=None,
 ):
   """Teacher-forced question on a (compressed) cache, with attention."""
   logits, cache, aux = model_lib.forward(
@@ -49,15 +61,29 @@ def _question(
     token_mask=mask,
     capture=capture,
     backend=backend,
+    write_gate=write_gate,
+    cache_utility=cache_utility,
   )
   return logits, aux, cache.pos, cache.valid, cache.end
 
 
 def ask(
-  params, cache, question, mask, *, config, backend, capture=("attn_probs",)
+  params,
+  cache,
+  question,
+  mask,
+  *,
+  config,
+  backend,
+  capture=("attn_probs",),
+  write_gate=None,
+  cache_utility=None,
 ):
   """The question teacher-forced on `cache`: (logits [B, Tq, V], the
-  captures, cache.pos, cache.valid) after it.
+  captures, cache.pos, cache.valid) after it. A learned method's question
+  runs under its `write_gate`, the cached entries biased by their
+  `cache_utility` (`kvjax.compress.spkv.cache_utility`; the reference
+  backend), as one gated pass over context and question would.
 
   Raises:
     ValueError: the question did not fit into the cache (under jit the
@@ -70,9 +96,11 @@ def ask(
       cache,
       question,
       mask,
+      cache_utility,
       config=config,
-      backend=backend,
+      backend=attention_lib.Backend.REFERENCE if write_gate else backend,
       capture=capture,
+      write_gate=write_gate,
     )
   )
   most = int(np.max(np.asarray(end)))
@@ -91,6 +119,24 @@ def _prefill(params, context, *, config, capacity, backend):
   cache = kvjax.init_cache(config, context.shape[0], capacity)
   _, cache, aux = model_lib.forward(
     params, context, cache, config=config, capture=_OBSERVED, backend=backend
+  )
+  return cache, aux
+
+
+@functools.partial(
+  jax.jit, static_argnames=("config", "capacity", "write_gate")
+)
+def _gated_prefill(params, context, *, config, capacity, write_gate):
+  """A learned method's prefill: the context under its hard write gate
+  (reference backend), with what transforms observe and the utilities."""
+  cache = kvjax.init_cache(config, context.shape[0], capacity)
+  _, cache, aux = model_lib.forward(
+    params,
+    context,
+    cache,
+    config=config,
+    capture=_OBSERVED + ("write_utility",),
+    write_gate=write_gate,
   )
   return cache, aux
 
@@ -245,6 +291,22 @@ class TaskData:
         self._answer_rows(probs), share=float(cfg.support_share)
       )
     )
+
+  def gated(self, write_gate):
+    """(cache, observed) of the context prefilled under a learned method's
+    `write_gate` (`kvjax.model.WriteGate`; computed once per gate and
+    task): what its units compress, with the "write_utility" capture."""
+    if not hasattr(self, "_gated"):
+      self._gated = {}
+    if write_gate not in self._gated:
+      self._gated[write_gate] = _gated_prefill(
+        self.params,
+        self.context,
+        config=self.config,
+        capacity=self.cache.capacity,
+        write_gate=write_gate,
+      )
+    return self._gated[write_gate]
 
   def _answer_rows(self, probs):
     """probs [L, B, N, Tq, S] at the rows predicting answers -> [L,B,N,A,S]."""

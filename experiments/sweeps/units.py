@@ -23,6 +23,10 @@ import kvjax
 from kvjax import compress
 from kvjax import parallel
 from kvjax.cache import coded_share, kv_bytes, logical_bytes
+from kvjax.compress import registry
+
+# (`kvjax.compress.spkv` is the transform; the module by its full path)
+from kvjax.compress.spkv import cache_utility, kept_counts
 from kvjax.tasks import scoring
 
 
@@ -48,20 +52,62 @@ def extra_inputs(td: TaskData, transform) -> dict[str, Any]:
   return {n: available[n] for n in transform.extras if n in available}
 
 
+def compress_learned(td: TaskData, unit: dict[str, Any]):
+  """A learned method's unit (SP-KV): the context prefilled under the
+  method's hard write gate, compressed by its transform at the largest
+  head budget the gate kept (`kept_counts`: the cache physically
+  that small, the head padding in the bytes), and the question's side
+  inputs (the gate, each cached entry's utility) so that the question
+  sees exactly what one gated pass would.
+
+  Returns:
+    (cache, dict of `ask` keyword arguments).
+  """
+  gate = registry.write_gate(unit["method"])
+  cache, observed = td.gated(gate)
+  mask = np.asarray(td.context_mask)
+  counts = kept_counts(
+    np.asarray(observed["write_utility"]), mask, gate.tau, gate.window
+  )
+  transform = plan.method_transform(
+    unit["method"], unit["ratio"], capacity=int(counts.max())
+  )
+  cache = kvjax.compress_cache(
+    cache,
+    transform,
+    config=td.config,
+    observed=observed,
+    positions=td.context_pos,
+    mask=td.context_mask,
+    reserve=td.Tq,
+  )
+  utility = cache_utility(
+    cache, observed["write_utility"], td.context_pos, td.context_mask
+  )
+  return cache, dict(write_gate=gate, cache_utility=utility)
+
+
 def compress_unit(td: TaskData, unit: dict[str, Any]):
   """The task's prefilled cache compressed as `unit` says (method, ratio,
-  mode); the uncompressed cache for the baseline.
+  mode); the uncompressed cache for the baseline. A learned method:
+  `compress_learned`.
+
+  Returns:
+    (cache, dict of `ask` keyword arguments: empty but for learned
+    methods).
 
   Raises:
     compress.Degenerate: the transform would compress nothing here.
   """
+  if unit["method"] != plan.BASELINE and registry.is_learned(unit["method"]):
+    return compress_learned(td, unit)
   transform = plan.method_transform(unit["method"], unit["ratio"])
   if transform is None:
-    return td.cache
+    return td.cache, {}
   extra = extra_inputs(td, transform)
   # Aware: as kvjax.compress_observing, reusing the question run.
   agnostic = unit["mode"] == "agnostic"
-  return kvjax.compress_cache(
+  cache = kvjax.compress_cache(
     td.cache,
     transform,
     config=td.config,
@@ -75,6 +121,7 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
     tokens=td.context,
     **extra,
   )
+  return cache, {}
 
 
 def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +138,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     reason=reason,
   )
   try:
-    cache = compress_unit(td, unit)
+    cache, side = compress_unit(td, unit)
   except compress.Degenerate as e:
     return refuse(str(e))
   # What the metrics read, on the host (gathered from every process under
@@ -110,6 +157,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     td.qmask,
     config=td.config,
     backend=td.backend,
+    **side,
   )
   probs = aux["attn_probs"]
   logits = np.asarray(logits)
@@ -155,6 +203,8 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     ger_per_layer=eviction["ger_per_layer"],
     reachability=eviction["reachability"],
     kl=kl,
+    # Entries the compressed cache holds per context entry (measured).
+    kept_share=float(np.sum(host.valid) / np.sum(td.cache.valid)),
     physical_bytes_per_token=kv_bytes(host) / tokens,
     logical_bytes_per_token=logical_bytes(host) / tokens,
     coded_share=list(coded_share(host)),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from experiments.sweeps import report
 from experiments.sweeps import store
 from experiments.sweeps import units
 from experiments.sweeps.task_data import TaskData
+import kvjax
 from kvjax import compress
 from kvjax.tasks import suite
 
@@ -143,6 +145,68 @@ def test_every_default_method_runs_once(tmp_path):
       assert coded == 1.0
     else:
       assert coded == 0.0
+
+
+def test_learned_method_runs_once_on_the_gated_model(tmp_path):
+  """SP-KV in the sweep (kvjax-tiny-spkv): once per task, agnostic only;
+  its cache physically smaller; the question it answers is exactly one
+  gated pass over context + question; refused on an ungated model and on
+  a mesh before anything is written."""
+  cfg = _cfg(
+    tmp_path,
+    model="kvjax-tiny-spkv",
+    methods="spkv,snapkv",
+    ratios="0,0.75",
+    context_len=200,  # past the gate's window of 128
+    reachability=False,
+  )
+  units_ = plan.plan_units(cfg)
+  assert [
+    (u["method"], u["mode"]) for u in units_ if u["method"] == "spkv"
+  ] == [("spkv", "agnostic")]
+  rows = loop.run(cfg)
+  by = {(r["method"], r["mode"]): r for r in rows}
+  spkv_row, none = by[("spkv", "agnostic")], by[("none", "agnostic")]
+  assert spkv_row["status"] == "ok" and spkv_row["ratio"] == 0.0
+  assert 0.0 < spkv_row["kept_share"] < 1.0 and none["kept_share"] == 1.0
+  assert spkv_row["physical_bytes_per_token"] < none["physical_bytes_per_token"]
+  summary = open(os.path.join(tmp_path, "summary.md")).read()
+  assert "| agnostic | spkv | learned |" in summary
+  # The unit's question == one hard-gated pass over context + question.
+  config, params = common.load_model("kvjax-tiny-spkv")
+  td = TaskData(cfg, config, params, "needle")
+  cache, side = units.compress_unit(td, units_[1] | dict(method="spkv"))
+  logits, _, _, _ = units.ask(
+    params,
+    cache,
+    td.question,
+    td.qmask,
+    config=config,
+    backend=td.backend,
+    **side,
+  )
+  ids = jnp.concatenate([td.context, td.question], axis=1)
+  mask = jnp.concatenate([td.context_mask, td.qmask], axis=1)
+  whole = kvjax.forward(
+    params,
+    ids,
+    kvjax.init_cache(config, ids.shape[0], ids.shape[1]),
+    config=config,
+    token_mask=mask,
+    write_gate=side["write_gate"],
+  ).logits[:, td.L :]
+  real = np.asarray(td.qmask)
+  np.testing.assert_allclose(
+    np.asarray(logits)[real], np.asarray(whole)[real], atol=1e-4, rtol=1e-4
+  )
+  for bad, match in (
+    (dict(model="random:tiny"), "kvjax-tiny-spkv"),
+    (dict(mesh="seq:-1"), "without config.mesh"),
+  ):
+    workdir = tmp_path / "refused"
+    with pytest.raises(ValueError, match=match):
+      loop.run(_cfg(workdir, methods="spkv", **bad))
+    assert not workdir.exists()
 
 
 def test_bad_configs_fail_before_anything_is_written(tmp_path):
