@@ -6,6 +6,7 @@
       --config.workdir=/tmp/sweep-llama           # any supported checkpoint
   python -m experiments.sweep --config=experiments/configs/sweep.py:full
   python -m experiments.sweep --config=experiments/configs/sweep.py:spkv
+  python -m experiments.sweep --config=experiments/configs/sweep.py:reread
   python -m experiments.sweep --config.model=hf:/path/to/checkpoint \\
       --config.tokens=raw       # no tokenizer.json: arbitrary token ids
   python -m experiments.sweep --config=experiments/configs/sweep.py:long \\
@@ -19,7 +20,9 @@ minutes on a 2-core CPU), "smoke" (seconds, random weights; for tests),
 "full" (every registered method at three ratios; about 10 minutes on a
 2-core CPU, more rows and ratios on an accelerator), "spkv" (the gated
 kvjax-tiny-spkv: SP-KV's learned write gate against the heuristics on the
-same weights; a few minutes) or "long"
+same weights; a few minutes), "reread" (the default on a context read
+twice before compression, compute before eviction; about 10 minutes) or
+"long"
 (the default's methods, ratios and tasks at a 32k context, bfloat16, the
 cache sharded along the sequence over every device; for accelerators, see
 `launch/tpu_pod.sh`). Any field can be overridden with
@@ -46,7 +49,7 @@ EVICTION = (
 )
 
 
-PRESETS = ("default", "smoke", "full", "spkv", "long")
+PRESETS = ("default", "smoke", "full", "spkv", "reread", "long")
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
@@ -102,6 +105,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
   c.workdir = "runs/sweep"
   c.plots = True  # Write the PNG figures.
   c.stop_after_units = 0  # Stop after this many new units (0 = all); tests.
+  # Compute before eviction (`kvjax.ingest`): the context is read this many
+  # times in one causal prefill and every unit compresses the last read
+  # (1 = a plain prefill). Eviction policies and codecs only; per-slot
+  # attention readers are refused question-agnostic (rows say why).
+  c.ingest_passes = 1
 
   if preset == "smoke":
     c.model = "random:tiny"
@@ -149,6 +157,13 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     )
     c.ratios = "0,0.5,0.75,0.9"
     c.workdir = "results/sweep_spkv"
+  elif preset == "reread":
+    # The default sweep on a context read twice before compression
+    # (`kvjax.ingest`), kvjax-tiny as shipped (not trained to re-read):
+    # compare row by row with results/sweep/. results/sweep_reread2/ holds
+    # the committed copy.
+    c.ingest_passes = 2
+    c.workdir = "results/sweep_reread2"
   elif preset == "long":
     # 32k positions. 64k and 128k: --config.context_len=65536 or 131072
     # (the cache grows linearly; add devices to the seq axis to keep the

@@ -115,6 +115,7 @@ def _run(cfg) -> list[dict[str, Any]]:
       key=store.unit_key(unit, tag),
       model=cfg.model,
       context_len=td.L,
+      ingest_passes=td.passes,
       **tokens.row_fields(),
       includes_compile=program not in compiled,
     )

@@ -97,6 +97,7 @@ def validate_config(cfg) -> None:
     ("graph_eps", float, 0, 1, True, True),
     ("confidence", float, 0, 1, False, False),
     ("stop_after_units", int, 0, None, False, False),
+    ("ingest_passes", int, 1, None, False, False),
   ):
     _check_number(cfg, field, cast, lo, hi, lo_open, hi_open)
   if cfg.dtype not in ("float32", "bfloat16", "float16"):
@@ -123,6 +124,16 @@ def validate_config(cfg) -> None:
       f"config.methods has learned methods {learned}: their gated "
       "attention runs on the reference backend on one device; run them "
       f"without config.mesh (got {cfg.mesh!r})."
+    )
+  if int(cfg.ingest_passes) > 1 and (learned or cfg.get("mesh", "")):
+    raise ValueError(
+      f"config.ingest_passes={cfg.ingest_passes} re-reads the context on "
+      "one device, for eviction policies and codecs: not with "
+      + (
+        f"learned methods {learned}."
+        if learned
+        else f"config.mesh={cfg.mesh!r}."
+      )
     )
   try:
     resolve_backend(cfg.backend)
@@ -158,6 +169,39 @@ def method_transform(method: str, ratio: float, capacity: int | None = None):
   if registry.is_learned(method):
     return registry.build(method, capacity=capacity)
   return registry.build(method, ratio)
+
+
+# Of what a transform may read, what a re-read context cannot give: the
+# prefill's per-slot attention covers every read's slots (agnostic mode),
+# and a replay of the prompt's ids would be one read, at the wrong
+# positions.
+_PER_SLOT = frozenset({"attn_mass", "attn_probs"})
+
+
+def ingest_refusal(transform, mode: str, passes: int) -> str | None:
+  """Why `transform` cannot run on a context read `passes` times (the
+  row is marked refused with this reason), or None.
+
+  With passes > 1 the cache is the last read (`kvjax.ingest.last_read`):
+  question-agnostic transforms that read the prefill's per-slot
+  attention, and transforms that replay the prompt's ids, are refused, as
+  `kvjax.ingest.reread` refuses them.
+  """
+  if transform is None or passes == 1:
+    return None
+  needs = set(transform.needs)
+  if "tokens" in needs:
+    return (
+      f"{transform.name} replays the prompt's ids: one read, at positions "
+      f"the re-read context (ingest_passes={passes}) does not hold."
+    )
+  if mode == "agnostic" and needs & _PER_SLOT:
+    return (
+      f"{transform.name} reads the prefill's per-slot attention "
+      f"{sorted(needs & _PER_SLOT)}, which covers all {passes} reads, not "
+      "the last read it would compress."
+    )
+  return None
 
 
 def single_unit(method: str) -> bool:

@@ -129,7 +129,10 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     reasons = {}
     for r in skipped:
       reasons.setdefault((r["mode"], r["method"], r["ratio"]), r["reason"])
-    text += "\n\nRefused (the transform would compress nothing; no row):"
+    text += (
+      "\n\nRefused (no metrics: the transform would compress nothing, or "
+      "cannot run on this input):"
+    )
     for (mode, method, ratio), reason in sorted(reasons.items()):
       text += f"\n- {mode} {method} {ratio:g}: {reason}"
   return text, facts
@@ -182,11 +185,20 @@ def write(cfg, rows: list[dict[str, Any]], support: dict[str, Any]) -> str:
   text, facts = summarize(rows)
   facts["active_support"] = support
   facts["tokens"] = sorted({r.get("tokens", "raw") for r in rows})
+  passes = int(cfg.get("ingest_passes", 1))
+  ingest = (
+    f"Compute before eviction: the context was read {passes} times in one "
+    "causal prefill and every unit compressed the last read "
+    "(`kvjax.ingest`); the question continues after it. Reachability is "
+    "not computed.\n\n"
+    if passes > 1
+    else ""
+  )
   with open(os.path.join(cfg.workdir, "summary.md"), "w") as f:
     f.write(
       f"# Sweep of {cfg.model}, context {cfg.context_len}, "
       f"{cfg.num_examples} rows per task\n\n{tokens_note(cfg, rows)}"
-      f"{text}\n"
+      f"{ingest}{text}\n"
     )
   with open(os.path.join(cfg.workdir, "facts.json"), "w") as f:
     json.dump(facts, f, indent=2)

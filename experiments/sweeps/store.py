@@ -49,6 +49,7 @@ CODE_GLOBS = (
   "kvjax/checks.py",
   "kvjax/pretrained.py",
   "kvjax/hf.py",
+  "kvjax/ingest.py",  # config.ingest_passes > 1
   "kvjax/compress/*.py",
   "kvjax/parallel/*.py",
   "kvjax/analysis/*.py",
@@ -152,6 +153,8 @@ def run_tag(cfg, config, params) -> str:
     fields["mesh"] = parallel.mesh.parse_spec(cfg.mesh, jax.device_count())
   if not cfg.get("reachability", True):  # rows without that metric
     fields["reachability"] = False
+  if int(cfg.get("ingest_passes", 1)) != 1:  # a re-read context
+    fields["ingest_passes"] = int(cfg.ingest_passes)
   return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[
     :10
   ]

@@ -29,6 +29,7 @@ from kvjax import parallel
 from kvjax.analysis import graph as graph_lib
 from kvjax.analysis import support as support_lib
 from kvjax import attention as attention_lib
+from kvjax import ingest
 from kvjax.attention import resolve_backend
 from kvjax.tasks import generators
 from kvjax.tasks import suite
@@ -123,6 +124,24 @@ def _prefill(params, context, *, config, capacity, backend):
   return cache, aux
 
 
+@functools.partial(jax.jit, static_argnames=("config", "passes", "backend"))
+def _reread_prefill(params, context, *, config, passes, backend):
+  """The context read `passes` times in one causal prefill (`kvjax.ingest`):
+  the cache of every read and the last read's queries."""
+  B, L = context.shape
+  cache = kvjax.init_cache(config, B, passes * L)
+  _, cache, aux = model_lib.forward(
+    params,
+    jnp.tile(context, (1, passes)),
+    cache,
+    config=config,
+    capture=("q", "q_pre_rope"),
+    backend=backend,
+  )
+  last = {n: x[:, :, (passes - 1) * L :] for n, x in aux.items()}
+  return cache, last
+
+
 @functools.partial(
   jax.jit, static_argnames=("config", "capacity", "write_gate")
 )
@@ -173,7 +192,12 @@ class TaskData:
     query_pos [B, Tq]: positions of the real question tokens, -1 elsewhere.
     sources [B, A]: rows predicting answers (-1: none); targets: the
       answer-critical context positions.
-    cache: the uncompressed prefilled context (capacity T).
+    cache: the uncompressed prefilled context (capacity T); with
+      config.ingest_passes = P > 1 the last of P reads of the context in
+      one causal prefill (`kvjax.ingest`: every entry computed after the
+      whole context was read once more), its positions offset by
+      `offset` = (P - 1) L, the question continuing at P L.
+    passes, offset: P and (P - 1) L (1 and 0 for a plain prefill).
     context_observed / question_observed: the captures a transform reads
       in the agnostic / aware mode (with context_pos, context_mask /
       question_pos, observe_mask).
@@ -248,17 +272,39 @@ class TaskData:
     self.backend = resolve_backend(cfg.backend)
     # One prefill serves every unit: agnostic transforms observe the end of
     # the context, aware ones the question's own queries.
-    # Under a mesh that splits the slots: a capacity that splits evenly.
-    self.cache, self.context_observed = _prefill(
-      params,
-      self.context,
-      config=config,
-      capacity=parallel.mesh.round_up(T, parallel.seq_shards()),
-      backend=self.backend,
-    )
     B = self.context.shape[0]
-    self.context_pos = jnp.broadcast_to(jnp.arange(L), (B, L))
+    self.passes = int(cfg.get("ingest_passes", 1))
+    self.offset = (self.passes - 1) * L
+    self.context_pos = jnp.broadcast_to(self.offset + jnp.arange(L), (B, L))
     self.context_mask = jnp.ones((B, L), bool)
+    if self.passes == 1:
+      # Under a mesh that splits the slots: a capacity that splits evenly.
+      self.cache, self.context_observed = _prefill(
+        params,
+        self.context,
+        config=config,
+        capacity=parallel.mesh.round_up(T, parallel.seq_shards()),
+        backend=self.backend,
+      )
+    else:  # compute before eviction: read P times, keep the last read
+      every, self.context_observed = _reread_prefill(
+        params,
+        self.context,
+        config=config,
+        passes=self.passes,
+        backend=self.backend,
+      )
+      self.cache = kvjax.compress_cache(
+        every,
+        ingest.last_read(self.passes),
+        config=config,
+        observed={},
+        positions=jnp.broadcast_to(
+          jnp.arange(self.passes * L), (B, self.passes * L)
+        ),
+        mask=jnp.ones((B, self.passes * L), bool),
+        reserve=self.Tq,
+      )
     logits, aux, _, _ = ask(
       params,
       self.cache,
@@ -277,14 +323,19 @@ class TaskData:
         "lbnts,bt->lbns", probs, self.observe_mask.astype(jnp.float32)
       ),
     )
-    self.question_pos = jnp.asarray(np.maximum(self.query_pos, 0))
+    # Where the question really is (after the last read).
+    self.question_pos = jnp.asarray(np.maximum(self.query_pos, 0) + self.offset)
     # Oracle input: what the question's real queries pay to each slot.
     self.future_mass = jnp.einsum(
       "lbnts,bt->lbns", probs, self.qmask.astype(jnp.float32)
     )
-    # None: reachability off (config.reachability; [T, T] per layer).
+    # None: reachability off (config.reachability; [T, T] per layer), or
+    # a re-read context, whose last read's graph reaches into the reads
+    # before it (not computed).
     self.prefill_graph = (
-      self._prefill_graph(cfg) if cfg.get("reachability", True) else None
+      self._prefill_graph(cfg)
+      if cfg.get("reachability", True) and self.passes == 1
+      else None
     )
     self.support = np.asarray(
       support_lib.active_support(

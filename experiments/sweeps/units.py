@@ -137,6 +137,17 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     status="refused",
     reason=reason,
   )
+  reason = (
+    None
+    if unit["method"] == plan.BASELINE
+    else plan.ingest_refusal(
+      plan.method_transform(unit["method"], unit["ratio"]),
+      unit["mode"],
+      td.passes,
+    )
+  )
+  if reason is not None:
+    return refuse(reason)
   try:
     cache, side = compress_unit(td, unit)
   except compress.Degenerate as e:
@@ -185,8 +196,15 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     # tokens are found by: GER and reachability are not computed (None).
     eviction = dict(ger=None, ger_per_layer=None, reachability=None)
   else:
+    # A re-read context's last read sits `offset` positions later: the
+    # answer tokens are found at their context positions.
     eviction = metrics.answer_eviction(
-      td, host, probs, pos, valid, float(cfg.graph_eps)
+      td,
+      host._replace(pos=host.pos - td.offset),
+      probs,
+      pos - td.offset,
+      valid,
+      float(cfg.graph_eps),
     )
   tokens = td.batch.batch_size * td.L  # context tokens (text: tokenized)
   return dict(

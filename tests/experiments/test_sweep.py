@@ -23,6 +23,7 @@ from experiments.sweeps import units
 from experiments.sweeps.task_data import TaskData
 import kvjax
 from kvjax import compress
+from kvjax import ingest
 from kvjax.tasks import suite
 
 
@@ -207,6 +208,45 @@ def test_learned_method_runs_once_on_the_gated_model(tmp_path):
     with pytest.raises(ValueError, match=match):
       loop.run(_cfg(workdir, methods="spkv", **bad))
     assert not workdir.exists()
+
+
+def test_reread_context_compresses_the_last_read(tmp_path):
+  """config.ingest_passes=2 (compute before eviction): every unit
+  compresses the last of two reads; the baseline's question equals
+  `kvjax.ingest.reread` then a question on the same weights; eviction
+  keeps one read's bytes and finds the answer tokens at their context
+  positions; per-slot attention readers are refused question-agnostic,
+  saying why, and run question-aware."""
+  cfg = _cfg(tmp_path, methods="snapkv,h2o", ingest_passes=2)
+  rows = loop.run(cfg)
+  by = {(r["method"], r["mode"]): r for r in rows}
+  assert all(r["ingest_passes"] == 2 for r in rows)
+  refused = by[("h2o", "agnostic")]
+  assert refused["status"] == "refused" and "all 2 reads" in refused["reason"]
+  assert by[("h2o", "aware")]["status"] == "ok"
+  snap, none = by[("snapkv", "agnostic")], by[("none", "agnostic")]
+  assert snap["ger"] is not None and snap["reachability"] is None
+  assert snap["kept_share"] == pytest.approx(0.5, abs=0.05)
+  config, params = common.load_model(cfg.model)
+  td = TaskData(cfg, config, params, "needle")
+  L = td.L
+  pos, valid = np.asarray(td.cache.pos), np.asarray(td.cache.valid)
+  assert sorted(set(pos[valid].tolist())) == list(range(L, 2 * L))
+  out = ingest.reread(
+    params, td.context, config=config, passes=2, reserve=td.Tq
+  )
+  want = kvjax.forward(
+    params, td.question, out.cache, config=config, token_mask=td.qmask
+  ).logits
+  real = np.asarray(td.qmask)
+  np.testing.assert_allclose(
+    td.logits[real], np.asarray(want)[real], atol=1e-4, rtol=1e-4
+  )
+  # One read's bytes: K and V of every layer and kv head per token.
+  per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+  assert none["logical_bytes_per_token"] == per_token
+  with pytest.raises(ValueError, match="ingest_passes"):
+    plan.plan_units(_cfg(tmp_path, ingest_passes=0))
 
 
 def test_bad_configs_fail_before_anything_is_written(tmp_path):
