@@ -1330,9 +1330,10 @@ def generate(
       along `heads`, params replicated; the same tokens as on one device.
       None: the default device.
     write_gate: a `kvjax.model.WriteGate` on the prompt's attention (see
-      `prefill`); with `kvjax.compress.spkv` (every=1) the decoded tokens
-      are those of one gated pass. The prefill runs on the reference
-      backend; decode on `backend`.
+      `prefill`); needs a transform that gates every decode step
+      (`kvjax.compress.spkv` with every=1), so the decoded tokens are those
+      of one gated pass (refused otherwise). The prefill runs on the
+      reference backend; decode on `backend`.
     **extra: passed to the transform.
 
   Returns:
@@ -1369,6 +1370,20 @@ def generate(
   cache_dtype = checks.check_cache_dtype(cache_dtype)
   prefill_chunk = checks.check_prefill_chunk(prefill_chunk)
   write_gate = _check_gate_use(params, write_gate, backend, prefill_chunk)
+  if write_gate is not None and not (
+    transform is not None
+    and "write_utility" in transform.needs
+    and transform.every == 1
+  ):
+    # Decode steps attend ungated: only a gate transform acting every
+    # step (spkv, every=1) removes each entry as it leaves the window.
+    raise ValueError(
+      "generate(write_gate=...) gates the prompt; its decode steps stay one "
+      "gated pass only through a transform that drops gated entries every "
+      "step (kvjax.compress.spkv with every=1, alone or in a chain), got "
+      f"transform={getattr(transform, 'name', transform)!r}"
+      + (f" acting every {transform.every} steps." if transform else ".")
+    )
   capacity = checks.check_capacity(
     capacity,
     T + max_new_tokens - 1,

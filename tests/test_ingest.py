@@ -160,6 +160,32 @@ def test_compress_the_last_read_then_question_then_decode(count_compiles):
   assert hash(ingest.last_read(2)) == hash(ingest.last_read(2))
 
 
+@pytest.mark.parametrize(
+  "policy", [compress.streaming_llm(0.5), compress.expected_attention(0.5)]
+)
+def test_sinks_after_a_reread_are_the_last_reads_first_positions(policy):
+  """Attention sinks are the first positions the cache holds: after two
+  reads, the last read's first 4 (positions 0-3 left with the first
+  read), so StreamingLLM and Expected Attention keep sinks on a re-read
+  context as on a plain one."""
+  for passes in (1, 2):
+    out = ingest.reread(
+      PARAMS,
+      CONTEXT,
+      config=CONFIG,
+      passes=passes,
+      transform=policy,
+      prompt_lengths=LENGTHS,
+    )
+    pos, valid = np.asarray(out.cache.pos), np.asarray(out.cache.valid)
+    for b, n in enumerate([40, 29]):
+      start = (passes - 1) * n
+      kept = pos[:, b][valid[:, b]]
+      for sink in range(start, start + 4):
+        assert np.all(np.sum(pos[:, b] == sink, axis=-1) == 1), (passes, b)
+      assert kept.min() == start
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match="passes"):
     ingest.last_read(0)

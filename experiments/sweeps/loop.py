@@ -110,6 +110,9 @@ def _run(cfg) -> list[dict[str, Any]]:
     td = task(unit["task"])
     # Text tasks may differ in shape: each shape compiles its own program.
     program = (unit["method"], unit["ratio"], unit["mode"], td.L, td.T)
+    if unit["method"] != plan.BASELINE and registry.is_learned(unit["method"]):
+      # Its capacity is the gate's largest head budget on these rows.
+      program += (unit["task"],)
     row = units.run_unit(cfg, td, unit)
     row.update(
       key=store.unit_key(unit, tag),

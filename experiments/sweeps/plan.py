@@ -125,6 +125,12 @@ def validate_config(cfg) -> None:
       "attention runs on the reference backend on one device; run them "
       f"without config.mesh (got {cfg.mesh!r})."
     )
+  if learned and "agnostic" not in parse_list(cfg.modes, field="modes"):
+    raise ValueError(
+      f"config.methods has learned methods {learned}, which run "
+      "question-agnostic only (the gate decides as entries are written); "
+      f"config.modes={cfg.modes!r} has no 'agnostic'."
+    )
   if int(cfg.ingest_passes) > 1 and (learned or cfg.get("mesh", "")):
     raise ValueError(
       f"config.ingest_passes={cfg.ingest_passes} re-reads the context on "

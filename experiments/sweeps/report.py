@@ -95,8 +95,8 @@ def summarize(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
   facts = {"collapse_ratio": {}, "pearson_ger_hallucination": {}}
   base_acc = metrics.mean(list(base.values()), "accuracy")
   for (mode, method, ratio), rs in sorted(groups.items()):
-    # A learned method has no ratio to collapse at (its keep is in the
-    # table: "kept" and "saved").
+    # A learned method has no ratio to collapse at (what it keeps shows in
+    # the table's logical bytes and compression, and rows' kept_share).
     if method == plan.BASELINE or not registry.takes_ratio(method):
       continue
     key = f"{mode}/{method}"

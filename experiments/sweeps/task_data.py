@@ -323,6 +323,8 @@ class TaskData:
         "lbnts,bt->lbns", probs, self.observe_mask.astype(jnp.float32)
       ),
     )
+    # Live entries of the uncompressed cache (on the host: all processes).
+    self.entries = int(np.sum(parallel.to_host(self.cache.valid)))
     # Where the question really is (after the last read).
     self.question_pos = jnp.asarray(np.maximum(self.query_pos, 0) + self.offset)
     # Oracle input: what the question's real queries pay to each slot.

@@ -126,8 +126,14 @@ def compress_unit(td: TaskData, unit: dict[str, Any]):
 
 def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
   """One unit's row; a transform that refuses the input (it would compress
-  nothing, `compress.Degenerate`) gives a row marked "refused" with the
-  reason and no metrics."""
+  nothing, `compress.Degenerate`, or cannot run on a re-read context,
+  `plan.ingest_refusal`) gives a row marked "refused" with the reason and
+  no metrics."""
+  learned = unit["method"] != plan.BASELINE and registry.is_learned(
+    unit["method"]
+  )
+  if learned:  # the task's gated prefill, as the others' is, untimed
+    td.gated(registry.write_gate(unit["method"]))
   t0 = time.perf_counter()
   refuse = lambda reason: dict(
     method=unit["method"],
@@ -222,7 +228,7 @@ def run_unit(cfg, td: TaskData, unit: dict[str, Any]) -> dict[str, Any]:
     reachability=eviction["reachability"],
     kl=kl,
     # Entries the compressed cache holds per context entry (measured).
-    kept_share=float(np.sum(host.valid) / np.sum(td.cache.valid)),
+    kept_share=float(np.sum(host.valid) / td.entries),
     physical_bytes_per_token=kv_bytes(host) / tokens,
     logical_bytes_per_token=logical_bytes(host) / tokens,
     coded_share=list(coded_share(host)),

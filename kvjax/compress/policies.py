@@ -163,16 +163,34 @@ def knorm_scorer() -> Scorer:
   return Scorer(score, (), "knorm")
 
 
+def first_position(cache: KVCache) -> Array:
+  """[B] the earliest position each row holds (0 for a row without any).
+
+  Attention sinks are the first `n_sink` positions of the sequence the
+  cache holds: positions 0.. for a prompt, the last read's first
+  positions after `kvjax.ingest.last_read` drops the reads before it."""
+  big = jnp.iinfo(jnp.int32).max
+  first = jnp.min(jnp.where(cache.valid, cache.pos, big), axis=(0, 2, 3))
+  return jnp.where(first == big, 0, first)
+
+
+def _sinks(cache: KVCache, n_sink: int) -> Array:
+  """[L, B, K, S] bool: the row's first `n_sink` positions."""
+  first = first_position(cache)[None, :, None, None]
+  return cache.valid & (cache.pos < first + n_sink)
+
+
 @base.by_value
 def streaming_llm_scorer(n_sink: int = 4) -> Scorer:
-  """Sinks (positions < n_sink) first, then the most recent positions."""
+  """Sinks (the row's first n_sink positions, `first_position`) first,
+  then the most recent positions."""
 
   _check_int(n_sink, "n_sink", 0)
 
   def score(cache, ctx):
     del ctx
     pos = cache.pos.astype(jnp.float32)
-    return jnp.where(cache.pos < n_sink, _BIG, pos)
+    return jnp.where(_sinks(cache, n_sink), _BIG, pos)
 
   return Scorer(score, (), "streaming_llm")
 
@@ -259,7 +277,8 @@ def expected_attention_scorer(
   next `n_future_positions` positions, and scores each non-sink key by
   softmax(k.mu/sqrt(d) + k^T Sigma k/(2d)) (softmax over the non-sink keys
   of the row), averaged over the query heads of the kv head, times ||v||.
-  Sinks are always kept.
+  Sinks (the row's first `n_sink` positions, `first_position`) are always
+  kept.
   """
   _check_int(n_future_positions, "n_future_positions", 1)
   _check_int(n_sink, "n_sink", 0)
@@ -272,7 +291,8 @@ def expected_attention_scorer(
 
   def score(cache, ctx):
     qpr = ctx.q_pre_rope.astype(jnp.float32)  # [L, B, T, N, H]
-    use = ctx.q_mask & (ctx.q_pos >= n_sink)  # [B, T]
+    first = first_position(cache)  # [B]
+    use = ctx.q_mask & (ctx.q_pos >= first[:, None] + n_sink)  # [B, T]
     count = jnp.maximum(jnp.sum(use, axis=1), 1).astype(jnp.float32)  # [B]
     wts = use.astype(jnp.float32)[None, :, :, None, None]  # [1, B, T, 1, 1]
     mu = jnp.sum(qpr * wts, axis=2) / count[None, :, None, None]  # [L,B,N,H]
@@ -312,7 +332,8 @@ def expected_attention_scorer(
       logits = (
         logits + jnp.einsum("lbnsi,lbnij,lbnsj->lbns", kn, cov, kn) / H / 2
       )
-    non_sink = cache.valid & (cache.pos >= n_sink)
+    sinks = _sinks(cache, n_sink)
+    non_sink = cache.valid & ~sinks
     non_sink_n = jnp.repeat(non_sink, G, axis=2)
     logits = jnp.where(non_sink_n, logits, -jnp.inf)
     probs = jnp.where(non_sink_n, jax.nn.softmax(logits, axis=-1), 0.0)
@@ -320,7 +341,7 @@ def expected_attention_scorer(
     if use_vnorm:
       vnorm = jnp.linalg.norm(cache.v.astype(jnp.float32), axis=-1)
       s = (s + epsilon) * vnorm
-    return jnp.where(cache.valid & (cache.pos < n_sink), _BIG, s)
+    return jnp.where(sinks, _BIG, s)
 
   return Scorer(score, ("q_pre_rope",), "expected_attention")
 

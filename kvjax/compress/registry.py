@@ -14,8 +14,9 @@ of a results row is the name of the transform that computed it.
 
 A learned method evicts what a model with write gates (SP-KV,
 `kvjax-tiny-spkv`) marks as not worth writing: its budget is the model's,
-not a ratio, so it is built without one (and composes with a codec as a
-policy does, "spkv+kivi2"); `capacity` sets its static head budget.
+not a ratio, so it is built without one (and composes with a per-entry
+codec as a policy does, "spkv+turboquant3"); `capacity` sets its static
+head budget.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A model with write gates (`params["write_gate"]`, `kvjax.model.add_write_gate`)
 gives every new entry a utility u in (0, 1) per kv head, from the normed
 layer input (the "write_utility" tap, [L, B, T, K]). SP-KV's hard gate keeps
-an entry only if u >= tau or it lies in the local window (the `window` most
-recent positions); the others are never written to the long-term cache.
+an entry only if u >= tau or it lies in the local window (a query sees its
+`window - 1` predecessors unbiased); the others are never written to the
+long-term cache.
 
 `spkv(tau, window)` does this to a kvjax cache:
 
@@ -125,7 +126,10 @@ def cache_utility(
 
   Returns:
     Each valid slot's utility found by its position in that pass; 1
-    (admitted) for slots it did not write and for empty slots.
+    (admitted) for slots it did not write and for empty slots. So entries
+    written after that pass (a question, decoded tokens) count as
+    admitted: a later multi-token call is one gated pass only if its
+    utilities are merged in (call again with that call's capture).
   """
   ones = jnp.ones(cache.pos.shape, jnp.float32)
   u, _ = observed_utility(
@@ -214,7 +218,8 @@ def spkv(
       compact in place).
 
   Returns:
-    A `KVTransform` with state `SPKVState`.
+    A `KVTransform` with state `SPKVState`, named "spkv" whatever its
+    arguments (as "snapkv" is at every ratio; they compare by value).
 
   Raises:
     ValueError: tau outside [0, 1], window / capacity / every < 1.

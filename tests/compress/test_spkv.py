@@ -425,6 +425,17 @@ def test_gate_arguments_are_checked():
     )
   with pytest.raises(ValueError, match="reference backend"):
     kvjax.prefill(PARAMS, TOKENS, config=CONFIG, write_gate=HARD, backend="xla")
+  # Decode steps stay gated only through spkv acting every step.
+  for transform in (None, spkv(TAU, W, every=2), compress.snapkv(0.5)):
+    with pytest.raises(ValueError, match="every step"):
+      kvjax.generate(
+        PARAMS,
+        TOKENS,
+        config=CONFIG,
+        max_new_tokens=2,
+        write_gate=HARD,
+        transform=transform,
+      )
   plain = kvjax.init_params(CONFIG, jax.random.key(0), std=0.1)
   with pytest.raises(ValueError, match="no 'write_gate'"):
     kvjax.generate(
