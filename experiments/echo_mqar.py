@@ -1,8 +1,9 @@
 """Echo memory vs a same-bytes linear memory vs kvjax-tiny on MQAR-32.
 
 Trains a small `kvjax.echo` model (every layer reads a fixed-size Echo
-state) on MQAR with a curriculum of key-value pairs, then scores MQAR with
-32 pairs at long contexts (the pairs open the sequence, filler up to the
+state, or, with `layer_memories`, some layers attend over a KV cache or a
+sliding-window ring) on MQAR with a curriculum of key-value pairs, then
+scores MQAR with 32 pairs at long contexts (the pairs open the sequence, filler up to the
 context length, then the 32 queries), with the bytes of the state each row
 carries. The same job trains the linear-attention baseline whose state has
 the same bytes, and scores kvjax-tiny (the shipped KV-cache model) on the
@@ -35,6 +36,20 @@ The rows of results/memories/echo_mqar.md came from these (2-core CPU):
   # kvjax-tiny (no training)
   python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
       --config.memory=kvjax-tiny
+  # hybrids: attn W=64 + echo r=16 K0, attn W=64 + echo r=16 (K = 2),
+  # attn full + echo r=16 K0 (2,000 steps each)
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=64 \
+      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
+      --config.max_steps=2000 --config.warmup_steps=20
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=64 \
+      --config.power_k=2 --config.max_minutes=14 --config.max_steps=2000 \
+      --config.warmup_steps=20
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=0 \
+      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
+      --config.max_steps=2000 --config.warmup_steps=20
 """
 
 import json
@@ -60,8 +75,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 
 def echo_config(cfg) -> echo.EchoConfig:
-  """The EchoConfig of the job (the linear rank matched to Echo's bytes)."""
+  """The EchoConfig of the job (the linear rank matched to Echo's bytes;
+  `cfg.layer_memories` "attention,echo" makes a hybrid)."""
+  kinds = tuple(k.strip() for k in cfg.layer_memories.split(",") if k.strip())
   c = echo.EchoConfig(
+    memory="echo" if kinds else cfg.memory,
+    layer_memories=kinds or None,
+    attention_window=cfg.attention_window or None,
     d_model=cfg.d_model,
     num_layers=cfg.num_layers,
     num_heads=cfg.num_heads,
@@ -72,9 +92,31 @@ def echo_config(cfg) -> echo.EchoConfig:
     power_iters=cfg.power_iters,
     chunk_size=cfg.chunk_size,
   )
-  if cfg.memory == "linear":
+  if cfg.memory == "linear" and not kinds:
     c = c.replace(memory="linear", rank=echo.matched_linear_rank(c))
   return c
+
+
+def model_name(config: echo.EchoConfig, tag: str) -> tuple[str, str]:
+  """The table's model and state names: "echo r=16 K0" for a one-kind
+  model, "attn W=64 + echo r=16 K0" for a hybrid (layer order)."""
+  parts, states = [], []
+  for kind in dict.fromkeys(config.kinds):
+    if kind == "attention":
+      W = config.attention_window
+      parts.append(f"attn W={W}" if W else "attn full")
+      states.append(f"KV ring {W}" if W else "KV cache")
+    else:
+      parts.append(f"{kind} r={config.rank}")
+      states.append(f"{kind} state")
+  name = " + ".join(parts)
+  return (f"{name} {tag}" if tag else name), " + ".join(states)
+
+
+def init_state(config: echo.EchoConfig, batch_size: int, num_tokens: int):
+  """A fresh state; a full-attention layer's cache holds num_tokens."""
+  capacity = num_tokens if config.full_attention else None
+  return echo.init_state(config, batch_size, capacity)
 
 
 def train(cfg, config: echo.EchoConfig, path: str):
@@ -96,7 +138,8 @@ def train(cfg, config: echo.EchoConfig, path: str):
   @jax.jit
   def step(params, opt_state, tokens, weights):
     def loss_fn(params):
-      state = echo.init_state(config, tokens.shape[0])
+      B, T = tokens.shape
+      state = init_state(config, B, T - 1)
       logits, _ = echo.forward(params, tokens[:, :-1], state, config=config)
       return losses.weighted_cross_entropy(logits, tokens[:, 1:], weights)
 
@@ -134,7 +177,7 @@ def train(cfg, config: echo.EchoConfig, path: str):
     if i % cfg.log_every == 0:
       logging.info(
         "%s step %d pairs %d loss %.3f acc %.3f (%.0f s)",
-        config.memory,
+        "+".join(config.kinds),
         i,
         num_pairs,
         float(m["loss"]),
@@ -185,7 +228,7 @@ def evaluate_echo(cfg, params, config, context_len: int) -> dict:
     _, state = echo.forward(
       params,
       tokens[:, :context_len],
-      echo.init_state(config, B),
+      init_state(config, B, tokens.shape[1]),
       config=config,
       chunk_size=cfg.eval_chunk_size,
     )
@@ -339,10 +382,8 @@ def main(argv):
     record = {"trained": "shipped (kvjax/assets/kvjax-tiny)"}
   else:
     config = echo_config(cfg)
-    name = f"{config.memory} r={config.rank}"
-    name = f"{name} {cfg.tag}" if cfg.tag else name
-    state = f"{config.memory} state"
-    file = f"{config.memory}{'_' + cfg.tag if cfg.tag else ''}.npz"
+    name, state = model_name(config, cfg.tag)
+    file = "".join(ch if ch.isalnum() else "_" for ch in name) + ".npz"
     params, record = train(cfg, config, os.path.join(cfg.workdir, file))
     run = lambda cfg, c: evaluate_echo(cfg, params, config, c)
     record = {**record, "config": str(config)}

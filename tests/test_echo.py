@@ -1,5 +1,8 @@
 """Tests of kvjax.echo: the Cholesky update, chunked prefill vs decode vs a
-naive recurrence, ridge recall, constant state bytes and argument checks.
+naive recurrence, ridge recall, constant state bytes and argument checks;
+for hybrids (an attention layer under an Echo layer), prefill + decode vs
+one chunked pass, the sliding window vs a naive masked softmax, exact and
+constant state bytes, the full-attention capacity and bad layer configs.
 
 Tolerances are float32: rank-1 updates and from-scratch factorisations of
 the same G agree to 1e-4 relative (measured ~1e-6); the readout solves with
@@ -84,8 +87,14 @@ def test_prefill_then_decode_equals_one_chunked_pass(memory, chunk_size):
     steps.append(step_logits[:, None])
   got = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(got, full_logits, atol=2e-4, rtol=1e-4)
-  for name, a, b in zip(echo.EchoState._fields, state, full_state):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+  _assert_states_close(state, full_state)
+
+
+def _assert_states_close(a, b):
+  paths = jax.tree_util.tree_leaves_with_path(a)
+  for (path, x), y in zip(paths, jax.tree.leaves(b)):
+    name = jax.tree_util.keystr(path)
+    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
 def _naive_memory(p, h, config):
@@ -133,10 +142,10 @@ def test_chunked_prefill_equals_naive_recurrence(power_k):
   # the whitened transition with an exact SVD for sigma_max (power
   # iteration converged: 50 steps).
   c = CONFIG.replace(power_k=power_k, power_iters=50)
-  p = jax.tree.map(lambda x: x[0], _params(c)["layers"])
+  p = jax.tree.map(lambda x: x[0], _params(c)["echo"])
   B, T = 2, 11
   h = jax.random.normal(jax.random.PRNGKey(5), (B, T, c.d_model))
-  state = jax.tree.map(lambda x: x[0], tuple(echo.init_state(c, B)))
+  state = jax.tree.map(lambda x: x[0], tuple(echo.init_state(c, B).echo))
   y, _ = jax.jit(
     lambda p, h, s: echo.memory_prefill(p, h, s, config=c, chunk_size=4)
   )(p, h, state)
@@ -205,3 +214,144 @@ def test_bad_arguments_raise():
     echo.forward(params, _tokens(3, 4), state, config=CONFIG)
   with pytest.raises(ValueError, match="tokens"):
     echo.decode(params, _tokens(2, 4), state, config=CONFIG)
+
+
+# A hybrid: a sliding-window attention layer (W = 4) under an Echo layer.
+HYBRID = CONFIG.replace(
+  layer_memories=("attention", "echo"), attention_window=4
+)
+
+
+def test_hybrid_prefill_then_decode_equals_one_chunked_pass():
+  # Prefill 12 tokens in chunks of 5 (not dividing 12; the ring of 4 slots
+  # wraps inside a chunk), decode 4; one pass over 16 in chunks of 4
+  # (dividing 16) and of 5 (not) gives the same logits and state.
+  c = HYBRID
+  params, tokens = _params(c), _tokens(2, 16)
+  state0 = echo.init_state(c, 2)
+  logits, state = echo.forward(
+    params, tokens[:, :12], state0, config=c, chunk_size=5
+  )
+  steps = [logits]
+  for t in range(12, 16):
+    step_logits, state = echo.decode(params, tokens[:, t], state, config=c)
+    steps.append(step_logits[:, None])
+  got = jnp.concatenate(steps, axis=1)
+  for chunk_size in (4, 5):
+    want, want_state = echo.forward(
+      params, tokens, state0, config=c, chunk_size=chunk_size
+    )
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    _assert_states_close(state, want_state)
+  assert state.attention.pos[0, 0].tolist() == [12, 13, 14, 15]
+  assert state.attention.length.tolist() == [[16, 16]]
+
+
+def _naive_window_attention(p, h, window):
+  """Per query t, softmax over the keys of positions max(0, t-W+1)..t, in
+  numpy float64 with RoPE written out: [B, T, N, P]."""
+  h = np.asarray(h, np.float64)
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  q = np.einsum("btd,dnr->btnr", h, p["wq"])
+  k = np.einsum("btd,dnr->btnr", h, p["wk"])
+  v = np.einsum("btd,dnp->btnp", h, p["wv"])
+  T, r = h.shape[1], q.shape[-1]
+  angle = np.arange(T)[:, None] / 10_000.0 ** (np.arange(0, r, 2) / r)
+  cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]  # [T, 1, r/2]
+
+  def rope(x):
+    x1, x2 = x[..., : r // 2], x[..., r // 2 :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  q, k = rope(q), rope(k)
+  out = np.zeros(v.shape)
+  for t in range(T):
+    lo = max(0, t - window + 1)
+    logits = np.einsum("bnr,bsnr->bns", q[:, t], k[:, lo : t + 1])
+    logits = logits / np.sqrt(r)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    out[:, t] = np.einsum("bns,bsnp->bnp", w, v[:, lo : t + 1])
+  return out
+
+
+def test_window_attention_equals_naive_masked_softmax():
+  # 7 tokens in chunks of 3, then 6 more in one chunk of 8 (> W, padded)
+  # continuing from the ring: every output equals a softmax over the last
+  # W = 4 positions.
+  c = HYBRID
+  p = jax.tree.map(lambda x: 5 * x[0], _params(c)["attention"])
+  h = jax.random.normal(jax.random.PRNGKey(7), (2, 13, c.d_model))
+  state = jax.tree.map(lambda x: x[0], tuple(echo.init_state(c, 2).attention))
+  run = jax.jit(
+    echo.attention_prefill, static_argnames=("config", "chunk_size")
+  )
+  y1, state = run(p, h[:, :7], state, config=c, chunk_size=3)
+  y2, state = run(p, h[:, 7:], state, config=c, chunk_size=8)
+  want = _naive_window_attention(p, h, c.attention_window)
+  np.testing.assert_allclose(
+    jnp.concatenate([y1, y2], axis=1), want, atol=1e-4, rtol=1e-4
+  )
+  assert sorted(state[2][0].tolist()) == [9, 10, 11, 12]
+
+
+def test_hybrid_state_bytes_exact_and_constant():
+  # The shapes of the hybrid test above (B = 2, prefill 12 in chunks of
+  # 5), so the compiled prefill and decode are reused.
+  c = HYBRID
+  params, tokens = _params(c), _tokens(2, 16)
+  state = echo.init_state(c, 2)
+  sizes = [echo.state_bytes(state)]
+  _, state = echo.forward(params, tokens[:, :12], state, config=c, chunk_size=5)
+  sizes.append(echo.state_bytes(state))
+  for t in range(12, 16):
+    _, state = echo.decode(params, tokens[:, t], state, config=c)
+    sizes.append(echo.state_bytes(state))
+  leaves = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  # Echo layer: 2 heads x (64 + 64 + 64 + 8) + 16 floats per row; the
+  # window: 4 slots x 2 heads x (8 + 8) floats + 4 positions + 1 length.
+  per_row = (2 * (64 + 64 + 64 + 8) + 16) * 4 + (4 * 2 * 16 + 4 + 1) * 4
+  assert per_row == 2196 == echo.state_bytes_per_sequence(c)
+  assert sizes == [2 * per_row] * 6 == [leaves] * 6
+  # Full attention: the cache's bytes are its capacity's.
+  full = c.replace(attention_window=None)
+  grow = [echo.state_bytes_per_sequence(full, n) for n in (16, 32)]
+  assert grow[1] - grow[0] == 16 * (2 * 16 + 1) * 4
+
+
+def test_full_attention_capacity_raises_before_overflow():
+  c = HYBRID.replace(attention_window=None)
+  params, tokens = _params(c), _tokens(2, 6)
+  state = echo.init_state(c, 2, capacity=5)
+  with pytest.raises(ValueError, match="capacity=5"):
+    echo.forward(params, tokens, state, config=c)
+  with pytest.raises(ValueError, match="capacity is required"):
+    echo.init_state(c, 2)
+  with pytest.raises(ValueError, match="capacity"):
+    echo.init_state(HYBRID, 2, capacity=8)
+  assert not echo.state_overflowed(state, c)
+
+
+def test_bad_layer_memories_raise():
+  with pytest.raises(ValueError, match="layer_memories"):
+    CONFIG.replace(layer_memories=("attention", "kv"))
+  with pytest.raises(ValueError, match="num_layers=2"):
+    CONFIG.replace(layer_memories=("echo",))
+  with pytest.raises(TypeError, match="layer_memories"):
+    CONFIG.replace(layer_memories="echo")
+  with pytest.raises(ValueError, match="attention_window"):
+    CONFIG.replace(attention_window=4)  # no attention layer
+  with pytest.raises(ValueError, match="attention_window"):
+    HYBRID.replace(attention_window=0)
+  with pytest.raises(TypeError, match="attention_window"):
+    HYBRID.replace(attention_window=2.0)
+  with pytest.raises(ValueError, match="rank"):
+    HYBRID.replace(rank=7)
+  assert CONFIG.replace(layer_memories=["echo", "linear"]).kinds == (
+    "echo",
+    "linear",
+  )
+  with pytest.raises(ValueError, match="params"):
+    echo.forward(
+      _params(CONFIG), _tokens(2, 4), echo.init_state(HYBRID, 2), config=HYBRID
+    )

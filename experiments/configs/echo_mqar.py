@@ -9,6 +9,23 @@
 `memory=linear` gets the rank whose state bytes match the Echo model's
 (`kvjax.echo.matched_linear_rank` of the same config); `memory=kvjax-tiny`
 trains nothing and evaluates the shipped model on the same rows.
+
+Hybrids (`layer_memories`, one kind per layer): a sliding-window attention
+layer (64 tokens, a fixed-size ring) under an Echo layer, K = 0 and K = 2,
+and the same with full attention (its KV cache grows with the context):
+
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=64 \
+      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
+      --config.max_steps=2000 --config.warmup_steps=20
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=64 \
+      --config.power_k=2 --config.max_minutes=14 --config.max_steps=2000 \
+      --config.warmup_steps=20
+  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
+      --config.layer_memories=attention,echo --config.attention_window=0 \
+      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
+      --config.max_steps=2000 --config.warmup_steps=20
 """
 
 import ml_collections
@@ -20,9 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "/tmp/echo_mqar"  # Trained params (<memory>.npz) go here.
   c.out_dir = "results/memories"  # echo_mqar.{jsonl,md,png}.
   c.tag = ""  # Appended to the model's name in the table (e.g. "2k steps").
+  # Layer kinds, comma-separated, one per layer ("attention,echo"); "" =
+  # every layer `memory`. Names the model "attn W=64 + echo r=16".
+  c.layer_memories = ""
+  c.attention_window = 0  # W of the attention layers; 0 = full attention.
   # Model (kvjax.echo.EchoConfig fields).
   c.d_model = 64  # D.
-  c.num_layers = 2  # L; every layer reads a memory.
+  c.num_layers = 2  # L (every layer a memory unless layer_memories).
   c.num_heads = 2  # N memory heads per layer.
   c.rank = 16  # r of Echo (the linear model's rank is matched in bytes).
   c.value_dim = 16  # P per head.
