@@ -156,7 +156,7 @@ def test_learned_method_runs_once_on_the_gated_model(tmp_path):
   cfg = _cfg(
     tmp_path,
     model="kvjax-tiny-spkv",
-    methods="spkv,snapkv",
+    methods="spkv",
     ratios="0,0.75",
     context_len=200,  # past the gate's window of 128
     reachability=False,
