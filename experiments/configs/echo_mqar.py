@@ -12,20 +12,9 @@ trains nothing and evaluates the shipped model on the same rows.
 
 Hybrids (`layer_memories`, one kind per layer): a sliding-window attention
 layer (64 tokens, a fixed-size ring) under an Echo layer, K = 0 and K = 2,
-and the same with full attention (its KV cache grows with the context):
-
-  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
-      --config.layer_memories=attention,echo --config.attention_window=64 \
-      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
-      --config.max_steps=2000 --config.warmup_steps=20
-  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
-      --config.layer_memories=attention,echo --config.attention_window=64 \
-      --config.power_k=2 --config.max_minutes=14 --config.max_steps=2000 \
-      --config.warmup_steps=20
-  python -m experiments.echo_mqar --config=experiments/configs/echo_mqar.py \
-      --config.layer_memories=attention,echo --config.attention_window=0 \
-      --config.power_k=0 --config.tag=K0 --config.max_minutes=14 \
-      --config.max_steps=2000 --config.warmup_steps=20
+and the same with full attention (its KV cache grows with the context);
+the commands of every committed row are in experiments/echo_mqar.py's
+docstring.
 """
 
 import ml_collections
