@@ -48,6 +48,21 @@ def _check_passes(passes) -> int:
   return base.check_int(passes, "passes", 1)
 
 
+# Prefill captures indexed by cache slot ([L, B, N, S] attention mass):
+# over a re-read context they cover every read's slots, not the last
+# read's. (Decode-time attention, "attn_probs", is over the compressed
+# cache and fine.)
+PER_SLOT_TAPS = tuple(
+  n for n in model_lib.PREFILL_TAPS if n in ("attn_mass", "attn_probs")
+)
+
+
+def per_slot_captures(transform) -> list[str]:
+  """The per-slot prefill captures (`PER_SLOT_TAPS`) `transform` reads:
+  what a re-read context cannot give it (empty for None)."""
+  return sorted(set(PER_SLOT_TAPS) & set(getattr(transform, "needs", ())))
+
+
 def repeat_context(
   tokens: Array, prompt_lengths: Array | None, passes: int
 ) -> tuple[Array, Array]:
@@ -154,9 +169,7 @@ def reread(
   prompt_lengths = checks.check_prompt_lengths(
     prompt_lengths, tokens.shape[0], T
   )
-  per_slot = sorted(
-    {"attn_mass", "attn_probs"} & set(getattr(transform, "needs", ()))
-  )
+  per_slot = per_slot_captures(transform)
   if passes > 1 and per_slot:
     # Captured per cache slot of all the reads; after `last_read` compacts
     # the cache they would point at the wrong slots.

@@ -196,3 +196,9 @@ def test_bad_arguments():
     ingest.reread(
       PARAMS, CONTEXT, config=CONFIG, transform=compress.h2o(0.5), reserve=4
     )
+  # TOVA's prefill scores come from the last read's queries (its per-slot
+  # attention is a decode-time capture over the compressed cache): runs.
+  out = ingest.reread(
+    PARAMS, CONTEXT, config=CONFIG, transform=compress.tova(0.5), reserve=4
+  )
+  assert int(np.asarray(out.cache.valid).sum(-1).max()) <= T // 2 + 1

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from experiments.sweeps import tokens
+from kvjax import ingest
 from kvjax.attention import resolve_backend
 from kvjax.compress import registry
 from kvjax.tasks import suite
@@ -177,21 +178,16 @@ def method_transform(method: str, ratio: float, capacity: int | None = None):
   return registry.build(method, ratio)
 
 
-# Of what a transform may read, what a re-read context cannot give: the
-# prefill's per-slot attention covers every read's slots (agnostic mode),
-# and a replay of the prompt's ids would be one read, at the wrong
-# positions.
-_PER_SLOT = frozenset({"attn_mass", "attn_probs"})
-
-
 def ingest_refusal(transform, mode: str, passes: int) -> str | None:
   """Why `transform` cannot run on a context read `passes` times (the
   row is marked refused with this reason), or None.
 
   With passes > 1 the cache is the last read (`kvjax.ingest.last_read`):
   question-agnostic transforms that read the prefill's per-slot
-  attention, and transforms that replay the prompt's ids, are refused, as
-  `kvjax.ingest.reread` refuses them.
+  attention (`kvjax.ingest.per_slot_captures`: it covers every read's
+  slots), as `kvjax.ingest.reread` refuses them, and transforms that
+  replay the prompt's ids (one read, at positions the last read does not
+  hold) are refused.
   """
   if transform is None or passes == 1:
     return None
@@ -201,10 +197,11 @@ def ingest_refusal(transform, mode: str, passes: int) -> str | None:
       f"{transform.name} replays the prompt's ids: one read, at positions "
       f"the re-read context (ingest_passes={passes}) does not hold."
     )
-  if mode == "agnostic" and needs & _PER_SLOT:
+  per_slot = ingest.per_slot_captures(transform)
+  if mode == "agnostic" and per_slot:
     return (
       f"{transform.name} reads the prefill's per-slot attention "
-      f"{sorted(needs & _PER_SLOT)}, which covers all {passes} reads, not "
+      f"{per_slot}, which covers all {passes} reads, not "
       "the last read it would compress."
     )
   return None
