@@ -362,6 +362,7 @@ def test_prefill_with_mass_allocates_no_scores_over_the_cache():
         backend=backend,
         prefill_chunk=None,
         decode_steps=0,
+        write_gate=None,
       )
       .compile()
       .as_text()

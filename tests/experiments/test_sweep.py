@@ -119,16 +119,19 @@ def test_interrupted_sweep_resumes_with_every_unit_once(tmp_path):
 
 def test_every_default_method_runs_once(tmp_path):
   """Each method of the default config, at ratio 0.5 (quantizers at 0) on
-  one task, both modes: no refusal, bytes below the uncompressed cache,
-  codecs store every kept entry coded but KIVI's window."""
+  one task, question-agnostic (the aware path is the interrupted sweep's
+  and test_aware_units_observe_only_the_question_proper's): no refusal,
+  bytes below the uncompressed cache, codecs store every kept entry coded
+  but KIVI's window."""
   cfg = _cfg(
     tmp_path,
     methods=sweep_config.get_config().methods,
     ratios="0,0.5",
     context_len=256,
+    modes="agnostic",
   )
   rows = loop.run(cfg)
-  assert len(rows) == 1 + 2 * 11
+  assert len(rows) == 1 + 11
   by = {(r["method"], r["mode"]): r for r in rows}
   none = by[("none", "agnostic")]
   for (method, mode), r in by.items():
